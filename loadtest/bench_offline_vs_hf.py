@@ -1,0 +1,149 @@
+"""Offline throughput on the CPU: pdserve vs HF transformers `generate()`, same run, float32.
+
+Workload (issue #2): 16 requests, input lengths uniform in [32, 128] (random token ids),
+64 output tokens each. HF runs them as one left-padded batch with
+min_new_tokens = max_new_tokens = 64; pdserve gets them all at once with ignore_eos.
+Model loading is excluded on both sides. The "matmul floor" is the time of the model's linear
+layers alone for this workload (prompt tokens once, then 64 decode steps of 16 rows, logits
+for 16 rows per step): no attention, norms, sampling or Python around them.
+
+    python loadtest/bench_offline_vs_hf.py [--repeats 3] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from services.cli.bench import Workload, format_table, measure_offline, random_workload
+
+NUM_REQUESTS, MIN_IN, MAX_IN, OUT = 16, 32, 128, 64
+
+
+def hf_generate_seconds(model, workload: Workload, pad_id: int) -> float:
+    lens = [len(p) for p in workload.prompts]
+    width = max(lens)
+    ids = torch.full((len(lens), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lens), width), dtype=torch.long)
+    for i, prompt in enumerate(workload.prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=pad_id
+        )
+        elapsed = time.perf_counter() - start
+    assert out.shape == (len(lens), width + OUT)
+    return elapsed
+
+
+def matmul_floor_seconds(llm, workload: Workload) -> float:
+    """The linear layers of our own model, fed this workload's token counts."""
+    model = llm.engine.runner.model
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = model.compute_logits
+    hidden = llm.engine.model_config.hidden_size
+    rows_per_step = [workload.input_tokens] + [NUM_REQUESTS] * (OUT - 1)
+    # Inputs made up front (random: uninitialised memory may hold denormals, which are slow).
+    inputs = {(r, f): torch.randn(r, f) for r in set(rows_per_step) for f in {m.in_features for m in linears}}
+    head_inputs = {r: torch.randn(min(r, NUM_REQUESTS), hidden) for r in set(rows_per_step)}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for rows in rows_per_step:
+            for layer in linears:
+                layer(inputs[rows, layer.in_features])
+            head(head_inputs[rows])
+        return time.perf_counter() - start
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; medians reported")
+    parser.add_argument("--write", type=Path, help="replace this benchmark's section in the given markdown file")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from services.engine import LLM, loader
+
+    llm = LLM(dtype="float32")
+    source = loader.resolve(None)
+    hf = AutoModelForCausalLM.from_pretrained(str(source.weights_dir), dtype=torch.float32).eval()
+    workload = random_workload(NUM_REQUESTS, MIN_IN, MAX_IN, OUT, OUT, seed=0, vocab=llm.engine.layout.vocab_size)
+    pad_id = llm.engine.layout.eos_token_ids[0]
+
+    hf_generate_seconds(hf, random_workload(2, 8, 8, OUT, OUT, seed=1, vocab=10_000), pad_id)  # warm-up
+    ours, theirs, floor = [], [], []
+    for _ in range(args.repeats):
+        ours.append(measure_offline(llm, workload, warmup=1)["elapsed_s"])
+        theirs.append(hf_generate_seconds(hf, workload, pad_id))
+        floor.append(matmul_floor_seconds(llm, workload))
+
+    tokens = workload.output_tokens
+    rows = []
+    for name, times in (("pdserve", ours), ("hf generate", theirs), ("matmul floor", floor)):
+        t = statistics.median(times)
+        rows.append({"name": name, "elapsed_s": round(t, 2), "output_tokens_per_s": round(tokens / t, 1),
+                     "vs_hf": round(statistics.median(theirs) / t, 2)})
+    header = (f"{NUM_REQUESTS} requests, input U[{MIN_IN},{MAX_IN}] ({workload.input_tokens} prompt tokens), "
+              f"{OUT} output tokens each, float32, median of {args.repeats}")
+    table = _markdown(rows)
+    print(header)
+    print(format_table(rows).replace("total_tokens_per_s", ""))
+    print(f"all runs (s): pdserve {ours}, hf {theirs}, floor {floor}")
+    if args.write:
+        _write_section(args.write, header, table, ours, theirs, floor)
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| | elapsed (s) | output tok/s | vs HF |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['name']} | {r['elapsed_s']} | {r['output_tokens_per_s']} | {r['vs_hf']}x |" for r in rows]
+    return "\n".join(lines)
+
+
+_BEGIN, _END = "<!-- bench_offline_vs_hf:begin -->", "<!-- bench_offline_vs_hf:end -->"
+
+
+def _write_section(path: Path, header: str, table: str, ours, theirs, floor) -> None:
+    today = datetime.date.today().isoformat()
+    body = "\n".join([
+        _BEGIN,
+        f"### Offline throughput vs HF transformers on the CPU ({today})",
+        "",
+        f"Machine: {machine()}. Model: the default SmolLM2-135M-Instruct (dequantized GGUF).",
+        f"Workload: {header}. Command: `python loadtest/bench_offline_vs_hf.py --repeats {len(ours)}`.",
+        "",
+        table,
+        "",
+        f"Every run (s): pdserve {ours}; HF {theirs}; floor {[round(x, 2) for x in floor]}.",
+        _END,
+    ])
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if _BEGIN in text:
+        text = text[: text.index(_BEGIN)] + body + text[text.index(_END) + len(_END) :]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

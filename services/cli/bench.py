@@ -1,0 +1,107 @@
+"""`pdserve bench offline`: throughput of the engine on random-token prompts, all submitted at once.
+
+The defaults reproduce nano-vllm's bench workload: 256 prompts, input and output lengths
+uniform in [100, 1024], ignore_eos. Model loading is excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+
+from services.cli.model_args import add_model_args, engine_config
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def random_workload(
+    num_prompts: int, min_input: int, max_input: int, min_output: int, max_output: int, seed: int, vocab: int
+) -> Workload:
+    """Random token ids (below 10,000, as nano-vllm draws them) with uniform lengths."""
+    rng = random.Random(seed)
+    top = min(vocab, 10_000) - 1
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(min_input, max_input))] for _ in range(num_prompts)]
+    outputs = [rng.randint(min_output, max_output) for _ in range(num_prompts)]
+    return Workload(prompts, outputs)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    off = bench_sub.add_parser("offline", help="offline throughput on random prompts (nano-vllm's workload)")
+    off.add_argument("--num-prompts", type=int, default=256)
+    off.add_argument("--min-input", type=int, default=100)
+    off.add_argument("--max-input", type=int, default=1024)
+    off.add_argument("--min-output", type=int, default=100)
+    off.add_argument("--max-output", type=int, default=1024)
+    off.add_argument("--seed", type=int, default=0, help="seed of the random workload")
+    off.add_argument("--warmup", type=int, default=1, help="short warm-up requests before timing")
+    off.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    add_model_args(off)
+    off.set_defaults(run=run_offline)
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from services.engine import LLM
+
+    llm = LLM(engine_config(args))
+    result = measure_offline(
+        llm,
+        random_workload(
+            args.num_prompts, args.min_input, args.max_input, args.min_output, args.max_output,
+            args.seed, llm.engine.layout.vocab_size,
+        ),
+        warmup=args.warmup,
+    )
+    layout = llm.engine.layout
+    print(f"model {layout.model_identity} on {layout.device} ({str(layout.dtype).removeprefix('torch.')})")
+    print(format_table([result]))
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("output_tokens", "elapsed_s", "output_tokens_per_s")}))
+    return 0
+
+
+def measure_offline(llm, workload: Workload, warmup: int = 1, name: str = "pdserve") -> dict:
+    from services.engine import SamplingParams
+
+    if warmup:
+        llm.generate(workload.prompts[:warmup], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == workload.output_tokens, "ignore_eos run produced a different number of tokens"
+    return {
+        "name": name,
+        "requests": len(workload.prompts),
+        "input_tokens": workload.input_tokens,
+        "output_tokens": produced,
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens_per_s": round(produced / elapsed, 1),
+        "total_tokens_per_s": round((produced + workload.input_tokens) / elapsed, 1),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["name", "requests", "input_tokens", "output_tokens", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])

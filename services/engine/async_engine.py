@@ -1,0 +1,137 @@
+"""The asyncio entry point the gRPC workers wrap: `add_request` -> async stream of outputs.
+
+Model steps run on a dedicated engine thread, off the event loop, so serving, health checks
+and cancellation stay responsive during a long prefill. The event loop and the engine thread
+talk through two channels only: an inbox of commands (add, abort) that the engine thread
+drains between steps, and per-request asyncio queues it fills with streaming deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.engine.config import EngineConfig
+from services.engine.engine import EngineCore, Prompt
+from services.engine.errors import EngineDeadError, InvalidRequestError
+from services.engine.outputs import RequestOutput, build_output
+from services.engine.sampling_params import SamplingParams
+from services.engine.sequence import Request
+
+log = logging.getLogger("pdserve.engine")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None) -> None:
+        self.core = core or EngineCore(config or EngineConfig())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas of one request; leaving the loop early (or cancelling) aborts it."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        request = self.core.make_request(prompt, params or SamplingParams(), request_id, priority)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request.request_id in self._streams:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+            self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        try:
+            while not self._stopping:
+                # Block for work when idle; otherwise drain what arrived during the last step.
+                self._handle(self._inbox.get() if not core.has_unfinished() else None)
+                while not self._inbox.empty():
+                    self._handle(self._inbox.get_nowait())
+                if self._stopping:
+                    break
+                for request in core.step():
+                    self._publish(request)
+        except BaseException as e:  # noqa: BLE001 - every stream must learn the engine died
+            log.exception("engine loop died")
+            self._dead = e
+            with self._lock:
+                streams = list(self._streams.values())
+            for stream in streams:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(f"engine stopped: {e!r}"))
+
+    def _handle(self, command: tuple[str, object] | None) -> None:
+        if command is None:
+            return
+        kind, arg = command
+        if kind == "add":
+            request: Request = arg
+            with self._lock:
+                wanted = request.request_id in self._streams
+            if wanted:  # the caller may have gone away before the engine saw the request
+                try:
+                    self.core.add(request)
+                except InvalidRequestError as e:
+                    self._send(request.request_id, e)
+        elif kind == "abort":
+            request = self.core.abort(arg)
+            if request is not None:
+                self._publish(request)
+        elif kind == "stop":
+            self._stopping = True
+
+    def _publish(self, request: Request) -> None:
+        self._send(request.request_id, build_output(request, delta=True))
+
+    def _send(self, request_id: str, item: object) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

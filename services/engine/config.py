@@ -1,0 +1,92 @@
+"""Engine configuration: what the user chose, validated once, never mutated.
+
+Values derived from it and from the model (device, dtype, number of KV blocks, max model
+length, EOS ids) live in `EngineLayout`, built once at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.engine.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Model.
+    model: str | None = None  # HF directory or .gguf file; None = the default model
+    load_format: str = "auto"  # auto | dummy
+    preset: str | None = None  # shape preset for dummy weights
+    dummy_seed: int = 0
+    tokenizer: str | None = None
+    cache_dir: Path | None = None
+    # Numerics and placement.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    attention_backend: str = "auto"
+    # KV cache.
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # overrides both of the above (tests, benchmarks)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # default: the model's context length
+    # Scheduling.
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    seed: int = 0  # the RNG of unseeded requests
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size must be a power of two up to 256, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must be >= 2")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but no CUDA device is available")
+        return device
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """What start-up derived from the config and the model."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    model_identity: str
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size

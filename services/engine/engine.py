@@ -1,0 +1,267 @@
+"""EngineCore: one model, one KV pool, one scheduler; the step loop and the stop rules.
+
+    plan = scheduler.schedule()          # who computes which tokens (plain Python)
+    sampled = runner.execute(plan)       # tensors, forward, sampling (the device)
+    scheduler.update(plan, sampled, ...) # append tokens, stop checks, free finished blocks
+
+Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence as Seq
+
+import torch
+
+from services.engine import loader
+from services.engine.attention import get_backend
+from services.engine.block_manager import BlockManager
+from services.engine.config import GiB, EngineConfig, EngineLayout
+from services.engine.errors import ConfigError, InvalidRequestError
+from services.engine.model_runner import ModelRunner
+from services.engine.models import ModelConfig, build_model
+from services.engine.outputs import SampledToken
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.sequence import Request, Sequence
+from services.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("pdserve.engine")
+
+Prompt = str | list[int]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        source = loader.resolve(
+            config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
+        )
+        self.model_config = ModelConfig.from_hf(source.hf_config)
+        self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
+        self.layout = _layout(config, self.model_config, source)
+        model = _load_model(self.model_config, source, self.layout)
+        self.block_manager = BlockManager(self.layout.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_manager, self._new_seq
+        )
+        self.runner = ModelRunner(
+            model,
+            self.model_config,
+            self.layout,
+            get_backend(config.attention_backend, self.layout.device),
+            Sampler(self.layout.eos_token_ids, config.seed),
+        )
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        log.info(
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+            time.perf_counter() - t0,
+            self.layout.model_identity,
+            self.layout.device,
+            self.layout.dtype,
+            self.layout.num_kv_blocks,
+            config.block_size,
+            self.layout.max_model_len,
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        token_ids = self._tokenize(prompt)
+        vocab = self.layout.vocab_size
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(token_ids) >= self.layout.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens; this model's context is {self.layout.max_model_len} "
+                "tokens, including at least one generated token"
+            )
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        if not isinstance(priority, int):
+            raise InvalidRequestError("priority must be an integer")
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=token_ids,
+            params=params,
+            priority=priority,
+            arrival_time=time.monotonic(),
+        )
+        return request
+
+    def add(self, request: Request) -> None:
+        """Queue a request made by `make_request`. Sequence ids of a request are consecutive."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        request.arrival_order = next(self._arrivals)
+        first = next(self._seq_ids)
+        for _ in range(request.params.n - 1):
+            next(self._seq_ids)  # reserved for the forked sequences
+        request.seqs = [self._new_seq(request, first, 0)]
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, priority: int = 0
+    ) -> Request:
+        request = self.make_request(prompt, params or SamplingParams(), request_id, priority)
+        self.add(request)
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(request)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that got new tokens (or finished)."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled = self.runner.execute(plan)
+        changed = self.scheduler.update(plan, sampled, self._on_token)
+        for request in changed:
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return changed
+
+    def _on_token(self, seq: Sequence, sampled: SampledToken) -> None:
+        """Record a sampled token's logprobs and text, and apply the stop rules."""
+        params = seq.params
+        token = sampled.token_id
+        if params.logprobs is not None:
+            seq.logprobs.append(sampled.logprobs)
+        text_before = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.step(token)
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.layout.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if token in params.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token)
+            if params.stop and self._check_stop_strings(seq, text_before):
+                return None
+        if num_out >= params.max_tokens or seq.num_tokens >= self.layout.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence, text_before: int) -> bool:
+        params = seq.params
+        # Only a stop string overlapping the text this token added can be new.
+        longest = max(len(s) for s in params.stop)
+        search_from = max(0, text_before - longest + 1)
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            at = seq.text.find(stop, search_from)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        at, stop = best
+        seq.text = seq.text[: at + len(stop)] if params.include_stop_str_in_output else seq.text[:at]
+        self.scheduler.finish(seq, "stop", stop)
+        return True
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _new_seq(self, request: Request, seq_id: int, index: int) -> Sequence:
+        seq = Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
+        if request.params.logprobs is not None:
+            seq.logprobs = []
+        if request.params.detokenize and self.tokenizer is not None:
+            seq.detokenizer = self.tokenizer.detokenizer(request.prompt_token_ids, request.params.skip_special_tokens)
+        return seq
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token ids, or pass --tokenizer")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, Seq):
+            return list(prompt)
+        raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _layout(config: EngineConfig, cfg: ModelConfig, source: loader.ModelSource) -> EngineLayout:
+    device = config.resolve_device()
+    dtype = config.resolve_dtype(device)
+    max_model_len = config.max_model_len or cfg.max_context
+    if max_model_len > cfg.max_context:
+        raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
+    bytes_per_block = cfg.kv_bytes_per_token * config.block_size * torch.empty((), dtype=dtype).element_size()
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Weights are not loaded yet: leave room for them and for activations.
+        weights = cfg.num_layers * 12 * cfg.hidden_size**2 * torch.empty((), dtype=dtype).element_size()
+        budget = free - (1 - config.gpu_memory_utilization) * total - weights - 2 * GiB
+        num_blocks = int(budget // bytes_per_block)
+    else:
+        num_blocks = int((config.kv_cache_memory or GiB) // bytes_per_block)
+    if num_blocks * config.block_size < max_model_len:
+        raise ConfigError(
+            f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
+            f"max_model_len={max_model_len} tokens: give the KV cache more memory or lower max_model_len"
+        )
+    return EngineLayout(
+        device=device,
+        dtype=dtype,
+        num_kv_blocks=num_blocks,
+        block_size=config.block_size,
+        max_model_len=max_model_len,
+        vocab_size=cfg.vocab_size,
+        eos_token_ids=_eos_token_ids(source),
+        model_identity=source.identity,
+    )
+
+
+def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
+    eos = source.hf_config.eos_token_id
+    if source.weights_dir is not None and (source.weights_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(source.weights_dir)).eos_token_id or eos
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+def _load_model(cfg: ModelConfig, source: loader.ModelSource, layout: EngineLayout) -> torch.nn.Module:
+    t0 = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(layout.dtype)
+    try:
+        with torch.device(layout.device):
+            model = build_model(cfg, layout.max_model_len)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(loader.iter_weights(source))
+    model.eval()
+    log.info("loaded weights in %.1fs", time.perf_counter() - t0)
+    return model

@@ -1,0 +1,124 @@
+"""The model runner: the only place that builds tensors and touches the device.
+
+It owns the model, the paged KV cache and the sampler. Each step it takes the scheduler's
+`StepPlan`, lays the step's tokens out flat (decodes first, then prefill chunks), runs the
+forward, computes logits only for the rows that sample, and returns the sampled tokens.
+It never reaches back into scheduler state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
+from services.engine.config import EngineLayout
+from services.engine.models.config import ModelConfig
+from services.engine.outputs import SampledToken
+from services.engine.sampler import Sampler
+from services.engine.scheduler import ScheduledSeq, StepPlan
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled]: rows of the final hidden states to sample from
+    sampled_seqs: list[ScheduledSeq]  # in logits row order
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        layout: EngineLayout,
+        backend: AttentionBackend,
+        sampler: Sampler,
+    ) -> None:
+        self.model = model
+        self.layout = layout
+        self.backend = backend
+        self.sampler = sampler
+        self.device = layout.device
+        self.block_size = layout.block_size
+        # One tensor for the whole pool: (layers, K/V, blocks, block_size, kv_heads, head_dim).
+        self.kv_cache = torch.zeros(
+            model_config.num_layers,
+            2,
+            layout.num_kv_blocks,
+            layout.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype=layout.dtype,
+            device=self.device,
+        )
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> dict[int, list[SampledToken]]:
+        """Run one step; returns seq_id -> sampled token(s) for the sequences that sample."""
+        if plan.block_copies:
+            self._copy_blocks(plan.block_copies)
+        inputs = self._prepare(plan)
+        hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, inputs.meta))
+        if not inputs.sampled_seqs:
+            return {}
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        groups = self.sampler(logits, [s.sample for s in inputs.sampled_seqs])
+        return {s.seq_id: group for s, group in zip(inputs.sampled_seqs, groups, strict=True)}
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def _prepare(self, plan: StepPlan) -> StepInputs:
+        bs = self.block_size
+        decodes = [s for s in plan.seqs if len(s.token_ids) == 1]
+        prefills = [s for s in plan.seqs if len(s.token_ids) > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        for s in decodes + prefills:
+            table = s.block_table
+            span = range(s.start_pos, s.start_pos + len(s.token_ids))
+            input_ids.extend(s.token_ids)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            if s.sample is not None:
+                logits_indices.append(len(input_ids) - 1)
+                sampled.append(s)
+
+        query_start = [0]
+        for s in prefills:
+            query_start.append(query_start[-1] + len(s.token_ids))
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.long),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._block_tables(decodes),
+            decode_seq_lens=self._tensor([s.start_pos + 1 for s in decodes], torch.int32),
+            prefill_block_tables=self._block_tables(prefills),
+            prefill_query_start_loc=self._tensor(query_start, torch.int32),
+            prefill_seq_lens=self._tensor([s.start_pos + len(s.token_ids) for s in prefills], torch.int32),
+        )
+        return StepInputs(
+            input_ids=self._tensor(input_ids, torch.long),
+            positions=self._tensor(positions, torch.long),
+            meta=meta,
+            logits_indices=self._tensor(logits_indices, torch.long),
+            sampled_seqs=sampled,
+        )
+
+    def _block_tables(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        width = max((len(s.block_table) for s in seqs), default=0)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return self._tensor(rows, torch.int32).reshape(len(seqs), width)
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)

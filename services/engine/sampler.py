@@ -1,0 +1,159 @@
+"""From logits to tokens, for a batch of sequences with per-sequence sampling parameters.
+
+Processing order for each row (the same as vLLM's):
+
+    min_tokens mask -> repetition / frequency / presence penalties -> greedy argmax
+                    or temperature -> min_p -> top_k -> top_p -> random draw
+
+* repetition_penalty r (prompt and output tokens): logit > 0 -> logit / r, else logit * r
+* frequency_penalty f, presence_penalty p (output tokens, count c): logit -= f * c + p * (c > 0)
+* min_p m: drop tokens whose probability is below m * (the top token's probability)
+* top_k k: keep the k highest logits (ties with the k-th kept too)
+* top_p p: keep the smallest set of most likely tokens whose probability mass reaches p
+
+The random draw is an exponential race, argmax(probs / E) with E ~ Exp(1) per token, which
+picks token i with probability probs[i]. For a seeded request E comes from a generator seeded
+by (seed, sequence index, output position) alone, so the draw does not depend on batch
+composition, chunking, preemption or which process samples.
+
+Logprobs are those of the raw model distribution (before penalties and temperature).
+"""
+
+from __future__ import annotations
+
+import torch
+import xxhash
+
+from services.engine.outputs import Logprob, SampledToken
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import SampleSpec
+
+
+def draw_seed(seed: int, seq_index: int, output_pos: int) -> int:
+    """The generator seed of one seeded draw: a pure function of its three inputs."""
+    h = xxhash.xxh64(seed=0x73616D70)
+    h.update(seed.to_bytes(8, "little") + seq_index.to_bytes(4, "little") + output_pos.to_bytes(4, "little"))
+    return h.intdigest() & (2**63 - 1)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+        self.eos_token_ids = eos_token_ids
+        self._generator: torch.Generator | None = None
+        self._seed = seed
+
+    def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[list[SampledToken]]:
+        """`logits` has one row per spec; returns, per spec, one token per entry of seq_indices."""
+        rows = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
+        if len(rows) != len(specs):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        expanded = [(spec, idx) for spec in specs for idx in spec.seq_indices]
+        # Masks and penalties edit rows in place: never in the caller's tensor.
+        edits = any(s.params.needs_penalties or s.output_pos < s.params.min_tokens for s, _ in expanded)
+        logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
+
+        want_logprobs = any(spec.params.logprobs is not None for spec, _ in expanded)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        logits = self._apply_min_tokens(logits, expanded)
+        logits = self._apply_penalties(logits, expanded)
+        token_ids = self._draw(logits, expanded)
+
+        out: list[list[SampledToken]] = []
+        flat = token_ids.tolist()
+        k = 0
+        for spec in specs:
+            group = []
+            for _ in spec.seq_indices:
+                lps = None
+                if spec.params.logprobs is not None:
+                    lps = _logprobs_of(raw_logprobs[k], flat[k], spec.params.logprobs)
+                group.append(SampledToken(flat[k], lps))
+                k += 1
+            out.append(group)
+        return out
+
+    # ---- processing ----------------------------------------------------------------------
+
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
+        for r, (spec, _) in enumerate(rows):
+            p = spec.params
+            if spec.output_pos < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                banned = [t for t in banned if t < logits.shape[-1]]
+                if banned:
+                    logits[r, banned] = float("-inf")
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        for r, (spec, _) in enumerate(rows):
+            p = spec.params
+            if not p.needs_penalties:
+                continue
+            output = torch.tensor(spec.token_ids[spec.num_prompt_tokens :], dtype=torch.long)
+            counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.device)
+            row = logits[r]
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                prompt = torch.tensor(spec.token_ids[: spec.num_prompt_tokens], dtype=torch.long)
+                seen[prompt.to(logits.device)] = True
+                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row = torch.where(seen, penalized, row)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+            logits[r] = row
+        return logits
+
+    def _draw(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
+        greedy = [spec.params.greedy for spec, _ in rows]
+        tokens = logits.argmax(dim=-1)
+        if all(greedy):
+            return tokens
+        for r, (spec, idx) in enumerate(rows):
+            if greedy[r]:
+                continue
+            probs = _filtered_probs(logits[r], spec.params)
+            noise = torch.empty_like(probs).exponential_(generator=self._generator_for(spec, idx, probs.device))
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would turn into inf or NaN
+            tokens[r] = (probs / noise).argmax()
+        return tokens
+
+    def _generator_for(self, spec: SampleSpec, seq_index: int, device: torch.device) -> torch.Generator:
+        if spec.params.seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(draw_seed(spec.params.seed, seq_index, spec.output_pos))
+            return g
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._seed)
+        return self._generator
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, min_p, top_k and top_p (one row)."""
+    logits = logits / p.temperature
+    if p.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= p.top_p  # the top token always has mass_before 0
+        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _logprobs_of(logprobs: torch.Tensor, token_id: int, top_n: int) -> dict[int, Logprob]:
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    result = {token_id: Logprob(float(chosen), rank)}
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n)
+        for i, (v, t) in enumerate(zip(values.tolist(), ids.tolist(), strict=True)):
+            result.setdefault(t, Logprob(v, i + 1))
+    return result

@@ -1,0 +1,261 @@
+"""Continuous batching: which sequences compute which tokens in the next step.
+
+There is no prefill phase and no decode phase. Every sequence has `num_computed_tokens` and
+`num_tokens`; each step gives sequences tokens to catch up under two limits, a token budget
+(`max_num_batched_tokens`) and a sequence budget (`max_num_seqs`). A decode catches up by one
+token, a prompt by as many as the budget allows (chunked prefill), in the same step.
+
+Order is priority (lower first), then arrival. Running sequences are served first; waiting
+ones are admitted, with their prefix-cache hits, while budget and free blocks last. When a
+running sequence needs a block and none is free, the last sequence in that order (lowest
+priority, newest) is preempted: its blocks are freed and it returns to the waiting queue to
+recompute later (its cached prefix usually survives, so recompute is mostly cache hits).
+
+The scheduler is plain Python. It hands the model runner a typed `StepPlan` and reads back
+sampled tokens; it never touches tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.engine.block_manager import BlockManager
+from services.engine.outputs import SampledToken
+from services.engine.sampling_params import SamplingParams
+from services.engine.sequence import Request, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What the sampler needs to draw the next token(s) of one sequence."""
+
+    params: SamplingParams
+    seq_indices: tuple[int, ...]  # one index; all n of them when a request forks
+    num_prompt_tokens: int
+    token_ids: list[int]  # prompt + output so far; a read-only view, for penalties
+
+    @property
+    def output_pos(self) -> int:
+        """How many output tokens the sequence already has (part of the sampling seed)."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq_id: int
+    token_ids: list[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
+    block_table: list[int]
+    sample: SampleSpec | None  # set when the step brings the sequence up to date
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    seqs: list[ScheduledSeq]
+    block_copies: list[tuple[int, int]]  # copy-on-write (src, dst), done before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+
+
+def plain_sequence(request: Request, seq_id: int, index: int) -> Sequence:
+    return Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        new_sequence: Callable[[Request, int, int], Sequence] = plain_sequence,
+    ) -> None:
+        """`new_sequence(request, seq_id, index)` makes the forked siblings of n > 1 requests
+        (the engine's version also gives them a detokenizer and a logprobs list)."""
+        self.config = config
+        self.block_manager = block_manager
+        self._new_sequence = new_sequence
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []
+        self._scheduled: dict[int, Sequence] = {}  # seq_id -> sequence, for the step in flight
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        for seq in request.seqs:
+            self._enqueue(seq)
+
+    def abort(self, request: Request) -> None:
+        """Finish every sequence of `request` now and free all of its blocks."""
+        for seq in request.seqs:
+            if not seq.finished:
+                self.finish(seq, "abort")
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.block_manager.free(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
+        preempted = False
+
+        self.running.sort(key=lambda s: s.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seq_copies = self.block_manager.allocate_slots(seq, num_new)
+            while seq_copies is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+                seq_copies = self.block_manager.allocate_slots(seq, num_new)
+            if seq_copies is None:
+                continue  # `seq` preempted itself; running[i] is now the next one
+            copies.extend(seq_copies)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+            i += 1
+
+        # Admit waiting sequences, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            width = seq.request.params.n if not seq.request.forked else 1
+            if len(self.running) + width > self.config.max_num_seqs and self.running:
+                break
+            hits = self.block_manager.get_cached_prefix(seq) if not seq.block_table else []
+            num_hit = len(hits) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_hit, budget)
+            seq_copies = self.block_manager.allocate_slots(seq, num_new, hits)
+            if seq_copies is None:
+                break
+            copies.extend(seq_copies)
+            if seq.num_preemptions == 0:
+                seq.num_prefix_hit_tokens = num_hit
+            seq.num_computed_tokens += num_hit
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        self._scheduled = {seq.seq_id: seq for seq, _ in scheduled}
+        return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies)
+
+    def update(
+        self,
+        plan: StepPlan,
+        sampled: dict[int, list[SampledToken]],
+        on_token: Callable[[Sequence, SampledToken], None],
+    ) -> list[Request]:
+        """Advance scheduled sequences after the step; return the requests that changed.
+
+        `sampled` maps seq_id -> the token(s) drawn for it (n tokens when a request forks).
+        `on_token(seq, token)` runs after each token is appended; it decides whether the
+        sequence stops (the engine owns stop rules, text and logprobs).
+        """
+        changed: dict[int, Request] = {}
+        for entry in plan.seqs:
+            seq = self._scheduled[entry.seq_id]
+            if seq.finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += len(entry.token_ids)
+            self.block_manager.cache_computed_blocks(seq)
+            tokens = sampled.get(entry.seq_id)
+            if tokens is None:
+                continue
+            request = seq.request
+            changed[id(request)] = request
+            targets = self._fork(seq, len(tokens)) if len(tokens) > 1 else [seq]
+            for target, token in zip(targets, tokens, strict=True):
+                target.token_ids.append(token.token_id)
+                on_token(target, token)
+        self._scheduled = {}
+        return list(changed.values())
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _plan_entry(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        sample = None
+        if start + num_new == seq.num_tokens:
+            request = seq.request
+            fork = request.params.n > 1 and not request.forked
+            params = request.params
+            sample = SampleSpec(
+                params=params,
+                seq_indices=tuple(range(params.n)) if fork else (seq.index,),
+                num_prompt_tokens=request.num_prompt_tokens,
+                token_ids=seq.token_ids,
+            )
+        return ScheduledSeq(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids[start : start + num_new],
+            start_pos=start,
+            block_table=list(seq.block_table),
+            sample=sample,
+        )
+
+    def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
+        """Create the n-1 siblings of `parent`, sharing its blocks; returns all n in index order."""
+        request = parent.request
+        request.forked = True
+        for index in range(1, n):
+            # Sequence ids of a request are consecutive: the engine reserves n ids per request.
+            child = self._new_sequence(request, parent.seq_id + index, index)
+            child.token_ids = list(parent.token_ids)
+            child.status = SequenceStatus.RUNNING
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_prefix_hit_tokens = parent.num_prefix_hit_tokens
+            self.block_manager.fork(parent, child)
+            request.seqs.append(child)
+            self.running.append(child)
+        return request.seqs
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)

@@ -1,0 +1,111 @@
+"""Requests and their sequences: the state the scheduler owns.
+
+A request carries one prompt and `n` sequences. Until its prompt is computed it has a single
+sequence; when the first tokens are sampled, the other n-1 fork from it and share its blocks.
+
+A sequence's progress is one number, `num_computed_tokens`: how many of its `token_ids` have
+KV in the cache. Prefill, chunked prefill, prefix-cache hits, recompute after preemption and
+decode are all "catch up to len(token_ids)"; when it is caught up, the next token is sampled.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.engine.outputs import Logprob
+from services.engine.sampling_params import SamplingParams
+from services.engine.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_order: int = 0  # FCFS tie-break within a priority, assigned by the engine
+    arrival_time: float = 0.0
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        # Before the fork only an abort can finish the lone sequence of an n > 1 request.
+        done = all(s.finished for s in self.seqs)
+        return done and (len(self.seqs) == self.params.n or self.seqs[0].finish_reason == "abort")
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache when the request was first admitted."""
+        return self.seqs[0].num_prefix_hit_tokens if self.seqs else 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    index: int  # 0..n-1 within its request; part of the sampling seed
+    request: Request
+    token_ids: list[int]
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    # KV blocks (owned by the BlockManager, which mutates these three).
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain over full blocks of token_ids
+    num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
+    num_prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    # Output.
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, Logprob]] | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""
+    # How much of the output has been handed out as deltas (streaming).
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
+    reported_finish: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def hash_salt(self) -> tuple[str, ...]:
+        salt = self.request.params.cache_salt
+        return (salt,) if salt else ()
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Scheduling order: lower priority value first, then first come first served."""
+        return (self.request.priority, self.request.arrival_order, self.index)

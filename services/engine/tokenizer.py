@@ -1,0 +1,66 @@
+"""Tokenizer (transformers' AutoTokenizer, GGUF included) and incremental detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+from services.engine.errors import InvalidRequestError, ModelLoadError
+
+# Prompt tokens given to a detokenizer as context, so the first output token decodes as it
+# would mid-text (leading-space handling of SentencePiece-style tokenizers).
+_CONTEXT_TOKENS = 4
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text without ever emitting a broken UTF-8 character.
+
+    A token that ends inside a multi-byte character yields "" until the character completes
+    (tokenizers' DecodeStream keeps the pending bytes).
+    """
+
+    def __init__(self, backend: Any, context_ids: list[int], skip_special_tokens: bool) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(ids=context_ids, skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self._backend = hf_tokenizer.backend_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+
+    @classmethod
+    def load(cls, path: str | Path, gguf_file: str | None = None) -> Tokenizer:
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(path), **kwargs))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save_pretrained(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids exactly as `tokenizer(text)` gives them (special tokens as the model adds them)."""
+        return list(self.hf(text).input_ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.hf.chat_template:
+            raise InvalidRequestError("this model's tokenizer has no chat template")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already holds the special tokens (BOS and role markers).
+        return list(self.hf(text, add_special_tokens=False).input_ids)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._backend, prompt_ids[-_CONTEXT_TOKENS:], skip_special_tokens)

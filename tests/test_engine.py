@@ -1,0 +1,239 @@
+"""Engine behaviour on a tiny dummy model: n > 1, stop rules, logprobs, priority, abort,
+bad input, and the asyncio entry point. Every test ends with all KV blocks free."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.engine import AsyncEngine, InvalidRequestError, SamplingParams
+from services.engine.tokenizer import Tokenizer
+from tests.conftest import assert_all_free, make_llm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT = [101, 2002, 303, 4004, 505, 6006, 707, 8008, 909, 1234]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return make_llm("tiny-llama")
+
+
+def greedy(n_tokens: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, **kw)
+
+
+def completion(llm, prompt=PROMPT, params=None):
+    return llm.generate(prompt, params or greedy())[0].outputs[0]
+
+
+def test_n_greedy_sequences_are_identical_and_indexed(llm):
+    out = llm.generate(PROMPT, greedy(12, n=3))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
+    assert out.outputs[0].token_ids == completion(llm, params=greedy(12)).token_ids
+    assert_all_free(llm)
+
+
+def test_n_seeded_sequences_differ_and_each_is_reproducible(llm):
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    first = [c.token_ids for c in llm.generate(PROMPT, params)[0].outputs]
+    again = [c.token_ids for c in llm.generate(PROMPT, params)[0].outputs]
+    assert first == again
+    assert len({tuple(t) for t in first}) == 4
+    assert_all_free(llm)
+
+
+def test_every_forked_sequence_has_its_own_text_and_logprobs(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=1)
+    for c in llm.generate(PROMPT, params)[0].outputs:
+        assert c.text == llm.tokenizer.decode(c.token_ids) and c.text
+        assert len(c.logprobs) == 8 and all(t in lp for t, lp in zip(c.token_ids, c.logprobs, strict=True))
+
+
+def test_n_sequences_share_the_prompt_blocks(llm):
+    engine = llm.engine
+    request = engine.add_request(PROMPT * 4, greedy(4, n=3))  # 40 tokens: 2 full blocks + partial
+    engine.step()  # prompt computed once, then forked
+    tables = [s.block_table for s in request.seqs]
+    assert len(tables) == 3
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]
+    assert all(engine.block_manager.blocks[b].ref_count == 3 for b in tables[0][:2])
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_free(llm)
+
+
+def test_max_tokens_finishes_with_length(llm):
+    out = completion(llm, params=greedy(5))
+    assert len(out.token_ids) == 5 and out.finish_reason == "length" and out.stop_reason is None
+
+
+def test_stop_token_id_ends_the_sequence_and_is_kept_in_token_ids(llm):
+    reference = completion(llm).token_ids
+    stop = reference[6]
+    first = reference.index(stop)
+    out = completion(llm, params=greedy(stop_token_ids=[stop]))
+    assert out.token_ids == reference[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_min_tokens_masks_stop_tokens_until_reached(llm):
+    reference = completion(llm, params=greedy(16)).token_ids
+    stop = reference[0]
+    out = completion(llm, params=greedy(16, stop_token_ids=[stop], min_tokens=4))
+    assert len(out.token_ids) >= 4
+    assert stop not in out.token_ids[:4]
+    assert_all_free(llm)
+
+
+def test_stop_string_truncates_text_and_is_not_emitted(llm):
+    reference = completion(llm).text
+    stop = reference[10:14]
+    cut = reference.index(stop)
+    out = completion(llm, params=greedy(stop=[stop]))
+    assert out.text == reference[:cut]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = completion(llm, params=greedy(stop=[stop], include_stop_str_in_output=True))
+    assert kept.text == reference[: cut + len(stop)]
+    assert_all_free(llm)
+
+
+def test_logprobs_hold_the_sampled_token_and_top_n_per_position(llm):
+    out = completion(llm, params=greedy(6, logprobs=3))
+    assert len(out.logprobs) == 6
+    for token, position in zip(out.token_ids, out.logprobs, strict=True):
+        assert token in position and position[token].rank == 1  # greedy picks the top token
+        assert 3 <= len(position) <= 4
+        assert sorted(lp.rank for t, lp in position.items()) == [1, 2, 3]
+        assert all(lp.logprob <= 0 for lp in position.values())
+
+
+def test_prompt_reaching_max_model_len_stops_with_length(llm):
+    max_len = llm.engine.layout.max_model_len
+    prompt = (PROMPT * 60)[: max_len - 3]
+    out = completion(llm, prompt, greedy(50))
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    assert_all_free(llm)
+
+
+def test_lower_priority_value_finishes_first_when_only_one_fits():
+    llm = make_llm("tiny-llama", max_num_seqs=1)
+    engine = llm.engine
+    late = engine.add_request(PROMPT, greedy(4), priority=5)
+    urgent = engine.add_request(PROMPT[:5], greedy(4), priority=0)
+    finished = []
+    while engine.has_unfinished():
+        finished += [r.request_id for r in engine.step() if r.finished]
+    assert finished == [urgent.request_id, late.request_id]
+    assert_all_free(llm)
+
+
+def test_abort_at_any_point_frees_every_block():
+    llm = make_llm("tiny-llama", max_num_batched_tokens=8)
+    engine = llm.engine
+    for steps_before_abort in range(6):
+        request = engine.add_request(PROMPT * 3, greedy(8, n=2))
+        for _ in range(steps_before_abort):
+            engine.step()
+        engine.abort(request.request_id)
+        assert request.finished
+        assert all(s.finish_reason in ("abort", "length") for s in request.seqs)
+        assert_all_free(llm)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", greedy(), "empty"),
+        ([], greedy(), "empty"),
+        ([1, 2, 10**6], greedy(), "token ids"),
+        ([1, -5], greedy(), "token ids"),
+        (PROMPT * 100, greedy(), "context"),
+        (PROMPT, greedy(stop_token_ids=[10**6]), "stop_token_ids"),
+        (3.5, greedy(), "prompt"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_block_is_allocated(llm, prompt, params, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        llm.engine.add_request(prompt, params)
+    assert_all_free(llm)
+
+
+def test_one_bad_request_in_a_batch_queues_none(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([PROMPT, []], greedy())
+    assert_all_free(llm)
+
+
+def test_async_stream_deltas_add_up_to_the_offline_result(llm):
+    reference = completion(llm, params=greedy(12))
+    engine = AsyncEngine(core=llm.engine)
+
+    async def collect():
+        tokens, text, last = [], "", None
+        async for out in engine.generate(PROMPT, greedy(12)):
+            for c in out.outputs:
+                tokens += c.token_ids
+                text += c.text
+            last = out
+        return tokens, text, last
+
+    try:
+        tokens, text, last = asyncio.run(collect())
+    finally:
+        engine.shutdown()
+    assert tokens == reference.token_ids and text == reference.text
+    assert last.finished and last.outputs[0].finish_reason == "length"
+    assert_all_free(llm)
+
+
+def test_async_client_leaving_early_aborts_and_frees_blocks(llm):
+    engine = AsyncEngine(core=llm.engine)
+
+    async def leave_after_two():
+        seen = 0
+        async for _ in engine.generate(PROMPT, greedy(200)):
+            seen += 1
+            if seen == 2:
+                break
+        # The abort travels through the engine thread's inbox.
+        for _ in range(200):
+            if not llm.engine.has_unfinished():
+                return seen
+            await asyncio.sleep(0.01)
+        return seen
+
+    try:
+        assert asyncio.run(leave_after_two()) == 2
+    finally:
+        engine.shutdown()
+    assert_all_free(llm)
+
+
+def test_async_bad_request_raises_in_the_caller(llm):
+    engine = AsyncEngine(core=llm.engine)
+
+    async def bad():
+        async for _ in engine.generate([], greedy()):
+            pass
+
+    try:
+        with pytest.raises(InvalidRequestError):
+            asyncio.run(bad())
+    finally:
+        engine.shutdown()
+    assert_all_free(llm)
+
+
+def test_detokenizer_never_emits_broken_utf8(llm):
+    tokenizer: Tokenizer = llm.tokenizer
+    text = "héllo 世界 🤖 naïve café — ok"
+    ids = tokenizer.encode(text)
+    detok = tokenizer.detokenizer([], skip_special_tokens=True)
+    pieces = [detok.step(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # some token ended inside a multi-byte character and was held back
+    assert "".join(pieces) == text
