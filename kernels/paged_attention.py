@@ -35,7 +35,8 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     """Keys (or values) of one sequence, [length, KVH, D], from its block table row."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    blocks = cache[block_table[:num_blocks].long()]  # [nb, bs, KVH, D]
+    # index_select, not cache[idx]: several times faster on the CPU for the same gather.
+    blocks = cache.index_select(0, block_table[:num_blocks].long())  # [nb, bs, KVH, D]
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
@@ -54,15 +55,16 @@ def paged_decode_attention_ref(
     assert block_tables.shape[0] == B and seq_lens.shape == (B,)
     max_len = int(seq_lens.max())
     max_blocks = -(-max_len // block_size)
-    idx = block_tables[:, :max_blocks].long()
+    idx = block_tables[:, :max_blocks].reshape(-1).long()
     S = max_blocks * block_size
-    k = k_cache[idx].reshape(B, S, KVH, D).transpose(1, 2)  # (B, KVH, S, D)
-    v = v_cache[idx].reshape(B, S, KVH, D).transpose(1, 2)
+    k = k_cache.index_select(0, idx).view(B, S, KVH, D).transpose(1, 2)  # (B, KVH, S, D)
+    v = v_cache.index_select(0, idx).view(B, S, KVH, D).transpose(1, 2)
     mask = torch.arange(S, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # (B, S)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )  # (B, H, 1, D)
-    return out[:, :, 0, :]
+    # The G = H / KVH query heads sharing a KV head attend to the same keys: treat them as
+    # G query rows of that head, so no KV head is repeated.
+    qg = q.view(B, KVH, H // KVH, D)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(B, H, D)
 
 
 def paged_prefill_attention_ref(

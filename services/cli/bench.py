@@ -99,7 +99,8 @@ def measure_offline(llm, workload: Workload, warmup: int = 1, name: str = "pdser
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["name", "requests", "input_tokens", "output_tokens", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s"]
+    cols = ["name", "requests", "input_tokens", "output_tokens", "elapsed_s", "output_tokens_per_s",
+            "total_tokens_per_s", "vs_hf"]
     cols = [c for c in cols if any(c in r for r in rows)]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

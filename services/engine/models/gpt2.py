@@ -16,6 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
+from services.engine.layers.linear import Linear, linear
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
 
@@ -28,8 +29,8 @@ class GPT2Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
@@ -41,8 +42,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class GPT2LMHeadModel(nn.Module):
         self.config = cfg
         self.transformer = GPT2Model(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         """(T,) token ids and positions -> (T, hidden) final hidden states."""
@@ -91,7 +92,7 @@ class GPT2LMHeadModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.transformer.wte if self.config.tie_word_embeddings else self.lm_head
-        return nn.functional.linear(hidden, head.weight)
+        return linear(hidden, head.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def rename(name: str) -> tuple[str, str | None, int]:
