@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore, Prompt
 from services.engine.errors import EngineDeadError, InvalidRequestError
-from services.engine.outputs import RequestOutput, build_output
+from services.engine.kv_transfer import BlockData
+from services.engine.outputs import RequestOutput, SampledToken, build_output
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Request
 
@@ -52,11 +53,20 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        kv_export_from: int | None = None,
+        remote_prefill: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream deltas of one request; leaving the loop early (or cancelling) aborts it."""
+        """Stream deltas of one request; leaving the loop early (or cancelling) aborts it.
+
+        KV transfer (kv_transfer.py): with `kv_export_from`, outputs carry the prompt's KV
+        blocks; with `remote_prefill`, one output announces `kv_pull_from_block`, after which
+        the caller feeds `put_kv` and then `finish_kv` (or `fail_kv`).
+        """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        request = self.core.make_request(prompt, params or SamplingParams(), request_id, priority)
+        request = self.core.make_request(
+            prompt, params or SamplingParams(), request_id, priority, kv_export_from, remote_prefill
+        )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request.request_id in self._streams:
@@ -80,6 +90,26 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def put_kv(self, request_id: str, block: BlockData) -> None:
+        self._inbox.put(("put_kv", (request_id, block)))
+
+    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int) -> None:
+        self._inbox.put(("finish_kv", (request_id, first_tokens, prefill_cached_tokens)))
+
+    def fail_kv(self, request_id: str, reason: str) -> None:
+        self._inbox.put(("fail_kv", (request_id, reason)))
+
+    def stats(self) -> dict[str, int]:
+        """Load numbers for routing (read without locking: a snapshot, possibly a step old)."""
+        core = self.core
+        return {
+            "running": core.scheduler.num_running,
+            "waiting": core.scheduler.num_waiting + len(core.scheduler.awaiting_kv),
+            "free_kv_blocks": core.block_manager.num_free_blocks,
+            "total_kv_blocks": core.block_manager.num_blocks,
+            "requests": len(core.requests),
+        }
+
     def shutdown(self) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
@@ -91,8 +121,10 @@ class AsyncEngine:
         core = self.core
         try:
             while not self._stopping:
-                # Block for work when idle; otherwise drain what arrived during the last step.
-                self._handle(self._inbox.get() if not core.has_unfinished() else None)
+                # Block for a command when there is nothing to compute (idle, or only waiting
+                # for KV); otherwise drain what arrived during the last step.
+                if core.idle or not core.has_unfinished():
+                    self._handle(self._inbox.get())
                 while not self._inbox.empty():
                     self._handle(self._inbox.get_nowait())
                 if self._stopping:
@@ -107,10 +139,9 @@ class AsyncEngine:
             for stream in streams:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(f"engine stopped: {e!r}"))
 
-    def _handle(self, command: tuple[str, object] | None) -> None:
-        if command is None:
-            return
+    def _handle(self, command: tuple[str, object]) -> None:
         kind, arg = command
+        self.core.idle = False  # any command may make progress possible: step again
         if kind == "add":
             request: Request = arg
             with self._lock:
@@ -122,6 +153,13 @@ class AsyncEngine:
                     self._send(request.request_id, e)
         elif kind == "abort":
             request = self.core.abort(arg)
+            if request is not None:
+                self._publish(request)
+        elif kind == "put_kv":
+            self.core.receive_kv(*arg)
+        elif kind in ("finish_kv", "fail_kv"):
+            method = self.core.finish_kv if kind == "finish_kv" else self.core.fail_kv
+            request = method(*arg)
             if request is not None:
                 self._publish(request)
         elif kind == "stop":

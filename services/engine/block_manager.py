@@ -72,7 +72,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        self._extend_hashes(seq, max_blocks)
+        self.ensure_hashes(seq, max_blocks)
         hits: list[int] = []
         for block_hash in seq.block_hashes[:max_blocks]:
             block_id = self._cached.get(block_hash)
@@ -154,7 +154,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_cached_blocks:
             return
-        self._extend_hashes(seq, num_full)
+        self.ensure_hashes(seq, num_full)
         for i in range(seq.num_cached_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             block_hash = seq.block_hashes[i]
@@ -185,10 +185,11 @@ class BlockManager:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
+    def ensure_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The chained hashes of `seq`'s first `num_blocks` full blocks (computed once)."""
         have = len(seq.block_hashes)
         if have >= num_blocks:
-            return
+            return seq.block_hashes[:num_blocks]
         end = num_blocks * self.block_size
         seq.block_hashes.extend(
             hash_blocks(
@@ -199,6 +200,7 @@ class BlockManager:
                 first_block_keys=seq.hash_salt,
             )
         )
+        return seq.block_hashes[:num_blocks]
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -22,6 +22,7 @@ from services.engine.attention import get_backend
 from services.engine.block_manager import BlockManager
 from services.engine.config import GiB, EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
+from services.engine.kv_transfer import BlockData, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import ModelRunner
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import SampledToken
@@ -59,6 +60,8 @@ class EngineCore:
             Sampler(self.layout.eos_token_ids, config.seed),
         )
         self.requests: dict[str, Request] = {}
+        self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
+        self.idle = True  # the last step scheduled nothing
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         log.info(
@@ -80,8 +83,15 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        kv_export_from: int | None = None,
+        remote_prefill: bool = False,
     ) -> Request:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        """Validate and tokenize a request without touching engine state (safe from any thread).
+
+        `kv_export_from=k` makes a prefill-only request that ships its prompt's KV from block
+        k on (prefill worker); `remote_prefill` makes one whose prompt KV arrives from a peer
+        (decode worker). See kv_transfer.py.
+        """
         token_ids = self._tokenize(prompt)
         vocab = self.layout.vocab_size
         if not token_ids:
@@ -106,6 +116,12 @@ class EngineCore:
             priority=priority,
             arrival_time=time.monotonic(),
         )
+        if kv_export_from is not None:
+            if not 0 <= kv_export_from * self.config.block_size < len(token_ids):
+                raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")
+            request.kv_export = KVExport(skip_blocks=kv_export_from, next_block=kv_export_from)
+        if remote_prefill:
+            request.kv_import = KVImport()
         return request
 
     def add(self, request: Request) -> None:
@@ -118,6 +134,8 @@ class EngineCore:
             next(self._seq_ids)  # reserved for the forked sequences
         request.seqs = [self._new_seq(request, first, 0)]
         self.requests[request.request_id] = request
+        if request.kv_export is not None:
+            self._exports[request.request_id] = request
         self.scheduler.add(request)
 
     def add_request(
@@ -129,6 +147,7 @@ class EngineCore:
 
     def abort(self, request_id: str) -> Request | None:
         request = self.requests.pop(request_id, None)
+        self._exports.pop(request_id, None)
         if request is not None:
             self.scheduler.abort(request)
         return request
@@ -139,16 +158,23 @@ class EngineCore:
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that got new tokens (or finished)."""
+        """Run one step; returns the requests with something new: tokens, a finish, KV blocks
+        to ship, or blocks allocated for a remote prefill."""
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        sampled = self.runner.execute(plan)
-        changed = self.scheduler.update(plan, sampled, self._on_token)
-        for request in changed:
+        changed = {id(seq.request): seq.request for seq in self.scheduler.take_kv_pulls()}
+        self.idle = plan.is_empty
+        if not plan.is_empty:
+            sampled = self.runner.execute(plan)
+            for request in self.scheduler.update(plan, sampled, self._on_token):
+                changed[id(request)] = request
+            for request in list(self._exports.values()):
+                if self._export(request):
+                    changed[id(request)] = request
+        for request in changed.values():
             if request.finished:
                 self.requests.pop(request.request_id, None)
-        return changed
+                self._exports.pop(request.request_id, None)
+        return list(changed.values())
 
     def _on_token(self, seq: Sequence, sampled: SampledToken) -> None:
         """Record a sampled token's logprobs and text, and apply the stop rules."""
@@ -156,6 +182,8 @@ class EngineCore:
         token = sampled.token_id
         if params.logprobs is not None:
             seq.logprobs.append(sampled.logprobs)
+        if seq.request.kv_export is not None:
+            return  # prefill-only: the first token ends it once its KV is shipped (_export)
         text_before = len(seq.text)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(token)
@@ -186,6 +214,84 @@ class EngineCore:
         seq.text = seq.text[: at + len(stop)] if params.include_stop_str_in_output else seq.text[:at]
         self.scheduler.finish(seq, "stop", stop)
         return True
+
+    # ---- KV transfer (kv_transfer.py) ----------------------------------------------------
+
+    def _export(self, request: Request) -> bool:
+        """Read newly computed prompt blocks out of the cache; end the request once its first
+        token(s) are sampled and the partial last block is out. True if anything changed."""
+        exp, seq, bs = request.kv_export, request.seqs[0], self.config.block_size
+        num_prompt = request.num_prompt_tokens
+        sampled = seq.num_output_tokens > 0
+        end = -(-num_prompt // bs) if sampled else min(seq.num_computed_tokens, num_prompt) // bs
+        hashes = self.block_manager.ensure_hashes(seq, num_prompt // bs)
+        for i in range(exp.next_block, end):
+            n = min(bs, num_prompt - i * bs)
+            data = self.runner.read_block(seq.block_table[i], n)
+            exp.ready.append(BlockData(i, hashes[i] if n == bs else None, data))
+        exported = end > exp.next_block
+        exp.next_block = max(exp.next_block, end)
+        if sampled:
+            for s in request.seqs:
+                if not s.finished:
+                    self.scheduler.finish(s, "prefilled")
+        return exported or sampled
+
+    def receive_kv(self, request_id: str, block: BlockData) -> None:
+        """Write one received block into the waiting request's cache slot (engine thread).
+
+        A block that does not fit the request fails the transfer: the request prefills locally.
+        """
+        request = self.requests.get(request_id)
+        if request is None or request.kv_import is None or request.kv_import.state != "waiting":
+            return  # aborted, or already fell back to local prefill
+        imp, seq = request.kv_import, request.seqs[0]
+        bs = self.config.block_size
+        i = block.block_index
+        full = block.num_tokens == bs
+        expected_hash = self.block_manager.ensure_hashes(seq, i + 1)[i] if full and i < seq.num_tokens // bs else None
+        try:
+            check_block(imp, block, request.num_prompt_tokens, bs, expected_hash)
+        except KVTransferError as e:
+            self.fail_kv(request_id, str(e))
+            return
+        self.runner.write_block(seq.block_table[i], block.tensor)
+        imp.received.add(i)
+        imp.bytes_received += block.nbytes
+
+    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int) -> Request | None:
+        """All blocks are in: the sequence(s) continue from the first token(s) prefill sampled."""
+        request = self.requests.get(request_id)
+        if request is None or request.kv_import is None or request.kv_import.state != "waiting":
+            return None
+        imp = request.kv_import
+        if not imp.complete:
+            return self.fail_kv(request_id, f"{imp.num_expected_blocks - len(imp.received)} blocks missing")
+        if len(first_tokens) != request.params.n or any(
+            not 0 <= t.token_id < self.layout.vocab_size for t in first_tokens
+        ):
+            return self.fail_kv(request_id, "first tokens do not match the request")
+        imp.state, imp.completed_at = "done", time.monotonic()
+        imp.prefill_cached_tokens = prefill_cached_tokens
+        self.scheduler.kv_arrived(request.seqs[0], first_tokens, self._on_token)
+        if request.finished:  # the first token already ended it
+            self.requests.pop(request_id, None)
+        return request
+
+    def fail_kv(self, request_id: str, reason: str) -> Request | None:
+        """Give up on the transfer: keep the leading blocks that arrived, prefill the rest here."""
+        request = self.requests.get(request_id)
+        if request is None or request.kv_import is None or request.kv_import.state != "waiting":
+            return None
+        imp = request.kv_import
+        imp.state, imp.failure, imp.completed_at = "failed", reason, time.monotonic()
+        # At least the last prompt token is recomputed: its logits give the first output token.
+        valid = min(imp.contiguous_received_blocks() * self.config.block_size, request.num_prompt_tokens - 1)
+        imp.computed_locally = request.num_prompt_tokens - valid
+        log.warning("request %s: KV transfer failed (%s); prefilling %d tokens locally",
+                    request_id, reason, imp.computed_locally)
+        self.scheduler.kv_failed(request.seqs[0], valid)
+        return request
 
     # ---- helpers ---------------------------------------------------------------------------
 

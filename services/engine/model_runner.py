@@ -71,6 +71,14 @@ class ModelRunner:
         groups = self.sampler(logits, [s.sample for s in inputs.sampled_seqs])
         return {s.seq_id: group for s, group in zip(inputs.sampled_seqs, groups, strict=True)}
 
+    def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
+        """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""
+        return self.kv_cache[:, :, block_id, :num_tokens].to("cpu", copy=True)
+
+    def write_block(self, block_id: int, data: torch.Tensor) -> None:
+        """Fill one block's first data.shape[2] slots (a received block) from host memory."""
+        self.kv_cache[:, :, block_id, : data.shape[2]] = data.to(self.device, self.kv_cache.dtype)
+
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from services.engine.kv_transfer import BlockData, KVImport
     from services.engine.sequence import Request
 
 
@@ -44,6 +45,12 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # KV transfer (kv_transfer.py). Prefill side: blocks read out since the last output.
+    kv_blocks: list[BlockData] = field(default_factory=list)
+    # Decode side: set once, when the prompt's blocks are allocated and its KV may be pulled
+    # (the value is how many leading blocks this worker already holds).
+    kv_pull_from_block: int | None = None
+    kv_import: KVImport | None = None
 
 
 def build_output(request: Request, delta: bool) -> RequestOutput:
@@ -75,10 +82,18 @@ def build_output(request: Request, delta: bool) -> RequestOutput:
             seq.num_emitted_tokens = len(tokens)
             seq.num_emitted_chars = text_end
             seq.reported_finish = seq.finished
-    return RequestOutput(
+    out = RequestOutput(
         request_id=request.request_id,
         prompt_token_ids=request.prompt_token_ids,
         outputs=outputs,
         finished=request.finished,
         num_cached_tokens=request.num_cached_tokens,
+        kv_import=request.kv_import,
     )
+    if request.kv_export is not None and request.kv_export.ready:
+        out.kv_blocks, request.kv_export.ready = request.kv_export.ready, []
+    imp = request.kv_import
+    if imp is not None and imp.state == "waiting" and not imp.announced:
+        imp.announced = True
+        out.kv_pull_from_block = imp.num_cached_blocks
+    return out

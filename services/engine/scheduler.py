@@ -89,6 +89,8 @@ class Scheduler:
         self._new_sequence = new_sequence
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []
+        self.awaiting_kv: list[Sequence] = []  # blocks allocated, prompt KV coming from a peer
+        self._new_kv_pulls: list[Sequence] = []
         self._scheduled: dict[int, Sequence] = {}  # seq_id -> sequence, for the step in flight
         self.num_preemptions = 0
 
@@ -105,17 +107,43 @@ class Scheduler:
                 self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        elif seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
+        queue = {
+            SequenceStatus.WAITING: self.waiting,
+            SequenceStatus.RUNNING: self.running,
+            SequenceStatus.WAITING_FOR_KV: self.awaiting_kv,
+        }.get(seq.status)
+        if queue is not None:
+            queue.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.block_manager.free(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.awaiting_kv)
+
+    def take_kv_pulls(self) -> list[Sequence]:
+        """Sequences allocated for remote prefill since the last call: their KV may now come."""
+        pulls, self._new_kv_pulls = self._new_kv_pulls, []
+        return pulls
+
+    def kv_arrived(self, seq: Sequence, first_tokens: list[SampledToken],
+                   on_token: Callable[[Sequence, SampledToken], None]) -> None:
+        """The prompt's KV is in `seq`'s blocks: continue with the first token(s) prefill sampled."""
+        self.awaiting_kv.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_computed_blocks(seq)
+        self._append(seq, first_tokens, on_token)
+
+    def kv_failed(self, seq: Sequence, num_valid_tokens: int) -> None:
+        """The transfer broke: keep the valid leading tokens and prefill the rest locally."""
+        self.awaiting_kv.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        seq.num_computed_tokens = num_valid_tokens
+        self.block_manager.cache_computed_blocks(seq)
 
     @property
     def num_running(self) -> int:
@@ -157,10 +185,15 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             width = seq.request.params.n if not seq.request.forked else 1
-            if len(self.running) + width > self.config.max_num_seqs and self.running:
+            seated = len(self.running) + len(self.awaiting_kv)
+            if seated + width > self.config.max_num_seqs and seated:
                 break
             hits = self.block_manager.get_cached_prefix(seq) if not seq.block_table else []
             num_hit = len(hits) * self.block_manager.block_size
+            if seq.request.kv_import is not None and seq.request.kv_import.state == "pending":
+                if not self._admit_for_remote_kv(seq, hits):
+                    break
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens - num_hit, budget)
             seq_copies = self.block_manager.allocate_slots(seq, num_new, hits)
             if seq_copies is None:
@@ -200,14 +233,17 @@ class Scheduler:
             tokens = sampled.get(entry.seq_id)
             if tokens is None:
                 continue
-            request = seq.request
-            changed[id(request)] = request
-            targets = self._fork(seq, len(tokens)) if len(tokens) > 1 else [seq]
-            for target, token in zip(targets, tokens, strict=True):
-                target.token_ids.append(token.token_id)
-                on_token(target, token)
+            changed[id(seq.request)] = seq.request
+            self._append(seq, tokens, on_token)
         self._scheduled = {}
         return list(changed.values())
+
+    def _append(self, seq: Sequence, tokens: list[SampledToken],
+                on_token: Callable[[Sequence, SampledToken], None]) -> None:
+        targets = self._fork(seq, len(tokens)) if len(tokens) > 1 else [seq]
+        for target, token in zip(targets, tokens, strict=True):
+            target.token_ids.append(token.token_id)
+            on_token(target, token)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -247,6 +283,19 @@ class Scheduler:
             request.seqs.append(child)
             self.running.append(child)
         return request.seqs
+
+    def _admit_for_remote_kv(self, seq: Sequence, hits: list[int]) -> bool:
+        """Allocate the whole prompt now (no compute, no token budget) and wait for its KV."""
+        num_hit = len(hits) * self.block_manager.block_size
+        if self.block_manager.allocate_slots(seq, seq.num_tokens - num_hit, hits) is None:
+            return False
+        seq.num_computed_tokens = seq.num_prefix_hit_tokens = num_hit
+        seq.request.kv_import.mark_allocated(len(hits), len(seq.block_table))
+        self.waiting.pop(0)
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.awaiting_kv.append(seq)
+        self._new_kv_pulls.append(seq)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

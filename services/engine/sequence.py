@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from services.engine.kv_transfer import KVExport, KVImport
 from services.engine.outputs import Logprob
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import IncrementalDetokenizer
@@ -20,6 +21,7 @@ from services.engine.tokenizer import IncrementalDetokenizer
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, prompt KV arriving from a prefill worker
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -34,6 +36,10 @@ class Request:
     arrival_time: float = 0.0
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
+    # KV transfer (services/engine/kv_transfer.py): a prefill-only request ships its prompt's
+    # blocks; a remote-prefilled request receives them.
+    kv_export: KVExport | None = None
+    kv_import: KVImport | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

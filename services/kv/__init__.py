@@ -1,0 +1,1 @@
+"""KV blocks between workers: the wire format (wire.py) and the transports (transport.py)."""
