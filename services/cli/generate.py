@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", type=Path, help="JSON file holding a list of prompt strings")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line, in input order")
+    p.add_argument("--url", help="send the prompts through a running router at HOST:PORT instead of loading a model")
+    p.add_argument("--concurrency", type=int, default=1, help="with --url: requests in flight at once (default 1)")
+    p.add_argument("--timeout", type=float, help="with --url: deadline per request, seconds")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--min-tokens", type=int, default=0)
@@ -70,10 +73,12 @@ def sampling_params(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.engine import LLM
-
     prompts = load_prompts(args)
     params = sampling_params(args)  # bad flags fail before the model loads
+    if args.url:
+        return run_remote(args, prompts, params)
+    from services.engine import LLM
+
     llm = LLM(engine_config(args))
     if args.chat:
         inputs = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -87,6 +92,28 @@ def run(args: argparse.Namespace) -> int:
             for completion in out.outputs:
                 print(f"{prompt}{completion.text}" if not args.chat else completion.text)
                 print(f"-- {len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def run_remote(args: argparse.Namespace, prompts: list[str], params) -> int:
+    import asyncio
+
+    import grpc
+
+    from services.cli.client import generate_remote
+
+    try:
+        results = asyncio.run(generate_remote(args.url, prompts, params, args.chat, args.concurrency, args.timeout))
+    except grpc.RpcError as e:
+        print(f"pdserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    for result in results:
+        if args.json:
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+        else:
+            for c in sorted(result.completions.values(), key=lambda c: c.index):
+                print(c.text if args.chat else f"{result.prompt}{c.text}")
+                print(f"-- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}", file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from services.cli import bench, generate
+from services.cli import bench, generate, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.register(sub)
     bench.register(sub)
+    serve.register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from services.engine.errors import PdserveError

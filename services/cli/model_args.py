@@ -60,3 +60,22 @@ def engine_config(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
     )
+
+
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The model and engine flags of `args` as command-line words (for child processes)."""
+    defaults = argparse.ArgumentParser()
+    add_model_args(defaults)
+    argv: list[str] = []
+    for action in defaults._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv

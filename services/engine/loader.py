@@ -40,6 +40,7 @@ class ModelSource:
     weights_dir: Path | None  # None: dummy weights
     tokenizer_dir: Path | None
     identity: str  # the same in every process that loads the same weights
+    name: str  # the served model name (what ListModels and the OpenAI API show)
     dummy_seed: int | None = None
 
 
@@ -64,7 +65,10 @@ def resolve(
     dummy_seed: int = 0,
     tokenizer: str | None = None,
     cache_dir: Path | None = None,
+    weights: bool = True,
 ) -> ModelSource:
+    """Find a model's config, tokenizer and weights. `weights=False` (the router) converts and
+    reads no weights."""
     cache_dir = cache_dir or default_cache_dir()
     if load_format == "dummy":
         return _resolve_dummy(model, preset, dummy_seed, tokenizer, cache_dir)
@@ -73,8 +77,9 @@ def resolve(
     if preset is not None:
         raise ModelLoadError("--preset needs --load-format dummy")
     path = Path(model) if model else default_model_path()
+    name = path.name.split(".")[0] if path.suffix == ".gguf" else path.name
     if path.is_file() and path.suffix == ".gguf":
-        path = gguf_to_hf_dir(path, cache_dir)
+        path = gguf_to_hf_dir(path, cache_dir, weights=weights)
     elif not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if not (path / "config.json").is_file():
@@ -82,7 +87,8 @@ def resolve(
     hf_config = _load_config(path)
     # A weights-only directory runs without a tokenizer (token-id prompts only).
     tok_dir = Path(tokenizer) if tokenizer else (path if _has_tokenizer(path) else None)
-    return ModelSource(hf_config, path, tok_dir, identity=f"{path.name}@{_dir_digest(path)}")
+    identity = f"{path.name}@{_dir_digest(path)}" if weights else path.name
+    return ModelSource(hf_config, path, tok_dir, identity=identity, name=name)
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -148,7 +154,7 @@ def _resolve_dummy(
     if tok_dir is None and hf_config.vocab_size == 49152:
         # The default model's vocabulary: its tokenizer makes text prompts work.
         tok_dir = gguf_to_hf_dir(default_model_path(), cache_dir, weights=False)
-    return ModelSource(hf_config, None, tok_dir, identity=f"dummy:{name}:seed={seed}", dummy_seed=seed)
+    return ModelSource(hf_config, None, tok_dir, identity=f"dummy:{name}:seed={seed}", name=name, dummy_seed=seed)
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ index and hash against what it allocated for that request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import xxhash
 
 from pdserve.v1 import kv_pb2
+from services.engine.kv_transfer import BlockData
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -21,19 +20,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 class KVWireError(ValueError):
     """A received block is malformed or corrupt; the request recomputes locally."""
-
-
-@dataclass(frozen=True)
-class BlockData:
-    """One block's KV on the host, as read from (or written into) a paged cache."""
-
-    block_index: int
-    block_hash: int | None
-    tensor: torch.Tensor  # [layers, 2, num_tokens, kv_heads, head_dim], CPU
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tensor.shape[2]
 
 
 def encode(block: BlockData) -> kv_pb2.KVBlock:

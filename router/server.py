@@ -1,0 +1,162 @@
+"""The router's gRPC service: validate, tokenize once, route, stream back.
+
+    Generate -> validate params and prompt (INVALID_ARGUMENT before any work)
+             -> policy.route: a decode instance, then a prefill instance or none
+             -> DecodeWorker.Generate(prompt ids, params, prefill instance id)
+             -> stream the decode worker's deltas back, with usage and the disaggregation record
+
+Deadlines propagate to the decode call; a client cancel cancels it (decode then aborts,
+and aborts its prefill call). Every request gets an id that travels in x-request-id metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from router.policy import RoutingPolicy
+from router.registry import StaticRegistry
+from services.engine.errors import InvalidRequestError
+from services.engine.tokenizer import Tokenizer
+from services.rpc import metrics
+from services.rpc.convert import params_from_proto, reject_unknown_fields
+from services.rpc.server import request_id_var, request_metadata
+
+log = logging.getLogger("pdserve.router")
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(
+        self,
+        registry: StaticRegistry,
+        policy: RoutingPolicy,
+        tokenizer: Tokenizer | None,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token_ids")
+            ids = self.tokenizer.encode(request.text)
+        elif kind == "chat":
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: chat prompts need one")
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidRequestError("chat has no messages")
+            ids = self.tokenizer.apply_chat_template(messages)
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+        else:
+            raise InvalidRequestError("a prompt (text, token_ids or chat) is required")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if any(t >= self.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens, "
+                "including at least one generated token"
+            )
+        return ids
+
+    def check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise LookupError(f"model {model!r} is not served here (serving {self.model_name!r})")
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        start = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        try:
+            reject_unknown_fields(request)
+            self.check_model(request.model)
+            params = params_from_proto(request.sampling)
+            if params.stop and self.tokenizer is None:
+                raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+            ids = self.prompt_ids(request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LookupError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+        route = self.policy.route(ids, self.registry.decodes(), self.registry.prefills())
+        if route is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no decode instance is available")
+        decode, prefill = route.decode, route.prefill
+        log.info("request %s: %d prompt tokens -> decode %s, prefill %s", request_id, len(ids),
+                 decode.instance_id, prefill.instance_id if prefill else "local")
+        decode_request = worker_pb2.DecodeRequest(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling=request.sampling,
+            priority=request.priority,
+            prefill_instance=prefill.instance_id if prefill else "",
+        )
+        decode.in_flight += 1
+        if prefill:
+            prefill.in_flight += 1
+        first_at: float | None = None
+        last_at = start
+        try:
+            call = decode.stub.Generate(
+                decode_request, timeout=context.time_remaining(), metadata=request_metadata(request_id)
+            )
+            async for response in call:
+                now = time.monotonic()
+                if any(c.token_ids for c in response.outputs):
+                    if first_at is None:
+                        first_at = now
+                        metrics.TTFT.observe(now - start)
+                        if prefill:
+                            prefill.in_flight -= 1
+                            prefill = None
+                    else:
+                        metrics.ITL.observe(now - last_at)
+                    last_at = now
+                if response.finished:
+                    metrics.E2E.observe(now - start)
+                    for c in response.outputs:
+                        if c.finish_reason:
+                            metrics.REQUESTS.labels(c.finish_reason).inc()
+                yield response
+        except grpc.aio.AioRpcError as e:
+            log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name, e.details())
+            await context.abort(e.code(), f"decode {decode.instance_id}: {e.details()}")
+        finally:
+            decode.in_flight -= 1
+            if prefill:
+                prefill.in_flight -= 1
+
+    async def Tokenize(self, request: router_pb2.TokenizeRequest, context) -> router_pb2.TokenizeResponse:
+        try:
+            self.check_model(request.model)
+        except LookupError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+        return router_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    async def ListModels(self, request, context) -> router_pb2.ListModelsResponse:
+        return router_pb2.ListModelsResponse(
+            models=[router_pb2.ModelInfo(id=self.model_name, max_model_len=self.max_model_len)]
+        )
+

@@ -1,0 +1,185 @@
+"""A whole pdserve deployment as local processes: N prefill + N decode workers and a router.
+
+`pdserve serve` runs one for a user; the end-to-end tests start one per session. Workers get
+free loopback ports; each process is a real `pdserve` command talking gRPC over sockets.
+Shutdown is ordered: the router first (no new requests), then decode, then prefill workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    role: str
+    instance_id: str
+    address: str
+    metrics_port: int
+    argv: list[str]
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str] | None) -> None:
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path and self.log_path.exists():
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class LocalStack:
+    def __init__(
+        self,
+        model_argv: list[str],
+        num_prefill: int = 1,
+        num_decode: int = 1,
+        host: str = "127.0.0.1",
+        router_port: int = 0,
+        http_port: int = 0,
+        router_argv: list[str] = (),
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        decode_argv: list[str] = (),
+    ) -> None:
+        self.host = host
+        self.env = env
+        cli = [sys.executable, "-m", "services.cli.main"]
+
+        def child(role: str, index: int, port: int, extra: list[str]) -> Child:
+            instance_id = f"{role}-{index}"
+            metrics_port = free_port(host)
+            argv = [*cli, role, "--host", host, "--port", str(port), "--instance-id", instance_id,
+                    "--metrics-port", str(metrics_port), *extra, *model_argv]
+            log_path = log_dir / f"{instance_id}.log" if log_dir else None
+            return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path)
+
+        self.prefills = [child("prefill", i, free_port(host), []) for i in range(num_prefill)]
+        prefill_peers = ",".join(f"{c.instance_id}={c.address}" for c in self.prefills)
+        self.decodes = [
+            child("decode", i, free_port(host), ["--prefill-peers", prefill_peers, *decode_argv])
+            for i in range(num_decode)
+        ]
+        decode_peers = ",".join(f"{c.instance_id}={c.address}" for c in self.decodes)
+        router_port = router_port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        argv = [*cli, "router", "--host", host, "--port", str(router_port), "--http-port", str(self.http_port),
+                "--prefill-peers", prefill_peers, "--decode-peers", decode_peers, *router_argv, *model_argv]
+        log_path = log_dir / "router.log" if log_dir else None
+        self.router = Child("router", "router", f"{host}:{router_port}", self.http_port, argv, log_path)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LocalStack:
+        from services.cli.model_args import model_argv
+
+        router_argv = ["--remote-prefill-threshold", str(args.remote_prefill_threshold)]
+        if args.served_model_name:
+            router_argv += ["--served-model-name", args.served_model_name]
+        return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port, router_argv)
+
+    @property
+    def router_address(self) -> str:
+        return self.router.address
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.prefills, *self.decodes, self.router]
+
+    def start(self, timeout: float = 600.0) -> LocalStack:
+        """Workers first (they load the model), then the router once they answer health checks."""
+        workers = [*self.prefills, *self.decodes]
+        for c in workers:
+            c.start(self.env)
+        self._wait_healthy(workers, timeout)
+        self.router.start(self.env)
+        self._wait_healthy([self.router], timeout)
+        return self
+
+    def _wait_healthy(self, children: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while pending:
+            for c in list(pending):
+                if not c.alive():
+                    self.stop()
+                    raise RuntimeError(f"{c.instance_id} exited during start-up:\n{c.log_tail()}")
+                if _serving(c.address):
+                    pending.remove(c)
+            if pending and time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"not healthy after {timeout:.0f}s: {[c.instance_id for c in pending]}")
+            time.sleep(0.2)
+
+    def print_summary(self) -> None:
+        print("pdserve is up:")
+        for c in self.children:
+            extra = f"http://{self.host}:{self.http_port} (/healthz, /metrics)" if c is self.router else \
+                f"metrics http://{self.host}:{c.metrics_port}/metrics"
+            print(f"  {c.instance_id:<10} grpc {c.address:<22} {extra}")
+        print(f"try: pdserve generate --url {self.router_address} \"What is AI?\"", flush=True)
+
+    def wait(self) -> int:
+        """Block until SIGINT/SIGTERM or a child dies; then stop everything."""
+        stop = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                dead = [c for c in self.children if not c.alive()]
+                if dead:
+                    print(f"pdserve: {dead[0].instance_id} exited ({dead[0].proc.returncode}); stopping", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            return 0
+        finally:
+            self.stop()
+
+    def stop(self, grace: float = 10.0) -> None:
+        for group in ([self.router], self.decodes, self.prefills):
+            for c in group:
+                if c.alive():
+                    c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                if c.proc is None:
+                    continue
+                try:
+                    c.proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,177 @@
+"""The decode worker: admits requests decode-first, pulls their prompt KV from the prefill
+worker the router named, and runs them in its continuous batch.
+
+For a request naming a prefill instance:
+  1. the engine matches this worker's prefix cache and allocates blocks for the whole prompt;
+  2. this servicer calls the prefill worker with the prompt and how many leading blocks it
+     already has, and writes each received block into the cache (after the checksum, the
+     block's index and hash are validated against the allocation);
+  3. with all blocks and prefill's first token(s) in, the request decodes here.
+Decode computes no prompt token on that path. If the call fails midway (the prefill worker
+died, a block is corrupt), the request prefills what is missing locally and still completes.
+Without a prefill instance, the request simply prefills here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+import grpc
+import torch
+
+from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.engine.async_engine import AsyncEngine
+from services.engine.errors import PdserveError
+from services.engine.outputs import RequestOutput
+from services.kv.transport import KVTransport, PeerError, PrefillDone
+from services.kv.wire import KVWireError
+from services.rpc import metrics
+from services.rpc.convert import delta_to_proto, params_from_proto, reject_unknown_fields
+from services.rpc.server import abort_with
+from services.rpc.worker import WorkerServicerBase
+
+log = logging.getLogger("pdserve.decode")
+
+# Test-only: perturb received K after the checksum check, to prove decode uses shipped KV.
+_PERTURB_KV = os.environ.get("PDSERVE_TEST_PERTURB_KV") == "1"
+
+
+class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
+    role = "decode"
+
+    def __init__(self, engine: AsyncEngine, instance_id: str, transport: KVTransport) -> None:
+        super().__init__(engine, instance_id)
+        self.transport = transport
+
+    async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        start = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        prefill_id = request.prefill_instance
+        record = common_pb2.DisaggregationRecord(
+            decode_instance=self.instance_id, prefill_instance=prefill_id, remote_prefill=bool(prefill_id)
+        )
+        pull: asyncio.Task | None = None
+        first_token_at: float | None = None
+        last_token_at = start
+        completion_tokens = 0
+        try:
+            reject_unknown_fields(request)
+            params = params_from_proto(request.sampling)
+            stream = self.engine.generate(
+                list(request.prompt_token_ids), params, request_id, request.priority, remote_prefill=bool(prefill_id)
+            )
+            async for out in stream:
+                if out.kv_pull_from_block is not None:
+                    pull = asyncio.create_task(
+                        self._pull(request_id, request, out.kv_pull_from_block, context.time_remaining(), record)
+                    )
+                if not out.outputs and not out.finished:
+                    continue
+                if out.finished and pull is not None and pull.done() and pull.exception() is not None:
+                    raise pull.exception()  # the peer refused us: an error, not an aborted stream
+                now = time.monotonic()
+                new_tokens = sum(len(c.token_ids) for c in out.outputs)
+                completion_tokens += new_tokens
+                if new_tokens:
+                    if first_token_at is None:
+                        first_token_at = now
+                        metrics.TTFT.observe(now - start)
+                    else:
+                        metrics.ITL.observe(now - last_token_at)
+                    last_token_at = now
+                for c in out.outputs:
+                    if c.finish_reason:
+                        metrics.REQUESTS.labels(c.finish_reason).inc()
+                response = common_pb2.GenerateResponse(
+                    request_id=request_id, outputs=[delta_to_proto(c) for c in out.outputs], finished=out.finished
+                )
+                if out.finished:
+                    self._finish(response, out, record, start)
+                    response.usage.completion_tokens = completion_tokens
+                yield response
+        except PeerError as e:
+            await context.abort(e.code, str(e))
+        except PdserveError as e:
+            await abort_with(context, e)
+        finally:
+            if pull is not None and not pull.done():
+                pull.cancel()
+
+    async def _pull(
+        self,
+        request_id: str,
+        request: worker_pb2.DecodeRequest,
+        skip_blocks: int,
+        timeout: float | None,
+        record: common_pb2.DisaggregationRecord,
+    ) -> None:
+        """Fetch the prompt's KV from the prefill peer into the engine; fall back on failure."""
+        engine = self.engine
+        prefill_request = worker_pb2.PrefillRequest(
+            request_id=request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling,
+            skip_blocks=skip_blocks,
+            priority=request.priority,
+            decode_instance=self.instance_id,
+        )
+        try:
+            async for item in self.transport.pull(request.prefill_instance, prefill_request, timeout):
+                if isinstance(item, PrefillDone):
+                    engine.finish_kv(request_id, item.first_tokens, item.cached_tokens)
+                    return
+                if _PERTURB_KV:  # noise (std 5), not a constant: softmax ignores a shift common to all keys
+                    k = item.tensor[:, 0]
+                    noise = torch.randn(k.shape, generator=torch.Generator().manual_seed(item.block_index))
+                    k.add_((5 * noise).to(k.dtype))
+                record.kv_blocks_shipped += 1
+                record.kv_bytes_shipped += item.nbytes
+                metrics.KV_BLOCKS_SHIPPED.labels("received").inc()
+                metrics.KV_BYTES_SHIPPED.labels("received").inc(item.nbytes)
+                engine.put_kv(request_id, item)
+            engine.fail_kv(request_id, "prefill stream ended without its result")
+        except PeerError as e:
+            engine.abort(request_id)  # a misconfigured peer is an error, not silently local
+            raise e
+        except (KVWireError, grpc.aio.AioRpcError) as e:
+            reason = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            engine.fail_kv(request_id, reason)
+        except asyncio.CancelledError:
+            engine.fail_kv(request_id, "cancelled")
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever broke, the request must not hang
+            log.exception("KV pull failed")
+            engine.fail_kv(request_id, f"{type(e).__name__}: {e}")
+
+    def _finish(
+        self, response: common_pb2.GenerateResponse, out: RequestOutput, record: common_pb2.DisaggregationRecord,
+        start: float,
+    ) -> None:
+        prompt_tokens = len(out.prompt_token_ids)
+        imp = out.kv_import
+        if imp is not None and imp.state in ("done", "failed"):
+            bs = self.engine.core.layout.block_size
+            record.decode_cached_tokens = imp.num_cached_blocks * bs
+            record.prefill_cached_tokens = imp.prefill_cached_tokens
+            record.decode_computed_prompt_tokens = imp.computed_locally
+            if imp.completed_at is not None:
+                # From the allocation (just before the call to prefill) to the last block in the cache.
+                record.kv_transfer_ms = (imp.completed_at - imp.allocated_at) * 1000
+                metrics.KV_TRANSFER.observe(imp.completed_at - imp.allocated_at)
+            if imp.state == "failed":
+                metrics.KV_FALLBACKS.inc()
+        else:
+            record.remote_prefill = False
+            record.decode_cached_tokens = out.num_cached_tokens
+            record.decode_computed_prompt_tokens = prompt_tokens - out.num_cached_tokens
+        response.usage.prompt_tokens = prompt_tokens
+        response.usage.cached_tokens = record.decode_cached_tokens + record.prefill_cached_tokens
+        response.disaggregation.CopyFrom(record)
+        metrics.E2E.observe(time.monotonic() - start)
+        metrics.PROMPT_TOKENS.inc(prompt_tokens)
+        metrics.PREFIX_HITS.inc(record.decode_cached_tokens)
+        metrics.PREFIX_QUERIES.inc(prompt_tokens)

@@ -1,0 +1,38 @@
+"""Prometheus metrics, named after vLLM's (vllm:X -> pdserve:X) so dashboards adapt easily.
+
+Each process exposes its own registry over HTTP (`/metrics`); the router serves it on its
+--http-port, workers on --metrics-port.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+TTFT = Histogram("pdserve:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY)
+ITL = Histogram("pdserve:inter_token_latency_seconds", "Time between consecutive output tokens", buckets=_ITL)
+E2E = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY)
+REQUESTS = Counter("pdserve:request_success", "Finished requests", ["finished_reason"])
+PROMPT_TOKENS = Counter("pdserve:prompt_tokens", "Prompt tokens of finished requests")
+GENERATION_TOKENS = Counter("pdserve:generation_tokens", "Generated tokens of finished requests")
+
+RUNNING = Gauge("pdserve:num_requests_running", "Sequences in the running batch")
+WAITING = Gauge("pdserve:num_requests_waiting", "Sequences waiting (incl. for remote KV)")
+KV_USAGE = Gauge("pdserve:kv_cache_usage_perc", "Fraction of KV blocks held by sequences")
+PREEMPTIONS = Counter("pdserve:num_preemptions", "Sequences preempted (recomputed later)")
+PREFIX_HITS = Counter("pdserve:prefix_cache_hits", "Prompt tokens served from the prefix cache")
+PREFIX_QUERIES = Counter("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+
+KV_BLOCKS_SHIPPED = Counter("pdserve:kv_blocks_shipped", "KV blocks sent (prefill) or received (decode)", ["direction"])
+KV_BYTES_SHIPPED = Counter("pdserve:kv_bytes_shipped", "KV bytes sent (prefill) or received (decode)", ["direction"])
+KV_TRANSFER = Histogram("pdserve:kv_transfer_seconds", "Decode's call to prefill until the last block is in its cache",
+                        buckets=_LATENCY)
+KV_FALLBACKS = Counter("pdserve:kv_transfer_fallbacks", "Remote prefills that fell back to local prefill")
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Expose this process's metrics on http://host:port/metrics (a daemon thread)."""
+    if port:
+        start_http_server(port, addr=host)
