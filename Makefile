@@ -11,7 +11,7 @@ CONSTRAINTS := -c .ci/constraints.txt
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt $(wildcard protos/pdserve/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(CONSTRAINTS) "$(TORCH)"
@@ -26,7 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 serve: install
-	$(VENV)/bin/pdserve generate --chat "What is AI?"
+	$(VENV)/bin/pdserve serve
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

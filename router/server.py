@@ -12,7 +12,6 @@ and aborts its prefill call). Every request gets an id that travels in x-request
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 
 import grpc
@@ -83,7 +82,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        start = time.monotonic()
+        timer = metrics.StreamTimer()
         request_id = request.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
         try:
@@ -114,29 +113,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         decode.in_flight += 1
         if prefill:
             prefill.in_flight += 1
-        first_at: float | None = None
-        last_at = start
         try:
             call = decode.stub.Generate(
                 decode_request, timeout=context.time_remaining(), metadata=request_metadata(request_id)
             )
             async for response in call:
-                now = time.monotonic()
-                if any(c.token_ids for c in response.outputs):
-                    if first_at is None:
-                        first_at = now
-                        metrics.TTFT.observe(now - start)
-                        if prefill:
-                            prefill.in_flight -= 1
-                            prefill = None
-                    else:
-                        metrics.ITL.observe(now - last_at)
-                    last_at = now
+                if timer.tokens(sum(len(c.token_ids) for c in response.outputs)) and prefill:
+                    prefill.in_flight -= 1  # prefill's part is done once the first token is out
+                    prefill = None
                 if response.finished:
-                    metrics.E2E.observe(now - start)
-                    for c in response.outputs:
-                        if c.finish_reason:
-                            metrics.REQUESTS.labels(c.finish_reason).inc()
+                    timer.finished([c.finish_reason for c in response.outputs])
                 yield response
         except grpc.aio.AioRpcError as e:
             log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name, e.details())

@@ -55,3 +55,49 @@ def test_bench_offline_prints_a_table_and_a_json_last_line():
     assert result["output_tokens"] == 20
     assert result["output_tokens_per_s"] == pytest.approx(20 / result["elapsed_s"], rel=0.01)
     assert any(line.strip().startswith("pdserve") for line in table)
+
+
+def test_router_imports_no_model_runner_or_kernel_code():
+    code = (
+        "import sys, router.main, router.server, router.policy, router.registry, router.http\n"
+        "bad = [m for m in sys.modules if m.startswith(('services.engine.model', 'services.engine.engine',"
+        " 'services.engine.attention', 'services.engine.sampler', 'kernels', 'services.kv'))]\n"
+        "assert not bad, bad\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_and_generate_url_with_the_default_model(tmp_path, default_llm):
+    """`pdserve serve` on the default model; a ~200-token prompt is prefilled remotely and its
+    tokens equal the in-process engine's."""
+    from services.cli.stack import free_port
+    from services.engine import SamplingParams
+
+    port, http = free_port(), free_port()
+    serve = subprocess.Popen([*PDSERVE, "serve", "--port", str(port), "--http-port", str(http), "--max-model-len", "1024"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in serve.stdout:
+            lines.append(line)
+            if line.startswith("try: pdserve generate"):
+                break
+        assert any(f"127.0.0.1:{port}" in line for line in lines), "".join(lines)
+        prompt = "Summarize the history of computing in one paragraph. " * 20
+        proc = run("generate", "--url", f"127.0.0.1:{port}", "--json", "--max-tokens", "8", prompt, "What is AI?")
+        assert proc.returncode == 0, proc.stderr
+        long_rec, short_rec = (json.loads(line) for line in proc.stdout.splitlines())
+        expected = default_llm.generate([prompt, "What is AI?"], SamplingParams(temperature=0, max_tokens=8))
+        assert [long_rec["token_ids"], short_rec["token_ids"]] == [o.outputs[0].token_ids for o in expected]
+        n = long_rec["usage"]["prompt_tokens"]
+        assert 150 < n < 250
+        d = long_rec["disaggregation"]
+        assert d["remote_prefill"] and d["decode_computed_prompt_tokens"] == 0
+        assert d["kv_blocks_shipped"] == -(-n // 16) and d["kv_bytes_shipped"] == n * 30 * 2 * 3 * 64 * 4
+        assert not short_rec["disaggregation"]["remote_prefill"]
+    finally:
+        serve.send_signal(subprocess.signal.SIGINT)
+        assert serve.wait(60) == 0

@@ -407,3 +407,28 @@ def test_router_answers_unavailable_promptly_when_its_decode_is_gone(tmp_path):
     finally:
         stop(router)
         stop(decode)
+
+
+def test_colocated_stack_without_prefill_workers_prefills_on_decode(tmp_path, reference):
+    with LocalStack(MODEL, num_prefill=0, num_decode=1, log_dir=tmp_path) as colocated:
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(colocated.router_address))
+        result = generate(stub, LONG)
+        assert result.completions[0].token_ids == expected_tokens(reference, LONG)[0]
+        d = result.disaggregation
+        assert not d.remote_prefill and d.decode_computed_prompt_tokens == 150
+        wait_all_free(colocated)
+
+
+def test_corrupted_blocks_are_detected_and_the_request_recomputes_locally(tmp_path, reference):
+    corrupting = spawn(tmp_path, "prefill", [], env={"PDSERVE_TEST_CORRUPT_KV": "1"})
+    decode = spawn(tmp_path, "decode", ["--prefill-peers", f"bad={corrupting.address}"])
+    try:
+        wait_serving(corrupting)
+        wait_serving(decode)
+        result = decode_directly(decode, LONG, "bad")
+    finally:
+        stop(decode)
+        stop(corrupting)
+    d = result.disaggregation
+    assert d.remote_prefill and d.decode_computed_prompt_tokens == 150  # the first block was already bad
+    assert result.completions[0].token_ids == expected_tokens(reference, LONG)[0]

@@ -92,7 +92,7 @@ def measure_offline(llm, workload: Workload, warmup: int = 1, name: str = "pdser
         "requests": len(workload.prompts),
         "input_tokens": workload.input_tokens,
         "output_tokens": produced,
-        "elapsed_s": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 4),
         "output_tokens_per_s": round(produced / elapsed, 1),
         "total_tokens_per_s": round((produced + workload.input_tokens) / elapsed, 1),
     }

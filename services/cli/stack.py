@@ -62,10 +62,11 @@ class LocalStack:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         decode_argv: list[str] = (),
+        log_level: str = "WARNING",
     ) -> None:
         self.host = host
         self.env = env
-        cli = [sys.executable, "-m", "services.cli.main"]
+        cli = [sys.executable, "-m", "services.cli.main", "--log-level", log_level]
 
         def child(role: str, index: int, port: int, extra: list[str]) -> Child:
             instance_id = f"{role}-{index}"
@@ -96,7 +97,8 @@ class LocalStack:
         router_argv = ["--remote-prefill-threshold", str(args.remote_prefill_threshold)]
         if args.served_model_name:
             router_argv += ["--served-model-name", args.served_model_name]
-        return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port, router_argv)
+        return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port, router_argv,
+                   log_level=args.log_level)
 
     @property
     def router_address(self) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
 
 import grpc
@@ -48,19 +47,19 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         self.transport = transport
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
-        start = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         prefill_id = request.prefill_instance
         record = common_pb2.DisaggregationRecord(
             decode_instance=self.instance_id, prefill_instance=prefill_id, remote_prefill=bool(prefill_id)
         )
         pull: asyncio.Task | None = None
-        first_token_at: float | None = None
-        last_token_at = start
+        timer = metrics.StreamTimer()
         completion_tokens = 0
         try:
             reject_unknown_fields(request)
             params = params_from_proto(request.sampling)
+            log.info("request %s: %d prompt tokens, prefill %s", request_id, len(request.prompt_token_ids),
+                     prefill_id or "local")
             stream = self.engine.generate(
                 list(request.prompt_token_ids), params, request_id, request.priority, remote_prefill=bool(prefill_id)
             )
@@ -73,25 +72,16 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                     continue
                 if out.finished and pull is not None and pull.done() and pull.exception() is not None:
                     raise pull.exception()  # the peer refused us: an error, not an aborted stream
-                now = time.monotonic()
                 new_tokens = sum(len(c.token_ids) for c in out.outputs)
                 completion_tokens += new_tokens
-                if new_tokens:
-                    if first_token_at is None:
-                        first_token_at = now
-                        metrics.TTFT.observe(now - start)
-                    else:
-                        metrics.ITL.observe(now - last_token_at)
-                    last_token_at = now
-                for c in out.outputs:
-                    if c.finish_reason:
-                        metrics.REQUESTS.labels(c.finish_reason).inc()
+                timer.tokens(new_tokens)
                 response = common_pb2.GenerateResponse(
                     request_id=request_id, outputs=[delta_to_proto(c) for c in out.outputs], finished=out.finished
                 )
                 if out.finished:
-                    self._finish(response, out, record, start)
+                    self._finish(response, out, record)
                     response.usage.completion_tokens = completion_tokens
+                    timer.finished([c.finish_reason for c in out.outputs])
                 yield response
         except PeerError as e:
             await context.abort(e.code, str(e))
@@ -148,8 +138,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
             engine.fail_kv(request_id, f"{type(e).__name__}: {e}")
 
     def _finish(
-        self, response: common_pb2.GenerateResponse, out: RequestOutput, record: common_pb2.DisaggregationRecord,
-        start: float,
+        self, response: common_pb2.GenerateResponse, out: RequestOutput, record: common_pb2.DisaggregationRecord
     ) -> None:
         prompt_tokens = len(out.prompt_token_ids)
         imp = out.kv_import
@@ -171,7 +160,6 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         response.usage.prompt_tokens = prompt_tokens
         response.usage.cached_tokens = record.decode_cached_tokens + record.prefill_cached_tokens
         response.disaggregation.CopyFrom(record)
-        metrics.E2E.observe(time.monotonic() - start)
         metrics.PROMPT_TOKENS.inc(prompt_tokens)
         metrics.PREFIX_HITS.inc(record.decode_cached_tokens)
         metrics.PREFIX_QUERIES.inc(prompt_tokens)

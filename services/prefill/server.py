@@ -9,6 +9,7 @@ of each of the request's n sequences.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import grpc
@@ -24,6 +25,9 @@ from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.prefill")
 
+# Test-only: flip one byte of every shipped block after its checksum, to prove corruption is caught.
+_CORRUPT_KV = os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1"
+
 
 class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer):
     role = "prefill"
@@ -33,6 +37,8 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
         try:
             reject_unknown_fields(request)
             params = params_from_proto(request.sampling)
+            log.info("request %s: prefill %d tokens for %s, skipping %d blocks", request.request_id,
+                     len(request.prompt_token_ids), request.decode_instance, request.skip_blocks)
             stream = self.engine.generate(
                 list(request.prompt_token_ids),
                 params,
@@ -44,6 +50,8 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
             async for out in stream:
                 for block in out.kv_blocks:
                     msg = wire.encode(block)
+                    if _CORRUPT_KV:
+                        msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]
                     metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
                     metrics.KV_BYTES_SHIPPED.labels("sent").inc(len(msg.data))
                     yield worker_pb2.PrefillResponse(block=msg)

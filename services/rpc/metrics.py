@@ -6,6 +6,8 @@ Each process exposes its own registry over HTTP (`/metrics`); the router serves 
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -36,3 +38,31 @@ def serve_metrics(host: str, port: int) -> None:
     """Expose this process's metrics on http://host:port/metrics (a daemon thread)."""
     if port:
         start_http_server(port, addr=host)
+
+
+class StreamTimer:
+    """TTFT, inter-token latency and e2e latency of one streamed request, into the histograms."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.first: float | None = None
+
+    def tokens(self, count: int) -> bool:
+        """Record a message carrying `count` new tokens; True if it carried the first ones."""
+        if not count:
+            return False
+        now = time.monotonic()
+        first = self.first is None
+        if first:
+            self.first = now
+            TTFT.observe(now - self.start)
+        else:
+            ITL.observe(now - self.last)
+        self.last = now
+        return first
+
+    def finished(self, finish_reasons: list[str]) -> None:
+        E2E.observe(time.monotonic() - self.start)
+        for reason in finish_reasons:
+            if reason:
+                REQUESTS.labels(reason).inc()
