@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import random
-import statistics
+import shlex
 import time
 from pathlib import Path
 
 import grpc
 
+from loadtest.report import machine, markdown_table, write_section
 from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.cli.stack import LocalStack
 from services.engine.sampling_params import SamplingParams
 from services.rpc.convert import params_to_proto
 
-MODEL = ["--max-model-len", "2048"]
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -78,7 +77,7 @@ async def load(address: str, args) -> dict:
 
 def run_mode(name: str, num_prefill: int, threads: int, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with LocalStack(MODEL, num_prefill=num_prefill, num_decode=1, env=env, log_dir=args.log_dir) as stack:
+    with LocalStack(shlex.split(args.model_args), num_prefill=num_prefill, num_decode=1, env=env, log_dir=args.log_dir) as stack:
         result = asyncio.run(load(stack.router_address, args))
     ms = lambda xs, p: round(percentile(xs, p) * 1e3, 1)  # noqa: E731
     return {
@@ -100,6 +99,8 @@ def main() -> None:
     parser.add_argument("--long-fraction", type=float, default=0.25)
     parser.add_argument("--output", type=int, default=32, help="output tokens per request")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads of the machine")
+    parser.add_argument("--model-args", default="--max-model-len 2048",
+                        help="model flags for the workers (default: the default model, --max-model-len 2048)")
     parser.add_argument("--log-dir", type=Path)
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
@@ -107,33 +108,16 @@ def main() -> None:
         run_mode("colocated", 0, args.threads, args),
         run_mode("disaggregated", 1, max(1, args.threads // 2), args),
     ]
-    cols = list(rows[0])
-    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-                      + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
+    table = markdown_table(rows)
     print(table)
     if args.write:
-        from loadtest.bench_offline_vs_hf import machine
-
-        begin, end = "<!-- bench_disagg_cpu:begin -->", "<!-- bench_disagg_cpu:end -->"
-        section = "\n".join([
-            begin,
-            f"### Disaggregated vs colocated serving on the CPU ({datetime.date.today().isoformat()})",
-            "",
-            f"Machine: {machine()}. Default model (SmolLM2-135M-Instruct, float32). Load: {args.clients} "
+        write_section(args.write, "bench_disagg_cpu", "Disaggregated vs colocated serving on the CPU", [
+            f"Machine: {machine()}. Model flags `{args.model_args}` (the default model, float32). Load: {args.clients} "
             f"closed-loop clients for {args.duration:.0f} s per mode; {args.long_fraction:.0%} of requests have "
             f"{args.long}-token prompts, the rest {args.short}; {args.output} output tokens each; latencies in ms, "
             "measured at the client. Command: `python loadtest/bench_disagg_cpu.py`.",
-            "",
             table,
-            end,
         ])
-        text = args.write.read_text()
-        if begin in text:
-            text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        args.write.write_text(text)
-
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import multiprocessing as mp
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from loadtest.report import machine, markdown_table, write_section
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.kv_transfer import BlockData
 from services.engine.presets import preset_config
@@ -120,34 +120,17 @@ def main() -> None:
         run("llama-3.2-1b", torch.bfloat16, args.tokens, args.requests),
         run("llama-3.1-8b", torch.bfloat16, args.tokens, args.requests),
     ]
-    cols = list(rows[0])
-    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-                      + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
+    table = markdown_table(rows)
     print(table)
     if args.write:
-        from loadtest.bench_offline_vs_hf import machine
-
-        section = "\n".join([
-            "<!-- bench_kv_transfer:begin -->",
-            f"### KV shipping over gRPC on loopback ({datetime.date.today().isoformat()})",
-            "",
+        write_section(args.write, "bench_kv_transfer", "KV shipping over gRPC on loopback", [
             f"Machine: {machine()}. Two processes on one host: a stand-in prefill worker streaming "
             f"{BLOCK}-token blocks of each shape (encode + xxh64), the real decode-side transport "
             "(checksum, dtype/shape checks) and the copy into a paged cache; median of "
             f"{args.requests} requests of {args.tokens} prompt tokens. "
             "Command: `python loadtest/bench_kv_transfer.py`.",
-            "",
             table,
-            "<!-- bench_kv_transfer:end -->",
         ])
-        text = args.write.read_text()
-        begin, end = "<!-- bench_kv_transfer:begin -->", "<!-- bench_kv_transfer:end -->"
-        if begin in text:
-            text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        args.write.write_text(text)
-
 
 if __name__ == "__main__":
     main()

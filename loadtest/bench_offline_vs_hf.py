@@ -13,14 +13,13 @@ for 16 rows per step): no attention, norms, sampling or Python around them.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from loadtest.report import machine, markdown_table, write_section
 from services.cli.bench import Workload, format_table, measure_offline, random_workload
 from services.engine.layers.linear import linear
 
@@ -67,18 +66,6 @@ def matmul_floor_seconds(llm, workload: Workload, plain: bool = False) -> float:
         return time.perf_counter() - start
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; medians reported")
@@ -121,45 +108,21 @@ def main() -> None:
                f"range {paired[0]:.2f}x-{paired[-1]:.2f}x")
     header = (f"{NUM_REQUESTS} requests, input U[{MIN_IN},{MAX_IN}] ({workload.input_tokens} prompt tokens), "
               f"{OUT} output tokens each, float32, median of {args.repeats}")
-    table = _markdown(rows)
+    table = markdown_table([{"": r["name"], "elapsed (s)": r["elapsed_s"], "output tok/s": r["output_tokens_per_s"],
+                             "vs HF": f"{r['vs_hf']}x"} for r in rows])
     print(header)
     print(format_table(rows))
     print(speedup)
     runs_line = "; ".join(f"{name} {times}" for name, times in runs)
     print(f"every run (s): {runs_line}")
     if args.write:
-        _write_section(args.write, header, table + "\n\n" + speedup[0].upper() + speedup[1:] + ".", len(ours), runs_line)
-
-
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| | elapsed (s) | output tok/s | vs HF |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['name']} | {r['elapsed_s']} | {r['output_tokens_per_s']} | {r['vs_hf']}x |" for r in rows]
-    return "\n".join(lines)
-
-
-_BEGIN, _END = "<!-- bench_offline_vs_hf:begin -->", "<!-- bench_offline_vs_hf:end -->"
-
-
-def _write_section(path: Path, header: str, table: str, repeats: int, runs_line: str) -> None:
-    today = datetime.date.today().isoformat()
-    body = "\n".join([
-        _BEGIN,
-        f"### Offline throughput vs HF transformers on the CPU ({today})",
-        "",
-        f"Machine: {machine()}. Model: the default SmolLM2-135M-Instruct (dequantized GGUF).",
-        f"Workload: {header}. Command: `python loadtest/bench_offline_vs_hf.py --repeats {repeats}`.",
-        "",
-        table,
-        "",
-        f"Every run (s): {runs_line}.",
-        _END,
-    ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if _BEGIN in text:
-        text = text[: text.index(_BEGIN)] + body + text[text.index(_END) + len(_END) :]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    path.write_text(text)
+        write_section(args.write, "bench_offline_vs_hf", "Offline throughput vs HF transformers on the CPU", [
+            f"Machine: {machine()}. Model: the default SmolLM2-135M-Instruct (dequantized GGUF).\n"
+            f"Workload: {header}. Command: `python loadtest/bench_offline_vs_hf.py --repeats {len(ours)}`.",
+            table,
+            speedup[0].upper() + speedup[1:] + ".",
+            f"Every run (s): {runs_line}.",
+        ])
 
 
 if __name__ == "__main__":

@@ -101,3 +101,22 @@ def test_serve_and_generate_url_with_the_default_model(tmp_path, default_llm):
     finally:
         serve.send_signal(subprocess.signal.SIGINT)
         assert serve.wait(60) == 0
+
+
+def test_benchmark_scripts_run_and_print_their_tables(tmp_path):
+    """The CPU benchmark scripts, tiny settings: they run, print and record their tables."""
+    kv = subprocess.run([sys.executable, "loadtest/bench_kv_transfer.py", "--tokens", "40", "--requests", "1"],
+                        capture_output=True, text=True, timeout=300)
+    assert kv.returncode == 0, kv.stderr
+    rows = [line for line in kv.stdout.splitlines() if line.startswith("| ") and "GB/s" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"]
+    report = tmp_path / "B.md"
+    report.write_text("# Benchmarks\n")
+    disagg = subprocess.run(
+        [sys.executable, "loadtest/bench_disagg_cpu.py", "--duration", "2", "--clients", "2", "--long", "80",
+         "--short", "8", "--output", "4", "--model-args", "--load-format dummy --preset tiny-llama --max-model-len 256",
+         "--log-dir", str(tmp_path), "--write", str(report)],
+        capture_output=True, text=True, timeout=300)
+    assert disagg.returncode == 0, disagg.stderr
+    text = report.read_text()
+    assert "| colocated | 2 |" in text and "| disaggregated | 1 |" in text and "bench_disagg_cpu:end" in text
