@@ -13,16 +13,15 @@ the chunks of the prefilling sequences:
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import (
-    paged_decode_attention_ref,
-    paged_prefill_attention_ref,
-    reshape_and_cache_ref,
-)
+from kernels.cache import reshape_and_cache_ref
+from kernels.paged_attention import paged_decode_attention_ref
+from kernels.prefill_attention import paged_prefill_attention_ref
 
 
 @dataclass
@@ -34,6 +33,8 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
     prefill_query_start_loc: torch.Tensor  # [num_prefills + 1] int32, relative to the first prefill token
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
+    prefill_max_query_len: int = 0  # host copies of what kernels' grids need (no device reads)
+    decode_num_splits: int = 1  # flash-decoding splits (fixed per captured CUDA graph)
 
     @property
     def num_prefills(self) -> int:
@@ -84,11 +85,44 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
+class TritonAttentionBackend(AttentionBackend):
+    """GPU: Triton kernels for writing the cache, flash-decoding and paged prefill attention.
+    No host synchronisation, so decode steps can be captured in CUDA graphs."""
+
+    name = "triton"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        from kernels.cache import reshape_and_cache
+        from kernels.paged_attention import paged_decode_attention
+        from kernels.prefill_attention import paged_prefill_attention
+
+        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if meta.num_prefills == 0:
+            return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                          num_splits=meta.decode_num_splits)
+        out = torch.empty_like(q)
+        if nd:
+            paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                   num_splits=meta.decode_num_splits, out=out[:nd])
+        out[nd:] = paged_prefill_attention(
+            q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+            meta.prefill_seq_lens, scale, max_query_len=meta.prefill_max_query_len,
+        )
+        return out
+
+
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "torch"):
-        # The Triton backend (GPU) arrives with the GPU fast path; until then torch everywhere.
+    """`auto`: Triton on CUDA devices, the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1)")
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r} (auto, torch, triton)")
 
 
 class AttentionContext:

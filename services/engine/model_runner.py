@@ -3,7 +3,8 @@
 It owns the model, the paged KV cache and the sampler. Each step it takes the scheduler's
 `StepPlan`, lays the step's tokens out flat (decodes first, then prefill chunks), runs the
 forward, computes logits only for the rows that sample, and returns the sampled tokens.
-It never reaches back into scheduler state.
+Decode-only steps on a GPU replay a captured CUDA graph (cuda_graphs.py). It never reaches
+back into scheduler state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 from services.engine.config import EngineLayout
+from services.engine.cuda_graphs import DecodeGraphs, decode_splits
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import SampledToken
 from services.engine.sampler import Sampler
@@ -38,6 +40,7 @@ class ModelRunner:
         layout: EngineLayout,
         backend: AttentionBackend,
         sampler: Sampler,
+        cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs
     ) -> None:
         self.model = model
         self.layout = layout
@@ -45,6 +48,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = layout.device
         self.block_size = layout.block_size
+        self.num_kv_heads = model_config.num_kv_heads
         # One tensor for the whole pool: (layers, K/V, blocks, block_size, kv_heads, head_dim).
         self.kv_cache = torch.zeros(
             model_config.num_layers,
@@ -57,6 +61,12 @@ class ModelRunner:
             device=self.device,
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph_max_batch and self.device.type == "cuda":
+            max_blocks = -(-layout.max_model_len // layout.block_size)
+            self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, max_blocks,
+                                       self.num_kv_heads, self.device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[int, list[SampledToken]]:
@@ -64,10 +74,16 @@ class ModelRunner:
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
         inputs = self._prepare(plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, inputs.meta))
+        meta = inputs.meta
+        if self.graphs is not None and meta.num_prefills == 0 and self.graphs.fits(meta.num_decode_tokens):
+            # One token per row, so token index = row; rows that do not sample are dropped.
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping,
+                                     meta.decode_block_tables, meta.decode_seq_lens)[inputs.logits_indices]
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, meta))
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if not inputs.sampled_seqs:
             return {}
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         groups = self.sampler(logits, [s.sample for s in inputs.sampled_seqs])
         return {s.seq_id: group for s, group in zip(inputs.sampled_seqs, groups, strict=True)}
 
@@ -102,31 +118,37 @@ class ModelRunner:
             if s.sample is not None:
                 logits_indices.append(len(input_ids) - 1)
                 sampled.append(s)
-
         query_start = [0]
         for s in prefills:
             query_start.append(query_start[-1] + len(s.token_ids))
+        decode_lens = [s.start_pos + 1 for s in decodes]
+        prefill_lens = [s.start_pos + len(s.token_ids) for s in prefills]
+
+        # One host-to-device copy for all the step's integers, then views.
+        t, nd, npf = len(input_ids), len(decodes), len(prefills)
+        ints = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.long)
+        small = torch.tensor(decode_lens + query_start + prefill_lens, dtype=torch.int32)
+        ints, small = ints.to(self.device, non_blocking=True), small.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.long),
-            num_decode_tokens=len(decodes),
+            slot_mapping=ints[2 * t : 3 * t],
+            num_decode_tokens=nd,
             decode_block_tables=self._block_tables(decodes),
-            decode_seq_lens=self._tensor([s.start_pos + 1 for s in decodes], torch.int32),
+            decode_seq_lens=small[:nd],
             prefill_block_tables=self._block_tables(prefills),
-            prefill_query_start_loc=self._tensor(query_start, torch.int32),
-            prefill_seq_lens=self._tensor([s.start_pos + len(s.token_ids) for s in prefills], torch.int32),
+            prefill_query_start_loc=small[nd : nd + npf + 1],
+            prefill_seq_lens=small[nd + npf + 1 :],
+            prefill_max_query_len=max((len(s.token_ids) for s in prefills), default=0),
+            decode_num_splits=decode_splits(nd, self.num_kv_heads, self.device),
         )
         return StepInputs(
-            input_ids=self._tensor(input_ids, torch.long),
-            positions=self._tensor(positions, torch.long),
+            input_ids=ints[:t],
+            positions=ints[t : 2 * t],
             meta=meta,
-            logits_indices=self._tensor(logits_indices, torch.long),
+            logits_indices=ints[3 * t :],
             sampled_seqs=sampled,
         )
 
     def _block_tables(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         width = max((len(s.block_table) for s in seqs), default=0)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return self._tensor(rows, torch.int32).reshape(len(seqs), width)
-
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(self.device, non_blocking=True)

@@ -6,10 +6,14 @@ longrope, llama3 scaling), so every scaling scheme matches the reference exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+
+Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -35,10 +39,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # The Triton kernel's layout: [cos | sin] of the first half (kernels/rotary.py).
+        half = head_dim // 2
+        self.register_buffer("cos_sin_half", torch.cat((self.cos[:, :half], self.sin[:, :half]), -1),
+                             persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each position, shaped (T, 1, D) to broadcast over heads."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation of one forward pass, applied by every layer as `q, k = rope(q, k)`.
+
+        CPU: cos/sin are gathered once per forward. GPU: the Triton kernel gathers them itself.
+        """
+        if positions.is_cuda:
+            from kernels.rotary import rotary
+
+            return lambda q, k: rotary(q, k, positions, self.cos_sin_half)
+        cos, sin = self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]  # (T, 1, D)
+        return lambda q, k: apply_rotary(q, k, cos, sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
 from services.engine.layers.norm import RMSNorm
-from services.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from services.engine.layers.rotary import Rope, RotaryEmbedding
 from services.engine.layers.linear import Linear, linear
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
@@ -59,7 +59,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = rope(q, k)
         out = attn.attend(self.layer, q, k, v, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -84,12 +84,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, residual, cos, sin, attn):
+    def forward(self, x, residual, rope, attn):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, attn)
+        x = self.self_attn(x, rope, attn)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -104,10 +104,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        rope = self.rotary.prepare(positions, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+            x, residual = layer(x, residual, rope, attn)
         x, _ = self.norm(x, residual)
         return x
 

@@ -1,0 +1,98 @@
+"""Writing new keys and values into the paged KV cache: a plain-torch reference and a Triton
+kernel with the same signature.
+
+    k_cache, v_cache: [num_blocks, block_size, KVH, D]
+    slot = block * block_size + offset
+
+Token t goes to slot slot_mapping[t]. A negative slot is padding (CUDA graphs pad a batch with
+-1) and its token is skipped: the cache is left untouched there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def reshape_and_cache_ref(
+    key: torch.Tensor,  # [T, KVH, D]
+    value: torch.Tensor,  # [T, KVH, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    slot_mapping: torch.Tensor,  # [T] int64, negative = skip
+) -> None:
+    """Write each non-padding token's K and V (cast to the cache dtype) into its slot."""
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    # Advanced indexing, not a flat view: works for any cache strides.
+    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+
+
+def _check(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    assert key.dim() == 3 and key.shape == value.shape, "key/value must both be [T, KVH, D]"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches must be [N, bs, KVH, D]"
+    assert k_cache.shape[2:] == key.shape[1:], "cache and key disagree on KVH/D"
+    assert slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0], "slot_mapping must be [T]"
+    assert slot_mapping.dtype == torch.int64, "slot_mapping must be int64"
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kco, stride_kch,
+    stride_vcb, stride_vco, stride_vch,
+    block_size, KVH, D,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    # Masked stores rather than an early return: padding tokens (slot < 0) write nothing.
+    valid = slot >= 0
+    blk = slot // block_size
+    off = slot % block_size
+    h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    mask = (h < KVH) & (d < D) & valid
+    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    kc = k_cache_ptr + blk * stride_kcb + off * stride_kco + h * stride_kch + d
+    vc = v_cache_ptr + blk * stride_vcb + off * stride_vco + h * stride_vch + d
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [T, KVH, D]
+    value: torch.Tensor,  # [T, KVH, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    slot_mapping: torch.Tensor,  # [T] int64, negative = skip
+) -> None:
+    """Triton version of `reshape_and_cache_ref`: one program per token, all heads at once."""
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    for t in (key, value, k_cache, v_cache):
+        assert t.stride(-1) == 1, "last dim must be contiguous"
+    assert slot_mapping.is_contiguous(), "slot_mapping must be contiguous"
+    T, KVH, D = key.shape
+    if T == 0:
+        return
+    _reshape_and_cache_kernel[(T,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.shape[1], KVH, D,
+        BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=triton.next_power_of_2(D),
+    )

@@ -1,0 +1,102 @@
+"""Triton attention kernels against their torch references, on the CPU through Triton's
+interpreter (fp32 and fp16: the interpreter's bf16 dot is wrong). GPU runs: tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs a GPU or the Triton interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def paged_kv(lens: list[int], page: int, kvh: int, d: int, dtype, seed=0):
+    """A shuffled pool holding each sequence's K/V, and the block tables pointing into it."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per = [-(-n // page) for n in lens]
+    num_blocks = sum(blocks_per) + 3  # spare blocks that nobody should read
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    k_cache = torch.randn(num_blocks, page, kvh, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, page, kvh, d, generator=g).to(dtype)
+    width = max(blocks_per)
+    tables, i = [], 0
+    for nb in blocks_per:
+        row = order[i : i + nb]
+        i += nb
+        tables.append(row + [order[-1]] * (width - nb))  # padding: a valid id, masked by lens
+    bt = torch.tensor(tables, dtype=torch.int32)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), bt.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kernel_matches_reference_on_ragged_gqa_batches(dtype, heads, kv_heads, num_splits):
+    lens = [1, 17, 64, 130, 5]
+    k_cache, v_cache, bt = paged_kv(lens, 16, kv_heads, 64, dtype)
+    q = torch.randn(len(lens), heads, 64, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, seq_lens, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_decode_kernel_with_more_splits_than_pages_and_small_pages():
+    lens = [3, 40]
+    k_cache, v_cache, bt = paged_kv(lens, 4, 2, 32, torch.float32)
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, 0.2)
+    torch.testing.assert_close(paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.2, num_splits=8), ref,
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+def test_prefill_kernel_matches_reference_with_cached_context(dtype, heads, kv_heads):
+    # (context, new tokens): fresh prompt, chunk after a prefix hit, single token, long chunk
+    shapes = [(0, 20), (32, 7), (5, 1), (16, 70)]
+    lens = [c + n for c, n in shapes]
+    k_cache, v_cache, bt = paged_kv(lens, 16, kv_heads, 64, dtype, seed=3)
+    q_lens = [n for _, n in shapes]
+    q = torch.randn(sum(q_lens), heads, 64, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, qsl, seq_lens, 0.125)
+    out = paged_prefill_attention(q, k_cache, v_cache, bt, qsl, seq_lens, 0.125, max_query_len=max(q_lens))
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_launchers_check_their_inputs():
+    k_cache, v_cache, bt = paged_kv([4], 16, 2, 64, torch.float32)
+    q = torch.randn(1, 3, 64, device=DEVICE)  # 3 heads over 2 KV heads
+    with pytest.raises(AssertionError, match="heads"):
+        paged_decode_attention(q, k_cache, v_cache, bt, torch.tensor([4], dtype=torch.int32, device=DEVICE), 1.0)
+    q = torch.randn(1, 2, 64, device=DEVICE)
+    with pytest.raises(AssertionError):
+        paged_decode_attention(q, k_cache, v_cache, bt.long(), torch.tensor([4], dtype=torch.int32, device=DEVICE), 1.0)
+
+
+def test_engine_with_the_triton_backend_gives_the_torch_backends_tokens():
+    """The backend's plumbing (metadata, mixed decode + chunked-prefill steps, prefix hits),
+    run through the interpreter on a tiny model."""
+    from services.engine import SamplingParams
+    from tests.conftest import make_llm
+
+    prompts = [list(range(500, 540)), list(range(500, 520)) + [7, 8, 9], [42]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in make_llm("tiny-llama").generate(prompts, params)]
+    triton_llm = make_llm("tiny-llama", attention_backend="triton", max_num_batched_tokens=24)
+    assert [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params)] == expected
+    # Again: the shared 16-token prefix now hits the prefix cache (context + chunk attention).
+    assert [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params)] == expected
+    triton_llm.engine.block_manager.assert_all_free()

@@ -1,0 +1,333 @@
+"""Triton kernels (KV-cache write, RMSNorm, rotary) against their plain-torch references, on the
+CPU through Triton's interpreter. Shapes are tiny; behaviour is pinned exactly where it can be."""
+
+from __future__ import annotations
+
+import os
+
+# Must precede the first `triton.jit` of the kernels below (conftest.py sets it too).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
+from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rotary import _rotary_kernel, rotary, rotary_ref  # noqa: E402
+
+_KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel)
+if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
+    pytest.skip(
+        "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "
+        "kernels this CPU-tensor suite cannot launch; run this file with TRITON_INTERPRET=1",
+        allow_module_level=True,
+    )
+
+FP32 = dict(atol=1e-5, rtol=1e-5)
+FP16 = dict(atol=1e-3, rtol=1e-3)
+TOL = {torch.float32: FP32, torch.float16: FP16}
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- KV-cache write
+
+
+def _caches(num_blocks: int, block_size: int, kvh: int, d: int, dtype: torch.dtype, g: torch.Generator):
+    shape = (num_blocks, block_size, kvh, d)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("T", [1, 5, 17])
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float16)],
+)
+def test_reshape_and_cache_writes_each_token_to_its_slot(
+    T: int, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    g = _gen(T)
+    key, value = torch.randn(2, T, 3, 32, generator=g).to(dtype).unbind(0)
+    k_cache, v_cache = _caches(6, 4, 3, 32, cache_dtype, g)
+    slots = torch.randperm(24, generator=g)[:T]
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reshape_and_cache_ref(key, value, k_ref, v_ref, slots)
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    # Independently: slot s is block s // 4, offset s % 4; everything else is unchanged.
+    flat = k_ref.view(-1, 3, 32)
+    assert torch.equal(flat[slots], key.to(cache_dtype))
+    assert torch.equal(v_ref.view(-1, 3, 32)[slots], value.to(cache_dtype))
+
+
+def test_negative_slots_are_skipped_and_leave_the_whole_cache_untouched() -> None:
+    g = _gen(1)
+    key, value = torch.randn(2, 6, 3, 16, generator=g).unbind(0)
+    k_cache, v_cache = _caches(3, 4, 3, 16, torch.float32, g)
+    slots = torch.tensor([5, -1, 0, -1, 11, -1])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected_k[s // 4, s % 4], expected_v[s // 4, s % 4] = key[t], value[t]
+    for fn in (reshape_and_cache_ref, reshape_and_cache):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        fn(key, value, kc, vc, slots)
+        assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v), fn.__name__
+
+
+def test_all_padding_batch_writes_nothing() -> None:
+    g = _gen(2)
+    key, value = torch.randn(2, 4, 3, 16, generator=g).unbind(0)
+    k_cache, v_cache = _caches(2, 4, 3, 16, torch.float16, g)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    for fn in (reshape_and_cache_ref, reshape_and_cache):
+        fn(key, value, k_cache, v_cache, torch.full((4,), -1, dtype=torch.int64))
+        assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v), fn.__name__
+
+
+def test_reshape_and_cache_reads_strided_key_and_value_views() -> None:
+    g = _gen(3)
+    kv = torch.randn(5, 2, 3, 16, generator=g)  # key and value interleaved, as sliced from a qkv
+    key, value = kv[:, 0], kv[:, 1]
+    assert not key.is_contiguous()
+    k_cache, v_cache = _caches(4, 4, 3, 16, torch.float32, g)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([15, 2, 7, 8, 0])
+    reshape_and_cache_ref(key, value, k_ref, v_ref, slots)
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["key_2d", "value_shape", "cache_3d", "cache_heads", "slots_int32", "slots_length", "key_last_dim_strided"],
+)
+def test_reshape_and_cache_launcher_rejects_bad_inputs(case: str) -> None:
+    key, value = torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)
+    k_cache, v_cache = torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8)
+    slots = torch.tensor([0, 1])
+    if case == "key_2d":
+        key = key[:, 0]
+    elif case == "value_shape":
+        value = torch.zeros(2, 3, 4)
+    elif case == "cache_3d":
+        k_cache = v_cache = torch.zeros(8, 3, 8)
+    elif case == "cache_heads":
+        k_cache = v_cache = torch.zeros(2, 4, 2, 8)
+    elif case == "slots_int32":
+        slots = slots.int()
+    elif case == "slots_length":
+        slots = torch.tensor([0, 1, 2])
+    else:
+        key = torch.zeros(2, 3, 16)[..., ::2]
+    with pytest.raises(AssertionError):
+        reshape_and_cache(key, value, k_cache, v_cache, slots)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("hidden", [576, 61])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(
+    T: int, hidden: int, dtype: torch.dtype, with_residual: bool
+) -> None:
+    g = _gen(T * hidden)
+    x = (torch.randn(T, hidden, generator=g) * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    residual = torch.randn(T, hidden, generator=g).to(dtype) if with_residual else None
+    x_before = x.clone()
+    got, want = rms_norm(x, weight, 1e-6, residual), rms_norm_ref(x, weight, 1e-6, residual)
+    assert torch.equal(x, x_before)
+    if not with_residual:
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        return
+    (out, res_out), (out_ref, res_ref) = got, want
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    assert res_out.dtype == dtype and torch.equal(res_out, x + residual) and torch.equal(res_ref, x + residual)
+
+
+def test_rms_norm_normalises_the_sum_rounded_to_the_input_dtype() -> None:
+    # In fp16 the norm must see x + residual rounded to fp16, not the exact fp32 sum: the fused
+    # call then equals normalising the (fp16) sum, bit for bit.
+    g = _gen(11)
+    x, residual = (torch.randn(2, 3, 576, generator=g) * 3).half().unbind(0)
+    weight = torch.randn(576, generator=g).half()
+    out, res = rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(out, rms_norm(res, weight, 1e-6))
+
+
+def test_rms_norm_largest_hidden_and_strided_rows() -> None:
+    g = _gen(4)
+    x = torch.randn(2, 2 * 8192, generator=g)[:, :8192]  # row stride 16384
+    residual = torch.randn(2, 8192, generator=g)
+    weight = torch.randn(8192, generator=g)
+    out, res = rms_norm(x, weight, 1e-5, residual)
+    out_ref, res_ref = rms_norm_ref(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, out_ref, **FP32)
+    assert torch.equal(res, res_ref)
+
+
+def test_rms_norm_fp32_weight_on_fp16_input_promotes_like_torch() -> None:
+    g = _gen(5)
+    x, weight = torch.randn(3, 64, generator=g).half(), torch.randn(64, generator=g)
+    out, ref = rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, **FP16)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_ref_is_bit_identical_to_engine_layer_in_fp32(with_residual: bool) -> None:
+    from services.engine.layers.norm import RMSNorm
+
+    g = _gen(6)
+    layer = RMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(576, generator=g))
+        x = torch.randn(7, 576, generator=g)
+        residual = torch.randn(7, 576, generator=g) if with_residual else None
+        got, want = rms_norm_ref(x, layer.weight, 1e-5, residual), layer(x, residual)
+    if not with_residual:
+        assert torch.equal(got, want)
+    else:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "case", ["x_3d", "weight_shape", "residual_shape", "residual_dtype", "x_int", "too_wide"]
+)
+def test_rms_norm_launcher_rejects_bad_inputs(case: str) -> None:
+    x, weight, residual = torch.zeros(2, 8), torch.ones(8), None
+    if case == "x_3d":
+        x = torch.zeros(2, 1, 8)
+    elif case == "weight_shape":
+        weight = torch.ones(9)
+    elif case == "residual_shape":
+        residual = torch.zeros(3, 8)
+    elif case == "residual_dtype":
+        residual = torch.zeros(2, 8, dtype=torch.float16)
+    elif case == "x_int":
+        x = torch.zeros(2, 8, dtype=torch.int32)
+    else:
+        x, weight = torch.zeros(1, 8193), torch.ones(8193)
+    with pytest.raises(AssertionError):
+        rms_norm(x, weight, 1e-6, residual)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def _inv_freq(d: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+
+
+def _cos_sin_cache(max_pos: int, d: int) -> torch.Tensor:
+    freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * _inv_freq(d)[None, :]  # (P, D/2)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, D)
+
+
+@pytest.mark.parametrize("T", [1, 4, 13])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_matches_reference(
+    T: int, heads: tuple[int, int], D: int, dtype: torch.dtype
+) -> None:
+    g = _gen(T * D)
+    H, KVH = heads
+    q, k = torch.randn(T, H, D, generator=g).to(dtype), torch.randn(T, KVH, D, generator=g).to(dtype)
+    positions = torch.randint(0, 100, (T,), generator=g)
+    cache = _cos_sin_cache(100, D)
+    q_before, k_before = q.clone(), k.clone()
+    (qo, ko), (qr, kr) = rotary(q, k, positions, cache), rotary_ref(q, k, positions, cache)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before), "inputs must not be modified"
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == ko.dtype == dtype
+    torch.testing.assert_close(qo, qr, **TOL[dtype])
+    torch.testing.assert_close(ko, kr, **TOL[dtype])
+
+
+def test_rotary_at_position_zero_is_identity() -> None:
+    g = _gen(7)
+    q, k = torch.randn(3, 9, 32, generator=g), torch.randn(3, 3, 32, generator=g)
+    zeros = torch.zeros(3, dtype=torch.int64)
+    for fn in (rotary_ref, rotary):
+        qo, ko = fn(q, k, zeros, _cos_sin_cache(8, 32))
+        assert torch.equal(qo, q) and torch.equal(ko, k), fn.__name__
+
+
+def test_rotary_equals_complex_multiplication_pairing_i_with_i_plus_half() -> None:
+    g = _gen(8)
+    T, D = 6, 64
+    q, k = torch.randn(T, 9, D, generator=g), torch.randn(T, 3, D, generator=g)
+    positions = torch.tensor([0, 1, 2, 17, 255, 4000])
+    angles = positions[:, None].float() * _inv_freq(D)[None, :]  # (T, D/2)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # (T, 1, D/2)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        z = torch.complex(x[..., : D // 2], x[..., D // 2 :]) * rot
+        return torch.cat((z.real, z.imag), dim=-1)
+
+    cache = _cos_sin_cache(4096, D)
+    for fn in (rotary_ref, rotary):
+        qo, ko = fn(q, k, positions, cache)
+        torch.testing.assert_close(qo, expected(q), **FP32)
+        torch.testing.assert_close(ko, expected(k), **FP32)
+
+
+def test_rotary_matches_engine_layer_with_its_cos_sin_table() -> None:
+    from services.engine.layers.rotary import RotaryEmbedding
+
+    g = _gen(9)
+    D = 64
+    emb = RotaryEmbedding(SimpleNamespace(rope_theta=10000.0), D, max_positions=64)
+    q, k = torch.randn(5, 9, D, generator=g), torch.randn(5, 3, D, generator=g)
+    positions = torch.tensor([3, 0, 63, 9, 9])
+    want = emb.prepare(positions, torch.float32)(q, k)  # the CPU path of the engine's layer
+    got = rotary(q, k, positions, emb.cos_sin_half)
+    torch.testing.assert_close(got[0], want[0], **FP32)
+    torch.testing.assert_close(got[1], want[1], **FP32)
+
+
+def test_rotary_reads_strided_views_of_a_fused_qkv() -> None:
+    g = _gen(10)
+    qkv = torch.randn(4, 9 + 3 + 3, 32, generator=g)
+    q, k = qkv[:, :9], qkv[:, 9:12]
+    positions, cache = torch.tensor([1, 5, 2, 7]), _cos_sin_cache(8, 32)
+    (qo, ko), (qr, kr) = rotary(q, k, positions, cache), rotary_ref(q, k, positions, cache)
+    torch.testing.assert_close(qo, qr, **FP32)
+    torch.testing.assert_close(ko, kr, **FP32)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["q_2d", "k_head_dim", "not_pow2", "positions_int32", "positions_len", "cache_dim", "cache_fp16", "mixed_dtype"],
+)
+def test_rotary_launcher_rejects_bad_inputs(case: str) -> None:
+    q, k = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
+    positions, cache = torch.zeros(2, dtype=torch.int64), _cos_sin_cache(4, 16)
+    if case == "q_2d":
+        q = q[:, 0]
+    elif case == "k_head_dim":
+        k = torch.zeros(2, 2, 8)
+    elif case == "not_pow2":
+        q, k, cache = torch.zeros(2, 4, 24), torch.zeros(2, 2, 24), torch.zeros(4, 24)
+    elif case == "positions_int32":
+        positions = positions.int()
+    elif case == "positions_len":
+        positions = torch.zeros(3, dtype=torch.int64)
+    elif case == "cache_dim":
+        cache = _cos_sin_cache(4, 32)
+    elif case == "cache_fp16":
+        cache = cache.half()
+    else:
+        k = k.half()
+    with pytest.raises(AssertionError):
+        rotary(q, k, positions, cache)
