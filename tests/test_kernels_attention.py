@@ -94,8 +94,10 @@ def test_engine_with_the_triton_backend_gives_the_torch_backends_tokens():
 
     prompts = [list(range(500, 540)), list(range(500, 520)) + [7, 8, 9], [42]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in make_llm("tiny-llama").generate(prompts, params)]
-    triton_llm = make_llm("tiny-llama", attention_backend="triton", max_num_batched_tokens=24)
+    pool = dict(num_kv_blocks=256, dtype="float32", enforce_eager=True)  # two engines share one device
+    expected = [o.outputs[0].token_ids for o in make_llm("tiny-llama", attention_backend="torch", **pool)
+                .generate(prompts, params)]
+    triton_llm = make_llm("tiny-llama", attention_backend="triton", max_num_batched_tokens=24, **pool)
     assert [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params)] == expected
     # Again: the shared 16-token prefix now hits the prefix cache (context + chunk attention).
     assert [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params)] == expected

@@ -1,0 +1,271 @@
+"""The GPU benchmark (issue #4), one script for one device call: correctness first, then speed.
+
+  1. correctness: pdserve (Triton backend, bf16) vs HF transformers greedy on the same random
+     weights; a prompt passes if the tokens agree up to the first position where HF's top-2
+     logit gap is below 1e-2 x |top logit| (a near-tie bf16 rounding may flip)
+  2. throughput on nano-vllm's workload (256 prompts, input/output U[100, 1024], ignore_eos,
+     greedy) with dummy weights: pdserve; HF continuous batching (paged|sdpa, CUDA graphs,
+     max_batch_tokens 8192, block size 32); HF generate() on the first 64 prompts
+  3. batch-1 decode latency: wall time of 256 decode steps through LLM.generate / 256
+  4. decode-kernel bandwidth at batch 64 x context 1k-4k against the card's copy bandwidth
+     and SDPA over contiguous K/V
+
+    python loadtest/bench_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--skip hf-cb,...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from services.cli.bench import measure_offline, random_workload
+
+RESULTS: list[dict] = []
+
+
+def record(**row) -> None:
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def hf_model(preset: str, seed: int = 0):
+    """HF's own implementation holding exactly pdserve's dummy weights (bf16, CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    from services.engine.loader import dummy_weights
+    from services.engine.presets import preset_config
+
+    cfg = preset_config(preset)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    state = {k: v.to(torch.bfloat16) for k, v in dummy_weights(cfg, seed)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model.eval()
+
+
+# ---- 1. correctness ----------------------------------------------------------------------------
+
+
+def correctness(preset: str, num_prompts: int = 20, new_tokens: int = 64) -> None:
+    from services.engine import LLM, SamplingParams
+
+    hf = hf_model(preset)
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=1024, dtype="bfloat16")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 10_000, (int(n),), generator=g).tolist()
+               for n in torch.randint(70, 300, (num_prompts,), generator=g)]
+    ours = [o.outputs[0].token_ids for o in
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))]
+    passed, distinct, agree_until = 0, [], []
+    for prompt, mine in zip(prompts, ours, strict=True):
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(prompt):].tolist()
+        distinct.append(len(set(ref[:32])))
+        tie = next((i for i, s in enumerate(out.scores)
+                    if (lambda top: top[0] - top[1] < 1e-2 * abs(top[0]))(s[0].float().topk(2).values.tolist())),
+                   new_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), new_tokens)
+        agree_until.append(same)
+        passed += same >= tie
+    record(part="correctness", preset=preset, prompts=num_prompts, pass_rate=passed / num_prompts,
+           min_distinct_in_32=min(distinct), mean_tokens_agreeing=sum(agree_until) / len(agree_until))
+    del hf, llm
+    torch.cuda.empty_cache()
+
+
+# ---- 2. throughput -----------------------------------------------------------------------------
+
+
+def workload(vocab: int):
+    return random_workload(256, 100, 1024, 100, 1024, seed=0, vocab=vocab)
+
+
+def throughput_pdserve(preset: str) -> None:
+    from services.engine import LLM
+
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256)
+    w = workload(llm.engine.layout.vocab_size)
+    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0)  # warm-up
+    torch.cuda.synchronize()
+    result = measure_offline(llm, w, warmup=0)
+    record(part="throughput", system="pdserve", preset=preset, **result)
+    del llm
+    torch.cuda.empty_cache()
+
+
+def throughput_hf_cb(preset: str) -> None:
+    """HF continuous batching with its best settings, per-request output lengths."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    model = hf_model(preset)
+    w = workload(model.config.vocab_size)
+
+    def run(prompts, lens, persistent):
+        cbc = ContinuousBatchingConfig(use_cuda_graph=True, max_batch_tokens=8192, block_size=32)
+        gc = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(lens))
+        hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lens),
+                              num_requests=len(prompts))
+        done = {}
+        with model.continuous_batching_context_manager(
+                generation_config=gc, continuous_batching_config=cbc, block=True, timeout=5,
+                persistent_manager=persistent, warmup=True, workload_hints=hints) as mgr:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ids = [mgr.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, lens)]
+            while len(done) < len(ids):
+                r = mgr.get_result(timeout=1)
+                if r is None:
+                    if not mgr.is_running():
+                        raise RuntimeError("HF continuous batching thread died")
+                    continue
+                if r.is_finished():
+                    done[r.request_id] = r
+            elapsed = time.perf_counter() - t0
+        return sum(len(done[i].generated_tokens) for i in ids), elapsed
+
+    run(w.prompts[:16], [16] * 16, persistent=True)  # warm-up: cache and graphs
+    tokens, elapsed = run(w.prompts, w.output_lens, persistent=True)
+    model.destroy_cached_continuous_batching_manager()
+    record(part="throughput", system="hf continuous batching", preset=preset, output_tokens=tokens,
+           elapsed_s=round(elapsed, 2), output_tokens_per_s=round(tokens / elapsed, 1))
+    del model
+    torch.cuda.empty_cache()
+
+
+def throughput_hf_generate(preset: str, n: int = 64) -> None:
+    """HF generate() on the first n prompts as one left-padded batch; only each request's own
+    output length is counted (every row runs to the longest)."""
+    model = hf_model(preset)
+    w = workload(model.config.vocab_size)
+    prompts, lens = w.prompts[:n], w.output_lens[:n]
+    width, longest = max(map(len, prompts)), max(lens)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        model.generate(ids[:2, -8:].cuda(), attention_mask=mask[:2, -8:].cuda(), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=longest, min_new_tokens=longest,
+                       do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    record(part="throughput", system=f"hf generate (first {n})", preset=preset, output_tokens=sum(lens),
+           elapsed_s=round(elapsed, 2), output_tokens_per_s=round(sum(lens) / elapsed, 1))
+    del model
+    torch.cuda.empty_cache()
+
+
+# ---- 3. batch-1 latency ------------------------------------------------------------------------
+
+
+def batch1_latency(preset: str, steps: int = 256) -> None:
+    from services.engine import LLM, SamplingParams
+
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    llm.generate([list(range(100, 132))], params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate([list(range(200, 232))], params)
+    torch.cuda.synchronize()
+    record(part="batch1", preset=preset, ms_per_token=round((time.perf_counter() - t0) / steps * 1e3, 3))
+    del llm
+    torch.cuda.empty_cache()
+
+
+# ---- 4. kernel bandwidth -----------------------------------------------------------------------
+
+
+def cuda_time(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: int = 64) -> None:
+    import torch.nn.functional as F
+
+    from kernels.paged_attention import paged_decode_attention
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / cuda_time(lambda: dst.copy_(src))  # read + write
+    record(part="bandwidth", what="copy (read+write)", GBps=round(copy_bw / 1e9))
+    for ctx in (1024, 2048, 4096):
+        page = 16
+        blocks = batch * ctx // page
+        k_cache = torch.randn(blocks, page, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(batch, ctx // page)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        live = 2 * batch * ctx * kv_heads * dim * 2
+        for splits in (1, 4):
+            t = cuda_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits))
+            record(part="bandwidth", what=f"pdserve paged decode (splits={splits})", batch=batch, context=ctx,
+                   us=round(t * 1e6, 1), GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
+        k = torch.randn(batch, kv_heads, ctx, dim, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        q4 = q[:, :, None, :]
+        t = cuda_time(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
+        record(part="bandwidth", what="torch SDPA, contiguous K/V", batch=batch, context=ctx, us=round(t * 1e6, 1),
+               GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
+        del k_cache, v_cache, k, v
+    del src, dst
+    torch.cuda.empty_cache()
+
+
+PARTS = {
+    "correctness": lambda presets: [correctness(p) for p in ("tiny-llama", *presets)],
+    "pdserve": lambda presets: [throughput_pdserve(p) for p in presets],
+    "batch1": lambda presets: [batch1_latency(p) for p in presets],
+    "bandwidth": lambda presets: kernel_bandwidth(),
+    "hf-generate": lambda presets: [throughput_hf_generate(p) for p in presets],
+    "hf-cb": lambda presets: [throughput_hf_cb(p) for p in presets],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
+    parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
+    parser.add_argument("--only", default="", help="comma list of parts to run")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+    presets = [p for p in args.presets.split(",") if p]
+    parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
+    record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
+    for part in parts:
+        t0 = time.perf_counter()
+        try:
+            PARTS[part](presets)
+        except Exception:  # noqa: BLE001 - one broken part must not lose the others
+            record(part=part, error=traceback.format_exc()[-2000:])
+        print(f"# {part} took {time.perf_counter() - t0:.0f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
+    print("\n".join(json.dumps(r) for r in RESULTS if "error" not in r))
+
+
+if __name__ == "__main__":
+    main()
