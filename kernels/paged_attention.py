@@ -87,7 +87,7 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0)
+        page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)  # no int32 overflow in big pools
         slot = offs_n % PAGE
         k = tl.load(K + page[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
                     mask=n_mask[:, None], other=0.0)  # (BLOCK_N, D)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -34,14 +35,33 @@ def record(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def hf_model(preset: str, seed: int = 0):
+def free_gpu() -> None:
+    """Engines hold reference cycles: collect them before the next part sizes its KV pool."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def preset_dir(preset: str, initializer_range: float | None, root: Path) -> Path:
+    """A config.json of `preset`, optionally with a wider weight init (so random weights of a
+    deep model give non-degenerate greedy text); pdserve and HF both load it."""
+    from services.engine.presets import preset_config
+
+    cfg = preset_config(preset)
+    if initializer_range is not None:
+        cfg.initializer_range = initializer_range
+    path = root / f"{preset}-{initializer_range}"
+    cfg.save_pretrained(str(path))
+    return path
+
+
+def hf_model(preset: str | Path, seed: int = 0):
     """HF's own implementation holding exactly pdserve's dummy weights (bf16, CUDA)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from services.engine.loader import dummy_weights
     from services.engine.presets import preset_config
 
-    cfg = preset_config(preset)
+    cfg = AutoConfig.from_pretrained(str(preset)) if isinstance(preset, Path) else preset_config(preset)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     state = {k: v.to(torch.bfloat16) for k, v in dummy_weights(cfg, seed)}
@@ -53,11 +73,14 @@ def hf_model(preset: str, seed: int = 0):
 # ---- 1. correctness ----------------------------------------------------------------------------
 
 
-def correctness(preset: str, num_prompts: int = 20, new_tokens: int = 64) -> None:
+def correctness(preset: str, initializer_range: float | None, num_prompts: int = 16, new_tokens: int = 64) -> None:
+    import tempfile
+
     from services.engine import LLM, SamplingParams
 
-    hf = hf_model(preset)
-    llm = LLM(load_format="dummy", preset=preset, max_model_len=1024, dtype="bfloat16")
+    config_dir = preset_dir(preset, initializer_range, Path(tempfile.mkdtemp()))
+    hf = hf_model(config_dir)
+    llm = LLM(load_format="dummy", model=str(config_dir), max_model_len=1024, dtype="bfloat16")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 10_000, (int(n),), generator=g).tolist()
                for n in torch.randint(70, 300, (num_prompts,), generator=g)]
@@ -76,10 +99,11 @@ def correctness(preset: str, num_prompts: int = 20, new_tokens: int = 64) -> Non
         same = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), new_tokens)
         agree_until.append(same)
         passed += same >= tie
-    record(part="correctness", preset=preset, prompts=num_prompts, pass_rate=passed / num_prompts,
+    record(part="correctness", preset=preset, initializer_range=initializer_range or 0.02, prompts=num_prompts,
+           pass_rate=passed / num_prompts,
            min_distinct_in_32=min(distinct), mean_tokens_agreeing=sum(agree_until) / len(agree_until))
     del hf, llm
-    torch.cuda.empty_cache()
+    free_gpu()
 
 
 # ---- 2. throughput -----------------------------------------------------------------------------
@@ -99,7 +123,7 @@ def throughput_pdserve(preset: str) -> None:
     result = measure_offline(llm, w, warmup=0)
     record(part="throughput", system="pdserve", preset=preset, **result)
     del llm
-    torch.cuda.empty_cache()
+    free_gpu()
 
 
 def throughput_hf_cb(preset: str) -> None:
@@ -112,12 +136,12 @@ def throughput_hf_cb(preset: str) -> None:
 
     def run(prompts, lens, persistent):
         cbc = ContinuousBatchingConfig(use_cuda_graph=True, max_batch_tokens=8192, block_size=32)
-        gc = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(lens))
+        gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(lens))
         hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lens),
                               num_requests=len(prompts))
         done = {}
         with model.continuous_batching_context_manager(
-                generation_config=gc, continuous_batching_config=cbc, block=True, timeout=5,
+                generation_config=gen_config, continuous_batching_config=cbc, block=True, timeout=5,
                 persistent_manager=persistent, warmup=True, workload_hints=hints) as mgr:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -139,7 +163,7 @@ def throughput_hf_cb(preset: str) -> None:
     record(part="throughput", system="hf continuous batching", preset=preset, output_tokens=tokens,
            elapsed_s=round(elapsed, 2), output_tokens_per_s=round(tokens / elapsed, 1))
     del model
-    torch.cuda.empty_cache()
+    free_gpu()
 
 
 def throughput_hf_generate(preset: str, n: int = 64) -> None:
@@ -166,7 +190,7 @@ def throughput_hf_generate(preset: str, n: int = 64) -> None:
     record(part="throughput", system=f"hf generate (first {n})", preset=preset, output_tokens=sum(lens),
            elapsed_s=round(elapsed, 2), output_tokens_per_s=round(sum(lens) / elapsed, 1))
     del model
-    torch.cuda.empty_cache()
+    free_gpu()
 
 
 # ---- 3. batch-1 latency ------------------------------------------------------------------------
@@ -184,14 +208,16 @@ def batch1_latency(preset: str, steps: int = 256) -> None:
     torch.cuda.synchronize()
     record(part="batch1", preset=preset, ms_per_token=round((time.perf_counter() - t0) / steps * 1e3, 3))
     del llm
-    torch.cuda.empty_cache()
+    free_gpu()
 
 
 # ---- 4. kernel bandwidth -----------------------------------------------------------------------
 
 
-def cuda_time(fn, iters: int = 20) -> float:
-    fn()
+def cuda_time(fn, iters: int = 50) -> float:
+    warm_until = time.perf_counter() + 0.3  # let the clocks ramp up
+    while time.perf_counter() < warm_until:
+        fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -236,7 +262,7 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
 
 
 PARTS = {
-    "correctness": lambda presets: [correctness(p) for p in ("tiny-llama", *presets)],
+    "correctness": lambda presets: [correctness(p, r) for p in ("tiny-llama", *presets) for r in (None, 0.05)],
     "pdserve": lambda presets: [throughput_pdserve(p) for p in presets],
     "batch1": lambda presets: [batch1_latency(p) for p in presets],
     "bandwidth": lambda presets: kernel_bandwidth(),
@@ -261,6 +287,7 @@ def main() -> None:
             PARTS[part](presets)
         except Exception:  # noqa: BLE001 - one broken part must not lose the others
             record(part=part, error=traceback.format_exc()[-2000:])
+        free_gpu()
         print(f"# {part} took {time.perf_counter() - t0:.0f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))

@@ -22,7 +22,7 @@ log = logging.getLogger("pdserve.engine")
 
 def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Flash-decoding splits: enough (sequence, KV head, split) programs to fill the GPU twice."""
-    if device.type != "cuda":
+    if device.type != "cuda" or batch == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(16, -(-2 * sms // (batch * num_kv_heads))))

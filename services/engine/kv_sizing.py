@@ -33,20 +33,21 @@ def num_kv_blocks(config: EngineConfig, cfg: ModelConfig, model: nn.Module, back
         return config.num_kv_blocks
     if device.type != "cuda":
         return int((config.kv_cache_memory or GiB) // per_block)
-    peak = _profile_peak(config, cfg, model, backend, device, dtype)
+    held = torch.cuda.memory_allocated(device)  # weights, and whatever else this process keeps
+    activations = _profile_peak(config, cfg, model, backend, device, dtype) - held
     free, total = torch.cuda.mem_get_info(device)
-    others = total - free - torch.cuda.memory_reserved(device)  # other processes on this GPU
-    budget = config.gpu_memory_utilization * total - others - peak - _CUDA_GRAPH_RESERVE
-    log.info("GPU memory: total %.1f GiB, peak of a %d-token step %.1f GiB (weights included), other "
-             "processes %.1f GiB -> KV pool %.1f GiB", total / GiB, config.max_num_batched_tokens, peak / GiB,
-             others / GiB, max(budget, 0) / GiB)
+    others = total - free - torch.cuda.memory_reserved(device)  # other processes, CUDA context
+    budget = config.gpu_memory_utilization * total - others - held - activations - _CUDA_GRAPH_RESERVE
+    log.info("GPU memory: total %.1f GiB, held %.1f GiB (weights), a %d-token step %.1f GiB, other processes "
+             "%.1f GiB -> KV pool %.1f GiB", total / GiB, held / GiB, config.max_num_batched_tokens,
+             activations / GiB, others / GiB, max(budget, 0) / GiB)
     return int(budget // per_block)
 
 
 @torch.inference_mode()
 def _profile_peak(config: EngineConfig, cfg: ModelConfig, model: nn.Module, backend: AttentionBackend,
                   device: torch.device, dtype: torch.dtype) -> int:
-    """Peak allocated bytes of one full-budget prefill step, on a throwaway KV cache."""
+    """Peak allocated bytes during one full-budget prefill step (its throwaway KV cache excluded)."""
     tokens = config.max_num_batched_tokens
     blocks = -(-tokens // config.block_size)
     torch.cuda.synchronize(device)
