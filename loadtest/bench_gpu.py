@@ -28,6 +28,7 @@ import torch
 from services.cli.bench import measure_offline, random_workload
 
 RESULTS: list[dict] = []
+CORRECTNESS_PRESETS: list[str] = []
 
 
 def record(**row) -> None:
@@ -262,7 +263,7 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
 
 
 PARTS = {
-    "correctness": lambda presets: [correctness(p, r) for p in ("tiny-llama", *presets) for r in (None, 0.05)],
+    "correctness": lambda presets: [correctness(p, r) for p in CORRECTNESS_PRESETS for r in (None, 0.05)],
     "pdserve": lambda presets: [throughput_pdserve(p) for p in presets],
     "batch1": lambda presets: [batch1_latency(p) for p in presets],
     "bandwidth": lambda presets: kernel_bandwidth(),
@@ -276,9 +277,11 @@ def main() -> None:
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
     parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
     parser.add_argument("--only", default="", help="comma list of parts to run")
+    parser.add_argument("--correctness-presets", default="tiny-llama,llama-3.2-1b,smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
+    CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
     parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
     record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     for part in parts:

@@ -54,7 +54,7 @@ class EngineCore:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
         model = _load_model(cfg, source, device, dtype, max_model_len)
         backend = get_backend(config.attention_backend, device)
-        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype)
+        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "

@@ -27,14 +27,14 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 
 def num_kv_blocks(config: EngineConfig, cfg: ModelConfig, model: nn.Module, backend: AttentionBackend,
-                  device: torch.device, dtype: torch.dtype) -> int:
+                  device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
     per_block = bytes_per_block(cfg, config.block_size, dtype)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if device.type != "cuda":
         return int((config.kv_cache_memory or GiB) // per_block)
     held = torch.cuda.memory_allocated(device)  # weights, and whatever else this process keeps
-    activations = _profile_peak(config, cfg, model, backend, device, dtype) - held
+    activations = _profile_peak(config, cfg, model, backend, device, dtype, max_model_len) - held
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)  # other processes, CUDA context
     budget = config.gpu_memory_utilization * total - others - held - activations - _CUDA_GRAPH_RESERVE
@@ -46,7 +46,7 @@ def num_kv_blocks(config: EngineConfig, cfg: ModelConfig, model: nn.Module, back
 
 @torch.inference_mode()
 def _profile_peak(config: EngineConfig, cfg: ModelConfig, model: nn.Module, backend: AttentionBackend,
-                  device: torch.device, dtype: torch.dtype) -> int:
+                  device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
     """Peak allocated bytes during one full-budget prefill step (its throwaway KV cache excluded)."""
     tokens = config.max_num_batched_tokens
     blocks = -(-tokens // config.block_size)
@@ -66,7 +66,8 @@ def _profile_peak(config: EngineConfig, cfg: ModelConfig, model: nn.Module, back
         prefill_max_query_len=tokens,
     )
     ids = torch.zeros(tokens, dtype=torch.long, device=device)
-    positions = torch.arange(tokens, device=device) % max(1, cfg.max_context)
+    # Within the rotary table (max_model_len rows): the GPU kernel does not bounds-check.
+    positions = torch.arange(tokens, device=device) % max_model_len
     hidden = model(ids, positions, AttentionContext(backend, [(c[0], c[1]) for c in cache], meta))
     model.compute_logits(hidden[: min(tokens, config.max_num_seqs)])
     torch.cuda.synchronize(device)
