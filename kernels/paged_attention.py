@@ -55,6 +55,20 @@ def paged_decode_attention_ref(
 
 
 @triton.jit
+def paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE: tl.constexpr):
+    """Pool block (int64: big pools pass 2^31 elements) and in-block slot of tokens offs_n of row b."""
+    page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+    return page, offs_n % PAGE
+
+
+@triton.jit
+def load_kv_tile(Cache, page, slot, stride_b, stride_s, kvh, stride_h, offs_d, n_mask):
+    """(BLOCK_N, D) keys or values of one KV head; rows past the sequence read as 0."""
+    return tl.load(Cache + page[:, None] * stride_b + slot[:, None] * stride_s + kvh * stride_h + offs_d[None, :],
+                   mask=n_mask[:, None], other=0.0)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, BlockTables, SeqLens, MidO, MidLse,
     scale,
@@ -87,17 +101,14 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)  # no int32 overflow in big pools
-        slot = offs_n % PAGE
-        k = tl.load(K + page[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)  # (BLOCK_N, D)
+        page, slot = paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE)
+        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G_PAD, BLOCK_N)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        v = tl.load(V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)  # (BLOCK_N, D)
+        v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new

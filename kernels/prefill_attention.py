@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.paged_attention import load_kv_tile, paged_tile
+
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """Keys (or values) of one sequence, [length, KVH, D], from its block table row."""
@@ -96,10 +98,8 @@ def _prefill_kernel(
     for n in range(0, end, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)  # no int32 overflow in big pools
-        slot = offs_n % PAGE
-        k = tl.load(K + page[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)  # (BLOCK_N, D)
+        page, slot = paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE)
+        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         visible = (offs_n[None, :] <= context + offs_m[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -107,8 +107,7 @@ def _prefill_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows see nothing
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        v = tl.load(V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)
+        v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
