@@ -1,9 +1,13 @@
 """The router's gRPC service: validate, tokenize once, route, stream back.
 
-    Generate -> validate params and prompt (INVALID_ARGUMENT before any work)
-             -> policy.route: a decode instance, then a prefill instance or none
-             -> DecodeWorker.Generate(prompt ids, params, prefill instance id)
-             -> stream the decode worker's deltas back, with usage and the disaggregation record
+    Generate -> prepare: validate params and prompt (INVALID_ARGUMENT before any work)
+             -> stream:  policy.route: a decode instance, then a prefill instance or none
+                         DecodeWorker.Generate(prompt ids, params, prefill instance id)
+                         the decode worker's deltas back, with usage and the disaggregation record
+
+`prepare` and `stream` know nothing of gRPC servicer contexts, so the HTTP front runs
+requests through the same two calls; errors are typed (services/engine/errors.py) and mapped
+to a status once, at each edge.
 
 Deadlines propagate to the decode call; a client cancel cancels it (decode then aborts,
 and aborts its prefill call). Every request gets an id that travels in x-request-id metadata.
@@ -13,19 +17,31 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router.policy import RoutingPolicy
 from router.registry import StaticRegistry
-from services.engine.errors import InvalidRequestError
+from services.engine.errors import InvalidRequestError, NotFoundError, PdserveError, UnavailableError, UpstreamError
+from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.rpc import metrics
 from services.rpc.convert import params_from_proto, reject_unknown_fields
-from services.rpc.server import request_id_var, request_metadata
+from services.rpc.server import abort_with, request_id_var, request_metadata
 
 log = logging.getLogger("pdserve.router")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: its id, prompt token ids and engine sampling params."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -77,29 +93,34 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
-            raise LookupError(f"model {model!r} is not served here (serving {self.model_name!r})")
+            raise NotFoundError(f"model {model!r} is not served here (serving {self.model_name!r})")
 
-    # ---- RPCs ----------------------------------------------------------------------------
+    def prepare(self, request: router_pb2.GenerateRequest) -> Prepared:
+        """Validate a request and tokenize its prompt, once; raises a PdserveError subclass
+        (INVALID_ARGUMENT / NOT_FOUND) before any work is sent anywhere."""
+        reject_unknown_fields(request)
+        self.check_model(request.model)
+        params = params_from_proto(request.sampling)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        ids = self.prompt_ids(request)
+        return Prepared(request.request_id or uuid.uuid4().hex, ids, params)
 
-    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def stream(
+        self, prepared: Prepared, request: router_pb2.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """Route a prepared request and stream the decode worker's responses back.
+
+        Transport-agnostic: the gRPC `Generate` and the HTTP front both run requests through
+        here. Raises UnavailableError when no decode instance is available and UpstreamError
+        when the decode worker ends the call with an error status. Closing the iterator early
+        cancels the decode call (decode then aborts, and aborts its prefill call).
+        """
         timer = metrics.StreamTimer()
-        request_id = request.request_id or uuid.uuid4().hex
-        request_id_var.set(request_id)
-        try:
-            reject_unknown_fields(request)
-            self.check_model(request.model)
-            params = params_from_proto(request.sampling)
-            if params.stop and self.tokenizer is None:
-                raise InvalidRequestError("stop strings need a tokenizer; this model has none")
-            ids = self.prompt_ids(request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except LookupError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-
+        request_id, ids = prepared.request_id, prepared.prompt_token_ids
         route = self.policy.route(ids, self.registry.decodes(), self.registry.prefills())
         if route is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no decode instance is available")
+            raise UnavailableError("no decode instance is available")
         decode, prefill = route.decode, route.prefill
         log.info("request %s: %d prompt tokens -> decode %s, prefill %s", request_id, len(ids),
                  decode.instance_id, prefill.instance_id if prefill else "local")
@@ -114,29 +135,45 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if prefill:
             prefill.in_flight += 1
         try:
-            call = decode.stub.Generate(
-                decode_request, timeout=context.time_remaining(), metadata=request_metadata(request_id)
-            )
-            async for response in call:
-                if timer.tokens(sum(len(c.token_ids) for c in response.outputs)) and prefill:
-                    prefill.in_flight -= 1  # prefill's part is done once the first token is out
-                    prefill = None
-                if response.finished:
-                    timer.finished([c.finish_reason for c in response.outputs])
-                yield response
-        except grpc.aio.AioRpcError as e:
-            log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name, e.details())
-            await context.abort(e.code(), f"decode {decode.instance_id}: {e.details()}")
+            call = decode.stub.Generate(decode_request, timeout=timeout, metadata=request_metadata(request_id))
+            try:
+                async for response in call:
+                    if timer.tokens(sum(len(c.token_ids) for c in response.outputs)) and prefill:
+                        prefill.in_flight -= 1  # prefill's part is done once the first token is out
+                        prefill = None
+                    if response.finished:
+                        timer.finished([c.finish_reason for c in response.outputs])
+                    yield response
+            except grpc.aio.AioRpcError as e:
+                log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name,
+                            e.details())
+                raise UpstreamError(e.code().name, f"decode {decode.instance_id}: {e.details()}") from e
+            finally:
+                call.cancel()  # a no-op once the call completed; cancels decode when we stop early
         finally:
             decode.in_flight -= 1
             if prefill:
                 prefill.in_flight -= 1
 
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            prepared = self.prepare(request)
+        except PdserveError as e:
+            await abort_with(context, e)
+        request_id_var.set(prepared.request_id)
+        try:
+            async for response in self.stream(prepared, request, context.time_remaining()):
+                yield response
+        except PdserveError as e:
+            await abort_with(context, e)
+
     async def Tokenize(self, request: router_pb2.TokenizeRequest, context) -> router_pb2.TokenizeResponse:
         try:
             self.check_model(request.model)
-        except LookupError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except PdserveError as e:
+            await abort_with(context, e)
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
         return router_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))

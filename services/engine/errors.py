@@ -37,3 +37,30 @@ class EngineDeadError(PdserveError):
 
     grpc_status = "UNAVAILABLE"
     http_status = 503
+
+
+class NotFoundError(PdserveError, LookupError):
+    """The request names something this deployment does not serve (e.g. an unknown model)."""
+
+    grpc_status = "NOT_FOUND"
+    http_status = 404
+
+
+class UnavailableError(PdserveError):
+    """No instance can take the request right now (none registered, all unreachable)."""
+
+    grpc_status = "UNAVAILABLE"
+    http_status = 503
+
+
+class UpstreamError(PdserveError):
+    """A worker behind the router ended the request with a gRPC status; it passes through."""
+
+    # gRPC status name -> HTTP code, for the statuses a worker can end a request with.
+    _HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400, "RESOURCE_EXHAUSTED": 429,
+             "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499, "ABORTED": 409}
+
+    def __init__(self, grpc_status: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_status = grpc_status
+        self.http_status = self._HTTP.get(grpc_status, 500)
