@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import _rotary_kernel, rotary, rotary_ref  # noqa: E402
@@ -331,3 +332,33 @@ def test_rotary_launcher_rejects_bad_inputs(case: str) -> None:
         k = k.half()
     with pytest.raises(AssertionError):
         rotary(q, k, positions, cache)
+
+
+# ---- silu_and_mul ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("inter", [64, 1543])  # 1543: not a power of two, two column blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul_matches_reference(T: int, inter: int, dtype: torch.dtype) -> None:
+    g = _gen(T * inter)
+    x = (torch.randn(T, 2 * inter, generator=g) * 4).to(dtype)
+    got, want = silu_and_mul(x), silu_and_mul_ref(x)
+    assert got.shape == (T, inter) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    # Gate and up are not interchangeable: swapping the halves gives another result.
+    assert not torch.allclose(silu_and_mul(torch.cat(x.chunk(2, -1)[::-1], -1)), want, **TOL[dtype])
+
+
+def test_silu_and_mul_reads_strided_rows() -> None:
+    g = _gen(3)
+    wide = torch.randn(4, 300, generator=g)
+    x = wide[:, :256]  # rows 300 apart
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **TOL[torch.float32])
+
+
+def test_silu_and_mul_launcher_rejects_bad_inputs() -> None:
+    with pytest.raises(AssertionError):
+        silu_and_mul(torch.randn(4, 7))  # odd width
+    with pytest.raises(AssertionError):
+        silu_and_mul(torch.randn(4, 8).t())  # columns not contiguous

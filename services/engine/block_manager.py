@@ -92,9 +92,16 @@ class BlockManager:
         first. Returns the (src, dst) block copies that copy-on-write needs before the step,
         or None, changing nothing, if the free pool is too small.
         """
+        table = seq.block_table
+        if num_new_tokens == 1 and not cached_blocks:
+            # The common decode step: the slot lies inside the last block, which only this
+            # sequence holds; nothing to allocate or copy.
+            pos = seq.num_computed_tokens
+            if pos % self.block_size and pos // self.block_size == len(table) - 1 \
+                    and self.blocks[table[-1]].ref_count == 1:
+                return []
         cached_blocks = cached_blocks or []
         assert not cached_blocks or not seq.block_table, "cache hits only for a fresh sequence"
-        table = seq.block_table
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         num_needed = self.num_blocks_for(num_computed + num_new_tokens)
         num_fresh = max(0, num_needed - len(table) - len(cached_blocks))
@@ -149,10 +156,8 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register `seq`'s newly full, computed blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
         num_full = seq.num_computed_tokens // self.block_size
-        if num_full <= seq.num_cached_blocks:
+        if num_full <= seq.num_cached_blocks or not self.enable_prefix_caching:
             return
         self.ensure_hashes(seq, num_full)
         for i in range(seq.num_cached_blocks, num_full):

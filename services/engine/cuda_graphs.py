@@ -10,6 +10,7 @@ written to the cache; length 1: a harmless read of block 0).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -20,12 +21,20 @@ from services.engine.attention import AttentionBackend, AttentionContext, Attent
 log = logging.getLogger("pdserve.engine")
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """Flash-decoding splits: enough (sequence, KV head, split) programs to fill the GPU twice."""
+    """Flash-decoding splits: enough (sequence, KV head, split) programs to fill the GPU twice,
+    rounded up to a power of two (each value is a compiled kernel variant: three at most), and
+    at least 4: with ragged lengths the longest sequences set a step's time, and splitting
+    them was 8-27% faster at batch 256 on an H200 (loadtest/profile_gpu.py's sweep)."""
     if device.type != "cuda" or batch == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, -(-2 * sms // (batch * num_kv_heads))))
+    wanted = -(-2 * _num_sms(device) // (batch * num_kv_heads))
+    return min(16, max(4, 1 << (wanted - 1).bit_length()))
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -100,11 +109,12 @@ class DecodeGraphs:
         input_ids: torch.Tensor,  # [n] int64, device
         positions: torch.Tensor,
         slots: torch.Tensor,
-        block_tables: torch.Tensor,  # [n, width] int32, device
+        table: torch.Tensor,  # [rows, max_blocks] int32, device: the persistent block tables
+        rows: torch.Tensor,  # [n] int64, device: each sequence's row of `table`
         seq_lens: torch.Tensor,  # [n] int32, device
     ) -> torch.Tensor:
         """Replay the smallest graph that fits n rows; returns logits [n, vocab]."""
-        n, width = block_tables.shape
+        n = rows.shape[0]
         batch = next(b for b in self.buckets if b >= n)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
@@ -112,6 +122,6 @@ class DecodeGraphs:
         self.slots[n:batch].fill_(-1)
         self.seq_lens[:n].copy_(seq_lens)
         self.seq_lens[n:batch].fill_(1)
-        self.block_tables[:n, :width].copy_(block_tables)
+        torch.index_select(table, 0, rows, out=self.block_tables[:n])
         self.graphs[batch].replay()
         return self.logits[batch][:n]

@@ -81,6 +81,7 @@ class EngineCore:
             backend,
             Sampler(self.layout.eos_token_ids, config.seed),
             cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
+            max_rows=config.max_num_seqs,
         )
         self.requests: dict[str, Request] = {}
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
@@ -184,6 +185,7 @@ class EngineCore:
         """Run one step; returns the requests with something new: tokens, a finish, KV blocks
         to ship, or blocks allocated for a remote prefill."""
         plan = self.scheduler.schedule()
+        self.runner.release(plan.released_seq_ids)
         changed = {id(seq.request): seq.request for seq in self.scheduler.take_kv_pulls()}
         self.idle = plan.is_empty
         if not plan.is_empty:

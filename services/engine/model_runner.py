@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
+from services.engine.block_table import BlockTableRows
 from services.engine.config import EngineLayout
 from services.engine.cuda_graphs import DecodeGraphs, decode_splits
 from services.engine.models.config import ModelConfig
@@ -30,6 +32,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled]: rows of the final hidden states to sample from
     sampled_seqs: list[ScheduledSeq]  # in logits row order
+    decode_rows: torch.Tensor  # [num_decodes]: the decodes' rows of the persistent block table
 
 
 class ModelRunner:
@@ -41,6 +44,7 @@ class ModelRunner:
         backend: AttentionBackend,
         sampler: Sampler,
         cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs
+        max_rows: int = 256,  # sequences in flight at once (grows if exceeded)
     ) -> None:
         self.model = model
         self.layout = layout
@@ -61,9 +65,10 @@ class ModelRunner:
             device=self.device,
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        max_blocks = -(-layout.max_model_len // layout.block_size)
+        self.tables = BlockTableRows(max_rows, max_blocks, self.device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch and self.device.type == "cuda":
-            max_blocks = -(-layout.max_model_len // layout.block_size)
             self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, max_blocks,
                                        self.num_kv_heads, self.device)
             self.graphs.capture()
@@ -73,12 +78,16 @@ class ModelRunner:
         """Run one step; returns seq_id -> sampled token(s) for the sequences that sample."""
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
-        inputs = self._prepare(plan)
+        graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs))
+                 and all(len(s.token_ids) == 1 for s in plan.seqs))
+        inputs = self._prepare(plan, eager=not graph)
         meta = inputs.meta
-        if self.graphs is not None and meta.num_prefills == 0 and self.graphs.fits(meta.num_decode_tokens):
+        if graph:
             # One token per row, so token index = row; rows that do not sample are dropped.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping,
-                                     meta.decode_block_tables, meta.decode_seq_lens)[inputs.logits_indices]
+                                     self.tables.device_table, inputs.decode_rows, meta.decode_seq_lens)
+            if len(inputs.sampled_seqs) != logits.shape[0]:
+                logits = logits[inputs.logits_indices]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, meta))
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -100,55 +109,83 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _prepare(self, plan: StepPlan) -> StepInputs:
-        bs = self.block_size
+    def release(self, seq_ids: tuple[int, ...]) -> None:
+        """Forget finished and preempted sequences (StepPlan.released_seq_ids)."""
+        self.tables.release(seq_ids)
+
+    def _prepare(self, plan: StepPlan, eager: bool = True) -> StepInputs:
+        """Lay the step out flat (decodes first) and copy it to the device in two transfers.
+
+        Every segment of the two packed tensors starts 16-byte aligned: Triton specialises a
+        kernel on its pointers' alignment, so unaligned views would compile new variants
+        whenever the step's shape changed. A CUDA-graph step (`eager=False`) gathers its block
+        tables inside the graph runner, so none are gathered here.
+        """
+        bs, row_of = self.block_size, self.tables.row
         decodes = [s for s in plan.seqs if len(s.token_ids) == 1]
         prefills = [s for s in plan.seqs if len(s.token_ids) > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        for s in decodes + prefills:
-            table = s.block_table
-            span = range(s.start_pos, s.start_pos + len(s.token_ids))
-            input_ids.extend(s.token_ids)
-            positions.extend(span)
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
-            if s.sample is not None:
-                logits_indices.append(len(input_ids) - 1)
-                sampled.append(s)
+        nd, npf = len(decodes), len(prefills)
+        rows = [row_of(s.seq_id, s.block_table) for s in decodes + prefills]
+        input_ids = [s.token_ids[0] for s in decodes]
+        positions = [s.start_pos for s in decodes]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
+        sampled = [s for s in decodes if s.sample is not None]
+        logits_indices = [i for i, s in enumerate(decodes) if s.sample is not None]
         query_start = [0]
-        for s in prefills:
-            query_start.append(query_start[-1] + len(s.token_ids))
-        decode_lens = [s.start_pos + 1 for s in decodes]
-        prefill_lens = [s.start_pos + len(s.token_ids) for s in prefills]
-
-        # One host-to-device copy for all the step's integers, then views.
-        t, nd, npf = len(input_ids), len(decodes), len(prefills)
-        ints = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.long)
-        small = torch.tensor(decode_lens + query_start + prefill_lens, dtype=torch.int32)
-        ints, small = ints.to(self.device, non_blocking=True), small.to(self.device, non_blocking=True)
+        pf_pos, pf_slots = [], []
+        for s, row in zip(prefills, rows[nd:]):
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            pf_pos.append(np.arange(s.start_pos, s.start_pos + n))
+            pf_slots.append(self.tables.slots(row, s.start_pos, n, bs))
+            query_start.append(query_start[-1] + n)
+            if s.sample is not None:
+                logits_indices.append(nd + query_start[-1] - 1)
+                sampled.append(s)
+        _, views = _pack([input_ids, _concat(positions, pf_pos), _concat(slots, pf_slots), logits_indices, rows],
+                            np.int64, self.device)
+        _, lens = _pack([[s.start_pos + 1 for s in decodes], query_start,
+                             [s.start_pos + len(s.token_ids) for s in prefills]], np.int32, self.device)
+        table = self.tables.upload()
+        row_index = views[4]
+        no_rows = row_index[:0]
         meta = AttentionMetadata(
-            slot_mapping=ints[2 * t : 3 * t],
+            slot_mapping=views[2],
             num_decode_tokens=nd,
-            decode_block_tables=self._block_tables(decodes),
-            decode_seq_lens=small[:nd],
-            prefill_block_tables=self._block_tables(prefills),
-            prefill_query_start_loc=small[nd : nd + npf + 1],
-            prefill_seq_lens=small[nd + npf + 1 :],
+            decode_block_tables=table.index_select(0, row_index[:nd] if eager else no_rows),
+            decode_seq_lens=lens[0],
+            prefill_block_tables=table.index_select(0, row_index[nd:]),
+            prefill_query_start_loc=lens[1],
+            prefill_seq_lens=lens[2],
             prefill_max_query_len=max((len(s.token_ids) for s in prefills), default=0),
             decode_num_splits=decode_splits(nd, self.num_kv_heads, self.device),
         )
         return StepInputs(
-            input_ids=ints[:t],
-            positions=ints[t : 2 * t],
+            input_ids=views[0],
+            positions=views[1],
             meta=meta,
-            logits_indices=ints[3 * t :],
+            logits_indices=views[3],
             sampled_seqs=sampled,
+            decode_rows=row_index[:nd],
         )
 
-    def _block_tables(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        width = max((len(s.block_table) for s in seqs), default=0)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(self.device, non_blocking=True)
+
+def _concat(head: list[int], arrays: list[np.ndarray]) -> list[int] | np.ndarray:
+    """The decodes' values (a list), then the prefills' (arrays)."""
+    return np.concatenate([np.asarray(head, dtype=np.int64), *arrays]) if arrays else head
+
+
+def _pack(segments: list, dtype, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One host-to-device copy of several int segments, each starting 16-byte aligned;
+    returns the device tensor and a view per segment."""
+    align = 16 // np.dtype(dtype).itemsize
+    offsets, total = [], 0
+    for seg in segments:
+        offsets.append(total)
+        total += -(-len(seg) // align) * align
+    host = np.zeros(max(total, 1), dtype=dtype)
+    for seg, off in zip(segments, offsets):
+        if len(seg):
+            host[off : off + len(seg)] = seg
+    packed = torch.from_numpy(host).to(device, non_blocking=True)
+    return packed, [packed[off : off + len(seg)] for seg, off in zip(segments, offsets)]

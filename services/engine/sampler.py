@@ -50,14 +50,18 @@ class Sampler:
         expanded = [(spec, idx) for spec in specs for idx in spec.seq_indices]
         # Masks and penalties edit rows in place: never in the caller's tensor.
         edits = any(s.params.needs_penalties or s.output_pos < s.params.min_tokens for s, _ in expanded)
-        logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
-
         want_logprobs = any(spec.params.logprobs is not None for spec, _ in expanded)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-
-        logits = self._apply_min_tokens(logits, expanded)
-        logits = self._apply_penalties(logits, expanded)
-        token_ids = self._draw(logits, expanded)
+        raw_logprobs = None
+        if not edits and not want_logprobs and all(spec.params.greedy for spec, _ in expanded):
+            # Plain greedy: the argmax of bf16 logits is that of their exact float32 upcast,
+            # so skip the upcast (a [batch, vocab] copy) and the per-row passes.
+            token_ids = logits.argmax(dim=-1)
+        else:
+            logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
+            raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            logits = self._apply_min_tokens(logits, expanded)
+            logits = self._apply_penalties(logits, expanded)
+            token_ids = self._draw(logits, expanded)
 
         out: list[list[SampledToken]] = []
         flat = token_ids.tolist()

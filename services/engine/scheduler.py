@@ -42,11 +42,13 @@ class SampleSpec:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by convention: one per sequence per step, so cheap to build
 class ScheduledSeq:
     seq_id: int
     token_ids: list[int]  # the tokens computed this step
     start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
+    # The sequence's own block table, not a copy (read-only, valid for this step): the runner
+    # mirrors tables incrementally and recognises a reallocated table by its identity.
     block_table: list[int]
     sample: SampleSpec | None  # set when the step brings the sequence up to date
 
@@ -55,6 +57,8 @@ class ScheduledSeq:
 class StepPlan:
     seqs: list[ScheduledSeq]
     block_copies: list[tuple[int, int]]  # copy-on-write (src, dst), done before the forward
+    # Sequences finished or preempted since the previous plan: the runner drops their state.
+    released_seq_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +96,7 @@ class Scheduler:
         self.awaiting_kv: list[Sequence] = []  # blocks allocated, prompt KV coming from a peer
         self._new_kv_pulls: list[Sequence] = []
         self._scheduled: dict[int, Sequence] = {}  # seq_id -> sequence, for the step in flight
+        self._released: list[int] = []  # seq ids finished or preempted since the last plan
         self.num_preemptions = 0
 
     # ---- queue management ----------------------------------------------------------------
@@ -118,6 +123,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.block_manager.free(seq)
+        self._released.append(seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.awaiting_kv)
@@ -209,7 +215,8 @@ class Scheduler:
             budget -= num_new
 
         self._scheduled = {seq.seq_id: seq for seq, _ in scheduled}
-        return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies)
+        released, self._released = tuple(self._released), []
+        return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
 
     def update(
         self,
@@ -224,12 +231,13 @@ class Scheduler:
         sequence stops (the engine owns stop rules, text and logprobs).
         """
         changed: dict[int, Request] = {}
+        cache_blocks, finished = self.block_manager.cache_computed_blocks, SequenceStatus.FINISHED
         for entry in plan.seqs:
             seq = self._scheduled[entry.seq_id]
-            if seq.finished:  # aborted while the step ran
+            if seq.status is finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += len(entry.token_ids)
-            self.block_manager.cache_computed_blocks(seq)
+            cache_blocks(seq)
             tokens = sampled.get(entry.seq_id)
             if tokens is None:
                 continue
@@ -240,8 +248,11 @@ class Scheduler:
 
     def _append(self, seq: Sequence, tokens: list[SampledToken],
                 on_token: Callable[[Sequence, SampledToken], None]) -> None:
-        targets = self._fork(seq, len(tokens)) if len(tokens) > 1 else [seq]
-        for target, token in zip(targets, tokens, strict=True):
+        if len(tokens) == 1:
+            seq.token_ids.append(tokens[0].token_id)
+            on_token(seq, tokens[0])
+            return
+        for target, token in zip(self._fork(seq, len(tokens)), tokens, strict=True):
             target.token_ids.append(token.token_id)
             on_token(target, token)
 
@@ -251,22 +262,19 @@ class Scheduler:
         start = seq.num_computed_tokens
         sample = None
         if start + num_new == seq.num_tokens:
-            request = seq.request
-            fork = request.params.n > 1 and not request.forked
-            params = request.params
-            sample = SampleSpec(
-                params=params,
-                seq_indices=tuple(range(params.n)) if fork else (seq.index,),
-                num_prompt_tokens=request.num_prompt_tokens,
-                token_ids=seq.token_ids,
-            )
-        return ScheduledSeq(
-            seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start : start + num_new],
-            start_pos=start,
-            block_table=list(seq.block_table),
-            sample=sample,
-        )
+            sample = seq.sample_spec
+            if sample is None:
+                request = seq.request
+                fork = request.params.n > 1 and not request.forked
+                sample = SampleSpec(
+                    params=request.params,
+                    seq_indices=tuple(range(request.params.n)) if fork else (seq.index,),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    token_ids=seq.token_ids,
+                )
+                if not fork:  # the same spec serves every later step (token_ids is a live view)
+                    seq.sample_spec = sample
+        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample)
 
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """Create the n-1 siblings of `parent`, sharing its blocks; returns all n in index order."""
@@ -300,6 +308,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._released.append(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1

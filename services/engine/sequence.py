@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.engine.kv_transfer import KVExport, KVImport
 from services.engine.outputs import Logprob
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from services.engine.scheduler import SampleSpec
 
 
 class SequenceStatus(enum.Enum):
@@ -81,6 +85,8 @@ class Sequence:
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0
     reported_finish: bool = False
+    # What the sampler needs for this sequence; built once by the scheduler, then reused.
+    sample_spec: SampleSpec | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,225 @@
+"""Where the GPU time goes (issue #4 working tool; one device call, a table last).
+
+  1. phases of the offline workload (nano-vllm's: 256 prompts, in/out U[100, 1024]): host
+     timers around schedule / prepare / forward+sample / update, with a CUDA sync at each
+     boundary so device work is charged to the phase that launched it
+  2. kernels of one decode step (torch.profiler over CUDA-graph replays) at batch 256 and at
+     batch 1: count, GPU time per step, the largest kernels
+  3. a sweep of the paged decode kernel's launch settings (splits, tile, warps, stages) on
+     ragged batches of the two model shapes and on the bandwidth benchmark's uniform batch
+
+    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep]
+
+Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import triton
+
+from loadtest.bench_gpu import free_gpu, workload
+from services.cli.bench import random_workload
+
+ROWS: list[dict] = []
+MIXED: list[tuple[int, float]] = []  # (tokens, ms) of each step that prefills
+
+
+def emit(**row) -> None:
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def engine(preset: str, **kw):
+    from services.engine import LLM
+
+    kw = {"max_model_len": 4096, "max_num_batched_tokens": 8192, "max_num_seqs": 256, **kw}
+    return LLM(load_format="dummy", preset=preset, **kw)
+
+
+def instrument(llm) -> dict[str, float]:
+    """Wrap the four phases of a step with synchronised host timers; returns the totals."""
+    eng, totals = llm.engine, defaultdict(float)
+
+    def timed(name, fn):
+        def run(*a, **k):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            torch.cuda.synchronize()
+            totals[name] += time.perf_counter() - t0
+            return r
+        return run
+
+    runner, sched = eng.runner, eng.scheduler
+    prepare = runner._prepare
+    runner._prepare = timed("prepare", prepare)
+    execute = runner.execute
+
+    def execute_counted(plan):
+        decode_only = all(len(s.token_ids) == 1 for s in plan.seqs)
+        totals["steps"] += 1
+        totals["decode_steps" if decode_only else "mixed_steps"] += 1
+        before = totals["execute mixed (incl. prepare)"]
+        out = timed("execute (incl. prepare)" if decode_only else "execute mixed (incl. prepare)", execute)(plan)
+        if not decode_only:
+            MIXED.append((sum(len(s.token_ids) for s in plan.seqs),
+                          round((totals["execute mixed (incl. prepare)"] - before) * 1e3, 1)))
+        return out
+
+    runner.execute = execute_counted
+    sched.schedule = timed("schedule", sched.schedule)
+    sched.update = timed("update", sched.update)
+    return totals
+
+
+def phases(preset: str) -> None:
+    from services.cli.bench import measure_offline
+
+    llm = engine(preset)
+    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0)
+    totals = instrument(llm)
+    t0 = time.perf_counter()
+    result = measure_offline(llm, workload(llm.engine.layout.vocab_size), warmup=0)
+    wall = time.perf_counter() - t0
+    steps = max(1, totals["steps"])
+    emit(part="mixed_steps", preset=preset, tokens_ms=MIXED[:40])
+    MIXED.clear()
+    emit(part="phases", preset=preset, wall_s=round(wall, 2), tok_per_s=result["output_tokens_per_s"],
+         **{k: round(v, 3) if "steps" not in k else int(v) for k, v in totals.items()},
+         per_step_ms={k: round(v / steps * 1e3, 3) for k, v in totals.items() if "steps" not in k})
+    del llm
+    free_gpu()
+
+
+def decode_kernels(preset: str, batch: int, context: int) -> None:
+    """Profile decode steps of `batch` sequences at about `context` tokens each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.engine import SamplingParams
+
+    llm = engine(preset, max_num_seqs=max(batch, 1))
+    eng = llm.engine
+    prompts = [list(range(1000 + i, 1000 + i + context)) for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(p, params)
+    for _ in range(64):  # prefill everything, then a few decode steps to settle
+        eng.step()
+        if eng.scheduler.num_waiting == 0 and all(s.num_output_tokens > 2 for s in eng.scheduler.running):
+            break
+    steps = 5
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    kernels = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[evt.name[:90]]
+            k[0] += 1
+            k[1] += evt.device_time
+    total_us = sum(v[1] for v in kernels.values()) / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+    emit(part="kernels", preset=preset, batch=batch, context=context, wall_ms_per_step_profiled=round(wall * 1e3, 3),
+         gpu_ms_per_step=round(total_us / 1e3, 3), kernels_per_step=sum(v[0] for v in kernels.values()) / steps,
+         top=[(name, n // steps, round(us / steps, 1)) for name, (n, us) in top])
+    while eng.has_unfinished():
+        eng.step()
+    del llm
+    free_gpu()
+
+
+def sweep() -> None:
+    """Decode-kernel launch settings on three batches; µs per call and GB/s of live K+V."""
+    from kernels.paged_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {  # name: (batch, heads, kv_heads, lens)
+        "llama-1b ragged b256": (256, 32, 8, torch.randint(100, 2048, (256,), generator=g)),
+        "smollm2 ragged b256": (256, 9, 3, torch.randint(100, 2048, (256,), generator=g)),
+        "llama-1b uniform b64 ctx1k": (64, 32, 8, torch.full((64,), 1024)),
+        "llama-1b uniform b64 ctx4k": (64, 32, 8, torch.full((64,), 4096)),
+        "smollm2 b1 ctx1k": (1, 9, 3, torch.full((1,), 1024)),
+    }
+    dim, page = 64, 16
+    for name, (batch, heads, kvh, lens) in shapes.items():
+        width = int(-(-lens.max() // page))
+        blocks = batch * width
+        k_cache = torch.randn(blocks, page, kvh, dim, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(blocks, dtype=torch.int32, device="cuda").view(batch, width)
+        seq_lens = lens.to(torch.int32).cuda()
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        live = 2 * int(lens.sum()) * kvh * dim * 2
+        ref = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5, num_splits=1)
+        results = []
+        for splits in (1, 2, 4, 8, 16):
+            for block_n in (32, 64, 128):
+                for warps in (2, 4):
+                    for stages in (2, 3):
+                        try:
+                            fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
+                                                                num_splits=splits, block_n=block_n, num_warps=warps,
+                                                                num_stages=stages)
+                            err = float((fn().float() - ref.float()).norm() / ref.float().norm())
+                            t = triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
+                        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                            results.append({"cfg": (splits, block_n, warps, stages), "error": str(e)[:120]})
+                            continue
+                        results.append({"cfg": (splits, block_n, warps, stages), "us": round(t * 1e6, 1),
+                                        "GBps": round(live / t / 1e9), "rel_err": round(err, 5)})
+        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+        default = next(r for r in results if r["cfg"] == (1, 64, 4, 3))
+        emit(part="sweep", shape=name, live_MB=round(live / 1e6, 1), default=default, best=ok[:6],
+             worst=ok[-1], errors=sum("error" in r for r in results))
+        del k_cache, v_cache
+        free_gpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
+    parser.add_argument("--only", default="phases,kernels,sweep")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    emit(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
+    jobs = []
+    for preset in args.presets.split(","):
+        if "phases" in parts:
+            jobs.append(lambda preset=preset: phases(preset))
+        if "kernels" in parts:
+            jobs += [lambda preset=preset: decode_kernels(preset, 256, 600),
+                     lambda preset=preset: decode_kernels(preset, 1, 600)]
+    if "sweep" in parts:
+        jobs.append(sweep)
+    for job in jobs:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - one broken part must not lose the others
+            emit(part="error", error=traceback.format_exc()[-2000:])
+        free_gpu()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_gpu.json").write_text(json.dumps(ROWS, indent=1))
+    for row in ROWS:
+        if row["part"] == "sweep":
+            print(row["shape"], "default", row["default"], "best", row["best"][:2])
+        elif row["part"] in ("phases", "kernels"):
+            print({k: v for k, v in row.items() if k != "top"})
+
+
+if __name__ == "__main__":
+    main()
