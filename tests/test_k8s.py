@@ -269,8 +269,11 @@ def test_every_pdserve_container_reaches_the_redis_service(rendering):
 
 def test_redis_url_from_a_secret_and_the_egress_port_that_goes_with_it():
     objects = render_chart({"redis": {"external": {"existingSecret": "redis-url", "port": 6390}}})
-    (c,) = pod_spec(workload(objects, "decode"))["containers"]
-    assert parse_cli(command_line(c, objects)[1:]).redis == "secret:redis-url/url"
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        # Not on the command line, where `ps` shows a password: the CLI reads PDSERVE_REDIS_URL.
+        assert not [a for a in command_line(c, objects) if a.startswith("--redis")], role
+        assert container_env(c, objects)["PDSERVE_REDIS_URL"] == "secret:redis-url/url"
     policies = of_kind(objects, "NetworkPolicy")
     decode = pod_labels(workload(objects, "decode"))
     assert allows(policies, decode, None, 6390) and not allows(policies, decode, None, 6379)

@@ -74,6 +74,14 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end -}}
 
+{{/* --redis, except for a URL from a Secret: that one stays in the environment, where the CLI
+reads PDSERVE_REDIS_URL by default, rather than in the process's visible command line. */}}
+{{- define "pdserve.redisArg" -}}
+{{- if not .Values.redis.external.existingSecret }}
+- --redis=$(PDSERVE_REDIS_URL)
+{{- end }}
+{{- end -}}
+
 {{/*
 Engine settings: (values key, ConfigMap key, CLI flag). The ConfigMap carries the values that
 are set; containers pass them as --flag=$(KEY), which Kubernetes expands from the environment.
