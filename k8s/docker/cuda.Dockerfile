@@ -67,4 +67,5 @@ WORKDIR /home/pdserve
 EXPOSE 50051 8000 50061 9161 50071 9171
 # The Helm chart and the kustomize manifests run `pdserve <role> ...` with this entrypoint.
 ENTRYPOINT ["pdserve"]
-CMD ["serve", "--host", "0.0.0.0"]
+# No default model inside unless WITH_DEFAULT_MODEL=1, so no default command beyond the usage.
+CMD ["--help"]
