@@ -155,6 +155,12 @@ def test_workers_request_gpus_only_in_gpu_renderings(rendering):
     for obj, c in containers(objects):
         if component(obj) not in ("prefill", "decode"):
             assert gpus(c) == (0, 0), f"{rendering}: {component(obj)}"
+        if component(obj) not in PDSERVE_ROLES:
+            continue
+        visible = container_env(c, objects).get("NVIDIA_VISIBLE_DEVICES")
+        # No GPU: "void", or the CUDA image's NVIDIA_VISIBLE_DEVICES=all hands it the node's GPUs.
+        # GPUs: the device plugin sets it to the allocated ones, so the manifest must not.
+        assert visible == ("void" if gpus(c) == (0, 0) else None), f"{rendering}: {component(obj)}"
 
 
 def test_pdserve_containers_have_writable_home_weight_and_triton_caches(rendering):

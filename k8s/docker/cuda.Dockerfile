@@ -58,9 +58,7 @@ ENV PATH=/opt/pdserve/bin:$PATH \
     HOME=/home/pdserve \
     PDSERVE_CACHE_DIR=/var/cache/pdserve/weights \
     TRITON_CACHE_DIR=/var/cache/pdserve/triton \
-    PYTHONUNBUFFERED=1 \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    PYTHONUNBUFFERED=1
 USER 1000:1000
 WORKDIR /home/pdserve
 # router gRPC + HTTP, prefill gRPC + metrics, decode gRPC + metrics

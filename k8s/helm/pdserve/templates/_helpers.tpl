@@ -210,3 +210,10 @@ floats, and 1048576.0 would print as 1.048576e+06). */}}
 {{- toString . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* For a container that requests no GPU. The CUDA base image sets NVIDIA_VISIBLE_DEVICES=all, which on
+a node whose default runtime is NVIDIA's would hand it every GPU of the node, unaccounted. */}}
+{{- define "pdserve.noGpuEnv" -}}
+- name: NVIDIA_VISIBLE_DEVICES
+  value: void
+{{- end -}}
