@@ -75,6 +75,7 @@ class FleetMember:
         self.registered = False
         self._reachable = True
         self._next_beat = 0.0
+        self._refusal: str | None = None  # the last refusal logged (each is logged once)
 
     @property
     def instance_id(self) -> str:
@@ -102,7 +103,7 @@ class FleetMember:
                     if time.monotonic() >= self._next_beat:
                         await self._heartbeat()
             except FleetMismatchError as e:
-                log.error("%s", e)
+                self._refused(str(e))
             except REDIS_ERRORS as e:
                 self._unreachable(e)
             await asyncio.sleep(self.timing.publish_s if self.registered else self.timing.heartbeat_s)
@@ -137,11 +138,11 @@ class FleetMember:
                 "hash seed and hash scheme; use another Redis for another model)"
             )
         if answer[0] == "superseded":
-            log.error("%s: a newer process (epoch %s > ours %d) holds this instance id; not registering",
-                      self.instance_id, answer[1], self.epoch)
+            self._refused(f"{self.instance_id}: a newer process (epoch {answer[1]} > ours {self.epoch}) holds this "
+                          "instance id; not registering while it is alive")
             return
         await self._resync()
-        self.registered, self._reachable = True, True
+        self.registered, self._reachable, self._refusal = True, True, None
         self._next_beat = time.monotonic() + self.timing.heartbeat_s
         REGISTERED.set(1)
         log.info("registered %s %s at %s (epoch %d, %d cached blocks)", record.role, self.instance_id,
@@ -176,6 +177,11 @@ class FleetMember:
         if not await self.scripts.heartbeat(keys=self._keys(), args=[self.epoch, self.timing.ttl_ms, *pairs]):
             self._lost("record expired or Redis restarted")
         self._next_beat = time.monotonic() + self.timing.heartbeat_s
+
+    def _refused(self, message: str) -> None:
+        if message != self._refusal:
+            log.error("%s", message)
+            self._refusal = message
 
     def _lost(self, why: str) -> None:
         if self.registered:
