@@ -24,7 +24,7 @@ import grpc
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from router import metrics
 from services.fleet.directory import FleetDirectory
-from services.fleet.schema import InstanceRecord, hash_mismatch
+from services.fleet.schema import InstanceRecord, hash_mismatch, stop_if_cancelled
 from services.rpc.server import CHANNEL_OPTIONS
 
 log = logging.getLogger("pdserve.router")
@@ -162,6 +162,7 @@ class RedisRegistry(StaticRegistry):
     async def _refresh_forever(self) -> None:
         while True:
             await self.discover()
+            stop_if_cancelled()
             await asyncio.sleep(self.directory.refresh_s)
 
     def _sync(self, records: dict[str, InstanceRecord]) -> None:

@@ -15,7 +15,7 @@ import time
 from redis.asyncio import Redis
 
 from services.fleet import schema
-from services.fleet.schema import REDIS_ERRORS, InstanceRecord
+from services.fleet.schema import REDIS_ERRORS, InstanceRecord, stop_if_cancelled
 from services.fleet.scripts import Scripts
 
 log = logging.getLogger("pdserve.fleet")
@@ -35,6 +35,7 @@ class FleetDirectory:
     async def run(self) -> None:
         while True:
             await self.refresh()
+            stop_if_cancelled()
             await asyncio.sleep(self.refresh_s)
 
     async def refresh(self) -> bool:

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from pdserve.v1 import worker_pb2
 from services.fleet import schema
 from services.fleet.events import CacheEventLog
-from services.fleet.schema import REDIS_ERRORS, FleetMismatchError, InstanceRecord
+from services.fleet.schema import REDIS_ERRORS, FleetMismatchError, InstanceRecord, stop_if_cancelled
 from services.fleet.scripts import Scripts
 
 log = logging.getLogger("pdserve.fleet")
@@ -95,6 +95,7 @@ class FleetMember:
     async def run(self) -> None:
         """Heartbeat and publish for the life of the worker; never raises for Redis trouble."""
         while True:
+            stop_if_cancelled()
             try:
                 if not self.registered:
                     await self._register()
@@ -114,9 +115,11 @@ class FleetMember:
             return
         try:
             await self.scripts.leave(keys=[schema.INSTANCES, *self._keys()], args=[self.instance_id, self.epoch])
+            log.info("%s left the fleet", self.instance_id)
         except REDIS_ERRORS:
-            pass
-        self._lost("left the fleet")
+            pass  # the record expires by its TTL
+        self.registered = False
+        REGISTERED.set(0)
 
     # ---- internals -------------------------------------------------------------------------
 

@@ -39,6 +39,15 @@ LOAD_FIELDS = ("running", "waiting", "free_kv_blocks", "total_kv_blocks", "reque
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task has been asked to stop. A cancellation that lands while
+    redis-py tears a connection down can be lost (the call then returns or fails normally), and
+    a loop that keeps calling Redis would never end; the loops check this every round."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def record_key(instance_id: str) -> str:
     return RECORD_PREFIX + instance_id
 
