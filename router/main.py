@@ -38,11 +38,9 @@ async def run_router(args: argparse.Namespace) -> None:
                             args.cache_dir, weights=False)
     tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
     hello = await registry.handshake_any("decode", timeout=args.startup_timeout)
-    config = RoutingConfig(args.remote_prefill_threshold, args.load_penalty, args.imbalance_threshold,
-                           args.imbalance_ratio, args.prefill_backlog)
     servicer = RouterServicer(
         registry,
-        make_policy(args.routing_policy, config),
+        make_policy(args.routing_policy, routing_config(args)),
         tokenizer,
         model_name=args.served_model_name or source.name,
         max_model_len=hello.max_model_len,
@@ -69,6 +67,11 @@ async def run_router(args: argparse.Namespace) -> None:
         await registry.close()
         if directory is not None:
             await directory.redis.aclose()
+
+
+def routing_config(args: argparse.Namespace) -> RoutingConfig:
+    return RoutingConfig(args.remote_prefill_threshold, args.load_penalty, args.imbalance_threshold,
+                         args.imbalance_ratio, args.prefill_backlog)
 
 
 def _registry(args: argparse.Namespace) -> tuple[FleetDirectory | None, StaticRegistry]:

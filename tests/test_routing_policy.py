@@ -116,6 +116,33 @@ def test_unknown_policy_and_bad_config_are_refused():
         RoutingConfig(imbalance_ratio=0.5)
 
 
+def test_the_command_line_offers_every_policy_with_the_config_defaults():
+    import argparse
+
+    from router.main import routing_config
+    from router.policy import POLICIES
+    from services.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["router", "--redis", "redis://127.0.0.1:1/0"])
+    assert serve.ROUTING_POLICIES == POLICIES and args.routing_policy == "prefix"
+    assert routing_config(args) == RoutingConfig()
+    assert args.decode_peers == ""  # not needed with --redis
+
+
+@pytest.mark.parametrize("command", ["router", "prefill", "decode", "serve"])
+def test_redis_defaults_to_the_environment_variable(monkeypatch, command):
+    import argparse
+
+    from services.cli import serve
+
+    monkeypatch.setenv("PDSERVE_REDIS_URL", "redis://redis.pdserve:6379/0")
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    assert parser.parse_args([command]).redis == "redis://redis.pdserve:6379/0"
+
+
 # ---- recent routes and hashing -------------------------------------------------------------------
 
 
