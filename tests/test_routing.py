@@ -89,8 +89,9 @@ def wait_indexed(url: str, instance_id: str, tenant: int, timeout: float = 10.0)
         time.sleep(0.05)
 
 
-def router_metric(stack: LocalStack, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/metrics", timeout=5).read().decode()
+def router_metric(stack: LocalStack, name: str, port: int | None = None, **labels: str) -> float:
+    """A metric's value on the router (or on the process whose metrics port is `port`)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port or stack.http_port}/metrics", timeout=5).read().decode()
     selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = rf"^{re.escape(name)}" + (rf"\{{{re.escape(selector)}\}}" if labels else "") + r" (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
@@ -121,6 +122,10 @@ def test_each_tenants_repeats_land_on_the_decode_holding_its_prefix(stack, holde
         for tenant in range(3):
             assert_hit(send(stack, tenant), holders[tenant])
     assert decisions(stack, "prefix_hit") == 6
+    assert router_metric(stack, "pdserve:routing_cached_tokens_total") >= 6 * CACHED
+    for worker in (*stack.decodes, *stack.prefills):
+        assert router_metric(stack, "pdserve:fleet_registered", worker.metrics_port) == 1
+        assert router_metric(stack, "pdserve:prefix_index_lag_seconds_count", worker.metrics_port) > 0
     wait_all_free(stack)
 
 
