@@ -54,17 +54,20 @@ class WorkerFleet:
         return joined
 
     async def leave(self) -> None:
-        for task in self._tasks[:1]:  # the member's loop would register again
-            task.cancel()
+        await _stop(self._tasks[:1])  # first the member's loop, which would register again
         if self.member is not None:
             await self.member.leave()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(self._tasks)
         await self.redis.aclose()
+
+
+async def _stop(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def prefill_resolver(directory: FleetDirectory):
