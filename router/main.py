@@ -9,11 +9,14 @@ import logging
 
 import uvicorn
 
-from pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from router.http import build_app
-from router.policy import LeastLoadedPolicy
-from router.registry import StaticRegistry
+from router.policy import RoutingConfig, make_policy
+from router.registry import RedisRegistry, StaticRegistry
 from router.server import RouterServicer
+from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
+from services.fleet.directory import FleetDirectory
+from services.fleet.schema import connect
 from services.rpc.server import parse_peers, serve_until_signalled, start_server
 
 log = logging.getLogger("pdserve.router")
@@ -30,20 +33,20 @@ async def run_router(args: argparse.Namespace) -> None:
     from services.engine import loader
     from services.engine.tokenizer import Tokenizer
 
-    registry = StaticRegistry(parse_peers(args.prefill_peers), parse_peers(args.decode_peers))
-    if not registry.decodes():
-        raise SystemExit("pdserve router: --decode-peers names no decode instance")
+    directory, registry = _registry(args)
     source = loader.resolve(args.model, args.load_format, args.preset, args.dummy_seed, args.tokenizer,
                             args.cache_dir, weights=False)
     tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
     hello = await registry.handshake_any("decode", timeout=args.startup_timeout)
     servicer = RouterServicer(
         registry,
-        LeastLoadedPolicy(args.remote_prefill_threshold),
+        make_policy(args.routing_policy, routing_config(args)),
         tokenizer,
         model_name=args.served_model_name or source.name,
         max_model_len=hello.max_model_len,
         vocab_size=hello.identity.vocab_size,
+        directory=directory,
+        block_size=args.block_size,
     )
     registry.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -54,10 +57,32 @@ async def run_router(args: argparse.Namespace) -> None:
                                          log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http.serve())
     print(f"router listening on {args.host}:{port} (gRPC), http://{args.host}:{args.http_port} "
-          f"(/healthz, /metrics); model {servicer.model_name}", flush=True)
+          f"(/healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}"
+          + (f", fleet registry {args.redis}" if directory else ""), flush=True)
     try:
         await serve_until_signalled(server, health, args.grace)
     finally:
         http.should_exit = True
         await http_task
         await registry.close()
+        if directory is not None:
+            await directory.redis.aclose()
+
+
+def routing_config(args: argparse.Namespace) -> RoutingConfig:
+    return RoutingConfig(args.remote_prefill_threshold, args.load_penalty, args.imbalance_threshold,
+                         args.imbalance_ratio, args.prefill_backlog)
+
+
+def _registry(args: argparse.Namespace) -> tuple[FleetDirectory | None, StaticRegistry]:
+    """Static peers, plus the fleet registry with --redis (the only source it needs)."""
+    prefills, decodes = parse_peers(args.prefill_peers), parse_peers(args.decode_peers)
+    if not args.redis:
+        if not decodes:
+            raise SystemExit("pdserve router: give --redis URL (the fleet registry) or --decode-peers")
+        return None, StaticRegistry(prefills, decodes)
+    directory = FleetDirectory(connect(args.redis))
+    # The router hashes prompts itself: instances must hash blocks exactly as it does.
+    hashing = worker_pb2.ModelIdentity(block_size=args.block_size, hash_seed=HASH_SEED,
+                                       hash_scheme_version=HASH_SCHEME_VERSION)
+    return directory, RedisRegistry(prefills, decodes, directory, hashing)

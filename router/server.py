@@ -1,7 +1,8 @@
 """The router's gRPC service: validate, tokenize once, route, stream back.
 
     Generate -> prepare: validate params and prompt (INVALID_ARGUMENT before any work)
-             -> stream:  policy.route: a decode instance, then a prefill instance or none
+             -> stream:  routing.RouteSelector: block hashes, prefix index, policy:
+                         a decode instance, then a prefill instance or none
                          DecodeWorker.Generate(prompt ids, params, prefill instance id)
                          the decode worker's deltas back, with usage and the disaggregation record
 
@@ -23,11 +24,14 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from router import metrics as router_metrics
 from router.policy import RoutingPolicy
 from router.registry import StaticRegistry
+from router.routing import RouteSelector
 from services.engine.errors import InvalidRequestError, NotFoundError, PdserveError, UnavailableError, UpstreamError
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
+from services.fleet.directory import FleetDirectory
 from services.rpc import metrics
 from services.rpc.convert import params_from_proto, reject_unknown_fields
 from services.rpc.server import abort_with, request_id_var, request_metadata
@@ -53,9 +57,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         model_name: str,
         max_model_len: int,
         vocab_size: int,
+        directory: FleetDirectory | None = None,
+        block_size: int = 16,
     ) -> None:
+        """`directory` is the fleet registry with its prefix index (None: route on load alone);
+        `block_size` must be the workers' (the router computes the same block hashes)."""
         self.registry = registry
         self.policy = policy
+        self.selector = RouteSelector(registry, policy, directory, block_size)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -118,12 +127,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """
         timer = metrics.StreamTimer()
         request_id, ids = prepared.request_id, prepared.prompt_token_ids
-        route = self.policy.route(ids, self.registry.decodes(), self.registry.prefills())
+        route = await self.selector.select(ids, prepared.params.cache_salt)
         if route is None:
             raise UnavailableError("no decode instance is available")
         decode, prefill = route.decode, route.prefill
-        log.info("request %s: %d prompt tokens -> decode %s, prefill %s", request_id, len(ids),
-                 decode.instance_id, prefill.instance_id if prefill else "local")
+        log.info("request %s: %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)", request_id, len(ids),
+                 decode.instance_id, route.decode_reason, route.decode_hit_tokens,
+                 prefill.instance_id if prefill else "local", route.prefill_reason)
         decode_request = worker_pb2.DecodeRequest(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -143,6 +153,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         prefill = None
                     if response.finished:
                         timer.finished([c.finish_reason for c in response.outputs])
+                        router_metrics.PROMPT_TOKENS.inc(response.usage.prompt_tokens)
+                        router_metrics.CACHED_TOKENS.inc(response.disaggregation.decode_cached_tokens)
                     yield response
             except grpc.aio.AioRpcError as e:
                 log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name,

@@ -257,3 +257,68 @@ def test_block_hash_chains_on_the_parent():
 @pytest.mark.parametrize("num_tokens, expected", [(0, 0), (3, 0), (4, 1), (9, 2)])
 def test_only_full_blocks_are_hashed(num_tokens, expected):
     assert len(hash_blocks(list(range(num_tokens)), 4)) == expected
+
+
+# ---- cache events (what workers publish to the fleet-wide prefix index) -------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def stored(self, block_hash: int) -> None:
+        self.events.append(("stored", block_hash))
+
+    def evicted(self, block_hash: int) -> None:
+        self.events.append(("evicted", block_hash))
+
+
+def test_listener_hears_stored_hashes_in_chain_order_and_evictions_least_recently_freed_first():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    listener = Recorder()
+    bm.set_listener(listener)
+    first = make_seq(list(range(9)), seq_id=0)  # 2 full blocks + 1 partial
+    admit(bm, first)
+    compute(bm, first)
+    h0, h1 = hash_blocks(list(range(8)), 4)
+    assert listener.events == [("stored", h0), ("stored", h1)]
+    bm.free(first)
+    listener.events.clear()
+
+    # 16 fresh tokens take the whole pool: never-cached blocks 2 and 3 first, then the cached
+    # blocks 1 (h1) and 0 (h0), which were freed tail first, so h1 goes before h0.
+    other = make_seq(list(range(100, 116)), seq_id=1)
+    assert bm.allocate_slots(other, 16) == []
+    assert other.block_table == [2, 3, 1, 0]
+    assert listener.events == [("evicted", h1), ("evicted", h0)]
+    bm.free(other)
+    bm.assert_all_free()
+
+
+def test_a_hash_cached_twice_is_reported_once():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    listener = Recorder()
+    bm.set_listener(listener)
+    a, b = make_seq(list(range(5)), seq_id=0), make_seq(list(range(5)), seq_id=1)
+    for seq in (a, b):  # both allocate before either is computed: two copies of block 0
+        assert bm.allocate_slots(seq, 5) == []
+    compute(bm, a)
+    compute(bm, b)
+    assert listener.events == [("stored", hash_block(None, [0, 1, 2, 3]))]
+    bm.free(a)
+    bm.free(b)
+    bm.assert_all_free()
+
+
+def test_reset_reports_every_dropped_hash_and_a_late_listener_hears_what_is_cached():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq(list(range(8)))
+    admit(bm, seq)
+    compute(bm, seq)
+    bm.free(seq)
+    late = Recorder()
+    bm.set_listener(late)
+    h0, h1 = hash_blocks(list(range(8)), 4)
+    assert late.events == [("stored", h0), ("stored", h1)]
+    assert bm.reset_prefix_cache() == 2
+    assert sorted(late.events[2:]) == sorted([("evicted", h0), ("evicted", h1)])

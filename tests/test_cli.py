@@ -59,7 +59,7 @@ def test_bench_offline_prints_a_table_and_a_json_last_line():
 
 def test_router_imports_no_model_runner_or_kernel_code():
     code = (
-        "import sys, router.main, router.server, router.policy, router.registry, router.http\n"
+        "import sys, router.main, router.server, router.policy, router.registry, router.routing, router.http\n"
         "bad = [m for m in sys.modules if m.startswith(('services.engine.model', 'services.engine.engine',"
         " 'services.engine.attention', 'services.engine.sampler', 'kernels', 'services.kv'))]\n"
         "assert not bad, bad\n"

@@ -33,7 +33,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    s = LocalStack(MODEL, num_prefill=1, num_decode=1, log_dir=tmp_path_factory.mktemp("stack"))
+    # A deep prefill backlog: every long prompt of the 32-stream test is prefilled remotely.
+    s = LocalStack(MODEL, num_prefill=1, num_decode=1, log_dir=tmp_path_factory.mktemp("stack"),
+                   router_argv=["--prefill-backlog", "64"])
     s.start(timeout=300)
     yield s
     s.stop()

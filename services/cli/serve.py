@@ -11,6 +11,7 @@ import socket
 from services.cli.model_args import add_model_args, engine_config
 
 DEFAULT_HOST = os.environ.get("POD_IP") or "127.0.0.1"
+ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")  # router/policy.py (not imported: it loads grpc)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,17 +23,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_bind_args(p, port)
         p.add_argument("--metrics-port", type=int, default=metrics_port, help=f"Prometheus /metrics (default {metrics_port}; 0 = off)")
         p.add_argument("--instance-id", help="this worker's id (default ROLE-HOSTNAME-PORT)")
-        p.add_argument("--advertise-host", default=os.environ.get("POD_IP"), help="address peers reach us at (default $POD_IP)")
+        p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
+                       help="host peers reach us at, as registered (default $POD_IP, else --host)")
+        _add_redis_arg(p)
         if role == "decode":
-            p.add_argument("--prefill-peers", default="", help="prefill instances: ID=HOST:PORT,...")
+            p.add_argument("--prefill-peers", default="",
+                           help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
         add_model_args(p)
         p.set_defaults(run=lambda args, role=role: _run_async(run_worker(role, args)))
 
     r = sub.add_parser("router", help="run the router (gRPC front door + HTTP /metrics, /healthz)")
     _add_bind_args(r, 50051)
     _add_router_args(r)
-    r.add_argument("--prefill-peers", default="", help="prefill instances: ID=HOST:PORT,...")
-    r.add_argument("--decode-peers", required=True, help="decode instances: ID=HOST:PORT,...")
+    _add_redis_arg(r)
+    r.add_argument("--prefill-peers", default="", help="static prefill instances: ID=HOST:PORT,...")
+    r.add_argument("--decode-peers", default="", help="static decode instances: ID=HOST:PORT,... (needed without --redis)")
     add_model_args(r)
     r.set_defaults(run=lambda args: _run_async(_router(args)))
 
@@ -42,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_router_args(s)
     s.add_argument("--prefill", type=int, default=1, help="prefill workers (0 = colocated: decode prefills)")
     s.add_argument("--decode", type=int, default=1, help="decode workers")
+    _add_redis_arg(s, serve=True)
     add_model_args(s)
     s.set_defaults(run=run_serve)
 
@@ -52,12 +58,44 @@ def _add_bind_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain on SIGTERM")
 
 
+def _add_redis_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    default = os.environ.get("PDSERVE_REDIS_URL")
+    p.add_argument("--redis", metavar="URL", default=default,
+                   help="fleet registry and prefix index, e.g. redis://HOST:6379/0 (default $PDSERVE_REDIS_URL"
+                   + (", else a private redis-server started for this stack)" if serve else ")"))
+
+
 def _add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port: /metrics, /healthz (default 8000)")
-    p.add_argument("--remote-prefill-threshold", type=int, default=64,
-                   help="prefill remotely when more prompt tokens than this are uncached (default 64)")
     p.add_argument("--served-model-name", help="model name clients see (default: derived from --model)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a decode worker")
+    g = p.add_argument_group("routing (router/policy.py)")
+    g.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix",
+                   help="prefix: cached tokens minus a load penalty (default); round_robin; least_loaded")
+    g.add_argument("--remote-prefill-threshold", type=int, default=64,
+                   help="prefill remotely when more prompt tokens than this are uncached (default 64)")
+    g.add_argument("--load-penalty", type=float, default=16.0,
+                   help="prefix: cached tokens one queued request is worth (default 16)")
+    g.add_argument("--imbalance-threshold", type=int, default=8,
+                   help="prefix: route to the least loaded decode instance when the best one has this many more "
+                   "requests queued (default 8) ...")
+    g.add_argument("--imbalance-ratio", type=float, default=1.5, help="... and this many times as many (default 1.5)")
+    g.add_argument("--prefill-backlog", type=int, default=16,
+                   help="prefill locally when the chosen prefill instance has this many requests queued (default 16)")
+
+
+ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "imbalance_threshold",
+                "imbalance_ratio", "prefill_backlog", "served_model_name")
+
+
+def router_argv(args: argparse.Namespace) -> list[str]:
+    """The routing flags of `args` as command-line words (for `pdserve serve`'s router process)."""
+    argv: list[str] = []
+    for name in ROUTER_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
 
 
 def _run_async(coro) -> int:
@@ -79,47 +117,73 @@ async def _router(args: argparse.Namespace) -> None:
 
 
 async def run_worker(role: str, args: argparse.Namespace) -> None:
-    from pdserve.v1 import worker_pb2, worker_pb2_grpc
+    from pdserve.v1 import worker_pb2
     from services.engine.async_engine import AsyncEngine
+    from services.fleet.directory import FleetDirectory
+    from services.fleet.schema import connect
+    from services.fleet.worker import WorkerFleet
     from services.rpc.metrics import serve_metrics
-    from services.rpc.server import configure_logging, parse_peers, serve_until_signalled, start_server
+    from services.rpc.server import configure_logging, serve_until_signalled, start_server
 
     instance_id = args.instance_id or f"{role}-{socket.gethostname()}-{args.port}"
     configure_logging(args.log_level, instance_id)
     engine = AsyncEngine(engine_config(args))
-    if role == "prefill":
-        from services.prefill.server import PrefillServicer
-
-        servicer = PrefillServicer(engine, instance_id)
-        add = worker_pb2_grpc.add_PrefillWorkerServicer_to_server
-        service = "PrefillWorker"
-    else:
-        from services.decode.server import DecodeServicer
-        from services.kv.transport import GrpcKVTransport
-        from services.rpc.worker import identity_of
-
-        core = engine.core
-        cfg = core.model_config
-        transport = GrpcKVTransport(
-            parse_peers(args.prefill_peers),
-            instance_id,
-            identity_of(engine),
-            (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim),
-            core.layout.dtype,
-        )
-        servicer = DecodeServicer(engine, instance_id, transport)
-        add = worker_pb2_grpc.add_DecodeWorkerServicer_to_server
-        service = "DecodeWorker"
+    # A decode worker resolves prefill ids through the registry; prefill workers only register.
+    directory = FleetDirectory(connect(args.redis)) if args.redis and role == "decode" else None
+    servicer, add, service = _servicer(role, args, engine, instance_id, directory)
+    fleet = WorkerFleet(args.redis, servicer, directory) if args.redis else None  # before serving: sees every block
     name = worker_pb2.DESCRIPTOR.services_by_name[service].full_name
     server, health, port = await start_server([lambda s: add(servicer, s)], [name], args.host, args.port)
     serve_metrics(args.host, args.metrics_port)
     gauges = asyncio.create_task(servicer.export_gauges())
-    print(f"{role} {instance_id} listening on {args.host}:{port}, metrics :{args.metrics_port}", flush=True)
     try:
-        await serve_until_signalled(server, health, args.grace)
+        if fleet is not None:
+            await fleet.join(f"{_advertised_host(args)}:{port}")  # a mismatched identity raises: exit 2
+        print(f"{role} {instance_id} listening on {args.host}:{port}, metrics :{args.metrics_port}"
+              + (f", registered in {args.redis}" if fleet else ""), flush=True)
+        await serve_until_signalled(server, health, args.grace, on_draining=fleet.leave if fleet else None)
     finally:
         gauges.cancel()
+        await server.stop(0)
+        if fleet is not None:
+            await fleet.close()
         engine.shutdown()
+
+
+def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, directory):
+    """The worker's servicer, the function that adds it to a server, and its service name."""
+    from pdserve.v1 import worker_pb2_grpc
+
+    if role == "prefill":
+        from services.prefill.server import PrefillServicer
+
+        return PrefillServicer(engine, instance_id), worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
+    from services.decode.server import DecodeServicer
+    from services.fleet.worker import prefill_resolver
+    from services.kv.transport import GrpcKVTransport
+    from services.rpc.server import parse_peers
+    from services.rpc.worker import identity_of
+
+    core = engine.core
+    cfg = core.model_config
+    transport = GrpcKVTransport(
+        parse_peers(args.prefill_peers),
+        instance_id,
+        identity_of(engine),
+        (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim),
+        core.layout.dtype,
+        resolve=prefill_resolver(directory) if directory is not None else None,
+    )
+    return DecodeServicer(engine, instance_id, transport), worker_pb2_grpc.add_DecodeWorkerServicer_to_server, \
+        "DecodeWorker"
+
+
+def _advertised_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    if args.host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return args.host
 
 
 def run_serve(args: argparse.Namespace) -> int:

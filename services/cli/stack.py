@@ -1,8 +1,13 @@
-"""A whole pdserve deployment as local processes: N prefill + N decode workers and a router.
+"""A whole pdserve deployment as local processes: N prefill + N decode workers and a router,
+joined through a fleet registry in Redis.
 
 `pdserve serve` runs one for a user; the end-to-end tests start one per session. Workers get
 free loopback ports; each process is a real `pdserve` command talking gRPC over sockets.
-Shutdown is ordered: the router first (no new requests), then decode, then prefill workers.
+Without a Redis URL the stack starts a private redis-server (services/fleet/redis_server.py),
+so the local stack runs the same code path as a cluster: workers register and publish their
+prefix caches, the router and decode workers find each other through the registry.
+Shutdown is ordered: the router first (no new requests), then decode, then prefill workers,
+then the private Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.fleet import schema
+from services.fleet.redis_server import RedisServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,9 +72,14 @@ class LocalStack:
         log_dir: Path | None = None,
         decode_argv: list[str] = (),
         log_level: str = "WARNING",
+        redis_url: str | None = None,
     ) -> None:
+        """Without `redis_url` the stack runs its own redis-server on a free port."""
         self.host = host
         self.env = env
+        self.redis = None if redis_url else RedisServer(free_port(host), host, log_dir / "redis.log" if log_dir else None)
+        self.redis_url = redis_url or self.redis.url
+        fleet = ["--redis", self.redis_url, "--advertise-host", host]
         cli = [sys.executable, "-m", "services.cli.main", "--log-level", log_level]
 
         def child(role: str, index: int, port: int, extra: list[str]) -> Child:
@@ -76,29 +90,22 @@ class LocalStack:
             log_path = log_dir / f"{instance_id}.log" if log_dir else None
             return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path)
 
-        self.prefills = [child("prefill", i, free_port(host), []) for i in range(num_prefill)]
-        prefill_peers = ",".join(f"{c.instance_id}={c.address}" for c in self.prefills)
-        self.decodes = [
-            child("decode", i, free_port(host), ["--prefill-peers", prefill_peers, *decode_argv])
-            for i in range(num_decode)
-        ]
-        decode_peers = ",".join(f"{c.instance_id}={c.address}" for c in self.decodes)
+        self.prefills = [child("prefill", i, free_port(host), fleet) for i in range(num_prefill)]
+        self.decodes = [child("decode", i, free_port(host), [*fleet, *decode_argv]) for i in range(num_decode)]
         router_port = router_port or free_port(host)
         self.http_port = http_port or free_port(host)
         argv = [*cli, "router", "--host", host, "--port", str(router_port), "--http-port", str(self.http_port),
-                "--prefill-peers", prefill_peers, "--decode-peers", decode_peers, *router_argv, *model_argv]
+                "--redis", self.redis_url, *router_argv, *model_argv]
         log_path = log_dir / "router.log" if log_dir else None
         self.router = Child("router", "router", f"{host}:{router_port}", self.http_port, argv, log_path)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LocalStack:
         from services.cli.model_args import model_argv
+        from services.cli.serve import router_argv
 
-        router_argv = ["--remote-prefill-threshold", str(args.remote_prefill_threshold)]
-        if args.served_model_name:
-            router_argv += ["--served-model-name", args.served_model_name]
-        return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port, router_argv,
-                   log_level=args.log_level)
+        return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
+                   router_argv(args), log_level=args.log_level, redis_url=args.redis)
 
     @property
     def router_address(self) -> str:
@@ -109,14 +116,40 @@ class LocalStack:
         return [*self.prefills, *self.decodes, self.router]
 
     def start(self, timeout: float = 600.0) -> LocalStack:
-        """Workers first (they load the model), then the router once they answer health checks."""
+        """Workers first (they load the model), then the router once they answer health checks
+        and are registered (so it routes to all of them from its first request)."""
+        if self.redis is not None:
+            self.redis.start()
         workers = [*self.prefills, *self.decodes]
         for c in workers:
             c.start(self.env)
         self._wait_healthy(workers, timeout)
+        self.wait_registered(workers, timeout)
         self.router.start(self.env)
         self._wait_healthy([self.router], timeout)
         return self
+
+    def restart_router(self, timeout: float = 120.0) -> None:
+        """Stop the router and start a fresh one (no memory of earlier routes)."""
+        self._stop_group([self.router], 10.0)
+        self.router.start(self.env)
+        self._wait_healthy([self.router], timeout)
+
+    def wait_registered(self, children: list[Child], timeout: float = 60.0) -> None:
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while not all(client.exists(schema.record_key(c.instance_id)) for c in children):
+                for c in children:
+                    if not c.alive():
+                        self.stop()
+                        raise RuntimeError(f"{c.instance_id} exited during start-up:\n{c.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"workers not registered in {self.redis_url} after {timeout:.0f}s")
+                time.sleep(0.1)
+        finally:
+            client.close()
 
     def _wait_healthy(self, children: list[Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -139,6 +172,7 @@ class LocalStack:
             extra = f"http://{self.host}:{self.http_port} (/healthz, /metrics)" if c is self.router else \
                 f"metrics http://{self.host}:{c.metrics_port}/metrics"
             print(f"  {c.instance_id:<10} grpc {c.address:<22} {extra}")
+        print(f"  {'registry':<10} {self.redis_url}" + (" (private redis-server)" if self.redis else ""))
         print(f"try: pdserve generate --url {self.router_address} \"What is AI?\"", flush=True)
 
     def wait(self) -> int:
@@ -159,17 +193,23 @@ class LocalStack:
 
     def stop(self, grace: float = 10.0) -> None:
         for group in ([self.router], self.decodes, self.prefills):
-            for c in group:
-                if c.alive():
-                    c.proc.send_signal(signal.SIGTERM)
-            for c in group:
-                if c.proc is None:
-                    continue
-                try:
-                    c.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    c.proc.kill()
-                    c.proc.wait()
+            self._stop_group(group, grace)
+        if self.redis is not None:
+            self.redis.stop()
+
+    @staticmethod
+    def _stop_group(group: list[Child], grace: float) -> None:
+        for c in group:
+            if c.alive():
+                c.proc.send_signal(signal.SIGTERM)
+        for c in group:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -15,12 +15,18 @@ Prefix cache: a full, computed block is registered under its chained hash. When 
 user leaves (ref_count 0) it stays registered, in the free queue, until an allocation needs
 it: allocation takes never-cached blocks first, then evicts cached ones least recently freed
 first. A sequence frees its blocks tail first, so a prefix outlives its extensions.
+
+Cache events: an optional listener hears every hash the prefix cache gains (`stored`) and
+loses (`evicted`, including `reset_prefix_cache`), in order, on the thread that runs the
+engine. Workers use it to mirror their cache into the fleet-wide prefix index; the engine
+knows nothing about where the hashes go.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from services.engine.block_hash import hash_blocks
 from services.engine.sequence import Sequence
@@ -31,6 +37,14 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+
+
+class CacheListener(Protocol):
+    """Hears the prefix cache change. Called on the engine thread: keep it cheap."""
+
+    def stored(self, block_hash: int) -> None: ...
+
+    def evicted(self, block_hash: int) -> None: ...
 
 
 class BlockManager:
@@ -44,8 +58,16 @@ class BlockManager:
         # Free blocks in allocation order: front = next to hand out (or evict).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self._listener: CacheListener | None = None
         # Counters for metrics.
         self.num_evictions = 0
+
+    def set_listener(self, listener: CacheListener | None) -> None:
+        """Report cache changes to `listener` from now on; it first hears every hash already cached."""
+        self._listener = listener
+        if listener is not None:
+            for block_hash in list(self._cached):
+                listener.stored(block_hash)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -167,6 +189,8 @@ class BlockManager:
             if block.block_hash is None and block_hash not in self._cached:
                 block.block_hash = block_hash
                 self._cached[block_hash] = block.block_id
+                if self._listener is not None:
+                    self._listener.stored(block_hash)
         seq.num_cached_blocks = num_full
 
     def reset_prefix_cache(self) -> int:
@@ -226,5 +250,7 @@ class BlockManager:
             return False
         if self._cached.get(block.block_hash) == block.block_id:
             del self._cached[block.block_hash]
+            if self._listener is not None:
+                self._listener.evicted(block.block_hash)
         block.block_hash = None
         return True

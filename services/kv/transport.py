@@ -3,7 +3,8 @@
 `KVTransport` is the decode side's view: ask a peer (named by instance id) to prefill a
 prompt, receive its blocks as they are computed, then the first sampled tokens. The gRPC
 stream is the transport today; same-host transports (CUDA IPC, NCCL) can drop in behind the
-same interface. Addresses come from this worker's own configuration, never from a request.
+same interface. Addresses come from this worker's own configuration (--prefill-peers) or the
+fleet registry, never from a request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -61,33 +62,45 @@ class GrpcKVTransport(KVTransport):
         identity: worker_pb2.ModelIdentity,
         block_shape: tuple[int, ...],
         dtype: torch.dtype,
+        resolve: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
+        """`peers`: static id -> address; `resolve`: the address of any other id (the fleet registry)."""
         self.peers = peers
+        self.resolve = resolve
         self.instance_id = instance_id
         self.identity = identity
         self.block_shape = block_shape  # [layers, 2, block_size, kv_heads, head_dim]
         self.dtype = dtype
-        self._stubs: dict[str, worker_pb2_grpc.PrefillWorkerStub] = {}
+        self._stubs: dict[str, tuple[str, worker_pb2_grpc.PrefillWorkerStub]] = {}  # id -> (address, stub)
         self._channels: list[grpc.aio.Channel] = []
         self._checked: set[str] = set()
         self._lock = asyncio.Lock()
 
+    async def _address(self, peer_id: str) -> str | None:
+        address = self.peers.get(peer_id)
+        if address is None and self.resolve is not None:
+            address = await self.resolve(peer_id)
+        return address
+
     async def _stub(self, peer_id: str, timeout: float | None) -> worker_pb2_grpc.PrefillWorkerStub:
         async with self._lock:
-            if peer_id not in self._stubs:
-                address = self.peers.get(peer_id)
-                if address is None:
-                    raise PeerError(f"unknown prefill instance {peer_id!r}", grpc.StatusCode.INVALID_ARGUMENT)
+            address = await self._address(peer_id)
+            if address is None:
+                raise PeerError(f"unknown prefill instance {peer_id!r}", grpc.StatusCode.INVALID_ARGUMENT)
+            if self._stubs.get(peer_id, ("", None))[0] != address:  # new, or restarted elsewhere
                 channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
                 self._channels.append(channel)
-                self._stubs[peer_id] = worker_pb2_grpc.PrefillWorkerStub(channel)
-            stub = self._stubs[peer_id]
+                self._stubs[peer_id] = (address, worker_pb2_grpc.PrefillWorkerStub(channel))
+                self._checked.discard(peer_id)
+            stub = self._stubs[peer_id][1]
             if peer_id not in self._checked:
-                await self._handshake(peer_id, stub, timeout)
+                await self._handshake(peer_id, address, stub, timeout)
                 self._checked.add(peer_id)
             return stub
 
-    async def _handshake(self, peer_id: str, stub: worker_pb2_grpc.PrefillWorkerStub, timeout: float | None) -> None:
+    async def _handshake(
+        self, peer_id: str, address: str, stub: worker_pb2_grpc.PrefillWorkerStub, timeout: float | None
+    ) -> None:
         request = worker_pb2.HandshakeRequest(instance_id=self.instance_id, role="decode", identity=self.identity)
         try:
             await stub.Handshake(request, timeout=timeout)
@@ -95,7 +108,7 @@ class GrpcKVTransport(KVTransport):
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise PeerError(e.details()) from e
             raise
-        log.info("handshake with prefill %s (%s) ok", peer_id, self.peers[peer_id])
+        log.info("handshake with prefill %s (%s) ok", peer_id, address)
 
     async def pull(self, peer_id, request, timeout):
         stub = await self._stub(peer_id, timeout)

@@ -10,7 +10,7 @@ import asyncio
 import contextvars
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -115,8 +115,10 @@ async def serve_until_signalled(
     health_servicer: health.aio.HealthServicer,
     grace_s: float = 5.0,
     on_stop: Callable[[], None] | None = None,
+    on_draining: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then: readiness NOT_SERVING, drain for `grace_s`, stop."""
+    """Run until SIGINT/SIGTERM, then: readiness NOT_SERVING (and `on_draining`, e.g. leave the
+    fleet registry so routers stop sending work), drain for `grace_s`, stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -125,6 +127,8 @@ async def serve_until_signalled(
     await asyncio.wait([server_done, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down: draining for up to %.0fs", grace_s)
     await health_servicer.enter_graceful_shutdown()
+    if on_draining is not None:
+        await on_draining()
     await server.stop(grace_s)
     if on_stop is not None:
         on_stop()

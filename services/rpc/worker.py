@@ -78,13 +78,16 @@ class WorkerServicerBase:
         self.engine.abort(request.request_id)
         return worker_pb2.AbortResponse(found=found)
 
-    async def GetLoad(self, request: worker_pb2.LoadRequest, context) -> worker_pb2.LoadResponse:
+    def load(self) -> worker_pb2.LoadResponse:
         return worker_pb2.LoadResponse(
             instance_id=self.instance_id,
             role=self.role,
             block_size=self.engine.core.layout.block_size,
             **self.engine.stats(),
         )
+
+    async def GetLoad(self, request: worker_pb2.LoadRequest, context) -> worker_pb2.LoadResponse:
+        return self.load()
 
     async def export_gauges(self, period_s: float = 1.0) -> None:
         """Keep the engine gauges of /metrics current (runs for the life of the server)."""

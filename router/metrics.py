@@ -1,0 +1,25 @@
+"""The router's own Prometheus metrics: routing decisions, prefix hits, the fleet registry.
+
+Hit rate of the fleet = routing_cached_tokens / routing_prompt_tokens (both counted when a
+request finishes, from the decode instance's report); the index's accuracy shows in
+routing_predicted_hit_tokens against routing_cached_tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter("pdserve:routing_decisions", "Routing decisions: which policy, for which role, and why",
+                    ["policy", "role", "reason"])
+PREDICTED_HIT_TOKENS = Counter("pdserve:routing_predicted_hit_tokens",
+                               "Prompt tokens the prefix index placed on the chosen decode instance")
+PROMPT_TOKENS = Counter("pdserve:routing_prompt_tokens", "Prompt tokens of finished requests")
+CACHED_TOKENS = Counter("pdserve:routing_cached_tokens",
+                        "Prompt tokens of finished requests that their decode instance had cached")
+LOOKUP_SECONDS = Histogram("pdserve:prefix_index_lookup_seconds", "One prefix-index lookup (all instances)",
+                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+
+REDIS_UP = Gauge("pdserve:redis_up", "1 while the router reads the fleet registry from Redis")
+REGISTRY_AGE = Gauge("pdserve:registry_age_seconds", "Seconds since the fleet registry was last read (-1: never)")
+INSTANCES = Gauge("pdserve:registry_instances", "Reachable instances the router routes to", ["role"])
+REFUSED = Counter("pdserve:registry_refused_instances", "Registered instances refused: their block hashing differs")
