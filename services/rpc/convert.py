@@ -26,6 +26,11 @@ def reject_unknown_fields(msg: Message) -> None:
     for field, value in msg.ListFields():
         if field.message_type is None:
             continue
+        if field.message_type.GetOptions().map_entry:  # a map: only message values can hide fields
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for item in value.values():
+                    reject_unknown_fields(item)
+            continue
         if field.is_repeated:
             for item in value:
                 reject_unknown_fields(item)
