@@ -1,6 +1,8 @@
-"""The router's HTTP port: /healthz and /metrics (the OpenAI-compatible API joins it later)."""
+"""The router's HTTP port: /healthz, /metrics and the OpenAI-compatible API under /v1 (openai_api.py)."""
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -9,9 +11,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from router.registry import StaticRegistry
+from router.server import RouterServicer
 
 
-def build_app(registry: StaticRegistry) -> Starlette:
+def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None) -> Starlette:
+    """/healthz and /metrics; with a servicer, also the OpenAI API over the same request path as gRPC."""
+
     async def healthz(request: Request) -> Response:
         decodes = len(registry.decodes())
         body = {"status": "ok" if decodes else "unavailable", "decode_instances": decodes,
@@ -21,4 +26,12 @@ def build_app(registry: StaticRegistry) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics)])
+    routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
+    if servicer is not None:
+        from router.openai_api import OpenAIServer
+        from services.engine import structured_output
+
+        routes += OpenAIServer(servicer).routes()
+        # xgrammar takes seconds to import: not on the first constrained request's time.
+        threading.Thread(target=structured_output.preload, name="xgrammar-import", daemon=True).start()
+    return Starlette(routes=routes)

@@ -53,11 +53,11 @@ async def run_router(args: argparse.Namespace) -> None:
     server, health, port = await start_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s)], [name], args.host, args.port
     )
-    http = _HTTPServer(uvicorn.Config(build_app(registry), host=args.host, port=args.http_port,
+    http = _HTTPServer(uvicorn.Config(build_app(registry, servicer), host=args.host, port=args.http_port,
                                          log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http.serve())
     print(f"router listening on {args.host}:{port} (gRPC), http://{args.host}:{args.http_port} "
-          f"(/healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}"
+          f"(/v1, /healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}"
           + (f", fleet registry {args.redis}" if directory else ""), flush=True)
     try:
         await serve_until_signalled(server, health, args.grace)

@@ -29,6 +29,7 @@ from router.policy import RoutingPolicy
 from router.registry import StaticRegistry
 from router.routing import RouteSelector
 from services.engine.errors import InvalidRequestError, NotFoundError, PdserveError, UnavailableError, UpstreamError
+from services.engine import structured_output
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.fleet.directory import FleetDirectory
@@ -112,6 +113,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         params = params_from_proto(request.sampling)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if params.structured_output is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured output needs a tokenizer; this model has none")
+            structured_output.check(params.structured_output)  # the workers compile it
         ids = self.prompt_ids(request)
         return Prepared(request.request_id or uuid.uuid4().hex, ids, params)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,20 @@ def test_invalid_sampling_flag_exits_2_with_a_clear_message():
     proc = run("generate", "--load-format", "dummy", "--preset", "tiny-llama", "--temperature", "-1", "hi")
     assert proc.returncode == 2
     assert "temperature must be >= 0" in proc.stderr
+
+
+def test_generate_with_a_regex_constrains_the_output():
+    proc = run("generate", "--load-format", "dummy", "--preset", "tiny-llama", "--json", "--temperature", "1",
+               "--seed", "3", "--regex", "[a-c]{2}-[0-9]", "hi")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert re.fullmatch("[a-c]{2}-[0-9]", record["text"]) and record["finish_reason"] == "stop"
+
+
+def test_generate_with_an_invalid_grammar_exits_2_with_xgrammars_reason():
+    proc = run("generate", "--load-format", "dummy", "--preset", "tiny-llama", "--grammar", "root ::= nope", "hi")
+    assert proc.returncode == 2
+    assert 'invalid grammar: EBNF parser error at line 1, column 10: Rule "nope" is not defined' in proc.stderr
 
 
 def test_unknown_model_path_exits_2_naming_it(tmp_path):

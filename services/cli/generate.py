@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", type=int, help="return this many top logprobs per token")
+    c = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON matching this schema (JSON text, or @FILE)")
+    c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    c.add_argument("--regex", help="the whole output matches this regex")
+    c.add_argument("--grammar", help="the output matches this EBNF grammar, root rule `root` (text, or @FILE)")
+    c.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
     add_model_args(p)
     p.set_defaults(run=run)
 
@@ -51,10 +57,25 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _text_or_file(value: str | None) -> str | None:
+    return Path(value[1:]).read_text() if value and value.startswith("@") else value
+
+
+def structured_output(args: argparse.Namespace):
+    from services.engine import StructuredOutputParams
+
+    schema, grammar = _text_or_file(args.json_schema), _text_or_file(args.grammar)
+    if not (schema or args.json_object or args.regex or grammar or args.choice):
+        return None
+    return StructuredOutputParams(json_schema=schema, json_object=args.json_object, regex=args.regex,
+                                  grammar=grammar, choice=args.choice)
+
+
 def sampling_params(args: argparse.Namespace):
     from services.engine import SamplingParams
 
     return SamplingParams(
+        structured_output=structured_output(args),
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -15,6 +15,7 @@ _EXPORTS = {
     "AsyncEngine": "async_engine",
     "EngineConfig": "config",
     "SamplingParams": "sampling_params",
+    "StructuredOutputParams": "sampling_params",
     "RequestOutput": "outputs",
     "CompletionOutput": "outputs",
     "Logprob": "outputs",
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from services.engine.errors import ConfigError, EngineDeadError, InvalidRequestError, ModelLoadError, PdserveError
     from services.engine.llm import LLM
     from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
-    from services.engine.sampling_params import SamplingParams
+    from services.engine.sampling_params import SamplingParams, StructuredOutputParams
 
 
 def __getattr__(name: str) -> Any:

@@ -64,8 +64,12 @@ class AsyncEngine:
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        params = params or SamplingParams()
+        if params.structured_output is not None:
+            # Compiling takes milliseconds to seconds: off the event loop; make_request then hits the cache.
+            await asyncio.to_thread(self.core.compile_grammar, params)
         request = self.core.make_request(
-            prompt, params or SamplingParams(), request_id, priority, kv_export_from, remote_prefill
+            prompt, params, request_id, priority, kv_export_from, remote_prefill
         )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:

@@ -31,6 +31,7 @@ from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.sequence import Request, Sequence
+from services.engine.structured_output import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -70,6 +71,9 @@ class EngineCore:
             eos_token_ids=_eos_token_ids(source),
             model_identity=source.identity,
         )
+        # Structured output needs the tokenizer's vocabulary; nothing is built until a request uses it.
+        self.grammars = (GrammarCompiler.for_tokenizer(self.tokenizer.hf, cfg.vocab_size, self.layout.eos_token_ids)
+                         if self.tokenizer is not None else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_manager, self._new_seq
@@ -129,6 +133,8 @@ class EngineCore:
             )
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         if not isinstance(priority, int):
@@ -140,6 +146,8 @@ class EngineCore:
             priority=priority,
             arrival_time=time.monotonic(),
         )
+        if params.structured_output is not None:
+            request.grammar = self.compile_grammar(params)
         if kv_export_from is not None:
             if not 0 <= kv_export_from * self.config.block_size < len(token_ids):
                 raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")
@@ -147,6 +155,13 @@ class EngineCore:
         if remote_prefill:
             request.kv_import = KVImport()
         return request
+
+    def compile_grammar(self, params: SamplingParams) -> object:
+        """The compiled grammar of a structured-output request (cached; thread safe, so servers
+        compile off their event loop first and `make_request` finds it cached)."""
+        if self.grammars is None:
+            raise InvalidRequestError("structured output needs a tokenizer; this model has none")
+        return self.grammars.compile(params.structured_output)
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`. Sequence ids of a request are consecutive."""
@@ -212,6 +227,12 @@ class EngineCore:
         text_before = len(seq.text)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(token)
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):  # only a peer sampling under another grammar gets here
+                log.warning("request %s: token %d breaks its grammar; aborting", seq.request.request_id, token)
+                return self.scheduler.finish(seq, "abort")
+            if seq.grammar.terminated:  # a complete match and a stop token: done, even under ignore_eos
+                return self.scheduler.finish(seq, "stop")
         num_out = seq.num_output_tokens
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in self.layout.eos_token_ids:
@@ -326,6 +347,8 @@ class EngineCore:
             seq.logprobs = []
         if request.params.detokenize and self.tokenizer is not None:
             seq.detokenizer = self.tokenizer.detokenizer(request.prompt_token_ids, request.params.skip_special_tokens)
+        if request.grammar is not None:
+            seq.grammar = self.grammars.new_state(request.grammar)
         return seq
 
     def _tokenize(self, prompt: Prompt) -> list[int]:

@@ -2,8 +2,14 @@
 
 Processing order for each row (the same as vLLM's):
 
-    min_tokens mask -> repetition / frequency / presence penalties -> greedy argmax
-                    or temperature -> min_p -> top_k -> top_p -> random draw
+    logit_bias -> grammar mask -> min_tokens mask -> repetition / frequency / presence penalties
+               -> greedy argmax or temperature -> min_p -> top_k -> top_p -> random draw
+
+* logit_bias: logit += bias for the listed token ids
+* grammar mask (structured output, structured_output.py): tokens the sequence's grammar
+  forbids next get -inf
+* min_tokens mask: EOS and stop_token_ids get -inf until min_tokens are out, unless that would
+  leave no token at all (a complete grammar that allows only EOS): then the grammar wins
 
 * repetition_penalty r (prompt and output tokens): logit > 0 -> logit / r, else logit * r
 * frequency_penalty f, presence_penalty p (output tokens, count c): logit -= f * c + p * (c > 0)
@@ -16,7 +22,9 @@ picks token i with probability probs[i]. For a seeded request E comes from a gen
 by (seed, sequence index, output position) alone, so the draw does not depend on batch
 composition, chunking, preemption or which process samples.
 
-Logprobs are those of the raw model distribution (before penalties and temperature).
+Logprobs are those of the raw model distribution (before logit_bias, the grammar mask,
+penalties and temperature): what the model thinks of each token, whatever the constraints; a
+sampled token's logprob is never -inf, though the mask may have ruled out the model's favourite.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import xxhash
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SampleSpec
+from services.engine.structured_output import apply_grammars
 
 
 def draw_seed(seed: int, seq_index: int, output_pos: int) -> int:
@@ -49,7 +58,7 @@ class Sampler:
             logits = logits[torch.tensor(rows, device=logits.device)]
         expanded = [(spec, idx) for spec in specs for idx in spec.seq_indices]
         # Masks and penalties edit rows in place: never in the caller's tensor.
-        edits = any(s.params.needs_penalties or s.output_pos < s.params.min_tokens for s, _ in expanded)
+        edits = any(_edits_logits(s) for s, _ in expanded)
         want_logprobs = any(spec.params.logprobs is not None for spec, _ in expanded)
         raw_logprobs = None
         if not edits and not want_logprobs and all(spec.params.greedy for spec, _ in expanded):
@@ -59,6 +68,10 @@ class Sampler:
         else:
             logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
             raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            logits = self._apply_logit_bias(logits, expanded)
+            constrained = [(r, spec.grammar) for r, (spec, _) in enumerate(expanded) if spec.grammar is not None]
+            if constrained:
+                apply_grammars(logits, constrained)
             logits = self._apply_min_tokens(logits, expanded)
             logits = self._apply_penalties(logits, expanded)
             token_ids = self._draw(logits, expanded)
@@ -79,14 +92,25 @@ class Sampler:
 
     # ---- processing ----------------------------------------------------------------------
 
+    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
+        for r, (spec, _) in enumerate(rows):
+            bias = spec.params.logit_bias
+            if bias:
+                ids = torch.tensor([t for t, _ in bias], device=logits.device)
+                logits[r, ids] += torch.tensor([b for _, b in bias], device=logits.device)
+        return logits
+
     def _apply_min_tokens(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
         for r, (spec, _) in enumerate(rows):
             p = spec.params
             if spec.output_pos < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 banned = [t for t in banned if t < logits.shape[-1]]
-                if banned:
-                    logits[r, banned] = float("-inf")
+                if not banned:
+                    continue
+                row = logits[r].index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+                if spec.grammar is None or bool(torch.isfinite(row).any()):
+                    logits[r] = row
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
@@ -131,6 +155,11 @@ class Sampler:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._seed)
         return self._generator
+
+
+def _edits_logits(spec: SampleSpec) -> bool:
+    p = spec.params
+    return p.needs_penalties or spec.output_pos < p.min_tokens or bool(p.logit_bias) or spec.grammar is not None
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

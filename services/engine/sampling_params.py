@@ -4,10 +4,16 @@ Semantics follow vLLM's `SamplingParams`, so users and their benchmarks carry ov
 temperature 0 (anything below 1e-5) means greedy; top_k of -1 (or 0) and top_p of 1 disable those filters;
 repetition_penalty applies to prompt and output tokens (HF semantics), presence and
 frequency penalties to output tokens only (OpenAI semantics).
+
+Structured output (`StructuredOutputParams`, vLLM's options) constrains what may be sampled;
+this module checks only its shape, services/engine/structured_output.py compiles it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.engine.errors import InvalidRequestError
@@ -17,6 +23,75 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LEN = 1024
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or grammar
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """Exactly one constraint on the output, as vLLM names them.
+
+    json_schema: a JSON schema (JSON text or a dict); json_object: any JSON object; regex: the
+    whole output matches it; grammar: EBNF (xgrammar's dialect, root rule `root`); choice:
+    the output is exactly one of these strings.
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_schema, Mapping):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        self._validate()
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json_schema", "json_object", "regex", "grammar" or "choice"."""
+        return self.key[0]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec text): what a compiled grammar is cached under (with the tokenizer)."""
+        if self.json_schema is not None:
+            return ("json_schema", self.json_schema)
+        if self.json_object:
+            return ("json_object", "")
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.grammar is not None:
+            return ("grammar", self.grammar)
+        return ("choice", json.dumps(self.choice))
+
+    def _validate(self) -> None:
+        given = [self.json_schema is not None, self.json_object, self.regex is not None,
+                 self.grammar is not None, self.choice is not None]
+        if sum(given) != 1:
+            raise InvalidRequestError(
+                "structured output takes exactly one of json_schema, json_object, regex, grammar, choice; "
+                f"got {sum(given)}"
+            )
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_GRAMMAR_CHARS):
+                raise InvalidRequestError(f"{name} must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise InvalidRequestError(f"json_schema is not valid JSON: {e}") from e
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("json_schema must be a JSON object")
+        if self.choice is not None:
+            if not 0 < len(self.choice) <= MAX_CHOICES:
+                raise InvalidRequestError(f"choice takes 1 to {MAX_CHOICES} strings, got {len(self.choice)}")
+            if any(not isinstance(c, str) or not 0 < len(c) <= MAX_STOP_STRING_LEN for c in self.choice):
+                raise InvalidRequestError(f"choices must be non-empty strings of at most {MAX_STOP_STRING_LEN} characters")
 
 
 @dataclass(frozen=True)
@@ -44,13 +119,19 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Salted into the first block hash: requests with different salts never share cached KV.
     cache_salt: str | None = None
+    # Only tokens the constraint allows are sampled; the sequence stops when it is complete.
+    structured_output: StructuredOutputParams | None = None
+    # (token id, bias) pairs added to the logits before sampling; a dict is accepted too.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        # Accept lists from callers (JSON, CLI) but store immutable tuples.
+        # Accept lists and dicts from callers (JSON, CLI) but store immutable tuples.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in dict(bias).items())))
         self._validate()
 
     @property
@@ -107,3 +188,12 @@ class SamplingParams:
             raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.stop and not self.detokenize:
             raise bad("stop strings need detokenize=True")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token, value in self.logit_bias:
+            if not isinstance(token, int) or token < 0:
+                raise bad(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+            if not (math.isfinite(value) and -100.0 <= value <= 100.0):
+                raise bad(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
+            raise bad("structured_output must be a StructuredOutputParams")

@@ -20,11 +20,15 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.engine.block_manager import BlockManager
 from services.engine.outputs import SampledToken
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Request, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from services.engine.structured_output import GrammarState
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class SampleSpec:
     seq_indices: tuple[int, ...]  # one index; all n of them when a request forks
     num_prompt_tokens: int
     token_ids: list[int]  # prompt + output so far; a read-only view, for penalties
+    grammar: GrammarState | None = None  # structured output: the sequence's grammar state, read-only here
 
     @property
     def output_pos(self) -> int:
@@ -271,6 +276,7 @@ class Scheduler:
                     seq_indices=tuple(range(request.params.n)) if fork else (seq.index,),
                     num_prompt_tokens=request.num_prompt_tokens,
                     token_ids=seq.token_ids,
+                    grammar=seq.grammar,
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.engine.kv_transfer import KVExport, KVImport
 from services.engine.outputs import Logprob
@@ -21,6 +21,7 @@ from services.engine.tokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from services.engine.scheduler import SampleSpec
+    from services.engine.structured_output import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +45,8 @@ class Request:
     # blocks; a remote-prefilled request receives them.
     kv_export: KVExport | None = None
     kv_import: KVImport | None = None
+    # Structured output: the compiled grammar (an xgrammar object) each sequence's state starts from.
+    grammar: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -81,6 +84,8 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""
+    # Structured output: where the output so far stands in the request's grammar.
+    grammar: GrammarState | None = None
     # How much of the output has been handed out as deltas (streaming).
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0

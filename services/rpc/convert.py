@@ -7,7 +7,7 @@ from google.protobuf.message import Message
 from pdserve.v1 import common_pb2
 from services.engine.errors import InvalidRequestError
 from services.engine.outputs import CompletionOutput, Logprob, SampledToken
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import SamplingParams, StructuredOutputParams
 
 # proto field -> SamplingParams field, for the optional scalars copied when present.
 _SCALARS = (
@@ -26,6 +26,11 @@ def reject_unknown_fields(msg: Message) -> None:
     for field, value in msg.ListFields():
         if field.message_type is None:
             continue
+        if field.message_type.GetOptions().map_entry:  # a map: only message values can hide fields
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for item in value.values():
+                    reject_unknown_fields(item)
+            continue
         if field.is_repeated:
             for item in value:
                 reject_unknown_fields(item)
@@ -36,17 +41,38 @@ def reject_unknown_fields(msg: Message) -> None:
 def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     """Engine sampling params from the wire; unset fields take the engine defaults."""
     kwargs = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
-    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), **kwargs)
+    structured = structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None
+    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
+                          logit_bias=dict(msg.logit_bias), structured_output=structured, **kwargs)
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+    msg = common_pb2.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+                                    logit_bias=dict(params.logit_bias))
     defaults = SamplingParams()
     for name in _SCALARS:
         value = getattr(params, name)
         if value is not None and value != getattr(defaults, name):
             setattr(msg, name, value)
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     return msg
+
+
+def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutputParams:
+    kind = msg.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequestError("structured_output sets no constraint")
+    if kind == "choice":
+        return StructuredOutputParams(choice=tuple(msg.choice.choices))
+    return StructuredOutputParams(**{kind: getattr(msg, kind)})
+
+
+def structured_output_to_proto(so: StructuredOutputParams) -> common_pb2.StructuredOutput:
+    kind, _ = so.key
+    if kind == "choice":
+        return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=list(so.choice)))
+    return common_pb2.StructuredOutput(**{kind: getattr(so, kind)})
 
 
 def logprobs_to_proto(position: dict[int, Logprob]) -> common_pb2.PositionLogprobs:

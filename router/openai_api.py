@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP API on the router's HTTP port: /v1/models, /v1/completions,
+/v1/chat/completions, streaming as server-sent events or one JSON body.
+
+    body --openai_protocol--> GenerateRequest(s) --RouterServicer.prepare--> Prepared (400/404 here)
+         --RouterServicer.stream--> decode's GenerateResponses --openai_format--> JSON / SSE chunks
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP
+status of the typed error (400 bad request, 404 unknown model, 429 overloaded, 503 no
+instance). A stream sends its headers only once the first tokens are out, so routing and
+worker errors still get their status; an error after that is a final `data: {"error": ...}`.
+
+A client that disconnects cancels its request end to end: the decode call is cancelled,
+decode aborts the request (and its prefill call) and frees every block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pdserve.v1 import common_pb2, router_pb2
+from router import openai_protocol as protocol
+from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage
+from router.server import Prepared, RouterServicer
+from services.engine.errors import InvalidRequestError, PdserveError
+
+T = TypeVar("T")
+
+# HTTP status -> OpenAI error type (the client picks its exception class from the status).
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
+                429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was complete."""
+
+
+def error_response(err: PdserveError, param: str | None = None) -> JSONResponse:
+    """An OpenAI-shaped error body with the HTTP status of `err`'s type."""
+    return JSONResponse(error_body(err, param), status_code=err.http_status)
+
+
+def error_body(err: PdserveError, param: str | None = None) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(err.http_status, "internal_error")
+    if param is None:  # engine messages name the field first: "temperature must be >= 0, got -1"
+        match = re.match(r"([a-z_]+)[ =]", str(err))
+        param = match.group(1) if match and match.group(1) in _FIELDS else None
+    return {"error": {"message": str(err), "type": kind, "param": param, "code": err.grpc_status.lower()}}
+
+
+_FIELDS = set(protocol.CompletionRequest.model_fields) | set(protocol.ChatCompletionRequest.model_fields)
+
+
+class OpenAIServer:
+    """The /v1 routes over one RouterServicer (shared with the gRPC Router service)."""
+
+    def __init__(self, servicer: RouterServicer) -> None:
+        self.servicer = servicer
+        self.tokens = TokenStrings(servicer.tokenizer)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ]
+
+    # ---- routes --------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        try:
+            self.servicer.check_model(request.path_params["model"])
+        except PdserveError as e:
+            return error_response(e, "model")
+        return JSONResponse(self._model_card())
+
+    async def completions(self, request: Request) -> Response:
+        async def make(body: protocol.CompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
+            rid = f"cmpl-{uuid.uuid4().hex}"
+            requests = protocol.completion_requests(body, rid, self.servicer.max_model_len)
+            echo = [self._prompt_text(r) for r in requests] if body.echo else None
+            return requests, self._format("completion", rid, body, body.logprobs, echo)
+
+        return await self._handle(request, protocol.CompletionRequest, make)
+
+    async def chat_completions(self, request: Request) -> Response:
+        async def make(body: protocol.ChatCompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            return [protocol.chat_request(body, rid, self.servicer.max_model_len)], self._format("chat", rid, body, top)
+
+        return await self._handle(request, protocol.ChatCompletionRequest, make)
+
+    # ---- one request -----------------------------------------------------------------------------
+
+    async def _handle(self, request: Request, model: type[BaseModel], make) -> Response:
+        try:
+            body = await _parse(request, model)
+            requests, fmt = await make(body)
+            prepared = [self._prepare(r, body) for r in requests]
+            streams = [self.servicer.stream(p, r, None) for p, r in zip(prepared, requests, strict=True)]
+            merged = merge(streams)
+            if body.stream:
+                # Headers wait for the first tokens, so that early errors keep their HTTP status.
+                first = await until_disconnected(request, anext(merged, None))
+                return StreamingResponse(self._events(first, merged, fmt, body), media_type="text/event-stream")
+            choices, usage = await until_disconnected(request, self._collect(merged, fmt, body.n))
+            return JSONResponse(fmt.response(choices, usage, body.n))
+        except ValidationError as e:
+            return _validation_error(e)
+        except PdserveError as e:
+            return error_response(e)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; the request is already cancelled
+
+    def _prepare(self, request: router_pb2.GenerateRequest, body: protocol.SamplingFields) -> Prepared:
+        prepared = self.servicer.prepare(request)
+        asked, prompt = body.requested_max_tokens, len(prepared.prompt_token_ids)
+        limit = self.servicer.max_model_len
+        if asked is not None and prompt + asked > limit:
+            raise InvalidRequestError(
+                f"this model's context is {limit} tokens, but {prompt + asked} were requested "
+                f"({prompt} in the prompt, {asked} to generate): lower max_tokens or shorten the prompt"
+            )
+        return prepared
+
+    async def _collect(self, merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
+                       n: int) -> tuple[list[ChoiceState], Usage]:
+        states: dict[int, ChoiceState] = {}
+        usage = Usage()
+        async for prompt_index, response in merged:
+            for delta in response.outputs:
+                index = prompt_index * n + delta.index
+                fmt.apply(states.setdefault(index, ChoiceState(index)), delta)
+            if response.finished:
+                usage.add(response.usage)
+        return [states[i] for i in sorted(states)], usage
+
+    async def _events(self, first: tuple[int, common_pb2.GenerateResponse] | None,
+                      merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
+                      body: protocol.SamplingFields) -> AsyncIterator[str]:
+        n, states, usage = body.n, {}, Usage()
+        if fmt.kind == "chat":
+            for index in range(n):
+                yield _event(fmt.chunk([fmt.role_choice(index)], body.include_usage))
+        try:
+            item: tuple[int, common_pb2.GenerateResponse] | None = first
+            while item is not None:
+                prompt_index, response = item
+                for delta in response.outputs:
+                    index = prompt_index * n + delta.index
+                    state = states.setdefault(index, ChoiceState(index))
+                    fmt.apply(state, delta)
+                    choice = fmt.delta_choice(state, delta, n)
+                    if choice is not None:
+                        yield _event(fmt.chunk([choice], body.include_usage))
+                if response.finished:
+                    usage.add(response.usage)
+                item = await anext(merged, None)
+            if body.include_usage:
+                yield _event(fmt.usage_chunk(usage))
+        except PdserveError as e:
+            yield _event(error_body(e))
+        finally:
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _format(self, kind: str, rid: str, body: protocol.SamplingFields, top_logprobs: int | None,
+                echo: list[str] | None = None) -> ResponseFormat:
+        return ResponseFormat(kind, rid, body.model, self.tokens, top_logprobs, body.stop_token_ids or [], echo)
+
+    def _prompt_text(self, request: router_pb2.GenerateRequest) -> str:
+        if request.WhichOneof("prompt") == "text":
+            return request.text
+        tokenizer = self.servicer.tokenizer
+        if tokenizer is None:
+            raise InvalidRequestError("echo of a token-id prompt needs a tokenizer; this model has none")
+        return tokenizer.decode(list(request.token_ids.ids), skip_special_tokens=False)
+
+    def _model_card(self) -> dict[str, Any]:
+        name = self.servicer.model_name
+        return {"id": name, "object": "model", "created": 0, "owned_by": "pdserve", "root": name,
+                "max_model_len": self.servicer.max_model_len}
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as (stream index, item); the first error ends all of them."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()  # closed early: the stream cancels its decode call now, not at GC
+        return
+    queue: asyncio.Queue[tuple[int, T | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put((i, None, e))
+            return
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()  # cancelling a stream cancels its decode call
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientDisconnected) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidRequestError(f"the body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    return model.model_validate(data)
+
+
+def _validation_error(e: ValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    err = InvalidRequestError(f"{loc}: {first['msg']}" if loc else first["msg"])
+    return error_response(err, loc.split(".")[0] if loc else None)
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
