@@ -41,6 +41,7 @@ from services.engine.errors import PdserveError  # noqa: E402
 from services.rpc.server import CHANNEL_OPTIONS  # noqa: E402
 
 _user_ids = itertools.count()
+FAILURE_PAUSE_S = 0.1
 
 
 class RpcFailure(Exception):
@@ -77,6 +78,14 @@ def _check_options(environment, **_) -> None:
         sys.exit(2)
 
 
+@events.quitting.add_listener
+def _final_csv_tick(environment, **_) -> None:
+    # locust rewrites its CSVs once a second and not again at exit; one more tick after the
+    # users stopped makes the stats CSV hold the final counts.
+    if environment.parsed_options is not None and environment.parsed_options.csv_prefix:
+        time.sleep(1.2)
+
+
 class RouterUser(User):
     """One closed-loop client of the router at --host HOST:PORT."""
 
@@ -107,6 +116,9 @@ class RouterUser(User):
         except grpc.RpcError as e:
             record = timer.fail(e.code().name)
             self._report(record, started, RpcFailure(f"{e.code().name}: {e.details()}"))
+            # A refused connection fails in microseconds; without a pause the user would spin
+            # and starve locust's own greenlets (stats, CSV writer) of the loop.
+            time.sleep(FAILURE_PAUSE_S)
             return
         except BaseException:
             call.cancel()  # the user is being stopped mid-stream: do not leave the request running
