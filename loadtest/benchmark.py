@@ -28,11 +28,14 @@ from tqdm import tqdm
 
 from loadtest.request import DEFAULT_SAMPLING, SLO, RequestRecord, StreamTimer, to_request
 from loadtest.stats import summarize
-from loadtest.workloads import RequestSpec, Workload, WORKLOADS, params_of, poisson_arrivals, specs
+from loadtest.workloads import RequestSpec, Workload, params_of, poisson_arrivals, specs
 from pdserve.v1 import router_pb2_grpc
 from services.engine.sampling_params import SamplingParams
-from services.rpc.convert import params_to_proto
 from services.rpc.server import CHANNEL_OPTIONS
+
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot run (the warm-up request failed)."""
+
 
 @dataclass
 class RateResult:
@@ -97,7 +100,6 @@ async def benchmark(
     """`run_benchmark` for callers already inside an event loop."""
     if not rates or any(r <= 0 for r in rates) or duration <= 0:
         raise ValueError(f"rates and duration must be > 0, got {rates}, {duration}")
-    params_to_proto(sampling)  # a bad sampling template fails here, not as N server errors
     config = {
         "url": url, "workload": workload.name, "workload_params": params_of(workload), "rates": list(rates),
         "duration_s": duration, "slo": asdict(slo), "seed": seed, "warmup": warmup,
@@ -109,9 +111,9 @@ async def benchmark(
         for spec in itertools.islice(specs(workload, f"warmup:{seed}"), warmup):
             record = await _one(stub, spec, sampling, 0.0, request_timeout)
             if not record.ok:
-                raise RuntimeError(f"warm-up request failed with {record.error}; is the router at {url} serving?")
+                raise BenchmarkError(f"warm-up request failed with {record.error}; is a router serving at {url}?")
         for index, rate in enumerate(rates):
-            requests = specs(workload, f"{seed}:{index}")
+            requests = specs(workload, f"rate:{seed}:{index}")
             arrivals = poisson_arrivals(rate, duration, random.Random(f"arrivals:{seed}:{index}"))
             records, elapsed = await _run_rate(stub, requests, arrivals, sampling, request_timeout,
                                                _bar(progress, len(arrivals), rate))
@@ -153,4 +155,4 @@ def _bar(enabled: bool, total: int, rate: float) -> tqdm:
     return tqdm(total=total, desc=f"rate {rate:g}/s", unit="req", disable=not enabled)
 
 
-__all__ = ["BenchResult", "DEFAULT_SAMPLING", "RateResult", "SLO", "WORKLOADS", "benchmark", "run_benchmark"]
+__all__ = ["BenchResult", "BenchmarkError", "DEFAULT_SAMPLING", "RateResult", "SLO", "benchmark", "run_benchmark"]

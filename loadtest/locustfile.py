@@ -13,7 +13,7 @@ Options (each also read from the environment variable in brackets):
     --sampling-params K=V,... sampling overrides, e.g. temperature=0.8,seed=1 (default
                               greedy, ignore_eos)                 [PDSERVE_SAMPLING_PARAMS]
     --request-timeout S       gRPC deadline per request           [PDSERVE_REQUEST_TIMEOUT]
-    --workload-seed N         user i draws from seed "N:i"        [PDSERVE_WORKLOAD_SEED]
+    --workload-seed N         user i draws from seed "locust:N:i" [PDSERVE_WORKLOAD_SEED]
     --report-kinds            names carry the request kind too ("Generate TTFT [long]")
                                                                   [PDSERVE_REPORT_KINDS]
 
@@ -97,7 +97,7 @@ class RouterUser(User):
         self.sampling = parse_sampling(opts.sampling_params)
         self.timeout = opts.request_timeout
         self.report_kinds = opts.report_kinds
-        self.requests = specs(self.workload, f"{opts.workload_seed}:{next(_user_ids)}")
+        self.requests = specs(self.workload, f"locust:{opts.workload_seed}:{next(_user_ids)}")
         self.channel = grpc.insecure_channel(self.host.removeprefix("grpc://"), options=CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
 

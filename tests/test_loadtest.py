@@ -176,6 +176,19 @@ def test_locust_reports_a_refused_connection_as_failures_with_the_status(tmp_pat
     assert problems[0].startswith("Generate e2e: ") and "no TTFT entry with requests" in problems
 
 
+def test_bench_serve_names_a_bad_parameter_or_an_unreachable_router_and_exits_2():
+    from services.cli.stack import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    bad = subprocess.run([*PDSERVE, "bench", "serve", "--url", url, "--workload", "tenants",
+                          "--workload-params", "tenants=3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "workload 'tenants' has no parameter 'tenants'" in bad.stderr
+    down = subprocess.run([*PDSERVE, "bench", "serve", "--url", url, "--rates", "1", "--duration", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2, down.stderr[-2000:]
+    assert f"warm-up request failed with UNAVAILABLE; is a router serving at {url}?" in down.stderr
+
+
 # --- against a live stack -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def _rates(text: str) -> list[float]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from loadtest.benchmark import run_benchmark
+    from loadtest.benchmark import BenchmarkError, run_benchmark
     from loadtest.report import markdown_table
     from loadtest.request import SLO, parse_sampling
     from loadtest.stats import table_row
@@ -105,12 +105,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         workload = make_workload(args.workload, parse_params(args.workload_params))
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-        sampling = parse_sampling(args.sampling_params)
-    except ValueError as e:
+        result = run_benchmark(args.url, workload, args.rates, args.duration, slo,
+                               sampling=parse_sampling(args.sampling_params), seed=args.seed, warmup=args.warmup,
+                               request_timeout=args.request_timeout, progress=not args.no_progress)
+    except (ValueError, BenchmarkError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
-    result = run_benchmark(args.url, workload, args.rates, args.duration, slo, sampling=sampling, seed=args.seed,
-                           warmup=args.warmup, request_timeout=args.request_timeout, progress=not args.no_progress)
     print(markdown_table([table_row(r.summary) for r in result.rates]))
     if args.out:
         from loadtest.plots import plot_results
