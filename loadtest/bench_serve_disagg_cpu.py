@@ -96,13 +96,13 @@ def ratio_rows(results: dict[str, BenchResult]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.25, 0.5])
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.08, 0.16, 0.32])
     parser.add_argument("--duration", type=float, default=80.0, help="seconds of arrivals per rate")
-    parser.add_argument("--long", type=int, default=512, help="long prompt tokens")
+    parser.add_argument("--long", type=int, default=1024, help="long prompt tokens")
     parser.add_argument("--short", type=int, default=64, help="short prompt tokens")
     parser.add_argument("--long-fraction", type=float, default=0.25)
-    parser.add_argument("--output", type=int, default=16, help="output tokens per request")
-    parser.add_argument("--slo-ttft-ms", type=float, default=4000.0)
+    parser.add_argument("--output", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--slo-ttft-ms", type=float, default=5000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=500.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)

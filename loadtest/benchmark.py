@@ -117,7 +117,9 @@ async def benchmark(
             arrivals = poisson_arrivals(rate, duration, random.Random(f"arrivals:{seed}:{index}"))
             records, elapsed = await _run_rate(stub, requests, arrivals, sampling, request_timeout,
                                                _bar(progress, len(arrivals), rate))
-            results.append(RateResult(rate, {"rate": rate, **summarize(records, elapsed, slo)}, records))
+            summary = {"rate": rate, "arrival_rate": round(len(arrivals) / duration, 4),
+                       **summarize(records, elapsed, slo)}
+            results.append(RateResult(rate, summary, records))
     return BenchResult(config, results)
 
 

@@ -71,6 +71,8 @@ def _check_options(environment, **_) -> None:
     if opts is None:
         return
     try:
+        if not opts.host:
+            raise ValueError("--host HOST:PORT (the router's gRPC address) is required")
         make_workload(opts.workload, parse_params(opts.workload_params))
         parse_sampling(opts.sampling_params)
     except (ValueError, PdserveError) as e:

@@ -10,6 +10,7 @@ single run), and writes one figure:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,7 @@ from loadtest.benchmark import BenchResult  # noqa: E402
 from loadtest.stats import latencies  # noqa: E402
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
+STYLES = ("-", "--", ":", "-.")
 FILES = ("latency_cdf.png", "throughput_vs_rate.png", "latency_vs_rate.png")
 
 
@@ -59,18 +61,21 @@ def latency_cdfs(results: dict[str, BenchResult]) -> plt.Figure:
 
 def throughput_vs_rate(results: dict[str, BenchResult]) -> plt.Figure:
     fig, (req_ax, tok_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    top = max(r.rate for res in results.values() for r in res.rates)
-    req_ax.plot([0, top], [0, top], color="grey", linestyle=":", label="offered")
-    for label, result in results.items():
+    first = next(iter(results.values()))
+    # What actually arrived (a Poisson draw) rather than the nominal rate: a short run's
+    # throughput can sit above the nominal line, never above this one for long.
+    req_ax.plot([r.rate for r in first.rates], [len(r.records) / first.config["duration_s"] for r in first.rates],
+                color="grey", linestyle=":", marker=".", label="arrived")
+    for color, (label, result) in _colors(results):
         rates = [r.rate for r in result.rates]
-        line, = req_ax.plot(rates, [r.summary["request_throughput"] for r in result.rates], marker="o",
-                            label=f"{label} throughput")
+        req_ax.plot(rates, [r.summary["request_throughput"] for r in result.rates], marker="o", color=color,
+                    label=f"{label} throughput")
         if all(r.summary["goodput"] is not None for r in result.rates):
             req_ax.plot(rates, [r.summary["goodput"] for r in result.rates], marker="s", linestyle="--",
-                        color=line.get_color(), label=f"{label} goodput")
-        tok_ax.plot(rates, [r.summary["output_throughput"] for r in result.rates], marker="o", label=label)
-    _slo_note(req_ax, results)
-    req_ax.set(xlabel="offered rate (req/s)", ylabel="completed req/s", title="Throughput and goodput")
+                        color=color, label=f"{label} goodput")
+        tok_ax.plot(rates, [r.summary["output_throughput"] for r in result.rates], marker="o", color=color,
+                    label=label)
+    req_ax.set(xlabel="offered rate (req/s)", ylabel="req/s", title="Throughput and goodput" + _slo_note(first))
     tok_ax.set(xlabel="offered rate (req/s)", ylabel="output tokens/s", title="Output token throughput")
     for ax in (req_ax, tok_ax):
         ax.grid(alpha=0.3)
@@ -83,23 +88,21 @@ def latency_vs_rate(results: dict[str, BenchResult]) -> plt.Figure:
     kinds = sorted({k for res in results.values() for r in res.rates for k in r.summary["by_kind"]})
     panels = [("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")]
     fig, axes = plt.subplots(1, len(panels) + (len(kinds) > 1), figsize=(5.5 * (len(panels) + (len(kinds) > 1)), 4))
-    styles = {"p50": "-", "p90": "--", "p99": ":"}
     for ax, (key, title) in zip(axes, panels):
-        for label, result in results.items():
-            rates = [r.rate for r in result.rates]
-            color = None
-            for p, style in styles.items():
+        for color, (label, result) in _colors(results):
+            for p, style in zip(("p50", "p90", "p99"), STYLES):
                 values = [_nan(r.summary[key][p]) for r in result.rates]
-                line, = ax.plot(rates, values, marker="o", linestyle=style, color=color, label=f"{label} {p}")
-                color = line.get_color()
+                ax.plot([r.rate for r in result.rates], values, marker="o", linestyle=style, color=color,
+                        label=f"{label} {p}")
         ax.set(xlabel="offered rate (req/s)", ylabel="ms", title=f"{title} vs rate")
         _log_axis(ax, "y")
     if len(kinds) > 1:
         ax = axes[-1]
-        for label, result in results.items():
-            for kind in kinds:
+        for color, (label, result) in _colors(results):
+            for kind, style in zip(kinds, itertools.cycle(STYLES)):
                 values = [_nan(r.summary["by_kind"].get(kind, {}).get("ttft_ms", {}).get("p90")) for r in result.rates]
-                ax.plot([r.rate for r in result.rates], values, marker="o", label=f"{label} {kind}")
+                ax.plot([r.rate for r in result.rates], values, marker="o", linestyle=style, color=color,
+                        label=f"{label} {kind}")
         ax.set(xlabel="offered rate (req/s)", ylabel="ms", title="TTFT p90 per kind")
         _log_axis(ax, "y")
     for ax in axes:
@@ -109,11 +112,15 @@ def latency_vs_rate(results: dict[str, BenchResult]) -> plt.Figure:
     return fig
 
 
-def _slo_note(ax: plt.Axes, results: dict[str, BenchResult]) -> None:
-    slo = next(iter(results.values())).config.get("slo", {})
+def _colors(results: dict[str, BenchResult]):
+    """(color, (label, result)): one colour per system, the same in every figure."""
+    return ((f"C{i}", item) for i, item in enumerate(results.items()))
+
+
+def _slo_note(result: BenchResult) -> str:
+    slo = result.config.get("slo", {})
     bounds = [f"{k.removesuffix('_ms').upper()} <= {v:g} ms" for k, v in slo.items() if v is not None]
-    if bounds:
-        ax.text(0.02, 0.98, "goodput: " + ", ".join(bounds), transform=ax.transAxes, va="top", fontsize=8)
+    return f"\n(goodput: {', '.join(bounds)})" if bounds else ""
 
 
 def _log_axis(ax: plt.Axes, which: str) -> None:

@@ -194,8 +194,16 @@ class LongShort(_Prompts):
         return self.request("short", self.tokens(rng, self.short_len), self.short_output_len)
 
 
-Workload = Fixed | ShareGPTLike | Tenants | LongShort
-WORKLOADS: dict[str, type[Workload]] = {w.name: w for w in (ShareGPTLike, Fixed, Tenants, LongShort)}
+class Workload(typing.Protocol):
+    """Anything with a `name` and `sample(rng)`: the four below, or one of a caller's own (a
+    dataclass, so its parameters land in the results file)."""
+
+    name: typing.ClassVar[str]
+
+    def sample(self, rng: random.Random) -> RequestSpec: ...
+
+
+WORKLOADS: dict[str, type] = {w.name: w for w in (ShareGPTLike, Fixed, Tenants, LongShort)}
 
 
 def specs(workload: Workload, seed: int | str) -> Iterator[RequestSpec]:
@@ -253,7 +261,7 @@ def _convert(key: str, value: str, hint: object) -> object:
 
 def params_of(workload: Workload) -> dict[str, object]:
     """Every parameter with its value, for the results file."""
-    return dataclasses.asdict(workload)
+    return dataclasses.asdict(workload) if dataclasses.is_dataclass(workload) else {}
 
 
 def describe() -> str:

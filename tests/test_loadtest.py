@@ -229,6 +229,7 @@ def test_bench_serve_at_two_rates_writes_consistent_results_and_plots(stack, tmp
     for rate in data["rates"]:
         s, records = rate["summary"], rate["requests"]
         assert s["requests"] == len(records) == s["completed"] + s["failed"] and s["failed"] == 0
+        assert s["arrival_rate"] == round(s["requests"] / 3, 4)
         assert s["completed"] == sum(k["completed"] for k in s["by_kind"].values()) > 0
         assert s["output_tokens"] == 4 * s["completed"]
         for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
