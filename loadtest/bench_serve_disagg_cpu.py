@@ -16,7 +16,7 @@ prefix cache. Pick rates from under-load to overload of the machine:
 a short probe at a rate it cannot sustain (`--rates 1 --duration 20`) shows its capacity as
 the completed req/s.
 
-    python loadtest/bench_serve_disagg_cpu.py --write BENCHMARKS.md --plots docs   # ~15 min
+    python loadtest/bench_serve_disagg_cpu.py --write BENCHMARKS.md --plots docs   # 15-20 min on 2 cores
 """
 
 from __future__ import annotations
