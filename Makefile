@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip -q
 TORCH  ?= torch==2.13.0
 CONSTRAINTS := -c .ci/constraints.txt
 
-.PHONY: install serve test clean
+.PHONY: install serve test clean loadtest
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,15 @@ test: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# A short headless locust run against a local stack it starts and stops (loadtest/run_locust.py).
+# Override e.g. LOADTEST_MODEL_ARGS="--load-format dummy --preset tiny-llama" LOADTEST_TIME=10s.
+LOADTEST_MODEL_ARGS ?= --max-model-len 2048
+LOADTEST_USERS      ?= 4
+LOADTEST_TIME       ?= 30s
+LOADTEST_WORKLOAD   ?= fixed
+LOADTEST_PARAMS     ?=
+
+loadtest: install
+	$(PY) -m loadtest.run_locust --model-args "$(LOADTEST_MODEL_ARGS)" -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) \
+		-t $(LOADTEST_TIME) --workload $(LOADTEST_WORKLOAD) --workload-params "$(LOADTEST_PARAMS)"

@@ -7,10 +7,10 @@ import datetime
 import platform
 from pathlib import Path
 
-import torch
-
 
 def machine() -> str:
+    import torch  # here, so that printing a table needs no torch
+
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

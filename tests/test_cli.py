@@ -135,3 +135,22 @@ def test_benchmark_scripts_run_and_print_their_tables(tmp_path):
     assert disagg.returncode == 0, disagg.stderr
     text = report.read_text()
     assert "| colocated | 2 |" in text and "| disaggregated | 1 |" in text and "bench_disagg_cpu:end" in text
+
+
+def test_serve_benchmark_script_records_both_stacks_and_its_plots(tmp_path):
+    """loadtest/bench_serve_disagg_cpu.py, tiny settings: both stacks at two rates, one section, three PNGs."""
+    report = tmp_path / "B.md"
+    report.write_text("# Benchmarks\n")
+    proc = subprocess.run(
+        [sys.executable, "loadtest/bench_serve_disagg_cpu.py", "--rates", "2,4", "--duration", "2", "--long", "80",
+         "--short", "8", "--output", "4", "--model-args", "--load-format dummy --preset tiny-llama --max-model-len 256",
+         "--log-dir", str(tmp_path), "--write", str(report), "--plots", str(tmp_path / "docs")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    for row in ("| colocated | 2 |", "| colocated | 4 |", "| disaggregated | 2 |", "| disaggregated | 4 |"):
+        assert row in text
+    assert text.count("bench_serve_disagg_cpu:end") == 1
+    for name in ("latency_cdf", "throughput_vs_rate", "latency_vs_rate"):
+        assert f"](docs/bench_serve_disagg_cpu_{name}.png)" in text
+        assert (tmp_path / "docs" / f"bench_serve_disagg_cpu_{name}.png").stat().st_size > 0

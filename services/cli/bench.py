@@ -1,7 +1,8 @@
 """`pdserve bench offline`: throughput of the engine on random-token prompts, all submitted at once.
+`pdserve bench serve`: the serving benchmark against a running router (loadtest/benchmark.py).
 
-The defaults reproduce nano-vllm's bench workload: 256 prompts, input and output lengths
-uniform in [100, 1024], ignore_eos. Model loading is excluded from the timing.
+The offline defaults reproduce nano-vllm's bench workload: 256 prompts, input and output
+lengths uniform in [100, 1024], ignore_eos. Model loading is excluded from the timing.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.cli.model_args import add_model_args, engine_config
 
@@ -54,6 +57,68 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     add_model_args(off)
     off.set_defaults(run=run_offline)
+    _register_serve(bench_sub)
+
+
+def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
+    from loadtest.workloads import WORKLOADS, describe
+
+    srv = bench_sub.add_parser(
+        "serve", help="open-loop serving benchmark against a router: TTFT/TPOT/ITL/e2e, throughput, goodput",
+        description="Poisson arrivals at each rate; writes results.json and PNG plots into --out.\n\n"
+                    "workloads and their parameters (--workload-params KEY=VALUE,...):\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("--url", required=True, help="the router's HOST:PORT")
+    srv.add_argument("--workload", choices=list(WORKLOADS), default="sharegpt-like")
+    srv.add_argument("--workload-params", default="", help="workload parameters KEY=VALUE,... (see above)")
+    srv.add_argument("--sampling-params", default="",
+                     help="sampling overrides KEY=VALUE,... (default greedy, ignore_eos: exact output lengths)")
+    srv.add_argument("--rates", type=_rates, default=[1.0], help="request rates per second, e.g. 1,2,4")
+    srv.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    srv.add_argument("--slo-ttft-ms", type=float, help="goodput: time-to-first-token bound")
+    srv.add_argument("--slo-tpot-ms", type=float, help="goodput: time-per-output-token bound")
+    srv.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
+    srv.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the first rate")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="gRPC deadline per request, seconds")
+    srv.add_argument("--out", type=Path, help="directory for results.json and the plots")
+    srv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    srv.set_defaults(run=run_serve)
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be > 0: {text!r}")
+    return rates
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from loadtest.benchmark import BenchmarkError, run_benchmark
+    from loadtest.report import markdown_table
+    from loadtest.request import SLO, parse_sampling
+    from loadtest.stats import table_row
+    from loadtest.workloads import make_workload, parse_params
+
+    try:
+        workload = make_workload(args.workload, parse_params(args.workload_params))
+        slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+        result = run_benchmark(args.url, workload, args.rates, args.duration, slo,
+                               sampling=parse_sampling(args.sampling_params), seed=args.seed, warmup=args.warmup,
+                               request_timeout=args.request_timeout, progress=not args.no_progress)
+    except (ValueError, BenchmarkError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table([table_row(r.summary) for r in result.rates]))
+    if args.out:
+        from loadtest.plots import plot_results
+
+        path = result.save(args.out)
+        plots = plot_results({workload.name: result}, args.out)
+        print(f"wrote {path} and {', '.join(p.name for p in plots)}")
+    return 0
 
 
 def run_offline(args: argparse.Namespace) -> int:
