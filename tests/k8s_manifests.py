@@ -32,13 +32,6 @@ POD_IP = "10.1.2.3"  # what the downward API would give status.podIP
 # but this branch's CLI does not define yet. The parser gets them added only where they are
 # missing, and the router's --decode-peers stops being required with --redis, as agreed.
 # Once issue 5 is merged, test_expected_new_flags_are_still_missing fails: delete this list.
-EXPECTED_NEW_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
-    "router": {"--redis": {}, "--routing-policy": {"choices": ["prefix", "round_robin", "least_loaded"]}},
-    "prefill": {"--redis": {}},
-    "decode": {"--redis": {}},
-}
-
-
 # ---- rendering ---------------------------------------------------------------------------------
 
 
@@ -147,28 +140,10 @@ def command_line(container: dict[str, Any], objects: list[dict[str, Any]]) -> li
 
 
 def cli_parser() -> argparse.ArgumentParser:
-    """The real `pdserve` parser, plus the EXPECTED_NEW_FLAGS it does not have yet."""
+    """The real `pdserve` parser."""
     from services.cli.main import build_parser
 
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    for role, flags in EXPECTED_NEW_FLAGS.items():
-        p = sub.choices[role]
-        for flag, kwargs in flags.items():
-            if flag not in p._option_string_actions:
-                p.add_argument(flag, **kwargs)
-                if role == "router" and flag == "--redis":
-                    p._option_string_actions["--decode-peers"].required = False
-    return parser
-
-
-def missing_expected_flags() -> dict[str, list[str]]:
-    """EXPECTED_NEW_FLAGS that the real parser still lacks."""
-    from services.cli.main import build_parser
-
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return {role: [f for f in flags if f not in sub.choices[role]._option_string_actions]
-            for role, flags in EXPECTED_NEW_FLAGS.items()}
+    return build_parser()
 
 
 def parse_cli(argv: list[str]) -> argparse.Namespace:

@@ -34,7 +34,6 @@ from tests.k8s_manifests import (
     container_port,
     containers,
     gpus,
-    missing_expected_flags,
     of_kind,
     parse_cli,
     pod_labels,
@@ -242,13 +241,6 @@ def test_engine_settings_reach_the_cli_as_exact_numbers():
     args = parse_cli(command_line(c, objects)[1:])
     assert (args.max_num_batched_tokens, args.max_model_len) == (1048576, 131072)
     assert (args.gpu_memory_utilization, args.kv_cache_memory) == (0.85, 4 << 30)
-
-
-def test_expected_new_flags_are_still_missing_from_the_cli():
-    """EXPECTED_NEW_FLAGS (tests/k8s_manifests.py) stands in for issue 5's flags until they
-    exist. When this fails, issue 5 has landed: delete the list and the parser shim."""
-    assert missing_expected_flags() == {"router": ["--redis", "--routing-policy"], "prefill": ["--redis"],
-                                        "decode": ["--redis"]}
 
 
 # ---- Redis -------------------------------------------------------------------------------------
