@@ -179,10 +179,15 @@ def test_redis_killed_mid_run_fails_no_request_and_hits_recover(stack, redis_ser
         redis_server.kill()  # mid-run: some requests are in flight, the rest come during the outage
         results = list(during)
         outage = [generate(stub, prompt(t), PARAMS, timeout=60) for t in range(4)]
-    assert all(r.completions[0].finish_reason == "length" for r in [*results, *outage])
-    assert router_metric(stack, "pdserve:redis_up") == 0
-
-    redis_server.start()  # empty, as a Redis without persistence comes back
+    try:
+        assert all(r.completions[0].finish_reason == "length" for r in [*results, *outage])
+        # The router notices at its next registry refresh, which may come after the requests.
+        deadline = time.monotonic() + 10
+        while router_metric(stack, "pdserve:redis_up") != 0:
+            assert time.monotonic() < deadline, "the router never noticed Redis was gone"
+            time.sleep(0.1)
+    finally:
+        redis_server.start()  # empty, as a Redis without persistence comes back
     stack.wait_registered([*stack.prefills, *stack.decodes], timeout=30)
     for tenant in range(4):
         wait_indexed(stack.redis_url, holders[tenant], tenant)  # resynced from the workers' caches
