@@ -66,7 +66,7 @@ class RequestRecord:
     failed request (its latencies are then None). The rest comes from the final message:
     `cached_tokens` is usage.cached_tokens as the server reports it (decode's plus prefill's
     hits, so a prompt both hold counts twice); the disaggregation record gives whether prefill
-    ran remotely, each side's prefix-cache hits and the KV bytes shipped."""
+    ran remotely, each side's prefix-cache hits, the KV bytes shipped and the decode instance."""
 
     kind: str
     prompt_tokens: int = 0
@@ -81,6 +81,7 @@ class RequestRecord:
     prefill_cached_tokens: int = 0
     kv_bytes_shipped: int = 0
     error: str | None = None
+    decode_instance: str = ""
 
     @property
     def ok(self) -> bool:
@@ -138,6 +139,7 @@ class StreamTimer:
             self.record.decode_cached_tokens = d.decode_cached_tokens
             self.record.prefill_cached_tokens = d.prefill_cached_tokens
             self.record.kv_bytes_shipped = d.kv_bytes_shipped
+            self.record.decode_instance = d.decode_instance
 
     def finish(self) -> RequestRecord:
         """The stream closed with OK; one that carried no token counts as failed (NO_TOKENS)."""

@@ -258,3 +258,36 @@ def test_benchmark_api_records_prefix_cache_hits_of_tenants(stack):
     assert {r.decode_cached_tokens for r in records} <= {0, 64}
     assert sum(r.decode_cached_tokens == 64 for r in records) >= len(records) - 4
     assert result.rates[0].summary["decode_hit_rate"] > 0
+
+
+@pytest.mark.slow
+def test_bench_routing_keeps_each_tenant_home_under_prefix_and_writes_its_section(tmp_path):
+    """Four tenants whose prefixes (4 blocks each) do not all fit in one instance's 12 blocks:
+    prefix routing keeps each tenant on one instance and its prefix cached; round-robin sends
+    every tenant to both, and the caches churn."""
+    from loadtest.bench_routing import main as bench_routing
+
+    record = tmp_path / "B.md"
+    results = bench_routing([
+        "--model-args", "--load-format dummy --preset tiny-llama --max-model-len 128", "--systems",
+        "prefix,round_robin", "--rates", "3", "--duration", "4", "--tenants", "4", "--prefix-len", "64",
+        "--suffix-len", "16", "--output", "4", "--blocks-per-instance", "12", "--threads", "2",
+        "--no-progress", "--write", str(record)])
+    assert set(results) == {"prefix", "round_robin"}
+    summary = {}
+    for name, result in results.items():
+        (rate,) = result.rates
+        assert rate.records and all(r.ok for r in rate.records), name
+        homes = {}
+        for r in rate.records:
+            homes.setdefault(r.kind, set()).add(r.decode_instance)
+        summary[name] = rate.summary["decode_hit_rate"], homes
+    prefix_hits, prefix_homes = summary["prefix"]
+    rr_hits, rr_homes = summary["round_robin"]
+    assert all(len(h) == 1 for h in prefix_homes.values()), prefix_homes
+    assert len(set().union(*prefix_homes.values())) == 2  # the tenants are spread over both
+    assert any(len(h) == 2 for h in rr_homes.values()), rr_homes
+    # The best possible hit rate is 64 of 80 prompt tokens; a tenant's repeat always hits.
+    assert 0.7 <= prefix_hits <= 0.8 and rr_hits < prefix_hits
+    text = record.read_text()
+    assert "<!-- bench_routing:begin -->" in text and "| prefix | 3 |" in text and "| round_robin | 3 |" in text
