@@ -28,6 +28,7 @@ import shlex
 from pathlib import Path
 
 from loadtest.benchmark import BenchResult, run_benchmark
+from loadtest.compare import kind_percentile, model_note, percentile, plot_links, ratio_rows, threads_of, value
 from loadtest.report import machine, markdown_table, write_section
 from loadtest.request import SLO
 from loadtest.stats import table_row
@@ -38,6 +39,9 @@ KEY = "bench_serve_disagg_cpu"
 MODES = (("colocated", 0), ("disaggregated", 1))
 COLUMNS = ("system", "rate", "done", "req/s", "goodput", "out tok/s", "TTFT p50", "TTFT p90", "TTFT p90 short",
            "TTFT p90 long", "TPOT p50", "TPOT p90", "ITL p99", "E2E p50", "remote")
+# Disaggregated over colocated, for the numbers disaggregation is meant to move.
+RATIOS = {"TTFT p90 short": kind_percentile("short", "ttft_ms", "p90"), "TPOT p90": percentile("tpot_ms", "p90"),
+          "ITL p99": percentile("itl_ms", "p99"), "goodput": value("goodput"), "out tok/s": value("output_throughput")}
 
 
 def run_all(workload: LongShort, slo: SLO, args) -> dict[str, BenchResult]:
@@ -62,36 +66,11 @@ def run_all(workload: LongShort, slo: SLO, args) -> dict[str, BenchResult]:
     return {name: merge(parts) for name, parts in runs.items()}
 
 
-def threads_of(num_prefill: int, threads: int) -> int:
-    """The machine's cores are split between the workers, never oversubscribed."""
-    return threads if num_prefill == 0 else max(1, threads // 2)
-
-
 def merge(parts: list[BenchResult]) -> BenchResult:
     """One result over all rates from one run per rate."""
     config = {**parts[0].config, "rates": [r.rate for p in parts for r in p.rates],
               "seed": [p.config["seed"] for p in parts]}
     return BenchResult(config, [r for p in parts for r in p.rates])
-
-
-def ratio_rows(results: dict[str, BenchResult]) -> list[dict]:
-    """Per rate, disaggregated over colocated for the numbers disaggregation is meant to move."""
-    def ratio(d: float | None, c: float | None) -> str:
-        return "-" if not d or not c else f"{d / c:.2f}x"
-
-    rows = []
-    for colo, dis in zip(results["colocated"].rates, results["disaggregated"].rates, strict=True):
-        c, d = colo.summary, dis.summary
-        short = lambda s: s["by_kind"].get("short", {}).get("ttft_ms", {}).get("p90")  # noqa: E731
-        rows.append({
-            "rate": f"{colo.rate:g}",
-            "TTFT p90 short": ratio(short(d), short(c)),
-            "TPOT p90": ratio(d["tpot_ms"]["p90"], c["tpot_ms"]["p90"]),
-            "ITL p99": ratio(d["itl_ms"]["p99"], c["itl_ms"]["p99"]),
-            "goodput": ratio(d["goodput"], c["goodput"]),
-            "out tok/s": ratio(d["output_throughput"], c["output_throughput"]),
-        })
-    return rows
 
 
 def main() -> None:
@@ -125,7 +104,7 @@ def main() -> None:
     rows = [{c: row[c] for c in COLUMNS}
             for name, result in results.items() for r in result.rates
             for row in [table_row(r.summary, name, ("short", "long"))]]
-    table, ratios = markdown_table(rows), markdown_table(ratio_rows(results))
+    table, ratios = markdown_table(rows), markdown_table(ratio_rows(results, RATIOS))
     print(table, "", "disaggregated / colocated:", ratios, sep="\n")
     plots = []
     if args.plots:
@@ -139,7 +118,7 @@ def main() -> None:
 
 def section(args, table: str, ratios: str, plots: list[Path]) -> list[str]:
     setup = (
-        f"Machine: {machine()}. Model flags `{args.model_args}`{_model_note(args.model_args)}. Two stacks, both "
+        f"Machine: {machine()}. Model flags `{args.model_args}`{model_note(args.model_args)}. Two stacks, both "
         f"up for the whole run: colocated (`pdserve serve --prefill 0 --decode 1`, {args.threads} threads) and "
         f"disaggregated (`--prefill 1 --decode 1`, {threads_of(1, args.threads)} thread(s) per worker); each rate "
         "measured on both back to back, in alternating order. Load: `pdserve bench serve`'s open-loop client, "
@@ -158,14 +137,8 @@ def section(args, table: str, ratios: str, plots: list[Path]) -> list[str]:
     parts = [setup, note, table, "Disaggregated over colocated (below 1x is better for latencies, above 1x for "
              "goodput and throughput):", ratios]
     if plots:
-        base = args.write.resolve().parent
-        parts.append(" ".join(f"![{p.stem}]({os.path.relpath(p.resolve(), base)})" for p in plots))
+        parts.append(plot_links(plots, args.write))
     return parts
-
-
-def _model_note(model_args: str) -> str:
-    own = any(flag in shlex.split(model_args) for flag in ("--model", "--load-format", "--preset"))
-    return "" if own else " (the default model, SmolLM2-135M-Instruct, float32)"
 
 
 if __name__ == "__main__":

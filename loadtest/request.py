@@ -66,7 +66,9 @@ class RequestRecord:
     failed request (its latencies are then None). The rest comes from the final message:
     `cached_tokens` is usage.cached_tokens as the server reports it (decode's plus prefill's
     hits, so a prompt both hold counts twice); the disaggregation record gives whether prefill
-    ran remotely, each side's prefix-cache hits, the KV bytes shipped and the decode instance."""
+    ran remotely, each side's prefix-cache hits, the KV bytes shipped and `kv_transfer_ms`
+    (decode's call to prefill until the last block is in decode's cache: prefill compute and
+    shipping, overlapped), and the decode instance. Fields added later default to zero, so older results still load."""
 
     kind: str
     prompt_tokens: int = 0
@@ -80,6 +82,7 @@ class RequestRecord:
     decode_cached_tokens: int = 0
     prefill_cached_tokens: int = 0
     kv_bytes_shipped: int = 0
+    kv_transfer_ms: float = 0.0
     error: str | None = None
     decode_instance: str = ""
 
@@ -140,6 +143,7 @@ class StreamTimer:
             self.record.prefill_cached_tokens = d.prefill_cached_tokens
             self.record.kv_bytes_shipped = d.kv_bytes_shipped
             self.record.decode_instance = d.decode_instance
+            self.record.kv_transfer_ms = d.kv_transfer_ms
 
     def finish(self) -> RequestRecord:
         """The stream closed with OK; one that carried no token counts as failed (NO_TOKENS)."""

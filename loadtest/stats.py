@@ -39,14 +39,23 @@ def _ratio(num: float, den: float) -> float | None:
 def _routing(records: list[RequestRecord]) -> dict[str, float | int | None]:
     """How requests were served: the fraction prefilled remotely, decode's prefix-cache hit
     rate (prompt tokens decode already held, over all prompt tokens: what cache-aware routing
-    raises), prefill's hit rate over the prompts it prefilled, and the KV bytes shipped."""
+    raises), prefill's hit rate over the prompts it prefilled, and the KV shipping: bytes, GB/s
+    (bytes over transfer time, summed over the remote prefills that report a transfer time) and
+    the transfer time per remote prefill. The transfer time runs from decode's call to prefill
+    to the last block in decode's cache, so it includes prefill's compute: GB/s is a floor on the
+    wire's bandwidth, and what a request sees."""
     ok = [r for r in records if r.ok]
     remote = [r for r in ok if r.remote_prefill]
+    timed = [r for r in remote if r.kv_transfer_ms > 0]
+    transfer_s = sum(r.kv_transfer_ms for r in timed) / 1e3
+    gbps = round(sum(r.kv_bytes_shipped for r in timed) / 1e9 / transfer_s, 6) if timed else None
     return {
         "remote_prefill_fraction": _ratio(len(remote), len(ok)),
         "decode_hit_rate": _ratio(sum(r.decode_cached_tokens for r in ok), sum(r.prompt_tokens for r in ok)),
         "prefill_hit_rate": _ratio(sum(r.prefill_cached_tokens for r in remote), sum(r.prompt_tokens for r in remote)),
         "kv_bytes_shipped": sum(r.kv_bytes_shipped for r in ok),
+        "kv_transfer_gbps": gbps,
+        "kv_transfer_ms": distribution_ms([r.kv_transfer_ms / 1e3 for r in timed]),
     }
 
 
@@ -112,4 +121,7 @@ def table_row(summary: dict, label: str | None = None, kinds: tuple[str, ...] = 
     for kind in kinds:
         row[f"TTFT p90 {kind}"] = ms(summary["by_kind"][kind]["ttft_ms"], "p90") if kind in summary["by_kind"] else "-"
     row |= {"remote": pct(summary["remote_prefill_fraction"]), "decode hits": pct(summary["decode_hit_rate"])}
+    # Summaries written before KV transfer times were recorded have neither key.
+    gbps, transfer = summary.get("kv_transfer_gbps"), summary.get("kv_transfer_ms") or {"p50": None}
+    row |= {"KV GB/s": "-" if gbps is None else float(f"{gbps:.3g}"), "KV ms p50": ms(transfer, "p50")}
     return row

@@ -125,7 +125,8 @@ def response(tokens: int, finished: bool = False) -> common_pb2.GenerateResponse
     if finished:
         msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=40, completion_tokens=4, cached_tokens=48))
         msg.disaggregation.CopyFrom(common_pb2.DisaggregationRecord(
-            remote_prefill=True, decode_cached_tokens=16, prefill_cached_tokens=32, kv_bytes_shipped=1000))
+            remote_prefill=True, decode_cached_tokens=16, prefill_cached_tokens=32, kv_bytes_shipped=1000,
+            kv_transfer_ms=2.5))
     return msg
 
 
@@ -139,7 +140,8 @@ def test_stream_timer_measures_ttft_itl_tpot_and_reads_the_final_record():
     assert (r.ttft_s, r.itl_s, r.e2e_s, r.output_tokens, r.arrival_s) == (1.0, [0.5, 1.0], 3.0, 4, 7.0)
     assert r.tpot_s == pytest.approx(2.0 / 3)
     assert (r.prompt_tokens, r.cached_tokens, r.remote_prefill) == (40, 48, True)
-    assert (r.decode_cached_tokens, r.prefill_cached_tokens, r.kv_bytes_shipped) == (16, 32, 1000)
+    assert (r.decode_cached_tokens, r.prefill_cached_tokens) == (16, 32)
+    assert (r.kv_bytes_shipped, r.kv_transfer_ms) == (1000, 2.5)
 
 
 def test_a_stream_that_ends_without_a_token_counts_as_failed():
@@ -163,6 +165,37 @@ def test_summary_counts_percentiles_throughput_goodput_and_hits_exactly():
     assert (s["by_kind"]["a"]["completed"], s["by_kind"]["b"]["completed"]) == (4, 0)
     assert s["by_kind"]["b"]["ttft_ms"]["p50"] is None and s["by_kind"]["b"]["decode_hit_rate"] is None
     assert summarize(records, 2.0)["goodput"] is None  # no SLO, no goodput
+
+
+def test_kv_shipping_rate_is_remote_bytes_over_their_summed_transfer_time():
+    def rec(remote: bool, nbytes: int, ms: float) -> RequestRecord:
+        return RequestRecord("a", prompt_tokens=10, output_tokens=2, ttft_s=0.1, e2e_s=0.2, remote_prefill=remote,
+                             kv_bytes_shipped=nbytes, kv_transfer_ms=ms)
+
+    # 3 GB over 1.5 s of transfers; a local prefill and a failed request count for nothing.
+    records = [rec(True, 10**9, 500.0), rec(True, 2 * 10**9, 1000.0), rec(False, 0, 0.0),
+               RequestRecord("a", remote_prefill=True, kv_bytes_shipped=10**9, kv_transfer_ms=1.0, error="CANCELLED")]
+    s = summarize(records, elapsed_s=1.0)
+    assert (s["kv_bytes_shipped"], s["kv_transfer_gbps"], s["kv_transfer_ms"]["p50"]) == (3 * 10**9, 2.0, 750.0)
+    from loadtest.stats import table_row
+
+    row = table_row({**s, "rate": 1.0})
+    assert (row["KV GB/s"], row["KV ms p50"]) == (2.0, 750.0)
+    local = summarize(records[2:3], elapsed_s=1.0)
+    assert (local["kv_transfer_gbps"], local["kv_transfer_ms"]["p50"]) == (None, None)
+    assert table_row({**local, "rate": 1.0})["KV GB/s"] == "-"
+
+
+def test_records_and_summaries_saved_before_kv_transfer_times_still_load_and_print():
+    old = RequestRecord("a", kv_bytes_shipped=5).to_json()
+    del old["kv_transfer_ms"]
+    assert RequestRecord.from_json(old).kv_transfer_ms == 0.0
+    from loadtest.stats import table_row
+
+    summary = summarize([RequestRecord("a", output_tokens=1, ttft_s=0.1, e2e_s=0.1)], elapsed_s=1.0)
+    for key in ("kv_transfer_gbps", "kv_transfer_ms"):
+        del summary[key]
+    assert table_row({**summary, "rate": 1.0})["KV ms p50"] == "-"
 
 
 def test_locust_reports_a_refused_connection_as_failures_with_the_status(tmp_path):

@@ -9,6 +9,7 @@ import os
 import socket
 
 from services.cli.model_args import add_model_args, engine_config
+from services.cli.placement import parse_gpus
 
 DEFAULT_HOST = os.environ.get("POD_IP") or "127.0.0.1"
 ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")  # router/policy.py (not imported: it loads grpc)
@@ -47,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_router_args(s)
     s.add_argument("--prefill", type=int, default=1, help="prefill workers (0 = colocated: decode prefills)")
     s.add_argument("--decode", type=int, default=1, help="decode workers")
+    s.add_argument("--gpus", type=parse_gpus, metavar="IDS",
+                   help="GPU ids, one per worker, e.g. 0,1: prefill workers take the first ones, decode workers "
+                   "the next; each worker sees only its own (CUDA_VISIBLE_DEVICES). Default: every worker sees "
+                   "every device and uses the first")
     _add_redis_arg(s, serve=True)
     add_model_args(s)
     s.set_defaults(run=run_serve)

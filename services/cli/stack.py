@@ -6,6 +6,8 @@ free loopback ports; each process is a real `pdserve` command talking gRPC over 
 Without a Redis URL the stack starts a private redis-server (services/fleet/redis_server.py),
 so the local stack runs the same code path as a cluster: workers register and publish their
 prefix caches, the router and decode workers find each other through the registry.
+A placement function (services/cli/placement.py) gives each worker its own environment and
+engine flags: its GPU (CUDA_VISIBLE_DEVICES), its threads, its share of a GPU's memory.
 Shutdown is ordered: the router first (no new requests), then decode, then prefill workers,
 then the private Redis.
 """
@@ -13,6 +15,7 @@ then the private Redis.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -25,6 +28,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cli.placement import Placement, PlacementFn, gpu_per_worker
 from services.fleet import schema
 from services.fleet.redis_server import RedisServer
 
@@ -43,9 +47,12 @@ class Child:
     metrics_port: int
     argv: list[str]
     log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # over the stack's env (its placement)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str] | None) -> None:
+        if self.extra_env:
+            env = {**(os.environ if env is None else env), **self.extra_env}
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
 
@@ -73,10 +80,16 @@ class LocalStack:
         decode_argv: list[str] = (),
         log_level: str = "WARNING",
         redis_url: str | None = None,
+        placement: PlacementFn | None = None,
+        sequential_start: bool = False,
     ) -> None:
-        """Without `redis_url` the stack runs its own redis-server on a free port."""
+        """Without `redis_url` the stack runs its own redis-server on a free port. `placement`
+        gives each worker extra environment and engine flags; with `sequential_start` workers
+        start one at a time, each once the one before answers health checks (GPU workers that
+        share a device must: each sizes its KV pool from the memory the others left)."""
         self.host = host
         self.env = env
+        self.sequential_start = sequential_start
         self.redis = None if redis_url else RedisServer(free_port(host), host, log_dir / "redis.log" if log_dir else None)
         self.redis_url = redis_url or self.redis.url
         fleet = ["--redis", self.redis_url, "--advertise-host", host]
@@ -85,10 +98,11 @@ class LocalStack:
         def child(role: str, index: int, port: int, extra: list[str]) -> Child:
             instance_id = f"{role}-{index}"
             metrics_port = free_port(host)
+            place = placement(role, index) if placement else Placement()
             argv = [*cli, role, "--host", host, "--port", str(port), "--instance-id", instance_id,
-                    "--metrics-port", str(metrics_port), *extra, *model_argv]
+                    "--metrics-port", str(metrics_port), *extra, *model_argv, *place.argv]
             log_path = log_dir / f"{instance_id}.log" if log_dir else None
-            return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path)
+            return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path, dict(place.env))
 
         self.prefills = [child("prefill", i, free_port(host), fleet) for i in range(num_prefill)]
         self.decodes = [child("decode", i, free_port(host), [*fleet, *decode_argv]) for i in range(num_decode)]
@@ -104,8 +118,9 @@ class LocalStack:
         from services.cli.model_args import model_argv
         from services.cli.serve import router_argv
 
+        placement = gpu_per_worker(args.gpus, args.prefill, args.decode) if args.gpus else None
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
-                   router_argv(args), log_level=args.log_level, redis_url=args.redis)
+                   router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement)
 
     @property
     def router_address(self) -> str:
@@ -123,6 +138,8 @@ class LocalStack:
         workers = [*self.prefills, *self.decodes]
         for c in workers:
             c.start(self.env)
+            if self.sequential_start:
+                self._wait_healthy([c], timeout)
         self._wait_healthy(workers, timeout)
         self.wait_registered(workers, timeout)
         self.router.start(self.env)
