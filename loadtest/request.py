@@ -68,7 +68,8 @@ class RequestRecord:
     hits, so a prompt both hold counts twice); the disaggregation record gives whether prefill
     ran remotely, each side's prefix-cache hits, the KV bytes shipped and `kv_transfer_ms`
     (decode's call to prefill until the last block is in decode's cache: prefill compute and
-    shipping, overlapped), and the decode instance. Fields added later default to zero, so older results still load."""
+    shipping, overlapped), and the decode instance. Fields added later have defaults, so older
+    results still load."""
 
     kind: str
     prompt_tokens: int = 0
