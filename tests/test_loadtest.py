@@ -295,16 +295,17 @@ def test_benchmark_api_records_prefix_cache_hits_of_tenants(stack):
 
 @pytest.mark.slow
 def test_bench_routing_keeps_each_tenant_home_under_prefix_and_writes_its_section(tmp_path):
-    """Four tenants whose prefixes (4 blocks each) do not all fit in one instance's 12 blocks:
-    prefix routing keeps each tenant on one instance and its prefix cached; round-robin sends
-    every tenant to both, and the caches churn."""
+    """Four tenants whose prefixes (4 blocks each) do not all fit in one instance's 16 blocks
+    next to the requests' own blocks: prefix routing keeps each tenant on one instance (even a
+    3/1 split fits) and its prefix cached; round-robin sends every tenant to both, and the
+    caches churn."""
     from loadtest.bench_routing import main as bench_routing
 
     record = tmp_path / "B.md"
     results = bench_routing([
         "--model-args", "--load-format dummy --preset tiny-llama --max-model-len 128", "--systems",
         "prefix,round_robin", "--rates", "3", "--duration", "4", "--tenants", "4", "--prefix-len", "64",
-        "--suffix-len", "16", "--output", "4", "--blocks-per-instance", "12", "--threads", "2",
+        "--suffix-len", "16", "--output", "4", "--blocks-per-instance", "16", "--threads", "2",
         "--no-progress", "--write", str(record)])
     assert set(results) == {"prefix", "round_robin"}
     summary = {}
