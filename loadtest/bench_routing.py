@@ -38,8 +38,9 @@ from pathlib import Path
 import grpc
 
 from loadtest.benchmark import BenchResult, run_benchmark
+from loadtest.compare import ratio
 from loadtest.report import machine, markdown_table, write_section
-from loadtest.request import DEFAULT_SAMPLING, StreamTimer, to_request
+from loadtest.request import DEFAULT_SAMPLING, to_request
 from loadtest.workloads import Tenants
 from pdserve.v1 import router_pb2_grpc
 from services.cli.stack import LocalStack
@@ -87,10 +88,8 @@ def warm_up(url: str, workload: Tenants, seed: int) -> None:
         for tenant in range(workload.num_tenants):
             spec = workload.request(f"tenant-{tenant}", workload.prefix(tenant) + workload.tokens(rng, workload.suffix_len),
                                     workload.output_len)
-            timer = StreamTimer(spec)
-            for response in stub.Generate(to_request(spec, DEFAULT_SAMPLING), timeout=300):
-                timer.on_response(response)
-            timer.finish()
+            for _ in stub.Generate(to_request(spec, DEFAULT_SAMPLING), timeout=300):
+                pass  # an error raises; the stream's end means the prefix is cached
 
 
 def rows_of(results: dict[str, BenchResult]) -> list[dict]:
@@ -127,7 +126,7 @@ def goal_rows(results: dict[str, BenchResult]) -> list[dict]:
             if name not in results:
                 continue
             other = results[name].rates[i].summary
-            row[f"{name} / prefix TTFT p90"] = _ratio(other["ttft_ms"]["p90"], prefix["ttft_ms"]["p90"])
+            row[f"{name} / prefix TTFT p90"] = ratio(other["ttft_ms"]["p90"], prefix["ttft_ms"]["p90"])
         for name in (p for p in POLICIES if p in results):
             row[f"{name} hits / single"] = _pct(_frac(results[name].rates[i].summary["decode_hit_rate"],
                                                       single["decode_hit_rate"]))
@@ -145,10 +144,6 @@ def _pct(x: float | None) -> str:
 
 def _frac(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.1f}x"
 
 
 def main(argv: list[str] | None = None) -> dict[str, BenchResult]:
