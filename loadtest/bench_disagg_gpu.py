@@ -6,7 +6,11 @@ the long-short mix, the same requests and arrival times for both stacks.
                  --gpus 0,...`): each decode worker prefills its own prompts
   disaggregated  P prefill workers on GPUs [0, P) and N-P decode workers on the rest
                  (`--prefill P --decode N-P`, P = --prefill-gpus, default N // 2): prompts over
-                 64 uncached tokens are prefilled remotely and their KV shipped over gRPC
+                 64 uncached tokens are prefilled remotely and their KV shipped to decode:
+                 by reference (CUDA IPC) when both workers share a GPU, as bytes over gRPC
+                 otherwise (decode's `--kv-transport auto`)
+  disaggregated_grpc  with `--kv-transports auto,grpc`: the same stack again, decode started
+                 with `--kv-transport grpc` (bytes even on a shared GPU), to compare the two
 
 Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES). With one GPU (or --share-gpu) both
 disaggregated workers share it: each gets --share-memory of its memory (default 0.4) and the
@@ -28,6 +32,7 @@ hold the same GPUs' memory; each is stopped before the next starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -121,6 +126,18 @@ def plan_stacks(gpus: list[str], prefill_gpus: int | None = None, share: bool = 
     return {"colocated": StackPlan("colocated", *spread(0)), "disaggregated": StackPlan("disaggregated", *spread(p))}
 
 
+def with_kv_transports(plans: dict[str, StackPlan], transports: list[str]) -> dict[str, StackPlan]:
+    """One disaggregated system per decode `--kv-transport`: "disaggregated" for the first,
+    "disaggregated_<name>" for the others."""
+    base = plans["disaggregated"]
+    out = {"colocated": plans["colocated"]}
+    for i, transport in enumerate(transports):
+        name = "disaggregated" if i == 0 else f"disaggregated_{transport}"
+        decode = tuple(Placement(p.env, (*p.argv, "--kv-transport", transport)) for p in base.decode)
+        out[name] = dataclasses.replace(base, name=name, decode=decode)
+    return out
+
+
 def visible_gpus() -> list[str]:
     """The GPU ids this process may hand out: $CUDA_VISIBLE_DEVICES's, else 0..count-1."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
@@ -185,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--slo-tpot-ms", type=float)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--kv-transports", default="auto",
+                        help="disaggregated: decode --kv-transport of each disaggregated system, comma-separated "
+                        "(auto, grpc; e.g. auto,grpc on a shared GPU compares CUDA IPC with gRPC bytes)")
     parser.add_argument("--model-args", help="model flags for every process (GPU default: dummy llama-3.2-1b; "
                         "CPU: dummy smollm2-135m)")
     parser.add_argument("--log-dir", type=Path)
@@ -203,6 +223,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, default)
     args.rates = [float(x) for x in str(args.rates).split(",")]
+    args.kv_transports = [t.strip() for t in args.kv_transports.split(",") if t.strip()]
+    if not args.kv_transports or set(args.kv_transports) - {"auto", "grpc"} \
+            or len(set(args.kv_transports)) != len(args.kv_transports):
+        parser.error(f"--kv-transports: distinct values of auto, grpc; got {args.kv_transports}")
     args.shared = n == 1 or (n > 1 and args.share_gpu)
     return args
 
@@ -210,7 +234,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, BenchResult]:
     args = parse_args(argv)
     try:
-        plans = plan_stacks(args.gpu_ids, args.prefill_gpus, args.share_gpu, args.share_memory, args.threads)
+        plans = with_kv_transports(
+            plan_stacks(args.gpu_ids, args.prefill_gpus, args.share_gpu, args.share_memory, args.threads),
+            args.kv_transports)
     except ValueError as e:
         sys.exit(f"bench_disagg_gpu: {e}")
     require_redis()
@@ -222,9 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, BenchResult]:
             result.save(args.out / name)
     rows = [{c: row[c] for c in COLUMNS}
             for name, result in results.items() for r in result.rates for row in [table_row(r.summary, name)]]
-    table, ratios = markdown_table(rows), markdown_table(ratio_rows(results, RATIOS))
+    table = markdown_table(rows)
+    ratios = markdown_table([{"system": name, **row} for name in results if name != "colocated"
+                             for row in ratio_rows(results, RATIOS, other=name)])
     where = devices_label(args)  # after the stacks stopped: no CUDA context of ours while they ran
-    print(where, table, "", "disaggregated / colocated:", ratios, sep="\n")
+    print(where, table, "", "disaggregated system / colocated:", ratios, sep="\n")
     key = section_key(args)
     plots = []
     if args.plots:
@@ -269,23 +297,33 @@ def section(args, plans: dict[str, StackPlan], table: str, ratios: str, plots: l
               f"on {n} GPUs, one worker per GPU (CUDA_VISIBLE_DEVICES): colocated `--prefill 0 --decode {n}`, "
               f"disaggregated `--prefill {p} --decode {n - p}` (prefill on GPUs 0-{p - 1})")
     setup = (
-        f"Machine: {machine()}. Model flags `{args.model_args}`{model_note(args.model_args)}. Two stacks {layout}, "
-        "one after the other (each stopped before the next starts), behind the router. Load: `pdserve bench serve`'s "
+        f"Machine: {machine()}. Model flags `{args.model_args}`{model_note(args.model_args)}. Stacks {layout}; "
+        f"{transports_note(args)}; one after the other (each stopped before the next starts), behind the router. Load: `pdserve bench serve`'s "
         f"open-loop client, Poisson arrivals at {', '.join(f'{r:g}' for r in args.rates)} req/s, {args.duration:g} s "
         f"of arrivals per rate (then every request runs to its end); long-short workload: {args.long_fraction:.0%} "
         f"of requests have {args.long}-token prompts, the rest {args.short}, {args.output} output tokens each "
-        f"(greedy, ignore_eos), random token ids, seed {args.seed}, identical requests and arrival times for both "
-        f"stacks. Goodput counts requests with TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms. "
+        f"(greedy, ignore_eos), random token ids, seed {args.seed}, identical requests and arrival times for every "
+        f"stack. Goodput counts requests with TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms. "
         "Latencies in ms at the client. KV GB/s: bytes shipped over the summed transfer times of the remote "
         "prefills; a transfer runs from decode's call to prefill until the last block is in decode's cache, so it "
         "includes the prefill itself (KV ms p50 is its median). Command: "
         f"`python loadtest/bench_disagg_gpu.py {command_flags(args)} --write BENCHMARKS.md --plots docs`."
     )
-    parts = [setup, table, "Disaggregated over colocated (below 1x is better for latencies, above 1x for goodput "
+    parts = [setup, table, "Each disaggregated system over colocated (below 1x is better for latencies, above 1x for goodput "
              "and throughput):", ratios]
     if plots:
         parts.append(plot_links(plots, args.write))
     return parts
+
+
+def transports_note(args) -> str:
+    def one(t: str) -> str:
+        how = ("by reference, device to device (CUDA IPC)" if args.shared and args.gpu_ids else "as bytes over gRPC") \
+            if t == "auto" else "as bytes over gRPC"
+        name = "disaggregated" if t == args.kv_transports[0] else f"disaggregated_{t}"
+        return f"{name} ships KV {how} (decode `--kv-transport {t}`)"
+
+    return "; ".join(one(t) for t in args.kv_transports)
 
 
 def command_flags(args) -> str:
@@ -300,6 +338,8 @@ def command_flags(args) -> str:
               f"--long {args.long} --short {args.short} --long-fraction {args.long_fraction:g} --output {args.output}",
               f"--slo-ttft-ms {args.slo_ttft_ms:g} --slo-tpot-ms {args.slo_tpot_ms:g}",
               f"--model-args {shlex.quote(args.model_args)}"]
+    if args.kv_transports != ["auto"]:
+        flags.append(f"--kv-transports {','.join(args.kv_transports)}")
     return " ".join(flags)
 
 

@@ -84,6 +84,7 @@ class RequestRecord:
     prefill_cached_tokens: int = 0
     kv_bytes_shipped: int = 0
     kv_transfer_ms: float = 0.0
+    kv_transport: str = ""  # "grpc" or "cuda_ipc" for a remote prefill
     error: str | None = None
     decode_instance: str = ""
 
@@ -145,6 +146,7 @@ class StreamTimer:
             self.record.kv_bytes_shipped = d.kv_bytes_shipped
             self.record.decode_instance = d.decode_instance
             self.record.kv_transfer_ms = d.kv_transfer_ms
+            self.record.kv_transport = d.kv_transport
 
     def finish(self) -> RequestRecord:
         """The stream closed with OK; one that carried no token counts as failed (NO_TOKENS)."""

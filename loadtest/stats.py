@@ -56,6 +56,7 @@ def _routing(records: list[RequestRecord]) -> dict[str, float | int | None]:
         "kv_bytes_shipped": sum(r.kv_bytes_shipped for r in ok),
         "kv_transfer_gbps": gbps,
         "kv_transfer_ms": distribution_ms([r.kv_transfer_ms / 1e3 for r in timed]),
+        "kv_transports": dict(sorted(Counter(r.kv_transport for r in remote if r.kv_transport).items())),
     }
 
 

@@ -199,3 +199,17 @@ def test_cpu_run_measures_both_stacks_ships_kv_writes_its_section_and_stops_ever
     for s in stacks:  # every process of both stacks has exited, its private Redis too
         assert all(c.proc is not None and c.proc.poll() is not None for c in s.children)
         assert not s.redis.alive()
+
+
+def test_each_kv_transport_gets_its_own_disaggregated_system():
+    from loadtest.bench_disagg_gpu import with_kv_transports
+
+    base = plan_stacks(["0"])
+    plans = with_kv_transports(base, ["auto", "grpc"])
+    assert list(plans) == ["colocated", "disaggregated", "disaggregated_grpc"]
+    assert plans["disaggregated"].decode[0].argv[-2:] == ("--kv-transport", "auto")
+    assert plans["disaggregated_grpc"].decode[0].argv[-2:] == ("--kv-transport", "grpc")
+    for name in ("disaggregated", "disaggregated_grpc"):  # only decode's transport differs
+        assert plans[name].prefill == base["disaggregated"].prefill and plans[name].sequential_start
+        assert plans[name].decode[0].argv[:-2] == base["disaggregated"].decode[0].argv
+    assert plans["colocated"] == base["colocated"]

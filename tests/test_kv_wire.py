@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.kv_transfer import BlockData
+from services.engine.kv_transfer import BlockData, BlockRef
 from services.kv import wire
 
 SHAPE = (2, 2, 4, 3, 8)  # layers, K/V, block_size, kv_heads, head_dim
@@ -52,3 +52,65 @@ def test_malformed_or_corrupt_block_is_rejected(mutate, message):
     msg = wire.encode(BlockData(0, 1, torch.randn(SHAPE)))
     with pytest.raises(wire.KVWireError, match=message):
         wire.decode(mutate(msg), SHAPE, torch.float32)
+
+
+# ---- by reference (same GPU; services/kv/cuda_ipc.py) ---------------------------------------
+
+POOL = torch.randn(2, 2, 10, 4, 3, 8)  # layers, K/V, num_blocks, block_size, kv_heads, head_dim
+
+
+def test_a_reference_carries_no_bytes_and_reads_as_a_view_of_the_pool():
+    msg = wire.encode_ref(BlockRef(2, 99, 3, pool_block=7), 2, 3, 8, torch.float32)
+    assert msg.pool_block == 7 and not msg.data and list(msg.shape) == [2, 2, 3, 3, 8]
+    block = wire.decode_ref(msg, POOL, SHAPE, torch.float32)
+    assert (block.block_index, block.block_hash, block.num_tokens) == (2, 99, 3)
+    assert block.tensor.data_ptr() == POOL[:, :, 7].data_ptr()  # a view: nothing copied yet
+    assert torch.equal(block.tensor, POOL[:, :, 7, :3])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: setattr(m, "pool_block", 10), "outside"),
+    (lambda m: setattr(m, "dtype", "float16"), "dtype"),
+    (lambda m: setattr(m, "num_tokens", 5), "shape"),
+    (lambda m: m.ClearField("pool_block"), "bytes where a reference"),
+])
+def test_a_bad_reference_is_rejected(mutate, message):
+    msg = wire.encode_ref(BlockRef(0, None, 4, pool_block=1), 2, 3, 8, torch.float32)
+    mutate(msg)
+    with pytest.raises(wire.KVWireError, match=message):
+        wire.decode_ref(msg, POOL, SHAPE, torch.float32)
+
+
+def test_bytes_decoding_refuses_a_reference():
+    msg = wire.encode_ref(BlockRef(0, None, 4, pool_block=1), 2, 3, 8, torch.float32)
+    with pytest.raises(wire.KVWireError, match="reference where bytes"):
+        wire.decode(msg, SHAPE, torch.float32)
+
+
+def pool_msg(**changes):
+    from pdserve.v1 import kv_pb2
+
+    fields = dict(dtype="float32", shape=list(POOL.shape), stride=list(POOL.stride()),
+                  storage_bytes=POOL.numel() * 4) | changes
+    return kv_pb2.KVPool(**fields)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(dtype="bfloat16"), "dtype"),
+    (dict(shape=[2, 2, 10, 8, 3, 8]), "does not hold"),
+    (dict(shape=[2, 2, 10, 4, 3]), "does not hold"),
+    (dict(storage_bytes=POOL.numel() * 4 - 1), "overruns"),
+    (dict(stride=[3840, 960, 96, 24, 8, 1]), "overruns"),  # layer stride doubled: past the storage
+])
+def test_a_pool_that_does_not_fit_our_layout_is_refused(changes, message):
+    from services.kv.cuda_ipc import PoolError, check_pool
+
+    check_pool(pool_msg(), SHAPE, torch.float32)  # the pool as exported is fine
+    with pytest.raises(PoolError, match=message):
+        check_pool(pool_msg(**changes), SHAPE, torch.float32)
+
+
+def test_a_cpu_pool_is_not_exported():
+    from services.kv.cuda_ipc import export_pool
+
+    assert export_pool(POOL) is None

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if role == "decode":
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
+            _add_kv_transport_arg(p)
         add_model_args(p)
         p.set_defaults(run=lambda args, role=role: _run_async(run_worker(role, args)))
 
@@ -53,8 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the next; each worker sees only its own (CUDA_VISIBLE_DEVICES). Default: every worker sees "
                    "every device and uses the first")
     _add_redis_arg(s, serve=True)
+    _add_kv_transport_arg(s)
     add_model_args(s)
     s.set_defaults(run=run_serve)
+
+
+KV_TRANSPORTS = ("auto", "grpc")
+
+
+def _add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
+                   help="how decode receives prompt KV: auto = by reference from a prefill worker on the same GPU "
+                   "(CUDA IPC, services/kv/cuda_ipc.py), bytes over gRPC from any other (default); grpc = always bytes")
 
 
 def _add_bind_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -165,20 +176,26 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
         return PrefillServicer(engine, instance_id), worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
     from services.fleet.worker import prefill_resolver
+    from services.kv.cuda_ipc import CudaIpcKVTransport
     from services.kv.transport import GrpcKVTransport
     from services.rpc.server import parse_peers
     from services.rpc.worker import identity_of
 
     core = engine.core
     cfg = core.model_config
-    transport = GrpcKVTransport(
+    common = (
         parse_peers(args.prefill_peers),
         instance_id,
         identity_of(engine),
         (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim),
         core.layout.dtype,
-        resolve=prefill_resolver(directory) if directory is not None else None,
     )
+    resolve = prefill_resolver(directory) if directory is not None else None
+    device = core.layout.device
+    if args.kv_transport == "auto" and device.type == "cuda":
+        transport = CudaIpcKVTransport(*common, resolve=resolve, device=device)
+    else:
+        transport = GrpcKVTransport(*common, resolve=resolve)
     return DecodeServicer(engine, instance_id, transport), worker_pb2_grpc.add_DecodeWorkerServicer_to_server, \
         "DecodeWorker"
 

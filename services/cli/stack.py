@@ -120,7 +120,8 @@ class LocalStack:
 
         placement = gpu_per_worker(args.gpus, args.prefill, args.decode) if args.gpus else None
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
-                   router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement)
+                   router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
+                   decode_argv=["--kv-transport", args.kv_transport])
 
     @property
     def router_address(self) -> str:

@@ -15,6 +15,8 @@ Without a prefill instance, the request simply prefills here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -25,6 +27,7 @@ import torch
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.errors import PdserveError
+from services.engine.kv_transfer import BlockData
 from services.engine.outputs import RequestOutput
 from services.kv.transport import KVTransport, PeerError, PrefillDone
 from services.kv.wire import KVWireError
@@ -109,20 +112,17 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
             priority=request.priority,
             decode_instance=self.instance_id,
         )
+        peer = request.prefill_instance
         try:
-            async for item in self.transport.pull(request.prefill_instance, prefill_request, timeout):
-                if isinstance(item, PrefillDone):
-                    engine.finish_kv(request_id, item.first_tokens, item.cached_tokens)
-                    return
-                if _PERTURB_KV:  # noise (std 5), not a constant: softmax ignores a shift common to all keys
-                    k = item.tensor[:, 0]
-                    noise = torch.randn(k.shape, generator=torch.Generator().manual_seed(item.block_index))
-                    k.add_((5 * noise).to(k.dtype))
-                record.kv_blocks_shipped += 1
-                record.kv_bytes_shipped += item.nbytes
-                metrics.KV_BLOCKS_SHIPPED.labels("received").inc()
-                metrics.KV_BYTES_SHIPPED.labels("received").inc(item.nbytes)
-                engine.put_kv(request_id, item)
+            # aclosing: a by-reference transport releases the peer's blocks when the stream closes,
+            # after engine.fence() says our copies of them are done.
+            async with contextlib.aclosing(self.transport.pull(peer, prefill_request, timeout, engine.fence)) as items:
+                async for item in items:
+                    record.kv_transport = self.transport.kind_for(peer)
+                    if isinstance(item, PrefillDone):
+                        engine.finish_kv(request_id, item.first_tokens, item.cached_tokens)
+                        return
+                    self._receive(request_id, item, record)
             engine.fail_kv(request_id, "prefill stream ended without its result")
         except PeerError as e:
             engine.abort(request_id)  # a misconfigured peer is an error, not silently local
@@ -136,6 +136,19 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         except Exception as e:  # noqa: BLE001 - whatever broke, the request must not hang
             log.exception("KV pull failed")
             engine.fail_kv(request_id, f"{type(e).__name__}: {e}")
+
+    def _receive(self, request_id: str, block: BlockData, record: common_pb2.DisaggregationRecord) -> None:
+        if _PERTURB_KV:  # noise (std 5), not a constant: softmax ignores a shift common to all keys
+            tensor = block.tensor.clone()  # a by-reference block is a view of the peer's cache
+            k = tensor[:, 0]
+            noise = torch.randn(k.shape, generator=torch.Generator().manual_seed(block.block_index))
+            k.add_((5 * noise).to(k.device, k.dtype))
+            block = dataclasses.replace(block, tensor=tensor)
+        record.kv_blocks_shipped += 1
+        record.kv_bytes_shipped += block.nbytes
+        metrics.KV_BLOCKS_SHIPPED.labels("received").inc()
+        metrics.KV_BYTES_SHIPPED.labels("received").inc(block.nbytes)
+        self.engine.put_kv(request_id, block)
 
     def _finish(
         self, response: common_pb2.GenerateResponse, out: RequestOutput, record: common_pb2.DisaggregationRecord

@@ -55,12 +55,14 @@ class AsyncEngine:
         priority: int = 0,
         kv_export_from: int | None = None,
         remote_prefill: bool = False,
+        kv_by_reference: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request; leaving the loop early (or cancelling) aborts it.
 
         KV transfer (kv_transfer.py): with `kv_export_from`, outputs carry the prompt's KV
-        blocks; with `remote_prefill`, one output announces `kv_pull_from_block`, after which
-        the caller feeds `put_kv` and then `finish_kv` (or `fail_kv`).
+        blocks (references with `kv_by_reference`, held until `release_kv`); with
+        `remote_prefill`, one output announces `kv_pull_from_block`, after which the caller feeds
+        `put_kv` and then `finish_kv` (or `fail_kv`).
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
@@ -69,7 +71,7 @@ class AsyncEngine:
             # Compiling takes milliseconds to seconds: off the event loop; make_request then hits the cache.
             await asyncio.to_thread(self.core.compile_grammar, params)
         request = self.core.make_request(
-            prompt, params, request_id, priority, kv_export_from, remote_prefill
+            prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference
         )
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -102,6 +104,17 @@ class AsyncEngine:
 
     def fail_kv(self, request_id: str, reason: str) -> None:
         self._inbox.put(("fail_kv", (request_id, reason)))
+
+    def release_kv(self, request_id: str) -> None:
+        self._inbox.put(("release_kv", request_id))
+
+    async def fence(self, timeout: float = 30.0) -> None:
+        """Return once every block put so far is in the cache, its copy finished on the device
+        (put_kv may hand the engine a view of a peer's memory, which the peer then reuses)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("fence", (loop, done)))
+        await asyncio.wait_for(done, timeout)
 
     def stats(self) -> dict[str, int]:
         """Load numbers for routing (read without locking: a snapshot, possibly a step old)."""
@@ -166,6 +179,12 @@ class AsyncEngine:
             request = method(*arg)
             if request is not None:
                 self._publish(request)
+        elif kind == "release_kv":
+            self.core.release_kv(arg)
+        elif kind == "fence":
+            self.core.runner.synchronize()
+            loop, done = arg
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
         elif kind == "stop":
             self._stopping = True
 

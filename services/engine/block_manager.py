@@ -165,7 +165,21 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`; cached ones stay reusable until evicted."""
-        for block_id in reversed(seq.block_table):
+        self.release(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_blocks = 0
+
+    def hold(self, block_ids: list[int]) -> None:
+        """One more reference on each block: they stay allocated, whoever else frees them,
+        until `release` (KV shipped by reference, while the peer copies it)."""
+        for block_id in block_ids:
+            assert self.blocks[block_id].ref_count > 0, f"block {block_id} is free: nothing to hold"
+            self._take(block_id)
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference on each block (a table's, or a hold's); unreferenced blocks go
+        back to the free queue, uncached ones first in line."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
@@ -173,8 +187,6 @@ class BlockManager:
                 self._free[block_id] = None
                 if block.block_hash is None:
                     self._free.move_to_end(block_id, last=False)
-        seq.block_table = []
-        seq.num_cached_blocks = 0
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register `seq`'s newly full, computed blocks in the prefix cache."""

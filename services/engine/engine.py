@@ -23,7 +23,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.kv_sizing import num_kv_blocks
-from services.engine.kv_transfer import BlockData, KVExport, KVImport, KVTransferError, check_block
+from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import ModelRunner
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import SampledToken
@@ -89,6 +89,7 @@ class EngineCore:
         )
         self.requests: dict[str, Request] = {}
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
+        self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
         self.idle = True  # the last step scheduled nothing
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -113,12 +114,14 @@ class EngineCore:
         priority: int = 0,
         kv_export_from: int | None = None,
         remote_prefill: bool = False,
+        kv_by_reference: bool = False,
     ) -> Request:
         """Validate and tokenize a request without touching engine state (safe from any thread).
 
         `kv_export_from=k` makes a prefill-only request that ships its prompt's KV from block
-        k on (prefill worker); `remote_prefill` makes one whose prompt KV arrives from a peer
-        (decode worker). See kv_transfer.py.
+        k on (prefill worker), as references into the pool with `kv_by_reference`;
+        `remote_prefill` makes one whose prompt KV arrives from a peer (decode worker). See
+        kv_transfer.py.
         """
         token_ids = self._tokenize(prompt)
         vocab = self.layout.vocab_size
@@ -151,7 +154,8 @@ class EngineCore:
         if kv_export_from is not None:
             if not 0 <= kv_export_from * self.config.block_size < len(token_ids):
                 raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")
-            request.kv_export = KVExport(skip_blocks=kv_export_from, next_block=kv_export_from)
+            request.kv_export = KVExport(skip_blocks=kv_export_from, next_block=kv_export_from,
+                                         by_reference=kv_by_reference)
         if remote_prefill:
             request.kv_import = KVImport()
         return request
@@ -273,15 +277,38 @@ class EngineCore:
         hashes = self.block_manager.ensure_hashes(seq, num_prompt // bs)
         for i in range(exp.next_block, end):
             n = min(bs, num_prompt - i * bs)
-            data = self.runner.read_block(seq.block_table[i], n)
-            exp.ready.append(BlockData(i, hashes[i] if n == bs else None, data))
+            block_hash = hashes[i] if n == bs else None
+            if exp.by_reference:  # held from now on: finish, abort or preemption leave the slot alone
+                slot = seq.block_table[i]
+                self.block_manager.hold([slot])
+                self._held.setdefault(request.request_id, []).append(slot)
+                exp.ready.append(BlockRef(i, block_hash, n, slot))
+            else:
+                exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n)))
         exported = end > exp.next_block
         exp.next_block = max(exp.next_block, end)
+        if exported and exp.by_reference:
+            self.runner.synchronize()  # the step's KV writes are done before the peer reads them
         if sampled:
             for s in request.seqs:
                 if not s.finished:
                     self.scheduler.finish(s, "prefilled")
         return exported or sampled
+
+    def release_kv(self, request_id: str) -> bool:
+        """The peer has copied what it was shipped by reference: those blocks may be reused."""
+        blocks = self._held.pop(request_id, None)
+        if blocks is not None:
+            self.block_manager.release(blocks)
+        return blocks is not None
+
+    def is_held(self, request_id: str) -> bool:
+        """Whether `request_id`'s blocks wait for release_kv (read from any thread: a snapshot)."""
+        return request_id in self._held
+
+    @property
+    def num_held_requests(self) -> int:
+        return len(self._held)
 
     def receive_kv(self, request_id: str, block: BlockData) -> None:
         """Write one received block into the waiting request's cache slot (engine thread).

@@ -8,6 +8,11 @@ Two roles, as in vLLM's KV connector:
   cache into host memory and handed out with the request's output; when the first tokens
   are sampled, the partial last block follows and the request ends ("prefilled").
   Blocks below `skip_blocks` (the decode worker has them) are never shipped.
+  `by_reference` (a decode worker on the same GPU maps this worker's pool): blocks are handed
+  out as `BlockRef`s naming their slot instead of copies. A slot is held from the moment it
+  is named until `release_kv`, whatever happens to the request meanwhile (it ends, is aborted,
+  or is preempted and recomputed into other slots), so it cannot be reused while the peer may
+  still be copying it.
 
 * import (decode worker). A request with `KVImport` is admitted with blocks for its whole
   prompt at once (after its own prefix-cache hits) and then waits, computing nothing. Each
@@ -50,11 +55,22 @@ class BlockData:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of a prompt's KV left in this worker's pool, shipped by reference."""
+
+    block_index: int
+    block_hash: int | None
+    num_tokens: int
+    pool_block: int  # its slot in the pool; held until the peer has copied it (release_kv)
+
+
 @dataclass
 class KVExport:
     skip_blocks: int = 0
     next_block: int = 0  # first block not yet shipped
-    ready: list[BlockData] = field(default_factory=list)  # read out, not yet handed out
+    by_reference: bool = False
+    ready: list[BlockData | BlockRef] = field(default_factory=list)  # read out, not yet handed out
 
 
 @dataclass

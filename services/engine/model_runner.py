@@ -101,8 +101,14 @@ class ModelRunner:
         return self.kv_cache[:, :, block_id, :num_tokens].to("cpu", copy=True)
 
     def write_block(self, block_id: int, data: torch.Tensor) -> None:
-        """Fill one block's first data.shape[2] slots (a received block) from host memory."""
+        """Fill one block's first data.shape[2] slots (a received block) from host memory, or
+        from a peer's pool on this GPU (mapped by CUDA IPC)."""
         self.kv_cache[:, :, block_id, : data.shape[2]] = data.to(self.device, self.kv_cache.dtype)
+
+    def synchronize(self) -> None:
+        """Wait for every kernel and copy this process has queued on the device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)

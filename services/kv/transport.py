@@ -2,9 +2,9 @@
 
 `KVTransport` is the decode side's view: ask a peer (named by instance id) to prefill a
 prompt, receive its blocks as they are computed, then the first sampled tokens. The gRPC
-stream is the transport today; same-host transports (CUDA IPC, NCCL) can drop in behind the
-same interface. Addresses come from this worker's own configuration (--prefill-peers) or the
-fleet registry, never from a request.
+stream carries the bytes here; on one GPU, cuda_ipc.py's transport carries references over
+the same stream and copies device to device. Addresses come from this worker's own
+configuration (--prefill-peers) or the fleet registry, never from a request.
 """
 
 from __future__ import annotations
@@ -42,19 +42,32 @@ class PrefillDone:
     cached_tokens: int  # prompt tokens the prefill worker found in its own prefix cache
 
 
+Fence = Callable[[], Awaitable[None]]
+
+
 class KVTransport(ABC):
     @abstractmethod
     def pull(
-        self, peer_id: str, request: worker_pb2.PrefillRequest, timeout: float | None
+        self, peer_id: str, request: worker_pb2.PrefillRequest, timeout: float | None, fence: Fence | None = None
     ) -> AsyncIterator[BlockData | PrefillDone]:
         """Blocks as the peer computes them, then one PrefillDone. Raises PeerError,
-        wire.KVWireError (a corrupt block) or grpc.aio.AioRpcError."""
+        wire.KVWireError (a corrupt block) or grpc.aio.AioRpcError.
+
+        `fence` returns once every block handed out so far is in the caller's cache. A
+        transport whose blocks are views of the peer's memory awaits it before the peer may
+        reuse that memory, so close the iterator (contextlib.aclosing) rather than drop it."""
+
+    def kind_for(self, peer_id: str) -> str:
+        """How blocks from `peer_id` travel (after a pull from it began): "grpc" or "cuda_ipc"."""
+        return "grpc"
 
     async def close(self) -> None:
         return None
 
 
 class GrpcKVTransport(KVTransport):
+    want_kv_pool = False  # ask prefill for its KV pool at the handshake (cuda_ipc.py)
+
     def __init__(
         self,
         peers: dict[str, str],
@@ -101,22 +114,35 @@ class GrpcKVTransport(KVTransport):
     async def _handshake(
         self, peer_id: str, address: str, stub: worker_pb2_grpc.PrefillWorkerStub, timeout: float | None
     ) -> None:
-        request = worker_pb2.HandshakeRequest(instance_id=self.instance_id, role="decode", identity=self.identity)
+        request = worker_pb2.HandshakeRequest(instance_id=self.instance_id, role="decode", identity=self.identity,
+                                              want_kv_pool=self.want_kv_pool)
         try:
-            await stub.Handshake(request, timeout=timeout)
+            response = await stub.Handshake(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise PeerError(e.details()) from e
             raise
         log.info("handshake with prefill %s (%s) ok", peer_id, address)
+        self._handshook(peer_id, response)
 
-    async def pull(self, peer_id, request, timeout):
+    def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
+        """What a subclass learns from the peer's handshake answer."""
+
+    def _decode_bytes(self, msg) -> BlockData:
+        return wire.decode(msg, self.block_shape, self.dtype)
+
+    async def pull(self, peer_id, request, timeout, fence=None):
         stub = await self._stub(peer_id, timeout)
+        async for item in self._stream(stub, request, timeout, self._decode_bytes):
+            yield item
+
+    async def _stream(self, stub, request, timeout, decode_block: Callable[..., BlockData]):
+        """The Prefill call: each block through `decode_block`, then the PrefillDone."""
         call = stub.Prefill(request, timeout=timeout, metadata=request_metadata(request.request_id))
         try:
             async for response in call:
                 if response.HasField("block"):
-                    yield wire.decode(response.block, self.block_shape, self.dtype)
+                    yield decode_block(response.block)
                 else:
                     result = response.result
                     tokens = sorted(result.first_tokens, key=lambda t: t.index)

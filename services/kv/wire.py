@@ -4,6 +4,10 @@ A block travels as [layers, 2 (K, V), num_tokens, kv_heads, head_dim] elements i
 The receiver checks everything it can before the bytes touch its cache: dtype and shape
 against its own layout, the checksum against the bytes, and (in the decode worker) the block
 index and hash against what it allocated for that request.
+
+On one GPU a block can travel by reference instead (`pool_block`: its slot in the sender's
+KV pool, which the receiver has mapped through CUDA IPC, see cuda_ipc.py): the same header and
+checks, no bytes and so no checksum.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import xxhash
 
 from pdserve.v1 import kv_pb2
-from services.engine.kv_transfer import BlockData
+from services.engine.kv_transfer import BlockData, BlockRef
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -43,8 +47,25 @@ def encode(block: BlockData) -> kv_pb2.KVBlock:
     return msg
 
 
-def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> BlockData:
-    """Check and unpack a received block. `expected_shape` is [layers, 2, block_size, heads, dim]."""
+def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> kv_pb2.KVBlock:
+    """A block shipped by reference: its slot in the sender's pool, no bytes (same-GPU transport)."""
+    msg = kv_pb2.KVBlock(
+        block_index=ref.block_index,
+        num_tokens=ref.num_tokens,
+        layer_start=0,
+        layer_end=num_layers,
+        head_start=0,
+        head_end=num_kv_heads,
+        dtype=_NAMES[dtype],
+        shape=[num_layers, 2, ref.num_tokens, num_kv_heads, head_dim],
+        pool_block=ref.pool_block,
+    )
+    if ref.block_hash is not None:
+        msg.block_hash = ref.block_hash
+    return msg
+
+
+def _check_header(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> tuple[int, ...]:
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None or dtype != expected_dtype:
         raise KVWireError(f"block {msg.block_index}: dtype {msg.dtype!r}, expected {_NAMES[expected_dtype]}")
@@ -54,12 +75,34 @@ def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype:
         raise KVWireError(f"block {msg.block_index}: shape {shape} does not fit {expected_shape}")
     if (msg.layer_start, msg.layer_end, msg.head_start, msg.head_end) != (0, layers, 0, heads):
         raise KVWireError(f"block {msg.block_index}: partial layer/head ranges are not supported yet")
-    nbytes = torch.empty((), dtype=dtype).element_size()
+    return shape
+
+
+def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> BlockData:
+    """Check and unpack a received block. `expected_shape` is [layers, 2, block_size, heads, dim]."""
+    if msg.HasField("pool_block"):
+        raise KVWireError(f"block {msg.block_index}: a reference where bytes were asked for")
+    shape = _check_header(msg, expected_shape, expected_dtype)
+    nbytes = torch.empty((), dtype=expected_dtype).element_size()
     for size in shape:
         nbytes *= size
     if len(msg.data) != nbytes:
         raise KVWireError(f"block {msg.block_index}: {len(msg.data)} bytes, expected {nbytes}")
     if xxhash.xxh64_intdigest(msg.data) != msg.checksum:
         raise KVWireError(f"block {msg.block_index}: checksum mismatch")
-    tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype).reshape(shape)
+    tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(expected_dtype).reshape(shape)
+    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
+
+
+def decode_ref(msg: kv_pb2.KVBlock, pool: torch.Tensor, expected_shape: tuple[int, ...],
+               expected_dtype: torch.dtype) -> BlockData:
+    """A block shipped by reference, as a view of its slot in the peer's `pool` (mapped from
+    the handshake's KVPool: [layers, 2, num_blocks, block_size, heads, dim]). Nothing is
+    copied here; the receiver copies the view into its own cache."""
+    if not msg.HasField("pool_block"):
+        raise KVWireError(f"block {msg.block_index}: bytes where a reference was asked for")
+    _check_header(msg, expected_shape, expected_dtype)
+    if not 0 <= msg.pool_block < pool.shape[2]:
+        raise KVWireError(f"block {msg.block_index}: pool slot {msg.pool_block} outside [0, {pool.shape[2]})")
+    tensor = pool[:, :, msg.pool_block, : msg.num_tokens]
     return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)

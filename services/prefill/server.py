@@ -4,20 +4,26 @@ Concurrent Prefill calls share one engine, so their prompts are batched (chunked
 under the engine's token budget) and its prefix cache serves all of them. Each call streams
 the blocks its caller lacks as soon as their chunk is computed, then the first sampled token
 of each of the request's n sequences.
+
+A decode worker on the same GPU asks for this worker's KV pool at the handshake and then for
+blocks by reference (services/kv/cuda_ipc.py): the stream names pool slots instead of carrying
+bytes, and the request's blocks stay allocated until that decode worker's ReleaseKV, or until
+KV_HOLD_TIMEOUT_S after the stream ended when it never comes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 
 import grpc
 
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.errors import InvalidRequestError, PdserveError
-from services.kv import wire
+from services.kv import cuda_ipc, wire
 from services.rpc import metrics
 from services.rpc.convert import logprobs_to_proto, params_from_proto, reject_unknown_fields
 from services.rpc.server import abort_with
@@ -28,14 +34,45 @@ log = logging.getLogger("pdserve.prefill")
 # Test-only: flip one byte of every shipped block after its checksum, to prove corruption is caught.
 _CORRUPT_KV = os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1"
 
+KV_HOLD_TIMEOUT_S = 60.0  # blocks shipped by reference are freed this long after the stream, at the latest
+
 
 class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer):
     role = "prefill"
+    _kv_pool: kv_pb2.KVPool | None | bool = False  # False: not exported yet
+
+    async def Handshake(self, request: worker_pb2.HandshakeRequest, context) -> worker_pb2.HandshakeResponse:
+        response = await super().Handshake(request, context)
+        pool = self.kv_pool() if request.want_kv_pool else None
+        if pool is not None:
+            response.kv_pool.CopyFrom(pool)
+        return response
+
+    def kv_pool(self) -> kv_pb2.KVPool | None:
+        """This worker's KV pool as a CUDA IPC handle (exported once); None on the CPU."""
+        if self._kv_pool is False:
+            self._kv_pool = cuda_ipc.export_pool(self.engine.core.runner.kv_cache)
+        return self._kv_pool
+
+    async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context) -> worker_pb2.ReleaseKVResponse:
+        held = self.engine.core.is_held(request.request_id)
+        self.engine.release_kv(request.request_id)
+        return worker_pb2.ReleaseKVResponse(released=held)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         start = time.monotonic()
+        by_reference = request.kv_by_reference
         try:
             reject_unknown_fields(request)
+            if by_reference and not request.request_id:
+                raise InvalidRequestError("kv_by_reference needs a request_id (ReleaseKV names it)")
+            if by_reference and self.kv_pool() is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"prefill {self.instance_id} has no KV pool on a GPU to ship references into")
+            if by_reference and request.kv_pool_id != self.kv_pool().pool_id:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"prefill {self.instance_id}: the KV pool this request names is not ours "
+                                    "(restarted since the handshake?): handshake again")
             params = params_from_proto(request.sampling)
             log.info("request %s: prefill %d tokens for %s, skipping %d blocks", request.request_id,
                      len(request.prompt_token_ids), request.decode_instance, request.skip_blocks)
@@ -45,15 +82,22 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                 request_id=request.request_id or None,
                 priority=request.priority,
                 kv_export_from=request.skip_blocks,
+                kv_by_reference=by_reference,
             )
             first: dict[int, worker_pb2.FirstToken] = {}
             async for out in stream:
                 for block in out.kv_blocks:
-                    msg = wire.encode(block)
-                    if _CORRUPT_KV:
-                        msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]
+                    if by_reference:
+                        msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
+                                              self.identity.head_dim, self.engine.core.layout.dtype)
+                        nbytes = self._block_bytes(block.num_tokens)
+                    else:
+                        msg = wire.encode(block)
+                        if _CORRUPT_KV:
+                            msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]
+                        nbytes = len(msg.data)
                     metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
-                    metrics.KV_BYTES_SHIPPED.labels("sent").inc(len(msg.data))
+                    metrics.KV_BYTES_SHIPPED.labels("sent").inc(nbytes)
                     yield worker_pb2.PrefillResponse(block=msg)
                 for c in out.outputs:
                     if c.token_ids and c.index not in first:
@@ -78,3 +122,11 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
         except PdserveError as e:
             log.exception("prefill failed")
             await abort_with(context, e)
+        finally:
+            if by_reference and request.request_id:  # in case the caller never releases
+                asyncio.get_running_loop().call_later(KV_HOLD_TIMEOUT_S, self.engine.release_kv, request.request_id)
+
+    def _block_bytes(self, num_tokens: int) -> int:
+        ident = self.identity
+        element = self.engine.core.runner.kv_cache.element_size()
+        return ident.num_layers * 2 * num_tokens * ident.num_kv_heads * ident.head_dim * element
