@@ -7,7 +7,7 @@ of each of the request's n sequences.
 
 A decode worker on the same GPU asks for this worker's KV pool at the handshake and then for
 blocks by reference (services/kv/cuda_ipc.py): the stream names pool slots instead of carrying
-bytes, and the request's blocks stay allocated until that decode worker's ReleaseKV, or until
+bytes, and every slot it names stays allocated until that decode worker's ReleaseKV, or until
 KV_HOLD_TIMEOUT_S after the stream ended when it never comes.
 """
 
