@@ -42,9 +42,6 @@ log = logging.getLogger("pdserve.kv")
 
 RELEASE_TIMEOUT_S = 5.0
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class PoolError(ValueError):
     """A peer's KVPool does not describe a pool we can read blocks of our layout from."""
 
@@ -69,7 +66,7 @@ def export_pool(pool: torch.Tensor) -> kv_pb2.KVPool | None:
         ref_counter_offset=counter_offset,
         event_handle=event or b"",
         event_sync_required=event_sync,
-        dtype=str(pool.dtype).removeprefix("torch."),
+        dtype=wire.DTYPE_NAMES[pool.dtype],
         shape=list(pool.shape),
         stride=list(pool.stride()),
         pool_id=secrets.randbits(64),
@@ -79,7 +76,7 @@ def export_pool(pool: torch.Tensor) -> kv_pb2.KVPool | None:
 def check_pool(msg: kv_pb2.KVPool, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Raise PoolError unless `msg` is a pool of `block_shape` ([layers, 2, block_size, heads,
     dim]) blocks of `dtype` whose every element lies inside the exported storage."""
-    if _DTYPES.get(msg.dtype) != dtype:
+    if wire.DTYPES.get(msg.dtype) != dtype:
         raise PoolError(f"pool dtype {msg.dtype!r}, ours {dtype}")
     shape, stride = tuple(msg.shape), tuple(msg.stride)
     layers, kv, block_size, heads, dim = block_shape

@@ -18,8 +18,9 @@ import xxhash
 from pdserve.v1 import kv_pb2
 from services.engine.kv_transfer import BlockData, BlockRef
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+# The dtypes KV travels in, by their wire names (KVBlock.dtype, KVPool.dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class KVWireError(ValueError):
@@ -37,7 +38,7 @@ def encode(block: BlockData) -> kv_pb2.KVBlock:
         layer_end=layers,
         head_start=0,
         head_end=heads,
-        dtype=_NAMES[t.dtype],
+        dtype=DTYPE_NAMES[t.dtype],
         shape=list(t.shape),
         data=data,
         checksum=xxhash.xxh64_intdigest(data),
@@ -56,7 +57,7 @@ def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int,
         layer_end=num_layers,
         head_start=0,
         head_end=num_kv_heads,
-        dtype=_NAMES[dtype],
+        dtype=DTYPE_NAMES[dtype],
         shape=[num_layers, 2, ref.num_tokens, num_kv_heads, head_dim],
         pool_block=ref.pool_block,
     )
@@ -66,9 +67,9 @@ def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int,
 
 
 def _check_header(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> tuple[int, ...]:
-    dtype = _DTYPES.get(msg.dtype)
+    dtype = DTYPES.get(msg.dtype)
     if dtype is None or dtype != expected_dtype:
-        raise KVWireError(f"block {msg.block_index}: dtype {msg.dtype!r}, expected {_NAMES[expected_dtype]}")
+        raise KVWireError(f"block {msg.block_index}: dtype {msg.dtype!r}, expected {DTYPE_NAMES[expected_dtype]}")
     layers, kv, block_size, heads, dim = expected_shape
     shape = tuple(msg.shape)
     if not 1 <= msg.num_tokens <= block_size or shape != (layers, kv, msg.num_tokens, heads, dim):
