@@ -114,15 +114,16 @@ def workload(vocab: int):
     return random_workload(256, 100, 1024, 100, 1024, seed=0, vocab=vocab)
 
 
-def throughput_pdserve(preset: str) -> None:
+def throughput_pdserve(preset: str, async_scheduling: bool) -> None:
     from services.engine import LLM
 
-    llm = LLM(load_format="dummy", preset=preset, max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256)
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256,
+              async_scheduling=async_scheduling)
     w = workload(llm.engine.layout.vocab_size)
     measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0)  # warm-up
     torch.cuda.synchronize()
     result = measure_offline(llm, w, warmup=0)
-    record(part="throughput", system="pdserve", preset=preset, **result)
+    record(part="throughput", system="pdserve", preset=preset, async_scheduling=async_scheduling, **result)
     del llm
     free_gpu()
 
@@ -197,17 +198,17 @@ def throughput_hf_generate(preset: str, n: int = 64) -> None:
 # ---- 3. batch-1 latency ------------------------------------------------------------------------
 
 
-def batch1_latency(preset: str, steps: int = 256) -> None:
+def batch1_latency(preset: str, async_scheduling: bool, steps: int = 256) -> None:
     from services.engine import LLM, SamplingParams
 
-    llm = LLM(load_format="dummy", preset=preset, max_model_len=2048)
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=2048, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([list(range(100, 132))], params)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     llm.generate([list(range(200, 232))], params)
     torch.cuda.synchronize()
-    record(part="batch1", preset=preset, ms_per_token=round((time.perf_counter() - t0) / steps * 1e3, 3))
+    record(part="batch1", preset=preset, async_scheduling=async_scheduling, ms_per_token=round((time.perf_counter() - t0) / steps * 1e3, 3))
     del llm
     free_gpu()
 
@@ -283,12 +284,15 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
 
 PARTS = {
     "correctness": lambda presets: [correctness(p, r) for p in CORRECTNESS_PRESETS for r in (None, 0.05)],
-    "pdserve": lambda presets: [throughput_pdserve(p) for p in presets],
-    "batch1": lambda presets: [batch1_latency(p) for p in presets],
+    "pdserve": lambda presets: [throughput_pdserve(p, a) for p in presets for a in ASYNC],
+    "batch1": lambda presets: [batch1_latency(p, a) for p in presets for a in ASYNC],
     "bandwidth": lambda presets: kernel_bandwidth(),
     "hf-generate": lambda presets: [throughput_hf_generate(p) for p in presets],
     "hf-cb": lambda presets: [throughput_hf_cb(p) for p in presets],
 }
+
+
+ASYNC = [True, False]  # async scheduling on, then off: the baseline, in the same run
 
 
 def main() -> None:
@@ -297,10 +301,12 @@ def main() -> None:
     parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
     parser.add_argument("--only", default="", help="comma list of parts to run")
     parser.add_argument("--correctness-presets", default="tiny-llama,llama-3.2-1b,smollm2-135m")
+    parser.add_argument("--async-scheduling", default="on,off", help="comma list of on/off (pdserve, batch1)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
+    ASYNC[:] = [{"on": True, "off": False}[a] for a in args.async_scheduling.split(",") if a]
     parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
     record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     for part in parts:

@@ -25,12 +25,15 @@ def tokens(llm) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected():
-    """float32 on the GPU, eager, a roomy pool: the baseline every variant must reproduce."""
-    return tokens(make_llm("tiny-llama", dtype="float32", num_kv_blocks=4096, enforce_eager=True))
+    """float32 on the GPU, eager, one step at a time, a roomy pool: the baseline every variant
+    must reproduce."""
+    return tokens(make_llm("tiny-llama", dtype="float32", num_kv_blocks=4096, enforce_eager=True,
+                           async_scheduling=False))
 
 
 @pytest.mark.parametrize("variant", [
-    dict(),  # CUDA graphs for decode
+    dict(),  # CUDA graphs for decode, async scheduling
+    dict(async_scheduling=False),  # CUDA graphs, each step read back before the next
     dict(max_num_batched_tokens=32),  # chunked prefill mixed with graph decodes
     dict(num_kv_blocks=40, max_model_len=320),  # preemption and recompute
     dict(attention_backend="torch", enforce_eager=True),  # the reference backend on the GPU

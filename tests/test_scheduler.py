@@ -29,6 +29,7 @@ def step(sched: Scheduler, token: int = 7) -> StepPlan:
     """One step with a fake model: every sequence that samples gets `token` (n of them on fork)."""
     plan = sched.schedule()
     sampled = {s.seq_id: [SampledToken(token, None)] * len(s.sample.seq_indices) for s in plan.seqs if s.sample}
+    sched.advance(plan)
     sched.update(plan, sampled, lambda seq, tok: None)
     return plan
 

@@ -38,6 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--attention-backend", default="auto", help="auto (triton on GPU, torch elsewhere), torch, triton")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="plan the next step while the GPU runs this one (auto: on for CUDA)")
     g.add_argument("--cache-dir", type=Path, help="where converted GGUF weights are cached (default ~/.cache/pdserve)")
 
 
@@ -63,6 +65,7 @@ def engine_config(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
 
 

@@ -17,8 +17,10 @@ replaced (copy-on-write of a shared partial block). A table that is a different 
 The scheduler reports finished and preempted sequences in `StepPlan.released_seq_ids`.
 
 Entries past a sequence's length are stale but valid block ids; kernels mask them by length.
-The host buffer is rewritten only after the previous step's device copy has completed (every
-step waits for its sampled tokens before the next one is prepared).
+The host buffer is pinned, so its copy to the device is truly asynchronous: with async
+scheduling the next step's rows are written while the previous step may still be queued, so
+the first write of a step waits for the last upload's copy to finish (an event; the copy is at
+the head of its step, so this rarely waits at all).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class BlockTableRows:
         self._lists: list[list[int] | None] = [None] * max_rows  # the table each row last mirrored
         self._synced: list[int] = [0] * max_rows  # entries mirrored from that table
         self._dirty = False
+        self._uploaded: torch.cuda.Event | None = None  # the last upload's copy
 
     def _alloc(self, rows: int) -> None:
         pin = self.device.type == "cuda"
@@ -53,6 +56,9 @@ class BlockTableRows:
 
     def row(self, seq_id: int, table: list[int]) -> int:
         """The row holding `table` (the sequence's current block table), updated."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
         row = self._rows.get(seq_id)
         if row is None:
             row = self._rows[seq_id] = self._take()
@@ -74,6 +80,8 @@ class BlockTableRows:
         """The device table, current with every row written since the last upload."""
         if self._dirty and self.device_table is not self.host:
             self.device_table.copy_(self.host, non_blocking=True)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
         self._dirty = False
         return self.device_table
 

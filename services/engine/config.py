@@ -42,6 +42,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     seed: int = 0  # the RNG of unseeded requests
+    # Plan step N+1 while step N runs, reading N's tokens back afterwards (engine.py).
+    # None: on for CUDA, where the host would otherwise leave the GPU idle; off on the CPU.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -1,8 +1,22 @@
 """EngineCore: one model, one KV pool, one scheduler; the step loop and the stop rules.
 
     plan = scheduler.schedule()          # who computes which tokens (plain Python)
-    sampled = runner.execute(plan)       # tensors, forward, sampling (the device)
-    scheduler.update(plan, sampled, ...) # append tokens, stop checks, free finished blocks
+    step = runner.execute(plan)          # tensors, forward, sampling: queued on the device
+    scheduler.advance(plan)              # computed tokens; placeholders for tokens being sampled
+    scheduler.update(plan, step.result(), ...)  # read back: tokens, stop checks, free blocks
+
+Async scheduling (on by default on CUDA) reads step N back only after step N+1 is planned
+and queued, so the host's Python overlaps the GPU's work instead of leaving it idle:
+
+    step N+1:  schedule -> execute -> read back N, update -> advance
+    device:    [ ...... N ...... ][ ....... N+1 ....... ]
+
+Step N+1 decodes N's tokens straight from the device (PENDING_TOKEN placeholders). Stop rules
+run when a token is read back, one step late: a sequence that stopped at step N has computed
+one token more in N+1, which is dropped with its blocks (the device runs steps in order, so
+nothing reuses those blocks before N+1 is done). A step whose tokens the host must see before
+planning the next one (SampleSpec.sync: forks, grammars, penalties, logprobs, KV export) is
+read back at once, so those requests behave exactly as without async scheduling.
 
 Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thread.
 """
@@ -24,12 +38,12 @@ from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.kv_sizing import num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import LaunchedStep, ModelRunner
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import SampledToken
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from services.engine.sequence import Request, Sequence
 from services.engine.structured_output import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
@@ -76,7 +90,9 @@ class EngineCore:
                          if self.tokenizer is not None else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_manager, self._new_seq
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_model_len),
+            self.block_manager,
+            self._new_seq,
         )
         self.runner = ModelRunner(
             model,
@@ -87,6 +103,9 @@ class EngineCore:
             cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
             max_rows=config.max_num_seqs,
         )
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
         self.requests: dict[str, Request] = {}
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
         self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
@@ -198,6 +217,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def has_step_in_flight(self) -> bool:
+        """A step is launched and not read back (async scheduling)."""
+        return self._in_flight is not None
+
     # ---- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
@@ -206,19 +230,29 @@ class EngineCore:
         plan = self.scheduler.schedule()
         self.runner.release(plan.released_seq_ids)
         changed = {id(seq.request): seq.request for seq in self.scheduler.take_kv_pulls()}
-        self.idle = plan.is_empty
-        if not plan.is_empty:
-            sampled = self.runner.execute(plan)
-            for request in self.scheduler.update(plan, sampled, self._on_token):
-                changed[id(request)] = request
+        launched = self.runner.execute(plan) if not plan.is_empty else None
+        if self._in_flight is not None:  # the previous step, read back while this one runs
+            self._read_back(*self._in_flight, changed)
+            self._in_flight = None
+        if launched is not None:
+            self.scheduler.advance(plan)
+            if self.async_scheduling and not any(s.sample is not None and s.sample.sync for s in plan.seqs):
+                self._in_flight = (plan, launched)
+            else:
+                self._read_back(plan, launched, changed)
             for request in list(self._exports.values()):
                 if self._export(request):
                     changed[id(request)] = request
+        self.idle = plan.is_empty and self._in_flight is None
         for request in changed.values():
             if request.finished:
                 self.requests.pop(request.request_id, None)
                 self._exports.pop(request.request_id, None)
         return list(changed.values())
+
+    def _read_back(self, plan: StepPlan, launched: LaunchedStep, changed: dict[int, Request]) -> None:
+        for request in self.scheduler.update(plan, launched.result(), self._on_token):
+            changed[id(request)] = request
 
     def _on_token(self, seq: Sequence, sampled: SampledToken) -> None:
         """Record a sampled token's logprobs and text, and apply the stop rules."""

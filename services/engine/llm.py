@@ -45,6 +45,6 @@ class LLM:
         ]
         for request in requests:
             self.engine.add(request)
-        while self.engine.has_unfinished():
+        while self.engine.has_unfinished() or self.engine.has_step_in_flight:
             self.engine.step()
         return [build_output(r, delta=False) for r in requests]

@@ -5,6 +5,11 @@ It owns the model, the paged KV cache and the sampler. Each step it takes the sc
 forward, computes logits only for the rows that sample, and returns the sampled tokens.
 Decode-only steps on a GPU replay a captured CUDA graph (cuda_graphs.py). It never reaches
 back into scheduler state.
+
+`execute` only queues the step on the device and returns its `LaunchedStep`; the tokens are
+read back with `LaunchedStep.result()`. So the engine can plan the next step meanwhile: a
+decode whose input is still a `PENDING_TOKEN` takes the token the previous step sampled, by a
+gather on the device.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from services.engine.config import EngineLayout
 from services.engine.cuda_graphs import DecodeGraphs, decode_splits
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import SampledToken
-from services.engine.sampler import Sampler
+from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
+from services.engine.sequence import PENDING_TOKEN
 
 
 @dataclass
@@ -33,6 +39,23 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_sampled]: rows of the final hidden states to sample from
     sampled_seqs: list[ScheduledSeq]  # in logits row order
     decode_rows: torch.Tensor  # [num_decodes]: the decodes' rows of the persistent block table
+    pending_at: torch.Tensor  # [k]: positions of input_ids that are PENDING_TOKENs ...
+    pending_from: torch.Tensor  # [k]: ... and their rows in the previous step's sampled tokens
+
+
+class LaunchedStep:
+    """A step queued on the device; `result()` waits for its sampled tokens."""
+
+    def __init__(self, sampled_seqs: list[ScheduledSeq], batch: SampledBatch | None) -> None:
+        self._seqs = sampled_seqs
+        self._batch = batch
+
+    def result(self) -> dict[int, list[SampledToken]]:
+        """seq_id -> sampled token(s), for the sequences that sample."""
+        if self._batch is None:
+            return {}
+        groups = self._batch.result()
+        return {s.seq_id: group for s, group in zip(self._seqs, groups, strict=True)}
 
 
 class ModelRunner:
@@ -67,6 +90,10 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         max_blocks = -(-layout.max_model_len // layout.block_size)
         self.tables = BlockTableRows(max_rows, max_blocks, self.device)
+        # The last step's sampled tokens on the device, and each single-token sequence's row
+        # in them: where the next step's PENDING_TOKEN inputs come from.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[int, int] = {}
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, max_blocks,
@@ -74,14 +101,16 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> dict[int, list[SampledToken]]:
-        """Run one step; returns seq_id -> sampled token(s) for the sequences that sample."""
+    def execute(self, plan: StepPlan) -> LaunchedStep:
+        """Queue one step on the device: forward, logits, sampling."""
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
         graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs))
                  and all(len(s.token_ids) == 1 for s in plan.seqs))
         inputs = self._prepare(plan, eager=not graph)
         meta = inputs.meta
+        if inputs.pending_at.numel():
+            inputs.input_ids[inputs.pending_at] = self._last_tokens[inputs.pending_from]
         if graph:
             # One token per row, so token index = row; rows that do not sample are dropped.
             logits = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping,
@@ -92,9 +121,15 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, meta))
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if not inputs.sampled_seqs:
-            return {}
-        groups = self.sampler(logits, [s.sample for s in inputs.sampled_seqs])
-        return {s.seq_id: group for s, group in zip(inputs.sampled_seqs, groups, strict=True)}
+            return LaunchedStep([], None)
+        batch = self.sampler.sample(logits, [s.sample for s in inputs.sampled_seqs])
+        self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
+        for s in inputs.sampled_seqs:
+            width = len(s.sample.seq_indices)
+            if width == 1:
+                self._last_rows[s.seq_id] = row
+            row += width
+        return LaunchedStep(inputs.sampled_seqs, batch)
 
     def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
         """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""
@@ -133,6 +168,8 @@ class ModelRunner:
         nd, npf = len(decodes), len(prefills)
         rows = [row_of(s.seq_id, s.block_table) for s in decodes + prefills]
         input_ids = [s.token_ids[0] for s in decodes]
+        pending_at = [i for i, t in enumerate(input_ids) if t == PENDING_TOKEN]
+        pending_from = [self._last_rows[decodes[i].seq_id] for i in pending_at]
         positions = [s.start_pos for s in decodes]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
         sampled = [s for s in decodes if s.sample is not None]
@@ -148,8 +185,8 @@ class ModelRunner:
             if s.sample is not None:
                 logits_indices.append(nd + query_start[-1] - 1)
                 sampled.append(s)
-        _, views = _pack([input_ids, _concat(positions, pf_pos), _concat(slots, pf_slots), logits_indices, rows],
-                            np.int64, self.device)
+        _, views = _pack([input_ids, _concat(positions, pf_pos), _concat(slots, pf_slots), logits_indices, rows,
+                          pending_at, pending_from], np.int64, self.device)
         _, lens = _pack([[s.start_pos + 1 for s in decodes], query_start,
                              [s.start_pos + len(s.token_ids) for s in prefills]], np.int32, self.device)
         table = self.tables.upload()
@@ -173,7 +210,12 @@ class ModelRunner:
             logits_indices=views[3],
             sampled_seqs=sampled,
             decode_rows=row_index[:nd],
+            pending_at=views[5],
+            pending_from=views[6],
         )
+
+
+_TORCH_INTS = {np.int64: torch.int64, np.int32: torch.int32}
 
 
 def _concat(head: list[int], arrays: list[np.ndarray]) -> list[int] | np.ndarray:
@@ -183,15 +225,20 @@ def _concat(head: list[int], arrays: list[np.ndarray]) -> list[int] | np.ndarray
 
 def _pack(segments: list, dtype, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One host-to-device copy of several int segments, each starting 16-byte aligned;
-    returns the device tensor and a view per segment."""
+    returns the device tensor and a view per segment.
+
+    The host side is pinned memory (from torch's caching host allocator, which does not hand
+    a buffer out again before its copy is done): a copy from pageable memory may wait for the
+    work already queued, which would undo async scheduling."""
     align = 16 // np.dtype(dtype).itemsize
     offsets, total = [], 0
     for seg in segments:
         offsets.append(total)
         total += -(-len(seg) // align) * align
-    host = np.zeros(max(total, 1), dtype=dtype)
+    staging = torch.empty(max(total, 1), dtype=_TORCH_INTS[dtype], pin_memory=device.type == "cuda")
+    host = staging.numpy()
     for seg, off in zip(segments, offsets):
         if len(seg):
             host[off : off + len(seg)] = seg
-    packed = torch.from_numpy(host).to(device, non_blocking=True)
+    packed = staging.to(device, non_blocking=True)
     return packed, [packed[off : off + len(seg)] for seg, off in zip(segments, offsets)]

@@ -25,6 +25,10 @@ composition, chunking, preemption or which process samples.
 Logprobs are those of the raw model distribution (before logit_bias, the grammar mask,
 penalties and temperature): what the model thinks of each token, whatever the constraints; a
 sampled token's logprob is never -inf, though the mask may have ruled out the model's favourite.
+
+`sample` leaves the tokens on the device and starts their copy to the host (`SampledBatch`):
+the engine may plan and launch the next step, which reads them on the device, before it
+waits for them.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[list[SampledToken]]:
         """`logits` has one row per spec; returns, per spec, one token per entry of seq_indices."""
+        return self.sample(logits, specs).result()
+
+    def sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
+        """Like calling the sampler, without waiting for the tokens."""
         rows = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
         if len(rows) != len(specs):
             logits = logits[torch.tensor(rows, device=logits.device)]
@@ -75,20 +83,7 @@ class Sampler:
             logits = self._apply_min_tokens(logits, expanded)
             logits = self._apply_penalties(logits, expanded)
             token_ids = self._draw(logits, expanded)
-
-        out: list[list[SampledToken]] = []
-        flat = token_ids.tolist()
-        k = 0
-        for spec in specs:
-            group = []
-            for _ in spec.seq_indices:
-                lps = None
-                if spec.params.logprobs is not None:
-                    lps = _logprobs_of(raw_logprobs[k], flat[k], spec.params.logprobs)
-                group.append(SampledToken(flat[k], lps))
-                k += 1
-            out.append(group)
-        return out
+        return SampledBatch(token_ids, specs, raw_logprobs)
 
     # ---- processing ----------------------------------------------------------------------
 
@@ -155,6 +150,43 @@ class Sampler:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._seed)
         return self._generator
+
+
+class SampledBatch:
+    """One step's sampled tokens: on the device at once, on the host after `result()`."""
+
+    def __init__(self, token_ids: torch.Tensor, specs: list[SampleSpec], raw_logprobs: torch.Tensor | None) -> None:
+        self.token_ids = token_ids  # [rows] int64, one row per (spec, seq index) in order
+        self.specs = specs
+        self._raw_logprobs = raw_logprobs
+        self._ready: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            # Into pinned memory behind the step's kernels; result() waits for this copy alone,
+            # not for a later step queued after it.
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = token_ids
+
+    def result(self) -> list[list[SampledToken]]:
+        """Per spec, one token per entry of its seq_indices (waits for the copy)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        flat = self._host.tolist()
+        out: list[list[SampledToken]] = []
+        k = 0
+        for spec in self.specs:
+            group = []
+            for _ in spec.seq_indices:
+                lps = None
+                if spec.params.logprobs is not None:
+                    lps = _logprobs_of(self._raw_logprobs[k], flat[k], spec.params.logprobs)
+                group.append(SampledToken(flat[k], lps))
+                k += 1
+            out.append(group)
+        return out
 
 
 def _edits_logits(spec: SampleSpec) -> bool:

@@ -12,7 +12,12 @@ priority, newest) is preempted: its blocks are freed and it returns to the waiti
 recompute later (its cached prefix usually survives, so recompute is mostly cache hits).
 
 The scheduler is plain Python. It hands the model runner a typed `StepPlan` and reads back
-sampled tokens; it never touches tensors.
+sampled tokens; it never touches tensors. A step's bookkeeping has two halves, so the engine
+can plan step N+1 while step N runs (async scheduling):
+
+    advance(plan)          when the step is launched: tokens computed, full blocks cached, a
+                           PENDING_TOKEN appended where a token is being sampled
+    update(plan, sampled)  when its tokens are read back: placeholders replaced, stop rules
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING
 from services.engine.block_manager import BlockManager
 from services.engine.outputs import SampledToken
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Request, Sequence, SequenceStatus
+from services.engine.sequence import PENDING_TOKEN, Request, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from services.engine.structured_output import GrammarState
@@ -40,6 +45,10 @@ class SampleSpec:
     num_prompt_tokens: int
     token_ids: list[int]  # prompt + output so far; a read-only view, for penalties
     grammar: GrammarState | None = None  # structured output: the sequence's grammar state, read-only here
+    # The host needs this token before the next step is planned: it forks the request, moves
+    # a grammar, feeds penalties or logprobs, or ends a prefill-only request. Such a step is
+    # read back at once instead of staying in flight.
+    sync: bool = False
 
     @property
     def output_pos(self) -> int:
@@ -78,6 +87,7 @@ class StepPlan:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    max_model_len: int | None = None  # a sequence this long samples no more (None: no limit)
 
 
 def plain_sequence(request: Request, seq_id: int, index: int) -> Sequence:
@@ -100,7 +110,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: list[Sequence] = []  # blocks allocated, prompt KV coming from a peer
         self._new_kv_pulls: list[Sequence] = []
-        self._scheduled: dict[int, Sequence] = {}  # seq_id -> sequence, for the step in flight
+        self._live: dict[int, Sequence] = {}  # seq_id -> every unfinished sequence
         self._released: list[int] = []  # seq ids finished or preempted since the last plan
         self.num_preemptions = 0
 
@@ -108,6 +118,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         for seq in request.seqs:
+            self._live[seq.seq_id] = seq
             self._enqueue(seq)
 
     def abort(self, request: Request) -> None:
@@ -127,6 +138,10 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        if seq.num_pending:  # a token still in flight is dropped with its step's output
+            del seq.token_ids[-seq.num_pending :]
+            seq.num_pending = 0
+        self._live.pop(seq.seq_id, None)
         self.block_manager.free(seq)
         self._released.append(seq.seq_id)
 
@@ -176,6 +191,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._at_length_limit(seq):
+                i += 1  # its pending token is its last: the read-back finishes it
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seq_copies = self.block_manager.allocate_slots(seq, num_new)
             while seq_copies is None:
@@ -219,9 +237,22 @@ class Scheduler:
             scheduled.append((seq, num_new))
             budget -= num_new
 
-        self._scheduled = {seq.seq_id: seq for seq, _ in scheduled}
         released, self._released = tuple(self._released), []
         return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
+
+    def advance(self, plan: StepPlan) -> None:
+        """The step is launched: its tokens count as computed, and each single token being
+        sampled is appended as a placeholder, so the next plan can decode it."""
+        cache_blocks, live = self.block_manager.cache_computed_blocks, self._live
+        for entry in plan.seqs:
+            seq = live.get(entry.seq_id)
+            if seq is None:  # finished (an abort, or a stop read back from the step before)
+                continue
+            seq.num_computed_tokens += len(entry.token_ids)
+            cache_blocks(seq)  # before the placeholder: only read-back tokens are hashed
+            if entry.sample is not None and len(entry.sample.seq_indices) == 1:
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending += 1
 
     def update(
         self,
@@ -229,32 +260,33 @@ class Scheduler:
         sampled: dict[int, list[SampledToken]],
         on_token: Callable[[Sequence, SampledToken], None],
     ) -> list[Request]:
-        """Advance scheduled sequences after the step; return the requests that changed.
+        """The step's tokens are read back (after `advance(plan)`, before the next plan's
+        advance, so a sequence's placeholder is its last token); returns the requests that changed.
 
         `sampled` maps seq_id -> the token(s) drawn for it (n tokens when a request forks).
-        `on_token(seq, token)` runs after each token is appended; it decides whether the
-        sequence stops (the engine owns stop rules, text and logprobs).
+        `on_token(seq, token)` runs after each token is in place; it decides whether the
+        sequence stops (the engine owns stop rules, text and logprobs). A sequence that
+        finished since the step was planned drops its token.
         """
         changed: dict[int, Request] = {}
-        cache_blocks, finished = self.block_manager.cache_computed_blocks, SequenceStatus.FINISHED
+        live = self._live
         for entry in plan.seqs:
-            seq = self._scheduled[entry.seq_id]
-            if seq.status is finished:  # aborted while the step ran
-                continue
-            seq.num_computed_tokens += len(entry.token_ids)
-            cache_blocks(seq)
             tokens = sampled.get(entry.seq_id)
-            if tokens is None:
+            seq = live.get(entry.seq_id)
+            if tokens is None or seq is None:
                 continue
             changed[id(seq.request)] = seq.request
             self._append(seq, tokens, on_token)
-        self._scheduled = {}
         return list(changed.values())
 
     def _append(self, seq: Sequence, tokens: list[SampledToken],
                 on_token: Callable[[Sequence, SampledToken], None]) -> None:
         if len(tokens) == 1:
-            seq.token_ids.append(tokens[0].token_id)
+            if seq.num_pending:  # advance() left a placeholder; this step's is always the last one
+                seq.token_ids[-1] = tokens[0].token_id
+                seq.num_pending -= 1
+            else:
+                seq.token_ids.append(tokens[0].token_id)
             on_token(seq, tokens[0])
             return
         for target, token in zip(self._fork(seq, len(tokens)), tokens, strict=True):
@@ -271,12 +303,15 @@ class Scheduler:
             if sample is None:
                 request = seq.request
                 fork = request.params.n > 1 and not request.forked
+                params = request.params
                 sample = SampleSpec(
-                    params=request.params,
-                    seq_indices=tuple(range(request.params.n)) if fork else (seq.index,),
+                    params=params,
+                    seq_indices=tuple(range(params.n)) if fork else (seq.index,),
                     num_prompt_tokens=request.num_prompt_tokens,
                     token_ids=seq.token_ids,
                     grammar=seq.grammar,
+                    sync=(fork or seq.grammar is not None or params.needs_penalties
+                          or params.logprobs is not None or request.kv_export is not None),
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample
@@ -291,6 +326,7 @@ class Scheduler:
             child = self._new_sequence(request, parent.seq_id + index, index)
             child.token_ids = list(parent.token_ids)
             child.status = SequenceStatus.RUNNING
+            self._live[child.seq_id] = child
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_prefix_hit_tokens = parent.num_prefix_hit_tokens
             self.block_manager.fork(parent, child)
@@ -310,6 +346,10 @@ class Scheduler:
         self.awaiting_kv.append(seq)
         self._new_kv_pulls.append(seq)
         return True
+
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        limit = self.config.max_model_len
+        return seq.num_output_tokens >= seq.params.max_tokens or (limit is not None and seq.num_tokens >= limit)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -6,6 +6,11 @@ sequence; when the first tokens are sampled, the other n-1 fork from it and shar
 A sequence's progress is one number, `num_computed_tokens`: how many of its `token_ids` have
 KV in the cache. Prefill, chunked prefill, prefix-cache hits, recompute after preemption and
 decode are all "catch up to len(token_ids)"; when it is caught up, the next token is sampled.
+
+With async scheduling the next step is planned before the current one's token is read back:
+the token is appended as `PENDING_TOKEN` (the model runner feeds it to the next step from the
+device) and replaced by its value one step later. `num_pending` counts these placeholders;
+outputs never show them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from services.engine.tokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     from services.engine.scheduler import SampleSpec
     from services.engine.structured_output import GrammarState
+
+PENDING_TOKEN = -1  # sampled on the device, not read back yet (async scheduling)
 
 
 class SequenceStatus(enum.Enum):
@@ -72,6 +79,7 @@ class Sequence:
     token_ids: list[int]
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending: int = 0  # trailing PENDING_TOKENs in token_ids (0 or 1)
     # KV blocks (owned by the BlockManager, which mutates these three).
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain over full blocks of token_ids
@@ -103,11 +111,13 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens, a pending one included."""
         return len(self.token_ids) - self.request.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.request.num_prompt_tokens :]
+        """The output tokens read back so far (no placeholder)."""
+        return self.token_ids[self.request.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def params(self) -> SamplingParams:

@@ -1,0 +1,157 @@
+"""Async scheduling (engine.py): step N+1 is planned and launched before step N is read back.
+
+On the CPU the device runs each op as it is called, so nothing overlaps here, but the
+bookkeeping is the same as on a GPU: placeholders, the device-side gather of pending tokens,
+stop rules read one step late, dropped tokens of stopped sequences. These tests check that
+async scheduling changes no output and leaks no block; the speed-up is measured on the GPU
+(loadtest/bench_gpu.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.engine import AsyncEngine, SamplingParams
+from services.engine.block_manager import BlockManager
+from services.engine.outputs import SampledToken
+from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.sequence import PENDING_TOKEN, Request, Sequence
+from tests.conftest import assert_all_free, make_llm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = [[101 + 37 * i + j for j in range(9 + 13 * i)] for i in range(8)]
+
+
+def make(**kwargs):
+    """A tiny engine; the pool is sized in blocks, so the test does not depend on the device's memory."""
+    kwargs.setdefault("num_kv_blocks", 512)
+    return make_llm("tiny-llama", **kwargs)
+
+
+def greedy(n_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, **kw)
+
+
+def mixed_params(reference_tokens: list[int]) -> list[SamplingParams]:
+    """One request of each kind: plain, seeded, stop token, min_tokens, n > 1, logprobs,
+    penalties, a stop string (on token ids, so the dummy tokenizer's text does not matter)."""
+    stop = reference_tokens[5]
+    return [
+        greedy(12),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True),
+        greedy(16, stop_token_ids=[stop]),
+        greedy(9, stop_token_ids=[reference_tokens[0]], min_tokens=3),
+        SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=7, ignore_eos=True),
+        greedy(6, logprobs=2),
+        greedy(8, repetition_penalty=1.3, frequency_penalty=0.4),
+        greedy(1),
+    ]
+
+
+def outputs(llm, params, prompts=PROMPTS):
+    out = llm.generate(prompts, params)
+    return [[(c.index, c.token_ids, c.finish_reason, c.stop_reason,
+              [sorted(p) for p in c.logprobs] if c.logprobs else None) for c in r.outputs] for r in out]
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    {},
+    {"max_num_batched_tokens": 16},  # chunked prefill mixed with decodes
+    {"max_num_seqs": 3},  # admission as others finish
+])
+def test_async_scheduling_changes_no_output(engine_kwargs):
+    sync = make(async_scheduling=False, **engine_kwargs)
+    reference_tokens = sync.generate(PROMPTS[0], greedy(16))[0].outputs[0].token_ids
+    params = mixed_params(reference_tokens)
+    expected = outputs(sync, params)
+    llm = make(async_scheduling=True, **engine_kwargs)
+    assert outputs(llm, params) == expected
+    assert_all_free(llm)
+    assert not llm.engine.has_step_in_flight
+
+
+def test_async_scheduling_changes_no_output_under_preemption():
+    kwargs = {"num_kv_blocks": 24, "block_size": 4, "max_model_len": 64}
+    prompts = [p[:20] for p in PROMPTS[1:7]]
+    params = [greedy(30), SamplingParams(temperature=1.0, seed=5, max_tokens=30, ignore_eos=True)] * 3
+    sync = make(async_scheduling=False, **kwargs)
+    expected = outputs(sync, params, prompts)
+    llm = make(async_scheduling=True, **kwargs)
+    assert outputs(llm, params, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0  # the case is what it says
+    assert_all_free(llm)
+
+
+def test_plain_decodes_stay_in_flight_and_read_their_input_on_the_device():
+    llm = make(async_scheduling=True)
+    engine = llm.engine
+    request = engine.add_request(PROMPTS[1], greedy(6))
+    seq = request.seqs[0]
+    engine.step()  # the prompt: launched, its first token pending
+    assert engine.has_step_in_flight
+    assert seq.token_ids[-1] == PENDING_TOKEN and seq.num_pending == 1
+    assert request.seqs[0].output_token_ids == []  # outputs never show a placeholder
+    plan = engine.scheduler.schedule()
+    assert [s.token_ids for s in plan.seqs] == [[PENDING_TOKEN]]  # the decode of a token not read back
+    engine.abort(request.request_id)
+    assert seq.token_ids == PROMPTS[1] and seq.num_pending == 0  # the dropped token is gone
+    assert_all_free(llm)
+
+
+def test_a_step_the_host_must_see_is_read_back_at_once():
+    llm = make(async_scheduling=True)
+    engine = llm.engine
+    engine.add_request(PROMPTS[1], greedy(6, logprobs=1))
+    engine.step()
+    assert not engine.has_step_in_flight
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_free(llm)
+
+
+def test_the_last_token_before_a_limit_is_not_decoded_again():
+    """A sequence whose pending token reaches max_tokens (or max_model_len) is not scheduled:
+    the read-back finishes it."""
+    manager = BlockManager(32, 4)
+    sched = Scheduler(SchedulerConfig(64, 8, max_model_len=12), manager)
+    a = Request("a", list(range(5)), greedy(1))
+    b = Request("b", list(range(11)), greedy(50))
+    c = Request("c", list(range(5)), greedy(50))
+    for i, r in enumerate((a, b, c)):
+        r.arrival_order = i
+        r.seqs = [Sequence(i, 0, r, list(r.prompt_token_ids))]
+        sched.add(r)
+    plan = sched.schedule()
+    sched.advance(plan)
+    assert all(r.seqs[0].num_pending == 1 for r in (a, b, c))
+    again = sched.schedule()
+    assert [s.seq_id for s in again.seqs] == [2]  # a: max_tokens, b: max_model_len
+    # The engine's order: launch `again`, read back `plan`, then advance `again`.
+    sched.update(plan, {i: [SampledToken(9, None)] for i in range(3)},
+                 lambda seq, tok: sched.finish(seq, "length") if seq.request is not c else None)
+    sched.advance(again)
+    assert a.seqs[0].token_ids[-1] == 9 and a.finished and b.finished
+    assert c.seqs[0].token_ids[-2:] == [9, PENDING_TOKEN]  # read back, and the next one pending
+
+
+def test_streamed_deltas_have_no_placeholder_and_add_up():
+    llm = make(async_scheduling=True)
+    expected = llm.generate(PROMPTS[2], greedy(10))[0].outputs[0].token_ids
+
+    async def stream():
+        engine = AsyncEngine(core=llm.engine)
+        try:
+            tokens = []
+            async for out in engine.generate(PROMPTS[2], greedy(10)):
+                for c in out.outputs:
+                    assert PENDING_TOKEN not in c.token_ids
+                    tokens += c.token_ids
+            return tokens
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(stream()) == expected
+    assert_all_free(llm)
