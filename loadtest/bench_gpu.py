@@ -208,7 +208,8 @@ def batch1_latency(preset: str, async_scheduling: bool, steps: int = 256) -> Non
     t0 = time.perf_counter()
     llm.generate([list(range(200, 232))], params)
     torch.cuda.synchronize()
-    record(part="batch1", preset=preset, async_scheduling=async_scheduling, ms_per_token=round((time.perf_counter() - t0) / steps * 1e3, 3))
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    record(part="batch1", preset=preset, async_scheduling=async_scheduling, ms_per_token=round(ms, 3))
     del llm
     free_gpu()
 

@@ -36,8 +36,8 @@ def greedy(n_tokens: int = 12, **kw) -> SamplingParams:
 
 
 def mixed_params(reference_tokens: list[int]) -> list[SamplingParams]:
-    """One request of each kind: plain, seeded, stop token, min_tokens, n > 1, logprobs,
-    penalties, a stop string (on token ids, so the dummy tokenizer's text does not matter)."""
+    """One request of each kind: plain, seeded top-p, stop token, min_tokens, n > 1, logprobs,
+    penalties, a single token."""
     stop = reference_tokens[5]
     return [
         greedy(12),

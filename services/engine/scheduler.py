@@ -302,8 +302,8 @@ class Scheduler:
             sample = seq.sample_spec
             if sample is None:
                 request = seq.request
-                fork = request.params.n > 1 and not request.forked
                 params = request.params
+                fork = params.n > 1 and not request.forked
                 sample = SampleSpec(
                     params=params,
                     seq_indices=tuple(range(params.n)) if fork else (seq.index,),
