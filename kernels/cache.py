@@ -23,7 +23,7 @@ def reshape_and_cache_ref(
     slot_mapping: torch.Tensor,  # [T] int64, negative = skip
 ) -> None:
     """Write each non-padding token's K and V (cast to the cache dtype) into its slot."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_cache_args(key, value, k_cache, v_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     block_size = k_cache.shape[1]
@@ -33,7 +33,7 @@ def reshape_and_cache_ref(
     v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
 
 
-def _check(
+def check_cache_args(
     key: torch.Tensor,
     value: torch.Tensor,
     k_cache: torch.Tensor,
@@ -81,7 +81,7 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,  # [T] int64, negative = skip
 ) -> None:
     """Triton version of `reshape_and_cache_ref`: one program per token, all heads at once."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_cache_args(key, value, k_cache, v_cache, slot_mapping)
     for t in (key, value, k_cache, v_cache):
         assert t.stride(-1) == 1, "last dim must be contiguous"
     assert slot_mapping.is_contiguous(), "slot_mapping must be contiguous"

@@ -3,14 +3,18 @@
 `paged_decode_attention_ref` is the plain-torch reference (the CPU backend runs it);
 `paged_decode_attention` is the Triton kernel with the same signature.
 
-Flash-decoding (split-K): a sequence's context is cut into NUM_SPLITS contiguous ranges so
-that few long sequences still fill the GPU; each program computes, for one (sequence, KV
-head, split), the attention of all G = H / KVH query heads of the group against that range
-(K and V are read once per group, not once per query head), and writes a partial output and
-its log-sum-exp; a second kernel merges the splits.
+Flash-decoding (split-K): a sequence's context is cut into up to NUM_SPLITS contiguous
+ranges of at least MIN_SPLIT tokens, so that few long sequences still fill the GPU while
+short ones are split less or not at all. Each program computes, for one (sequence, KV head,
+split), the attention of all G = H / KVH query heads of the group against that range (K and
+V are read once per group, not once per query head), and writes a partial output and its
+log-sum-exp. The splits are merged in the same launch: each program takes a ticket from its
+(sequence, KV head) counter after writing its partial, and the one that draws the last
+ticket merges the group's partials and resets the counter to zero. One launch per layer,
+not two; a sequence that fits one split is written directly, with no partial.
 
-    grid 1: (B, KVH, NUM_SPLITS)  ->  mid_out [B, H, NUM_SPLITS, D] (fp32), mid_lse [B, H, NUM_SPLITS]
-    grid 2: (B, H)                ->  out [B, H, D]
+    grid: (B, KVH, NUM_SPLITS)  ->  mid_out [B, H, NUM_SPLITS, D] (fp32), mid_lse [B, H, NUM_SPLITS]
+                                ->  out [B, H, D]   (by the last split of each group)
 
 Cache layout, per layer: [num_blocks, block_size, KVH, D], and
 slot = block_table[pos // block_size] * block_size + pos % block_size. Block-table rows are
@@ -54,6 +58,9 @@ def paged_decode_attention_ref(
     return out.reshape(B, H, D)
 
 
+MIN_SPLIT_LEN = 64  # default fewest tokens per split: one tile (the engine passes its own)
+
+
 @triton.jit
 def paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE: tl.constexpr):
     """Pool block (int64: big pools pass 2^31 elements) and in-block slot of tokens offs_n of row b."""
@@ -69,8 +76,33 @@ def load_kv_tile(Cache, page, slot, stride_b, stride_s, kvh, stride_h, offs_d, n
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, BlockTables, SeqLens, MidO, MidLse,
+def _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                  used_splits, G_PAD: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Log-sum-exp merge of one group's partial outputs (splits 0 .. used_splits-1, none
+    empty) -> (G_PAD, D) fp32. Unrolled with masks rather than a loop of used_splits, so all
+    loads are in flight at once; they go to L2 (.cg): other SMs wrote the partials."""
+    m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        used = g_mask & (s < used_splits)
+        lse = tl.load(MidLse + b * stride_lb + heads * stride_lh + s, mask=used, other=float("-inf"),
+                      cache_modifier=".cg")
+        o = tl.load(MidO + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+                    mask=used[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding heads and unused splits: -inf
+        scale_old = tl.exp(m - safe)
+        w = tl.exp(lse - safe)
+        acc = acc * scale_old[:, None] + o * w[:, None]
+        total = total * scale_old + w
+        m = m_new
+    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, BlockTables, SeqLens, MidO, MidLse, Out, Counters,
     scale,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -78,14 +110,18 @@ def _decode_split_kernel(
     stride_bt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    stride_outb, stride_outh,
+    KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # At most NUM_SPLITS ranges of whole tiles, none shorter than MIN_SPLIT tokens: a short
+    # sequence uses fewer splits (less to write and merge); the programs past it do nothing.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    used_splits = tl.cdiv(seq_len, split_len)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -113,39 +149,27 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    has = start < end
-    out = tl.where(has, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None], 0.0)
-    lse = tl.where(has, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)), float("-inf"))
-    tl.store(MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :], out,
-             mask=g_mask[:, None])
-    tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    MidO, MidLse, Out,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    stride_outb, stride_outh,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_d = tl.arange(0, D)
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(MidLse + b * stride_lb + h * stride_lh + s + tl.arange(0, 1))
-        o = tl.load(MidO + b * stride_ob + h * stride_oh + s * stride_os + offs_d)
-        m_new = tl.maximum(m, lse)
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale_old = tl.exp(m - safe)
-        w = tl.exp(lse - safe)
-        acc = acc * scale_old + o * w
-        total = total * scale_old + w
-        m = m_new
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, (acc / total).to(Out.dtype.element_ty))
+    out_ptrs = Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
+    elif start < end:  # a split past the sequence writes nothing and takes no ticket
+        if used_splits == 1:  # the sequence fits one split: no partials, no ticket
+            tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            tl.store(MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+                     acc / l_safe[:, None], mask=g_mask[:, None])
+            tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log(l_safe), mask=g_mask)
+            # Every thread's partial is written (barrier) before the ticket releases it to the group
+            # (acq_rel at GPU scope); the last ticket's acquire makes all the group's partials visible.
+            tl.debug_barrier()
+            counter = Counters + b * KVH + kvh
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == used_splits - 1:
+                merged = _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, stride_os,
+                                       stride_lb, stride_lh, used_splits, G_PAD, D, NUM_SPLITS)
+                tl.store(out_ptrs, merged.to(Out.dtype.element_ty), mask=g_mask[:, None])
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (and the next CUDA-graph replay)
 
 
 def paged_decode_attention(
@@ -157,14 +181,20 @@ def paged_decode_attention(
     scale: float,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    min_split_len: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton flash-decoding; same result as paged_attention.paged_decode_attention_ref.
 
-    `block_n` (tokens per tile), `num_warps` and `num_stages` are tuning knobs for
-    loadtest/profile_gpu.py's sweep; None takes the defaults below.
+    `counters`: int32, at least B * KVH zeros, left zeroed: the split tickets. Callers that
+    launch many times (every layer, CUDA graphs) pass one persistent buffer; None allocates
+    a zeroed one per call. `num_splits` is the most ranges a sequence is cut into;
+    `min_split_len` (a multiple of the tile) the fewest tokens in one, so short sequences
+    use fewer. `block_n` (tokens per tile), `num_warps` and `num_stages` are
+    tuning knobs for loadtest/profile_gpu.py's sweep; None takes the defaults below.
     """
     B, H, D = q.shape
     num_blocks, page, KVH, Dk = k_cache.shape
@@ -174,17 +204,29 @@ def paged_decode_attention(
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == B
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (B,)
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes differ"
+    assert num_splits >= 1, "num_splits must be at least 1"
     G = H // KVH
     block_n = block_n or max(64, page)  # several pages per tile: longer, fewer loads
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, "block_n must be a power of two >= 16 (tl.dot)"
     assert block_n % page == 0 or page % block_n == 0, "a tile spans whole pages, or a page whole tiles"
+    min_split_len = min_split_len or -(-MIN_SPLIT_LEN // block_n) * block_n
+    assert min_split_len % block_n == 0, f"min_split_len {min_split_len} must be a multiple of the tile {block_n}"
     # 4 warps, 2 stages: within 3% of the best of a 60-setting sweep on every shape tried (H200).
     launch = {"num_warps": num_warps or 4, "num_stages": num_stages or 2}
-    mid_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out must be like q"
+    if num_splits > 1:
+        mid_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+        if counters is None:
+            counters = torch.zeros(B * KVH, dtype=torch.int32, device=q.device)
+        assert counters.dtype == torch.int32 and counters.is_contiguous() and counters.numel() >= B * KVH, \
+            "counters must be int32 and hold B * KVH zeros"
+    else:  # no partials: the one-split kernel stores to out and reads none of these
+        mid_o = mid_lse = counters = out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _decode_split_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
+    _decode_kernel[(B, KVH, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out, counters,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -192,14 +234,8 @@ def paged_decode_attention(
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, PAGE=page,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=precision, **launch,
-    )
-    _decode_merge_kernel[(B, H)](
-        mid_o, mid_lse, out,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        D=D, NUM_SPLITS=num_splits,
+        KVH=KVH, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, PAGE=page,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, PRECISION=precision, **launch,
     )
     return out

@@ -254,6 +254,7 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
     import torch.nn.functional as F
 
     from kernels.paged_attention import paged_decode_attention
+    from services.engine.cuda_graphs import decode_splits
 
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -268,9 +269,14 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
         live = 2 * batch * ctx * kv_heads * dim * 2
-        for splits in (1, 4, 8):
-            t = graph_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits))
-            record(part="bandwidth", what=f"pdserve paged decode (splits={splits})", batch=batch, context=ctx,
+        counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")  # persistent, as in the engine
+        engine_split = decode_splits(batch, kv_heads, torch.device("cuda"))
+        for splits, min_len in [(1, 64), (2, 64), (4, 64), (8, 64), engine_split]:
+            t = graph_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits,
+                                                          min_split_len=min_len, counters=counters))
+            what = "engine's choice" if (splits, min_len) == engine_split else "one-tile minimum"
+            record(part="bandwidth", what=f"pdserve paged decode ({splits} splits, {what})", splits=splits,
+                   min_split_len=min_len, batch=batch, context=ctx,
                    us=round(t * 1e6, 1), GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
         k = torch.randn(batch, kv_heads, ctx, dim, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)

@@ -7,8 +7,12 @@
      batch 1: count, GPU time per step, the largest kernels
   3. a sweep of the paged decode kernel's launch settings (splits, tile, warps, stages) on
      ragged batches of the two model shapes and on the bandwidth benchmark's uniform batch
+  4. the decode kernel's split count against its minimum split length, from CUDA-graph
+     replays (launch gaps included, as in the engine), at batch 256 (ragged), 64 and 1
+  5. batch-1 GEMV: kernels/gemv.py's launch settings against cuBLAS (F.linear) on the
+     projection shapes of the two models, both timed from CUDA-graph replays
 
-    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep]
+    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep,splits,gemv]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -189,10 +193,131 @@ def sweep() -> None:
         free_gpu()
 
 
+def splits_sweep() -> None:
+    """µs per decode-kernel call for each (max splits, min split length); the engine's choice
+    (services/engine/cuda_graphs.py: decode_splits) is marked."""
+    from kernels.paged_attention import paged_decode_attention
+    from loadtest.bench_gpu import graph_time
+    from services.engine.cuda_graphs import decode_splits
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {  # name: (batch, heads, kv_heads, lens)
+        "llama-1b ragged b256": (256, 32, 8, torch.randint(100, 2048, (256,), generator=g)),
+        "smollm2 ragged b256": (256, 9, 3, torch.randint(100, 2048, (256,), generator=g)),
+        "llama-1b ragged b64": (64, 32, 8, torch.randint(100, 2048, (64,), generator=g)),
+        "llama-1b uniform b64 ctx1k": (64, 32, 8, torch.full((64,), 1024)),
+        "llama-1b uniform b64 ctx2k": (64, 32, 8, torch.full((64,), 2048)),
+        "llama-1b b1 ctx600": (1, 32, 8, torch.full((1,), 600)),
+        "smollm2 b1 ctx600": (1, 9, 3, torch.full((1,), 600)),
+        "smollm2 b1 ctx2k": (1, 9, 3, torch.full((1,), 2000)),
+    }
+    dim, page = 64, 16
+    for name, (batch, heads, kvh, lens) in shapes.items():
+        width = int(-(-lens.max() // page))
+        blocks = batch * width
+        k_cache = torch.randn(blocks, page, kvh, dim, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(blocks, dtype=torch.int32, device="cuda").view(batch, width)
+        seq_lens = lens.to(torch.int32).cuda()
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
+        live = 2 * int(lens.sum()) * kvh * dim * 2
+        ref = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5, num_splits=1)
+        results = []
+        for splits in (1, 2, 4, 8, 16):
+            for min_len in (64, 128, 256, 512):
+                fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
+                                                    num_splits=splits, counters=counters, min_split_len=min_len)
+                err = float((fn().float() - ref.float()).norm() / ref.float().norm())
+                t = graph_time(fn)
+                results.append({"cfg": (splits, min_len), "us": round(t * 1e6, 2), "GBps": round(live / t / 1e9),
+                                "rel_err": round(err, 5)})
+        ok = sorted(results, key=lambda r: r["us"])
+        engine_splits = decode_splits(batch, kvh, torch.device("cuda"))
+        if name == "llama-1b uniform b64 ctx1k":  # the bandwidth goal's shape: tile settings at 2 splits
+            tiles = []
+            for block_n in (64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
+                                                            num_splits=2, counters=counters, min_split_len=128,
+                                                            block_n=block_n, num_warps=warps, num_stages=stages)
+                        t = graph_time(fn)
+                        tiles.append({"cfg": (block_n, warps, stages), "us": round(t * 1e6, 2),
+                                      "GBps": round(live / t / 1e9)})
+            emit(part="tiles", shape=name, best=sorted(tiles, key=lambda r: r["us"])[:4],
+                 default=next(r for r in tiles if r["cfg"] == (64, 4, 2)))
+        emit(part="splits", shape=name, live_MB=round(live / 1e6, 1), engine_splits=engine_splits,
+             engine=next(r for r in results if r["cfg"] == engine_splits), best=ok[:4],
+             one_split=next(r for r in results if r["cfg"] == (1, 64)), max_rel_err=max(r["rel_err"] for r in results))
+        del k_cache, v_cache
+        free_gpu()
+
+
+def cold_time(fns, replays: int = 10) -> float:
+    """Device time per call of a CUDA graph that runs each of `fns` once: given enough
+    distinct weights (more bytes than the L2 holds), every call reads its weight from DRAM,
+    as each layer's projection does in a forward."""
+    for fn in fns[:3]:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (len(fns) * replays) / 1e3
+
+
+def gemv_sweep() -> None:
+    """µs per batch-1 projection with cold (DRAM) weights: cuBLAS against kernels/gemv.py."""
+    import torch.nn.functional as F
+
+    from kernels.gemv import gemv
+
+    shapes = {  # name: (N, K) of W
+        "smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up": (3072, 576),
+        "smollm2 down": (576, 1536), "llama-1b qkv": (3072, 2048), "llama-1b o": (2048, 2048),
+        "llama-1b gate_up": (16384, 2048), "llama-1b down": (2048, 8192),
+    }
+    for name, (N, K) in shapes.items():
+        copies = max(4, min(200, -(-(240 << 20) // (N * K * 2))))  # 240 MB of weights, over 4x the L2
+        ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        x = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
+        t_ref = cold_time([lambda w=w: F.linear(x, w) for w in ws])
+        results = []
+        for block_n in (4, 8, 16):
+            for block_k in (256, 512):
+                for warps in (4, 8):
+                    try:
+                        err = float((gemv(x, ws[0], block_n=block_n, block_k=block_k, num_warps=warps).float()
+                                     - F.linear(x, ws[0]).float()).norm() / F.linear(x, ws[0]).float().norm())
+                        t = cold_time([lambda w=w: gemv(x, w, block_n=block_n, block_k=block_k, num_warps=warps)
+                                       for w in ws])
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                        results.append({"cfg": (block_n, block_k, warps), "error": str(e)[:120]})
+                        continue
+                    results.append({"cfg": (block_n, block_k, warps), "us": round(t * 1e6, 2), "rel_err": round(err, 4)})
+        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+        default = next(r for r in results if r["cfg"] == (4, 512, 4))
+        emit(part="gemv", shape=name, MB=round(N * K * 2 / 1e6, 2), copies=copies, cublas_us=round(t_ref * 1e6, 2),
+             default=default, best=ok[:3], errors=sum("error" in r for r in results))
+        del ws
+        free_gpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
     parser.add_argument("--only", default="phases,kernels,sweep")
+    parser.add_argument("--kernel-batches", default="256,1", help="batch sizes of the kernels part (context 600)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     parts = args.only.split(",")
@@ -202,10 +327,14 @@ def main() -> None:
         if "phases" in parts:
             jobs.append(lambda preset=preset: phases(preset))
         if "kernels" in parts:
-            jobs += [lambda preset=preset: decode_kernels(preset, 256, 600),
-                     lambda preset=preset: decode_kernels(preset, 1, 600)]
+            jobs += [lambda preset=preset, b=int(b): decode_kernels(preset, b, 600)
+                     for b in args.kernel_batches.split(",")]
     if "sweep" in parts:
         jobs.append(sweep)
+    if "splits" in parts:
+        jobs.append(splits_sweep)
+    if "gemv" in parts:
+        jobs.append(gemv_sweep)
     for job in jobs:
         try:
             job()
@@ -217,6 +346,12 @@ def main() -> None:
     for row in ROWS:
         if row["part"] == "sweep":
             print(row["shape"], "default", row["default"], "best", row["best"][:2])
+        elif row["part"] == "splits":
+            print(row["shape"], "one split", row["one_split"], "best", row["best"][:2])
+        elif row["part"] == "tiles":
+            print(row["shape"], "tiles default", row["default"], "best", row["best"][:2])
+        elif row["part"] == "gemv":
+            print(row["shape"], "cublas", row["cublas_us"], "best", row["best"][:1])
         elif row["part"] in ("phases", "kernels"):
             print({k: v for k, v in row.items() if k != "top"})
 

@@ -94,3 +94,23 @@ def test_prefill_and_decode_on_one_gpu_ship_kv_by_reference(tmp_path, transport,
         assert any(g != e for g, e in zip(got, expected, strict=True))
     else:
         assert got == expected
+
+
+def test_batch1_linear_takes_the_triton_gemv_and_matches_cublas():
+    """One row on CUDA goes to kernels/gemv.py below the size limit and to cuBLAS above it;
+    both agree with a float32 matmul to bf16 rounding, on projection shapes of the presets."""
+    from unittest import mock
+
+    import kernels.gemv
+    from services.engine.layers.linear import _GEMV_MAX_BYTES, linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k, bias in [(960, 576, False), (576, 1536, True), (3072, 2048, False), (16384, 2048, False)]:
+        x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+        with mock.patch.object(kernels.gemv, "gemv", wraps=kernels.gemv.gemv) as spy:
+            y = linear(x, w, b)
+        assert spy.called == (n * k * 2 <= _GEMV_MAX_BYTES), (n, k)
+        want = x.float() @ w.float().t() + (0 if b is None else b.float())
+        torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)

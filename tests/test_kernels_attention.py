@@ -39,14 +39,17 @@ def paged_kv(lens: list[int], page: int, kvh: int, d: int, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_kernel_matches_reference_on_ragged_gqa_batches(dtype, heads, kv_heads, num_splits):
+@pytest.mark.parametrize("num_splits, min_split_len", [(1, None), (3, 64), (4, None), (4, 128)])
+def test_decode_kernel_matches_reference_on_ragged_gqa_batches(dtype, heads, kv_heads, num_splits, min_split_len):
+    """Ragged lengths; with 3 splits of at least one tile, lengths 130 and 64 are merged
+    from 3 and 1 splits; with 4 splits of at least 64 tokens, 130 from 3 (of 4 launched)."""
     lens = [1, 17, 64, 130, 5]
     k_cache, v_cache, bt = paged_kv(lens, 16, kv_heads, 64, dtype)
     q = torch.randn(len(lens), heads, 64, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     ref = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, seq_lens, 0.125)
-    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits,
+                                 min_split_len=min_split_len)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
@@ -56,8 +59,8 @@ def test_decode_kernel_with_more_splits_than_pages_and_small_pages():
     q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, 0.2)
-    torch.testing.assert_close(paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.2, num_splits=8), ref,
-                               **TOL[torch.float32])
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.2, num_splits=8, block_n=16, min_split_len=16)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])  # 40 tokens: 3 splits used of 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -74,6 +77,27 @@ def test_prefill_kernel_matches_reference_with_cached_context(dtype, heads, kv_h
     ref = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), bt, qsl, seq_lens, 0.125)
     out = paged_prefill_attention(q, k_cache, v_cache, bt, qsl, seq_lens, 0.125, max_query_len=max(q_lens))
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_split_counters_are_left_zeroed_and_one_buffer_serves_every_launch():
+    """The splits merge in the same launch through per-(sequence, KV head) tickets: a shared
+    counter buffer comes back all zeros after each call, so the next layer (or graph replay)
+    can reuse it, whatever the batch and split count; the output may be a strided slice."""
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    for lens, splits, kvh in (([5, 130, 64], 4, 2), ([17, 1], 8, 4), ([200, 3, 40, 90, 1], 2, 2)):
+        k_cache, v_cache, bt = paged_kv(lens, 16, kvh, 32, torch.float32, seed=splits)
+        q = torch.randn(len(lens), 2 * kvh, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, 0.3)
+        big = torch.full((len(lens) + 2, 2 * kvh, 32), 7.0, device=DEVICE)
+        for _ in range(2):
+            got = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.3, num_splits=splits,
+                                         out=big[1:-1], counters=counters, min_split_len=64)
+            torch.testing.assert_close(got, ref, **TOL[torch.float32])
+            assert torch.count_nonzero(counters) == 0, "a ticket counter was left set"
+        assert (big[0] == 7.0).all() and (big[-1] == 7.0).all(), "wrote outside the out slice"
+    with pytest.raises(AssertionError, match="counters"):
+        paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.3, num_splits=2, counters=counters[:3])
 
 
 def test_launchers_check_their_inputs():

@@ -1,4 +1,4 @@
-"""Triton kernels (KV-cache write, RMSNorm, rotary) against their plain-torch references, on the
+"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV) against their plain-torch references, on the
 CPU through Triton's interpreter. Shapes are tiny; behaviour is pinned exactly where it can be."""
 
 from __future__ import annotations
@@ -16,10 +16,18 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
+from kernels.gemv import _gemv_kernel, gemv, gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
-from kernels.rotary import _rotary_kernel, rotary, rotary_ref  # noqa: E402
+from kernels.rotary import (  # noqa: E402
+    _rotary_and_cache_kernel,
+    _rotary_kernel,
+    rotary,
+    rotary_and_cache,
+    rotary_and_cache_ref,
+    rotary_ref,
+)
 
-_KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel)
+_KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel)
 if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
     pytest.skip(
         "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "
@@ -307,6 +315,52 @@ def test_rotary_reads_strided_views_of_a_fused_qkv() -> None:
     torch.testing.assert_close(ko, kr, **FP32)
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.float32, torch.float16)])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+def test_rotary_and_cache_rotates_q_and_writes_rotated_k_and_v_to_their_slots(
+    dtype: torch.dtype, cache_dtype: torch.dtype, heads: tuple[int, int]
+) -> None:
+    """The fused kernel against rotary + reshape_and_cache: the returned q, every cache slot
+    (written or not), and padding tokens (slot -1) leave the cache untouched. q/k/v are
+    strided views of one fused qkv, as the model passes them."""
+    g = _gen(11)
+    H, KVH = heads
+    T, D, bs = 6, 32, 4
+    qkv = torch.randn(T, H + 2 * KVH, D, generator=g).to(dtype)
+    q, k, v = qkv[:, :H], qkv[:, H : H + KVH], qkv[:, H + KVH :]
+    positions = torch.tensor([0, 5, 2, 31, 7, 7])
+    slots = torch.tensor([3, -1, 9, 0, -1, 14])
+    cache = _cos_sin_cache(32, D)
+    kc, vc = _caches(4, bs, KVH, D, cache_dtype, g)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    qkv_before = qkv.clone()
+    q_out = rotary_and_cache(q, k, v, positions, cache, kc, vc, slots)
+    q_ref = rotary_and_cache_ref(q, k, v, positions, cache, kc_ref, vc_ref, slots)
+    assert torch.equal(qkv, qkv_before), "inputs must not be modified"
+    assert q_out.shape == q.shape and q_out.dtype == dtype and q_out.is_contiguous()
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(kc, kc_ref, **TOL[cache_dtype])
+    torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0)  # values are copied, not computed
+    # And the reference itself: slot 9 holds token 2's rotated key, untouched slots their old values.
+    _, k_rot = rotary_ref(q, k, positions, cache)
+    torch.testing.assert_close(kc_ref[2, 1], k_rot[2].to(cache_dtype), **TOL[cache_dtype])
+
+
+def test_rotary_and_cache_launcher_rejects_bad_inputs() -> None:
+    q, k, v = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16), torch.zeros(2, 2, 16)
+    positions, cache = torch.zeros(2, dtype=torch.int64), _cos_sin_cache(4, 16)
+    kc, vc = torch.zeros(3, 4, 2, 16), torch.zeros(3, 4, 2, 16)
+    slots = torch.zeros(2, dtype=torch.int64)
+    rotary_and_cache(q, k, v, positions, cache, kc, vc, slots)  # well-formed: runs
+    with pytest.raises(AssertionError, match="slot_mapping"):
+        rotary_and_cache(q, k, v, positions, cache, kc, vc, slots.int())
+    with pytest.raises(AssertionError, match="KVH/D"):
+        rotary_and_cache(q, k, v, positions, cache, torch.zeros(3, 4, 1, 16), torch.zeros(3, 4, 1, 16), slots)
+    with pytest.raises(AssertionError, match="positions"):
+        rotary_and_cache(q, k, v, positions.int(), cache, kc, vc, slots)
+
+
 @pytest.mark.parametrize(
     "case",
     ["q_2d", "k_head_dim", "not_pow2", "positions_int32", "positions_len", "cache_dim", "cache_fp16", "mixed_dtype"],
@@ -362,3 +416,42 @@ def test_silu_and_mul_launcher_rejects_bad_inputs() -> None:
         silu_and_mul(torch.randn(4, 7))  # odd width
     with pytest.raises(AssertionError):
         silu_and_mul(torch.randn(4, 8).t())  # columns not contiguous
+
+
+# ----------------------------------------------------------------------------- batch-1 GEMV
+
+
+@pytest.mark.parametrize("N, K", [(1, 1), (13, 600), (96, 64), (70, 1030)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear_with_ragged_tiles(N: int, K: int, dtype: torch.dtype, with_bias: bool) -> None:
+    """N and K off the tile sizes (masked rows and columns), bias or none, against F.linear
+    in float32 (the kernel accumulates in float32)."""
+    g = _gen(N * K)
+    x, w = torch.randn(1, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    want = gemv_ref(x.float(), w.float(), None if b is None else b.float())
+    got = gemv(x, w, b, block_n=4, block_k=256)
+    assert got.shape == (1, N) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else
+                                                     {"atol": 2e-2, "rtol": 2e-3}))
+
+
+def test_gemv_reads_a_strided_weight_view() -> None:
+    g = _gen(12)
+    full = torch.randn(40, 300, generator=g)
+    w = full[:, :200]  # rows 300 apart: a column slice of a bigger matrix
+    x = torch.randn(1, 200, generator=g)
+    torch.testing.assert_close(gemv(x, w), gemv_ref(x, w), **FP32)
+
+
+def test_gemv_launcher_rejects_bad_inputs() -> None:
+    w = torch.zeros(8, 16)
+    with pytest.raises(AssertionError, match=r"\[1, K\]"):
+        gemv(torch.zeros(2, 16), w)
+    with pytest.raises(AssertionError, match="features"):
+        gemv(torch.zeros(1, 15), w)
+    with pytest.raises(AssertionError, match="dtypes"):
+        gemv(torch.zeros(1, 16).half(), w)
+    with pytest.raises(AssertionError, match="bias"):
+        gemv(torch.zeros(1, 16), w, torch.zeros(7))

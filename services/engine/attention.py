@@ -1,9 +1,10 @@
 """The attention backend interface, and the torch reference backend (CPU, and any device).
 
 The model runner builds one `AttentionMetadata` per step; every attention layer then calls
-`AttentionContext.attend(layer, q, k, v)`, which writes the new K/V into the layer's paged
-cache and attends over it. A backend is only the `forward` that does this; the Triton backend
-(GPU) drops in beside `TorchAttentionBackend` with the same metadata.
+`AttentionContext.attend(layer, q, k, v, scale, rope)`, which rotates q and k (if the model
+uses rotary embeddings), writes the new K/V into the layer's paged cache and attends over
+it. A backend is only the `forward` that does this; the Triton backend (GPU) drops in beside
+`TorchAttentionBackend` with the same metadata.
 
 Token layout of a step: the decode tokens (one query token per sequence) come first, then
 the chunks of the prefilling sequences:
@@ -22,6 +23,7 @@ import torch
 from kernels.cache import reshape_and_cache_ref
 from kernels.paged_attention import paged_decode_attention_ref
 from kernels.prefill_attention import paged_prefill_attention_ref
+from services.engine.layers.rotary import Rope
 
 
 @dataclass
@@ -34,7 +36,7 @@ class AttentionMetadata:
     prefill_query_start_loc: torch.Tensor  # [num_prefills + 1] int32, relative to the first prefill token
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
     prefill_max_query_len: int = 0  # host copies of what kernels' grids need (no device reads)
-    decode_num_splits: int = 1  # flash-decoding splits (fixed per captured CUDA graph)
+    decode_split: tuple[int, int] = (1, 64)  # flash-decoding (most splits, fewest tokens each); fixed per graph
 
     @property
     def num_prefills(self) -> int:
@@ -54,6 +56,7 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: Rope | None = None,  # applied to q and k before anything else; None: no rotation
     ) -> torch.Tensor:  # [T, H, D]
         ...
 
@@ -63,7 +66,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
+        if rope is not None:
+            q, k = rope(q, k)
         reshape_and_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if meta.num_prefills == 0:
@@ -91,24 +96,42 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def __init__(self) -> None:
+        # Flash-decoding's split tickets (kernels/paged_attention.py): one zeroed int32 per
+        # (sequence, KV head), shared by every layer's launch, left zeroed by each. Outgrown
+        # buffers are kept: a captured CUDA graph holds the address it was captured with.
+        self._counters: list[torch.Tensor] = []
+
+    def split_counters(self, n: int, device: torch.device) -> torch.Tensor:
+        if not self._counters or self._counters[-1].numel() < n:
+            assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+                "split counters must be allocated before CUDA-graph capture (capture the largest batch first)"
+            self._counters.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+        return self._counters[-1]
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
         from kernels.cache import reshape_and_cache
         from kernels.paged_attention import paged_decode_attention
         from kernels.prefill_attention import paged_prefill_attention
+        from kernels.rotary import rotary_and_cache
 
-        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rope is not None:  # one launch: rotate q and k, write the rotated k and v
+            q = rotary_and_cache(q, k, v, rope.positions, rope.cos_sin, k_cache, v_cache, meta.slot_mapping)
+        else:
+            reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
-        if meta.num_prefills == 0:
-            return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                          num_splits=meta.decode_num_splits)
         out = torch.empty_like(q)
         if nd:
+            counters = self.split_counters(nd * k_cache.shape[2], q.device)
+            num_splits, min_split_len = meta.decode_split
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                   num_splits=meta.decode_num_splits, out=out[:nd])
-        out[nd:] = paged_prefill_attention(
-            q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-            meta.prefill_seq_lens, scale, max_query_len=meta.prefill_max_query_len,
-        )
+                                   num_splits=num_splits, min_split_len=min_split_len, out=out[:nd],
+                                   counters=counters)
+        if meta.num_prefills:
+            out[nd:] = paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+                meta.prefill_seq_lens, scale, max_query_len=meta.prefill_max_query_len,
+            )
         return out
 
 
@@ -138,6 +161,8 @@ class AttentionContext:
         self.kv_caches = kv_caches
         self.meta = meta
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rope: Rope | None = None
+    ) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]
-        return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale)
+        return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope)

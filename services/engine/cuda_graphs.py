@@ -26,15 +26,22 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """Flash-decoding splits: enough (sequence, KV head, split) programs to fill the GPU twice,
-    rounded up to a power of two (each value is a compiled kernel variant: three at most), and
-    at least 4: with ragged lengths the longest sequences set a step's time, and splitting
-    them was 8-27% faster at batch 256 on an H200 (loadtest/profile_gpu.py's sweep)."""
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
+    """Flash-decoding's (most splits, fewest tokens per split) for a decode batch
+    (kernels/paged_attention.py; each pair is a compiled kernel variant, fixed per graph).
+
+    While the (sequence, KV head) programs fill the SMs, only long sequences are split, into
+    at most 4 ranges of at least 512 tokens: with ragged lengths the longest sequences set a
+    step's time. Below that, every sequence is cut into one-tile (64-token) ranges, enough
+    programs to fill the GPU twice, rounded up to a power of two. Both from
+    loadtest/profile_gpu.py's `splits` sweep on an H200 (BENCHMARKS.md)."""
     if device.type != "cuda" or batch == 0:
-        return 1
-    wanted = -(-2 * _num_sms(device) // (batch * num_kv_heads))
-    return min(16, max(4, 1 << (wanted - 1).bit_length()))
+        return 1, 64
+    programs = batch * num_kv_heads
+    if programs >= _num_sms(device):
+        return 4, 512
+    wanted = -(-2 * _num_sms(device) // programs)
+    return min(16, 1 << (wanted - 1).bit_length()), 64
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -79,7 +86,7 @@ class DecodeGraphs:
             prefill_block_tables=self._empty_i32.view(0, 0),
             prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=self.device),
             prefill_seq_lens=self._empty_i32,
-            decode_num_splits=decode_splits(batch, self.num_kv_heads, self.device),
+            decode_split=decode_splits(batch, self.num_kv_heads, self.device),
         )
 
     def _forward(self, batch: int) -> torch.Tensor:

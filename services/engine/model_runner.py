@@ -201,7 +201,7 @@ class ModelRunner:
             prefill_query_start_loc=lens[1],
             prefill_seq_lens=lens[2],
             prefill_max_query_len=max((len(s.token_ids) for s in prefills), default=0),
-            decode_num_splits=decode_splits(nd, self.num_kv_heads, self.device),
+            decode_split=decode_splits(nd, self.num_kv_heads, self.device),
         )
         return StepInputs(
             input_ids=views[0],

@@ -6,14 +6,33 @@ longrope, llama3 scaling), so every scaling scheme matches the reference exactly
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 
-Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+@dataclass(frozen=True, eq=False)
+class Rope:
+    """The rotation of one forward pass, applied to every layer as `q, k = rope(q, k)`.
+
+    `positions` and the [cos | sin] table are what the Triton kernels read (the Triton
+    attention backend rotates while writing the cache: kernels/rotary.py's
+    rotary_and_cache). On the CPU, cos and sin are also gathered once per forward.
+    """
+
+    positions: torch.Tensor  # [T] int64
+    cos_sin: torch.Tensor  # [max_pos, D] float32: [cos | sin] of the first half
+    cos: torch.Tensor | None = None  # [T, 1, D] in the activation dtype (CPU path)
+    sin: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None:
+            from kernels.rotary import rotary
+
+            return rotary(q, k, self.positions, self.cos_sin)
+        return apply_rotary(q, k, self.cos, self.sin)
 
 
 def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -45,16 +64,14 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        """The rotation of one forward pass, applied by every layer as `q, k = rope(q, k)`.
+        """The rotation of one forward pass, applied to every layer's q and k (`rope(q, k)`).
 
-        CPU: cos/sin are gathered once per forward. GPU: the Triton kernel gathers them itself.
+        CPU: cos/sin are gathered once per forward. GPU: the Triton kernels gather them.
         """
         if positions.is_cuda:
-            from kernels.rotary import rotary
-
-            return lambda q, k: rotary(q, k, positions, self.cos_sin_half)
+            return Rope(positions, self.cos_sin_half)
         cos, sin = self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]  # (T, 1, D)
-        return lambda q, k: apply_rotary(q, k, cos, sin)
+        return Rope(positions, self.cos_sin_half, cos, sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

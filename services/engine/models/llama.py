@@ -59,8 +59,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, k)
-        out = attn.attend(self.layer, q, k, v, self.scale)  # (T, H, D)
+        out = attn.attend(self.layer, q, k, v, self.scale, rope)  # rotates q and k, (T, H, D)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
