@@ -3,8 +3,9 @@
     prompt ids --hash_blocks--> h0 h1 h2 ... (the blocks a hit can cover: never the last token)
                --one lookup--> leading hashes held, per live instance (Redis, one round-trip)
                + recent routes: hashes this router just sent somewhere count as cached there
-                 at once, before that instance publishes them, so a burst of a new prefix
-                 does not scatter (nor all land) by accident
+                 at once (as hits, and in that instance's cache size), before that instance
+                 publishes them, so a burst of a new prefix does not scatter, nor a burst of
+                 new prefixes all land on one instance, by accident
                --policy.route--> decode (+ prefill or none), with reasons
 
 Without an index (static peers, or Redis unreachable) the policy gets no hits and routes on
@@ -36,6 +37,18 @@ class RecentRoutes:
         for h in hashes:
             sent[h] = now + self.ttl_s
             sent.move_to_end(h)
+        self._expire(sent, now)
+
+    def count(self, instance_id: str, now: float) -> int:
+        """How many distinct hashes were sent to the instance and have not expired."""
+        sent = self._by_instance.get(instance_id)
+        if sent is None:
+            return 0
+        self._expire(sent, now)
+        return len(sent)
+
+    @staticmethod
+    def _expire(sent: OrderedDict[int, float], now: float) -> None:
         while sent and next(iter(sent.values())) < now:  # oldest first: expiries are in order
             sent.popitem(last=False)
 
@@ -100,5 +113,7 @@ class RouteSelector:
         tokens, sizes = {}, {}
         for inst, (held, size) in zip(indexed, answer):
             held = max(held, self.recent.leading(inst.instance_id, hashes, now))
+            # What we just sent is cached there too, published or not (a lower bound either way).
+            size = max(size, self.recent.count(inst.instance_id, now))
             tokens[inst.instance_id], sizes[inst.instance_id] = held * self.block_size, size
         return PrefixHits(tokens, sizes)

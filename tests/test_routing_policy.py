@@ -155,6 +155,54 @@ def test_recent_routes_count_as_cached_until_they_expire():
     assert recent.leading("decode-0", chain, now=111.0) == 0
 
 
+def test_recent_routes_count_the_hashes_each_instance_was_sent_until_they_expire():
+    recent = RecentRoutes(ttl_s=10)
+    chain = hash_blocks(list(range(64)), 16)
+    recent.add("decode-0", chain[:3], now=100.0)
+    recent.add("decode-0", chain[:4], now=104.0)  # re-sent hashes count once
+    assert (recent.count("decode-0", now=105.0), recent.count("decode-1", now=105.0)) == (4, 0)
+    assert recent.count("decode-0", now=111.0) == 4  # the re-sent ones live on
+    assert recent.count("decode-0", now=115.0) == 0
+
+
+class _LaggingIndex:
+    """A prefix index that has not yet heard of anything (workers publish every ~50 ms; a burst
+    of requests arrives faster than that)."""
+
+    async def longest_prefixes(self, hashes, records):
+        return [(0, 0) for _ in records]
+
+
+class _Fleet:
+    def __init__(self, *instances: Instance) -> None:
+        self.instances = instances
+
+    def decodes(self) -> list[Instance]:
+        return list(self.instances)
+
+    def prefills(self) -> list[Instance]:
+        return []
+
+
+def test_a_burst_of_new_prefixes_spreads_over_idle_instances_before_the_index_catches_up():
+    """Idle instances, four tenants' first requests before any instance publishes: what the router
+    just sent counts toward the receiver's cache size, so the emptier cache takes the next prefix
+    and the tenants split 2/2 instead of all landing on the first instance by name."""
+    d0, d1 = inst("decode-0"), inst("decode-1")
+    d0.record, d1.record = record("decode-0"), record("decode-1")
+    selector = RouteSelector(_Fleet(d0, d1), PrefixPolicy(CONFIG), _LaggingIndex(), block_size=16)
+    prompts = {t: [1000 * t + i for i in range(80)] for t in range(4)}
+
+    async def burst():
+        return {t: (await selector.select(p, None)).decode.instance_id for t, p in prompts.items()}
+
+    homes = asyncio.run(burst())
+    assert sorted(homes.values()) == ["decode-0", "decode-0", "decode-1", "decode-1"], homes
+    # A tenant's second request follows its first (the recent route is a hit there).
+    again = asyncio.run(selector.select(prompts[1], None))
+    assert (again.decode.instance_id, again.decode_reason) == (homes[1], "prefix_hit")
+
+
 def test_the_router_hashes_only_the_blocks_a_hit_can_cover_with_the_cache_salt():
     selector = RouteSelector(registry=None, policy=PrefixPolicy(), directory=None, block_size=16)
     assert selector.block_hashes(list(range(48)), None) == hash_blocks(list(range(32)), 16)  # never the last token
