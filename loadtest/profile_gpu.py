@@ -11,8 +11,10 @@
      replays (launch gaps included, as in the engine), at batch 256 (ragged), 64 and 1
   5. batch-1 GEMV: kernels/gemv.py's launch settings against cuBLAS (F.linear) on the
      projection shapes of the two models, both timed from CUDA-graph replays
+  6. batch-1 fused norm + GEMV (kernels/gemv.py's norm_gemv) against what the engine runs
+     now for a layer's two input projections: RMSNorm(+residual) -> linear (-> SiLU-and-mul)
 
-    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep,splits,gemv]
+    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep,splits,gemv,fused]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -313,6 +315,52 @@ def gemv_sweep() -> None:
         free_gpu()
 
 
+def fused_sweep() -> None:
+    """µs per batch-1 input projection with cold weights: the engine's unfused chain (three
+    or two launches) against one norm_gemv launch, with its launch settings swept."""
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import norm_gemv
+    from kernels.rmsnorm import rms_norm
+    from services.engine.layers.linear import linear
+
+    shapes = {  # name: (N, K, silu_mul)
+        "smollm2 norm+qkv": (960, 576, False), "smollm2 norm+gate_up+silu": (3072, 576, True),
+        "llama-1b norm+qkv": (3072, 2048, False), "llama-1b norm+gate_up+silu": (16384, 2048, True),
+    }
+    for name, (N, K, silu_mul) in shapes.items():
+        copies = max(4, min(200, -(-(240 << 20) // (N * K * 2))))
+        ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        x, r = (torch.randn(1, K, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        g = 1 + 0.1 * torch.randn(K, dtype=torch.bfloat16, device="cuda")
+
+        def unfused(w):
+            h, res = rms_norm(x, g, 1e-5, r)
+            y = linear(h, w)
+            return (silu_and_mul(y) if silu_mul else y), res
+
+        want = unfused(ws[0])[0].float()
+        t_ref = cold_time([lambda w=w: unfused(w) for w in ws])
+        results = []
+        for block_n in (2, 4, 8):
+            for block_k in (256, 512):
+                for warps in (4, 8):
+                    cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps)
+                    try:
+                        got = norm_gemv(x, g, 1e-5, ws[0], r, silu_mul=silu_mul, **cfg)[0].float()
+                        t = cold_time([lambda w=w: norm_gemv(x, g, 1e-5, w, r, silu_mul=silu_mul, **cfg) for w in ws])
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                        results.append({"cfg": (block_n, block_k, warps), "error": str(e)[:120]})
+                        continue
+                    results.append({"cfg": (block_n, block_k, warps), "us": round(t * 1e6, 2),
+                                    "rel_err": round(float((got - want).norm() / want.norm()), 4)})
+        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+        emit(part="fused", shape=name, MB=round(N * K * 2 / 1e6, 2), copies=copies, unfused_us=round(t_ref * 1e6, 2),
+             default=next((r for r in results if r["cfg"] == (4, 512, 4)), None), best=ok[:3],
+             errors=sum("error" in r for r in results))
+        del ws
+        free_gpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
@@ -335,6 +383,8 @@ def main() -> None:
         jobs.append(splits_sweep)
     if "gemv" in parts:
         jobs.append(gemv_sweep)
+    if "fused" in parts:
+        jobs.append(fused_sweep)
     for job in jobs:
         try:
             job()
@@ -352,6 +402,8 @@ def main() -> None:
             print(row["shape"], "tiles default", row["default"], "best", row["best"][:2])
         elif row["part"] == "gemv":
             print(row["shape"], "cublas", row["cublas_us"], "best", row["best"][:1])
+        elif row["part"] == "fused":
+            print(row["shape"], "unfused", row["unfused_us"], "default", row["default"], "best", row["best"][:1])
         elif row["part"] in ("phases", "kernels"):
             print({k: v for k, v in row.items() if k != "top"})
 

@@ -114,3 +114,23 @@ def test_batch1_linear_takes_the_triton_gemv_and_matches_cublas():
         assert spy.called == (n * k * 2 <= _GEMV_MAX_BYTES), (n, k)
         want = x.float() @ w.float().t() + (0 if b is None else b.float())
         torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_fused_norm_gemv_compiles_and_matches_the_unfused_chain_in_bf16():
+    """kernels/gemv.py's norm_gemv on the presets' input-projection shapes (qkv with and
+    without bias, gate_up with SiLU-and-mul), compiled for the card, against RMSNorm ->
+    linear -> SiLU-and-mul in float32; the new residual is exact."""
+    from kernels.gemv import norm_gemv, norm_gemv_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k, bias, silu_mul in [(960, 576, True, False), (3072, 576, False, True), (3072, 2048, False, False),
+                                 (16384, 2048, False, True)]:
+        x, r = (torch.randn(1, k, device="cuda", generator=g).bfloat16() for _ in range(2))
+        norm_w = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+        y, res = norm_gemv(x, norm_w, 1e-5, w, r, b, silu_mul)
+        want, want_res = norm_gemv_ref(x.float(), norm_w.float(), 1e-5, w.float(), r.float(),
+                                       None if b is None else b.float(), silu_mul)
+        torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(res, x + r, atol=0, rtol=0)

@@ -1,4 +1,4 @@
-"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV) against their plain-torch references, on the
+"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV and its fused RMSNorm / SwiGLU form) against their plain-torch references, on the
 CPU through Triton's interpreter. Shapes are tiny; behaviour is pinned exactly where it can be."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
-from kernels.gemv import _gemv_kernel, gemv, gemv_ref  # noqa: E402
+from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import (  # noqa: E402
     _rotary_and_cache_kernel,
@@ -443,6 +443,45 @@ def test_gemv_reads_a_strided_weight_view() -> None:
     w = full[:, :200]  # rows 300 apart: a column slice of a bigger matrix
     x = torch.randn(1, 200, generator=g)
     torch.testing.assert_close(gemv(x, w), gemv_ref(x, w), **FP32)
+
+
+@pytest.mark.parametrize("N, K", [(6, 1), (14, 600), (96, 64), (70, 1030)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual, with_bias, silu_mul",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True),
+                          (False, False, True)])
+def test_norm_gemv_matches_rmsnorm_then_linear(N, K, dtype, with_residual, with_bias, silu_mul) -> None:
+    """The fused RMSNorm (+ residual) -> GEMV (-> SiLU-and-mul) against the unfused reference:
+    K over several tiles (the mean of squares spans them) and off the tile size, outputs off
+    BLOCK_N; the new residual is exact (the same rounded add)."""
+    g = _gen(N * K + 7)
+    x, w = torch.randn(1, K, generator=g).to(dtype), (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    norm_w = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype)
+    r = torch.randn(1, K, generator=g).to(dtype) if with_residual else None
+    b = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    want, want_res = norm_gemv_ref(x.float(), norm_w.float(), 1e-5, w.float(), None if r is None else r.float(),
+                                   None if b is None else b.float(), silu_mul)
+    got, got_res = norm_gemv(x, norm_w, 1e-5, w, r, b, silu_mul, block_n=4, block_k=256)
+    assert got.shape == (1, N // 2 if silu_mul else N) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else
+                                                     {"atol": 5e-3, "rtol": 5e-3}))
+    if r is None:
+        assert got_res is x  # the input is the residual
+    else:
+        torch.testing.assert_close(got_res, (x + r), atol=0, rtol=0)
+        assert got_res.data_ptr() not in (x.data_ptr(), r.data_ptr())  # inputs not modified
+
+
+def test_norm_gemv_launcher_rejects_bad_inputs() -> None:
+    w, x, norm_w = torch.zeros(8, 16), torch.zeros(1, 16), torch.ones(16)
+    with pytest.raises(AssertionError, match="norm_weight"):
+        norm_gemv(x, torch.ones(15), 1e-5, w)
+    with pytest.raises(AssertionError, match="residual"):
+        norm_gemv(x, norm_w, 1e-5, w, residual=torch.zeros(1, 16).half())
+    with pytest.raises(AssertionError, match="silu_mul"):
+        norm_gemv(x, norm_w, 1e-5, torch.zeros(7, 16), silu_mul=True)
+    with pytest.raises(AssertionError, match="silu_mul"):
+        norm_gemv(x, norm_w, 1e-5, w, bias=torch.zeros(8), silu_mul=True)
 
 
 def test_gemv_launcher_rejects_bad_inputs() -> None:
