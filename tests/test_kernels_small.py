@@ -459,8 +459,8 @@ def test_norm_gemv_matches_rmsnorm_then_linear(N, K, dtype, with_residual, with_
     norm_w = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype)
     r = torch.randn(1, K, generator=g).to(dtype) if with_residual else None
     b = torch.randn(N, generator=g).to(dtype) if with_bias else None
-    want, want_res = norm_gemv_ref(x.float(), norm_w.float(), 1e-5, w.float(), None if r is None else r.float(),
-                                   None if b is None else b.float(), silu_mul)
+    want, _ = norm_gemv_ref(x.float(), norm_w.float(), 1e-5, w.float(), None if r is None else r.float(),
+                            None if b is None else b.float(), silu_mul)
     got, got_res = norm_gemv(x, norm_w, 1e-5, w, r, b, silu_mul, block_n=4, block_k=256)
     assert got.shape == (1, N // 2 if silu_mul else N) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else
