@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul_ref
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.rmsnorm import rms_norm_ref
 
 
@@ -63,11 +64,18 @@ def norm_gemv_ref(
 @triton.jit
 def _gemv_kernel(X, W, B, Y, N, K, stride_wn, R, G, R_OUT, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     # N: outputs (with SILU_MUL, W has 2N rows: gate rows [0, N), up rows [N, 2N)).
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if USE_PDL:  # the first weight tiles are read while the kernel before finishes (kernels/pdl.py)
+        offs_k0 = tl.arange(0, BLOCK_K)
+        w_mask0 = n_mask[:, None] & (offs_k0 < K)[None, :]
+        w_first = tl.load(W + offs_n[:, None] * stride_wn + offs_k0[None, :], mask=w_mask0, other=0.0)
+        if SILU_MUL:
+            w_up_first = tl.load(W + (offs_n[:, None] + N) * stride_wn + offs_k0[None, :], mask=w_mask0, other=0.0)
+    wait_then_release(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if SILU_MUL:
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -84,12 +92,17 @@ def _gemv_kernel(X, W, B, Y, N, K, stride_wn, R, G, R_OUT, eps, HAS_BIAS: tl.con
         if NORM:
             sum_sq += x * x
             x *= tl.load(G + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        if USE_PDL:  # tile 0 is already in registers
+            w_mask = w_mask & (k > 0)
+        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+        if USE_PDL:
+            w = tl.where(k == 0, w_first, w)
         acc += w.to(tl.float32) * x[None, :]
         if SILU_MUL:
-            w_up = tl.load(W + (offs_n[:, None] + N) * stride_wn + offs_k[None, :],
-                           mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w_up = tl.load(W + (offs_n[:, None] + N) * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+            if USE_PDL:
+                w_up = tl.where(k == 0, w_up_first, w_up)
             acc_up += w_up.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1)
     if NORM:
@@ -130,10 +143,11 @@ def gemv(
     sweep on each of the small shapes above (H200)."""
     N, K = _check(x, weight, bias)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else y, y, N, K, weight.stride(0), x, x, x, 0.0,
         HAS_BIAS=bias is not None, NORM=False, HAS_RESIDUAL=False, SILU_MUL=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        USE_PDL=pdl, num_warps=num_warps, **launch_options(pdl),
     )
     return y
 
@@ -161,10 +175,11 @@ def norm_gemv(
     outputs = N // 2 if silu_mul else N
     y = torch.empty(1, outputs, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else x
+    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(outputs, block_n),)](
         x, weight, bias if bias is not None else y, y, outputs, K, weight.stride(0),
         residual if residual is not None else x, norm_weight, res_out, eps,
         HAS_BIAS=bias is not None, NORM=True, HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps, **launch_options(pdl),
     )
     return y, res_out

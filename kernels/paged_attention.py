@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, use_pdl, wait_then_release
+
 
 def paged_decode_attention_ref(
     q: torch.Tensor,  # [B, H, D]
@@ -113,10 +115,12 @@ def _decode_kernel(
     stride_outb, stride_outh,
     KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    wait_then_release(USE_PDL)  # q, the cache and the lengths come from earlier kernels (kernels/pdl.py)
     seq_len = tl.load(SeqLens + b)
     # At most NUM_SPLITS ranges of whole tiles, none shorter than MIN_SPLIT tokens: a short
     # sequence uses fewer splits (less to write and merge); the programs past it do nothing.
@@ -225,6 +229,7 @@ def paged_decode_attention(
     else:  # no partials: the one-split kernel stores to out and reads none of these
         mid_o = mid_lse = counters = out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = use_pdl(q.device)
     _decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out, counters,
         scale,
@@ -236,6 +241,7 @@ def paged_decode_attention(
         mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         KVH=KVH, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, PAGE=page,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, PRECISION=precision, **launch,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, PRECISION=precision, USE_PDL=pdl,
+        **launch, **launch_options(pdl),
     )
     return out

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, use_pdl, wait_then_release
+
 
 def rms_norm_ref(
     x: torch.Tensor,  # [T, hidden]
@@ -32,9 +34,10 @@ def rms_norm_ref(
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
+    wait_then_release(USE_PDL)  # x and the residual come from earlier kernels (kernels/pdl.py)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -73,10 +76,12 @@ def rms_norm(
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if T > 0:
         BLOCK = triton.next_power_of_2(N)
+        pdl = use_pdl(x.device)
         _rms_norm_kernel[(T,)](
             x, residual if residual is not None else x, weight, out,
             res_out if res_out is not None else out,
             x.stride(0), residual.stride(0) if residual is not None else 0, N, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(max(BLOCK // 256, 1), 16),
+            HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(max(BLOCK // 256, 1), 16), USE_PDL=pdl,
+            **launch_options(pdl),
         )
     return out if res_out is None else (out, res_out)

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels.cache import check_cache_args
 from kernels.cache import reshape_and_cache_ref
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,9 +136,10 @@ def _rotary_and_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
     block_size, H, KVH,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0)
+    wait_then_release(USE_PDL)  # q, k, v come from the kernel before (kernels/pdl.py)
     cos, sin = _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF)
     D: tl.constexpr = 2 * HALF
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, q_out_ptr + t * H * D, D, H, cos, sin, True, HALF, BLOCK_H)
@@ -176,12 +178,14 @@ def rotary_and_cache(
     KVH = k.shape[1]
     q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if T > 0:
+        pdl = use_pdl(q.device)
         _rotary_and_cache_kernel[(T,)](
             q, k, v, q_out, k_cache, v_cache, positions, cos_sin_cache, slot_mapping,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             k_cache.shape[1], H, KVH,
-            HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
+            HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH), USE_PDL=pdl,
+            **launch_options(pdl),
         )
     return q_out

@@ -57,8 +57,9 @@ def hf_model(preset: str):
 
 
 def correctness(preset: str, init: float, num_prompts: int = 32, new_tokens: int = 64) -> None:
-    """pdserve (Triton backend) and HF eager (the ceiling) against HF sdpa: loadtest/correctness.py."""
-    record(part="correctness", **compare(preset, init, "cuda", num_prompts, new_tokens))
+    """pdserve (Triton backend; all prompts batched, then one at a time) and HF eager (the
+    ceiling) against HF sdpa: loadtest/correctness.py."""
+    record(part="correctness", **compare(preset, init, "cuda", num_prompts, new_tokens, one_at_a_time=True))
     free_gpu()
 
 
@@ -153,9 +154,16 @@ def throughput_hf_generate(preset: str, n: int = 64) -> None:
 # ---- 3. batch-1 latency ------------------------------------------------------------------------
 
 
-def batch1_latency(preset: str, async_scheduling: bool, steps: int = 256) -> None:
+def batch1_latency(preset: str, async_scheduling: bool, fuse: bool, pdl: bool, steps: int = 256) -> None:
+    """`fuse` off: RMSNorm, GEMV and SiLU-and-mul as separate kernels (layers/linear.py's
+    FUSE_NORM_GEMV); `pdl` off: the kernels launch in plain stream order (kernels/pdl.py).
+    Each off is the baseline of its on, in the same run."""
+    import kernels.pdl
     from services.engine import LLM, SamplingParams
+    from services.engine.layers import linear
 
+    defaults = linear.FUSE_NORM_GEMV, kernels.pdl.ENABLED
+    linear.FUSE_NORM_GEMV, kernels.pdl.ENABLED = fuse, pdl  # read while the engine captures its graphs
     llm = LLM(load_format="dummy", preset=preset, max_model_len=2048, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([list(range(100, 132))], params)
@@ -164,8 +172,10 @@ def batch1_latency(preset: str, async_scheduling: bool, steps: int = 256) -> Non
     llm.generate([list(range(200, 232))], params)
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / steps * 1e3
-    record(part="batch1", preset=preset, async_scheduling=async_scheduling, ms_per_token=round(ms, 3))
+    record(part="batch1", preset=preset, async_scheduling=async_scheduling, fused_norm_gemv=fuse, pdl=pdl,
+           ms_per_token=round(ms, 3))
     del llm
+    linear.FUSE_NORM_GEMV, kernels.pdl.ENABLED = defaults
     free_gpu()
 
 
@@ -248,7 +258,7 @@ PARTS = {
     "correctness": lambda presets: [correctness(p, float(init)) for p, init in
                                     (spec.split("@") for spec in CORRECTNESS_PRESETS)],
     "pdserve": lambda presets: [throughput_pdserve(p, a) for p in presets for a in ASYNC],
-    "batch1": lambda presets: [batch1_latency(p, a) for p in presets for a in ASYNC],
+    "batch1": lambda presets: [batch1_latency(p, a, f, d) for p in presets for a in ASYNC for f in FUSE for d in PDL],
     "bandwidth": lambda presets: kernel_bandwidth(),
     "hf-generate": lambda presets: [throughput_hf_generate(p) for p in presets],
     "hf-cb": lambda presets: [throughput_hf_cb(p) for p in presets],
@@ -256,6 +266,8 @@ PARTS = {
 
 
 ASYNC = [True, False]  # async scheduling on, then off: the baseline, in the same run
+FUSE = [True, False]  # batch 1: norm + GEMV fused, then not
+PDL = [True, False]  # batch 1: programmatic dependent launch, then plain stream order
 
 
 def main() -> None:
@@ -267,11 +279,15 @@ def main() -> None:
                         help="comma list of preset@init-std (SmolLM2's references are degenerate at 0.02 and "
                              "chaotic at 0.05: loadtest/correctness.py)")
     parser.add_argument("--async-scheduling", default="on,off", help="comma list of on/off (pdserve, batch1)")
+    parser.add_argument("--fuse-norm-gemv", default="on,off", help="comma list of on/off (batch1)")
+    parser.add_argument("--pdl", default="on,off", help="comma list of on/off (batch1)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
     ASYNC[:] = [{"on": True, "off": False}[a] for a in args.async_scheduling.split(",") if a]
+    FUSE[:] = [{"on": True, "off": False}[a] for a in args.fuse_norm_gemv.split(",") if a]
+    PDL[:] = [{"on": True, "off": False}[a] for a in args.pdl.split(",") if a]
     parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
     record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     for part in parts:

@@ -115,9 +115,11 @@ def score(name: str, outputs: list[list[int]], refs: list[Reference]) -> dict:
 
 
 def compare(preset: str, init: float, device: str = "cpu", num_prompts: int = 16, new_tokens: int = 64,
-            dtype: torch.dtype = torch.bfloat16, control: bool = True, **llm_kwargs) -> dict:
+            dtype: torch.dtype = torch.bfloat16, control: bool = True, one_at_a_time: bool = False,
+            **llm_kwargs) -> dict:
     """pdserve (LLM.generate, all prompts batched) and, with `control`, HF eager, each scored
-    against HF sdpa greedy on the same weights."""
+    against HF sdpa greedy on the same weights. `one_at_a_time` also scores pdserve given the
+    prompts one by one: batch-1 decode, which on a GPU takes other kernels (the GEMVs)."""
     from services.engine import LLM, SamplingParams
 
     config = config_dir(preset, init, Path(tempfile.mkdtemp()))
@@ -137,6 +139,10 @@ def compare(preset: str, init: float, device: str = "cpu", num_prompts: int = 16
     ours = [o.outputs[0].token_ids for o in
             llm.generate(batch, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))]
     systems.insert(0, score(f"pdserve ({llm.engine.runner.backend.name})", ours, refs))
+    if one_at_a_time:
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in batch]
+        systems.insert(1, score(f"pdserve ({llm.engine.runner.backend.name}, batch 1)", alone, refs))
     del llm
     return {"preset": preset, "init": init, "device": device, "dtype": str(dtype), "prompts": num_prompts,
             "degenerate_references": sum(r.degenerate for r in refs),

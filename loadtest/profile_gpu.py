@@ -11,8 +11,8 @@
      replays (launch gaps included, as in the engine), at batch 256 (ragged), 64 and 1
   5. batch-1 GEMV: kernels/gemv.py's launch settings against cuBLAS (F.linear) on the
      projection shapes of the two models, both timed from CUDA-graph replays
-  6. batch-1 fused norm + GEMV (kernels/gemv.py's norm_gemv) against what the engine runs
-     now for a layer's two input projections: RMSNorm(+residual) -> linear (-> SiLU-and-mul)
+  6. batch-1 fused norm + GEMV (kernels/gemv.py's norm_gemv) against the unfused chain the
+     engine runs with PDSERVE_FUSE_NORM_GEMV=0: RMSNorm(+residual) -> linear (-> SiLU-and-mul)
 
     python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep,splits,gemv,fused]
 
@@ -278,6 +278,39 @@ def cold_time(fns, replays: int = 10) -> float:
     return start.elapsed_time(end) / (len(fns) * replays) / 1e3
 
 
+def cold_weights(N: int, K: int) -> list[torch.Tensor]:
+    """Copies of an [N, K] bf16 weight, 240 MB of them (over 4x the L2; 4 to 200 copies)."""
+    copies = max(4, min(200, -(-(240 << 20) // (N * K * 2))))
+    return [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+
+
+def launch_sweep(kernel, want: torch.Tensor, ws: list[torch.Tensor], block_ns: tuple[int, ...]) -> list[dict]:
+    """kernel(w, block_n=, block_k=, num_warps=) -> output, over block_ns x (256, 512) x (4, 8):
+    relative error against `want` (the output for ws[0]) and cold-weight µs per call."""
+    results = []
+    for block_n in block_ns:
+        for block_k in (256, 512):
+            for warps in (4, 8):
+                cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps)
+                try:
+                    got = kernel(ws[0], **cfg).float()
+                    t = cold_time([lambda w=w: kernel(w, **cfg) for w in ws])
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                    results.append({"cfg": (block_n, block_k, warps), "error": str(e)[:120]})
+                    continue
+                results.append({"cfg": (block_n, block_k, warps), "us": round(t * 1e6, 2),
+                                "rel_err": round(float((got - want).norm() / want.norm()), 4)})
+    return results
+
+
+def emit_sweep(part: str, name: str, N: int, K: int, copies: int, baseline: str, t_ref: float,
+               results: list[dict]) -> None:
+    ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+    emit(part=part, shape=name, MB=round(N * K * 2 / 1e6, 2), copies=copies, **{baseline: round(t_ref * 1e6, 2)},
+         default=next((r for r in results if r["cfg"] == (4, 512, 4)), None), best=ok[:3],
+         errors=sum("error" in r for r in results))
+
+
 def gemv_sweep() -> None:
     """µs per batch-1 projection with cold (DRAM) weights: cuBLAS against kernels/gemv.py."""
     import torch.nn.functional as F
@@ -290,34 +323,19 @@ def gemv_sweep() -> None:
         "llama-1b gate_up": (16384, 2048), "llama-1b down": (2048, 8192),
     }
     for name, (N, K) in shapes.items():
-        copies = max(4, min(200, -(-(240 << 20) // (N * K * 2))))  # 240 MB of weights, over 4x the L2
-        ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        ws = cold_weights(N, K)
         x = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
         t_ref = cold_time([lambda w=w: F.linear(x, w) for w in ws])
-        results = []
-        for block_n in (4, 8, 16):
-            for block_k in (256, 512):
-                for warps in (4, 8):
-                    try:
-                        err = float((gemv(x, ws[0], block_n=block_n, block_k=block_k, num_warps=warps).float()
-                                     - F.linear(x, ws[0]).float()).norm() / F.linear(x, ws[0]).float().norm())
-                        t = cold_time([lambda w=w: gemv(x, w, block_n=block_n, block_k=block_k, num_warps=warps)
-                                       for w in ws])
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                        results.append({"cfg": (block_n, block_k, warps), "error": str(e)[:120]})
-                        continue
-                    results.append({"cfg": (block_n, block_k, warps), "us": round(t * 1e6, 2), "rel_err": round(err, 4)})
-        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
-        default = next(r for r in results if r["cfg"] == (4, 512, 4))
-        emit(part="gemv", shape=name, MB=round(N * K * 2 / 1e6, 2), copies=copies, cublas_us=round(t_ref * 1e6, 2),
-             default=default, best=ok[:3], errors=sum("error" in r for r in results))
+        results = launch_sweep(lambda w, **cfg: gemv(x, w, **cfg), F.linear(x, ws[0]).float(), ws, (4, 8, 16))
+        emit_sweep("gemv", name, N, K, len(ws), "cublas_us", t_ref, results)
         del ws
         free_gpu()
 
 
 def fused_sweep() -> None:
-    """µs per batch-1 input projection with cold weights: the engine's unfused chain (three
-    or two launches) against one norm_gemv launch, with its launch settings swept."""
+    """µs per batch-1 input projection with cold weights: the unfused chain (three or two
+    launches, as the engine runs it with PDSERVE_FUSE_NORM_GEMV=0) against one norm_gemv
+    launch, with its launch settings swept."""
     from kernels.activation import silu_and_mul
     from kernels.gemv import norm_gemv
     from kernels.rmsnorm import rms_norm
@@ -328,35 +346,19 @@ def fused_sweep() -> None:
         "llama-1b norm+qkv": (3072, 2048, False), "llama-1b norm+gate_up+silu": (16384, 2048, True),
     }
     for name, (N, K, silu_mul) in shapes.items():
-        copies = max(4, min(200, -(-(240 << 20) // (N * K * 2))))
-        ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        ws = cold_weights(N, K)
         x, r = (torch.randn(1, K, dtype=torch.bfloat16, device="cuda") for _ in range(2))
         g = 1 + 0.1 * torch.randn(K, dtype=torch.bfloat16, device="cuda")
 
         def unfused(w):
-            h, res = rms_norm(x, g, 1e-5, r)
-            y = linear(h, w)
-            return (silu_and_mul(y) if silu_mul else y), res
+            h, _ = rms_norm(x, g, 1e-5, r)
+            y = linear(h, w)  # the GEMV below 16 MB, cuBLAS above
+            return silu_and_mul(y) if silu_mul else y
 
-        want = unfused(ws[0])[0].float()
         t_ref = cold_time([lambda w=w: unfused(w) for w in ws])
-        results = []
-        for block_n in (2, 4, 8):
-            for block_k in (256, 512):
-                for warps in (4, 8):
-                    cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps)
-                    try:
-                        got = norm_gemv(x, g, 1e-5, ws[0], r, silu_mul=silu_mul, **cfg)[0].float()
-                        t = cold_time([lambda w=w: norm_gemv(x, g, 1e-5, w, r, silu_mul=silu_mul, **cfg) for w in ws])
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                        results.append({"cfg": (block_n, block_k, warps), "error": str(e)[:120]})
-                        continue
-                    results.append({"cfg": (block_n, block_k, warps), "us": round(t * 1e6, 2),
-                                    "rel_err": round(float((got - want).norm() / want.norm()), 4)})
-        ok = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
-        emit(part="fused", shape=name, MB=round(N * K * 2 / 1e6, 2), copies=copies, unfused_us=round(t_ref * 1e6, 2),
-             default=next((r for r in results if r["cfg"] == (4, 512, 4)), None), best=ok[:3],
-             errors=sum("error" in r for r in results))
+        results = launch_sweep(lambda w, **cfg: norm_gemv(x, g, 1e-5, w, r, silu_mul=silu_mul, **cfg)[0],
+                               unfused(ws[0]).float(), ws, (2, 4, 8))
+        emit_sweep("fused", name, N, K, len(ws), "unfused_us", t_ref, results)
         del ws
         free_gpu()
 

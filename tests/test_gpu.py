@@ -1,6 +1,7 @@
 """GPU-only checks (marked `gpu`; skipped without CUDA; run on the device, never in CI):
 the engine with Triton kernels and CUDA graphs gives the same tokens however it batches,
-chunks or preempts, and the same tokens as HF transformers on the same weights."""
+chunks or preempts, with or without programmatic dependent launch, and the same tokens as
+HF transformers on the same weights."""
 
 from __future__ import annotations
 
@@ -25,10 +26,17 @@ def tokens(llm) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected():
-    """float32 on the GPU, eager, one step at a time, a roomy pool: the baseline every variant
-    must reproduce."""
-    return tokens(make_llm("tiny-llama", dtype="float32", num_kv_blocks=4096, enforce_eager=True,
-                           async_scheduling=False))
+    """float32 on the GPU, eager, one step at a time, a roomy pool, kernels launched in plain
+    stream order (no programmatic dependent launch, kernels/pdl.py): the baseline every
+    variant, all launched with PDL, must reproduce."""
+    import kernels.pdl
+
+    previous, kernels.pdl.ENABLED = kernels.pdl.ENABLED, False
+    try:
+        return tokens(make_llm("tiny-llama", dtype="float32", num_kv_blocks=4096, enforce_eager=True,
+                               async_scheduling=False))
+    finally:
+        kernels.pdl.ENABLED = previous
 
 
 @pytest.mark.parametrize("variant", [
@@ -37,8 +45,12 @@ def expected():
     dict(max_num_batched_tokens=32),  # chunked prefill mixed with graph decodes
     dict(num_kv_blocks=40, max_model_len=320),  # preemption and recompute
     dict(attention_backend="torch", enforce_eager=True),  # the reference backend on the GPU
+    dict(max_num_seqs=1),  # batch-1 decode: the GEMV and the fused norm + GEMV (layers/linear.py), in graphs
 ])
-def test_same_tokens_with_graphs_chunking_preemption_and_either_backend(expected, variant):
+def test_same_tokens_with_graphs_chunking_preemption_and_either_backend(expected, variant, monkeypatch):
+    import kernels.pdl
+
+    monkeypatch.setattr(kernels.pdl, "ENABLED", True)
     kwargs = dict(dtype="float32", num_kv_blocks=4096) | variant
     llm = make_llm("tiny-llama", **kwargs)
     assert tokens(llm) == expected
@@ -134,3 +146,32 @@ def test_fused_norm_gemv_compiles_and_matches_the_unfused_chain_in_bf16():
                                 None if b is None else b.float(), silu_mul)
         torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(res, x + r, atol=0, rtol=0)
+
+
+def test_batch1_norm_linear_fuses_on_cuda_and_matches_the_unfused_path(monkeypatch):
+    """layers/linear.py's norm_linear takes kernels/gemv.py's norm_gemv for one row below the
+    GEMV size limit and agrees with the unfused RMSNorm -> linear (-> SiLU-and-mul) it
+    replaces, to bf16 rounding; the residual it returns is exact."""
+    from unittest import mock
+
+    import kernels.gemv
+    from services.engine.layers import linear as linear_mod
+    from services.engine.layers.norm import RMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for n, k, bias, silu_mul, with_residual in [(960, 576, False, False, False), (3072, 576, False, True, True),
+                                                (1152, 896, True, False, True), (16384, 2048, False, True, True)]:
+        norm = RMSNorm(k, 1e-5).cuda().bfloat16()
+        norm.weight.data = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+        x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+        r = torch.randn(1, k, device="cuda", generator=g).bfloat16() if with_residual else None
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+        with mock.patch.object(kernels.gemv, "norm_gemv", wraps=kernels.gemv.norm_gemv) as spy:
+            y, res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
+        assert spy.called == (n * k * 2 <= linear_mod._GEMV_MAX_BYTES), (n, k)
+        monkeypatch.setattr(linear_mod, "FUSE_NORM_GEMV", False)
+        want, want_res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
+        monkeypatch.setattr(linear_mod, "FUSE_NORM_GEMV", True)
+        torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
+        assert torch.equal(res, want_res)

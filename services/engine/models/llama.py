@@ -8,7 +8,8 @@ paged KV cache, and a SwiGLU MLP. Over a flat batch of T tokens from many sequen
 References: Llama (Touvron et al. 2023, arXiv:2302.13971), GQA (Ainslie et al. 2023,
 arXiv:2305.13245), RoPE (Su et al. 2021, arXiv:2104.09864), Qwen2/Qwen3 technical reports;
 parameter names follow transformers' modeling_llama.py so HF state dicts load directly.
-q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs).
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); at batch 1 on a GPU
+each also takes the RMSNorm before it into the same kernel (layers/linear.py's norm_linear).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers.activations import ACT2FN
 from services.engine.attention import AttentionContext
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import Rope, RotaryEmbedding
-from services.engine.layers.linear import Linear, linear
+from services.engine.layers.linear import Linear, linear, norm_linear
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
 
@@ -51,9 +52,11 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, attn: AttentionContext) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, qkv: torch.Tensor, rope: Rope, attn: AttentionContext) -> torch.Tensor:
+        """qkv: (T, q_size + 2 kv_size), qkv_proj's output (the decoder layer applies it fused
+        with the norm in front of it)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -71,14 +74,13 @@ class LlamaMLP(nn.Module):
         self.act = ACT2FN[cfg.hidden_act]
         self.fused_silu = cfg.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda and self.fused_silu:  # one Triton pass instead of two ops (kernels/activation.py)
-            from kernels.activation import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: gate_up_proj's output, already through SiLU-and-mul when `fused_silu` (the
+        decoder layer applies both fused with the norm in front)."""
+        if not self.fused_silu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        return self.down_proj(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -90,13 +92,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x, residual, rope, attn):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, attn)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # norm -> projection (-> SiLU-and-mul): one kernel at batch 1 on a GPU (layers/linear.py)
+        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        qkv, residual = norm_linear(x, residual, self.input_layernorm, qkv_proj.weight, qkv_proj.bias)
+        x = self.self_attn(qkv, rope, attn)
+        h, residual = norm_linear(x, residual, self.post_attention_layernorm, gate_up_proj.weight,
+                                  silu_mul=self.mlp.fused_silu)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
