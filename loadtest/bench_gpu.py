@@ -270,6 +270,11 @@ FUSE = [True, False]  # batch 1: norm + GEMV fused, then not
 PDL = [True, False]  # batch 1: programmatic dependent launch, then plain stream order
 
 
+def on_off(spec: str) -> list[bool]:
+    """'on,off' -> [True, False]."""
+    return [{"on": True, "off": False}[a] for a in spec.split(",") if a]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
@@ -285,9 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
-    ASYNC[:] = [{"on": True, "off": False}[a] for a in args.async_scheduling.split(",") if a]
-    FUSE[:] = [{"on": True, "off": False}[a] for a in args.fuse_norm_gemv.split(",") if a]
-    PDL[:] = [{"on": True, "off": False}[a] for a in args.pdl.split(",") if a]
+    ASYNC[:], FUSE[:], PDL[:] = on_off(args.async_scheduling), on_off(args.fuse_norm_gemv), on_off(args.pdl)
     parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
     record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     for part in parts:

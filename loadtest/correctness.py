@@ -136,11 +136,10 @@ def compare(preset: str, init: float, device: str = "cpu", num_prompts: int = 16
         torch.cuda.empty_cache()
     llm = LLM(load_format="dummy", model=str(config), max_model_len=1024, dtype=str(dtype).removeprefix("torch."),
               **llm_kwargs)
-    ours = [o.outputs[0].token_ids for o in
-            llm.generate(batch, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
     systems.insert(0, score(f"pdserve ({llm.engine.runner.backend.name})", ours, refs))
     if one_at_a_time:
-        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in batch]
         systems.insert(1, score(f"pdserve ({llm.engine.runner.backend.name}, batch 1)", alone, refs))
     del llm

@@ -158,6 +158,7 @@ def test_batch1_norm_linear_fuses_on_cuda_and_matches_the_unfused_path(monkeypat
     from services.engine.layers import linear as linear_mod
     from services.engine.layers.norm import RMSNorm
 
+    monkeypatch.setattr(linear_mod, "FUSE_NORM_GEMV", True)
     g = torch.Generator(device="cuda").manual_seed(1)
     for n, k, bias, silu_mul, with_residual in [(960, 576, False, False, False), (3072, 576, False, True, True),
                                                 (1152, 896, True, False, True), (16384, 2048, False, True, True)]:
@@ -170,8 +171,7 @@ def test_batch1_norm_linear_fuses_on_cuda_and_matches_the_unfused_path(monkeypat
         with mock.patch.object(kernels.gemv, "norm_gemv", wraps=kernels.gemv.norm_gemv) as spy:
             y, res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
         assert spy.called == (n * k * 2 <= linear_mod._GEMV_MAX_BYTES), (n, k)
-        monkeypatch.setattr(linear_mod, "FUSE_NORM_GEMV", False)
-        want, want_res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
-        monkeypatch.setattr(linear_mod, "FUSE_NORM_GEMV", True)
+        with mock.patch.object(linear_mod, "FUSE_NORM_GEMV", False):
+            want, want_res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
         torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
         assert torch.equal(res, want_res)
