@@ -103,6 +103,20 @@ def _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, 
 
 
 @triton.jit
+def _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """One tile of online softmax: (m_i, l_i, acc) updated with keys k and values v. A tile
+    with no valid token (a split past its sequence) leaves them at zero, not NaN."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G_PAD, BLOCK_N)
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, BlockTables, SeqLens, MidO, MidLse, Out, Counters,
     scale,
@@ -120,7 +134,9 @@ def _decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    wait_then_release(USE_PDL)  # q, the cache and the lengths come from earlier kernels (kernels/pdl.py)
+    # Lengths and block tables are written before the step's first kernel, and every cached
+    # token but the newest by earlier steps: the first tile is read before the wait, while the
+    # kernel before (which writes q and the newest token's K/V) still runs (kernels/pdl.py).
     seq_len = tl.load(SeqLens + b)
     # At most NUM_SPLITS ranges of whole tiles, none shorter than MIN_SPLIT tokens: a short
     # sequence uses fewer splits (less to write and merge); the programs past it do nothing.
@@ -129,8 +145,25 @@ def _decode_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end
+    page, slot = paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE)
+    if USE_PDL:
+        early = n_mask & (offs_n < seq_len - 1)  # the tokens no kernel of this step writes
+    else:
+        early = n_mask
+    k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, early)  # (BLOCK_N, D)
+    v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, early)
+    wait_then_release(USE_PDL)
+    if USE_PDL:  # the newest token, if this tile holds it
+        newest = (n_mask & (offs_n == seq_len - 1))[:, None]
+        k = tl.load(K + page[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                    mask=newest, other=k)
+        v = tl.load(V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                    mask=newest, other=v)
+
+    offs_g = tl.arange(0, G_PAD)
     heads = kvh * G + offs_g
     g_mask = offs_g < G
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
@@ -138,20 +171,14 @@ def _decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, D], dtype=tl.float32)
-    for n in range(start, end, BLOCK_N):
+    m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION)
+    for n in range(start + BLOCK_N, end, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         page, slot = paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE)
-        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask)  # (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G_PAD, BLOCK_N)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask)
         v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION)
 
     out_ptrs = Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -13,8 +13,12 @@
      projection shapes of the two models, both timed from CUDA-graph replays
   6. batch-1 fused norm + GEMV (kernels/gemv.py's norm_gemv) against the unfused chain the
      engine runs with PDSERVE_FUSE_NORM_GEMV=0: RMSNorm(+residual) -> linear (-> SiLU-and-mul)
+  7. batch-1 decode, host against device: the engine's wall time per token, the part of it
+     the host spent waiting for the device, and the captured batch-1 graph replayed back to
+     back (the device's own time per step, launch gaps and PDL overlap included)
 
-    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--only phases,kernels,sweep,splits,gemv,fused]
+    python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m]
+                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -363,6 +367,77 @@ def fused_sweep() -> None:
         free_gpu()
 
 
+def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_host: bool = False,
+                 steps: int = 256) -> None:
+    """Where a batch-1 step's wall time goes: waiting for the device, or host work. `pdl`:
+    kernels/pdl.py on; `prefetch`: with it, the GEMV reads whole weight rows before its wait
+    (kernels/gemv.py's PREFETCH_ROWS), else one 512-wide tile; `rope`: qkv_proj, rotary and
+    the cache write in one kernel (attention.py's FUSE_QKV_ROPE_CACHE)."""
+    import kernels.gemv
+    import kernels.pdl
+    from services.engine import LLM, SamplingParams
+    from services.engine import attention
+
+    flags = (kernels.pdl, "ENABLED", pdl), (kernels.gemv, "PREFETCH_ROWS", prefetch), \
+        (attention, "FUSE_QKV_ROPE_CACHE", rope)
+    defaults = [getattr(module, name) for module, name, _ in flags]
+    for module, name, value in flags:  # read when the graphs are captured
+        setattr(module, name, value)
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=2048, max_num_seqs=1)
+    for (module, name, _), value in zip(flags, defaults, strict=True):
+        setattr(module, name, value)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    llm.generate([list(range(100, 132))], params)
+    waited = [0.0]
+    event_sync = torch.cuda.Event.synchronize
+
+    def timed_sync(event):
+        t0 = time.perf_counter()
+        event_sync(event)
+        waited[0] += time.perf_counter() - t0
+
+    torch.cuda.Event.synchronize = timed_sync
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([list(range(200, 232))], params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        torch.cuda.Event.synchronize = event_sync
+    graph = llm.engine.runner.graphs.graphs[1]  # its inputs: the last step's (context 287)
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    launch = time.perf_counter() - t0  # the host's time to launch them (as fast as the GPU runs them, if longer)
+    end.record()
+    torch.cuda.synchronize()
+    top = []
+    if profile_host:  # where the host's time per step goes, by function (own time)
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        llm.generate([list(range(300, 332))], params)
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats
+        top = [(f"{Path(f).name}:{line}:{fn}", calls // steps, round(own / steps * 1e6, 1))
+               for (f, line, fn), (_, calls, own, _, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:25]]
+    emit(part="batch1", preset=preset, pdl=pdl, gemv_prefetch=prefetch, fused_rope=rope,
+         ms_per_token=round(wall / steps * 1e3, 3), waiting_ms=round(waited[0] / steps * 1e3, 3),
+         host_busy_ms=round((wall - waited[0]) / steps * 1e3, 3),
+         graph_replay_ms=round(start.elapsed_time(end) / steps, 3), replay_launch_ms=round(launch / steps * 1e3, 3),
+         host_top_us_per_step=top)
+    del llm
+    free_gpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
@@ -379,6 +454,10 @@ def main() -> None:
         if "kernels" in parts:
             jobs += [lambda preset=preset, b=int(b): decode_kernels(preset, b, 600)
                      for b in args.kernel_batches.split(",")]
+        if "batch1" in parts:
+            jobs += [lambda preset=preset, v=v: batch1_split(preset, *v, profile_host=v == (True, True, True))
+                     for v in ((True, True, True), (True, True, False), (True, False, True), (False, False, True))]
+            # each flag off once, against all on; the host profiled with all on
     if "sweep" in parts:
         jobs.append(sweep)
     if "splits" in parts:
@@ -406,7 +485,9 @@ def main() -> None:
             print(row["shape"], "cublas", row["cublas_us"], "best", row["best"][:1])
         elif row["part"] == "fused":
             print(row["shape"], "unfused", row["unfused_us"], "default", row["default"], "best", row["best"][:1])
-        elif row["part"] in ("phases", "kernels"):
+        elif row["part"] in ("phases", "kernels", "batch1"):
+            if row.get("host_top_us_per_step"):
+                print(*row["host_top_us_per_step"], sep="\n")
             print({k: v for k, v in row.items() if k != "top"})
 
 

@@ -148,6 +148,34 @@ def test_fused_norm_gemv_compiles_and_matches_the_unfused_chain_in_bf16():
         torch.testing.assert_close(res, x + r, atol=0, rtol=0)
 
 
+def test_norm_gemv_rope_cache_compiles_and_matches_the_unfused_chain_in_bf16():
+    """kernels/gemv.py's norm_gemv_rope_cache on the presets' attention shapes (SmolLM2,
+    Llama-1B, Qwen2.5-0.5B with its qkv bias) against RMSNorm -> qkv_proj -> rotary ->
+    cache write in float32: the rotated q, and the slot's k and v (nothing else written)."""
+    from kernels.gemv import norm_gemv_rope_cache, norm_gemv_rope_cache_ref
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for heads, kvh, dim, hidden, bias in [(9, 3, 64, 576, False), (32, 8, 64, 2048, False), (14, 2, 64, 896, True)]:
+        n = (heads + 2 * kvh) * dim
+        x, r = (torch.randn(1, hidden, device="cuda", generator=g).bfloat16() for _ in range(2))
+        norm_w = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).bfloat16()
+        w = (torch.randn(n, hidden, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.randn(n, device="cuda", generator=g).bfloat16() if bias else None
+        cos_sin = torch.randn(4096, dim, device="cuda", generator=g)
+        positions, slots = torch.tensor([1234], device="cuda"), torch.tensor([5 * 16 + 3], device="cuda")
+        k_cache = torch.zeros(8, 16, kvh, dim, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        want_k, want_v = k_cache.float(), v_cache.float()
+        q, res = norm_gemv_rope_cache(x, norm_w, 1e-5, w, r, b, heads, positions, cos_sin, k_cache, v_cache, slots)
+        want_q, _ = norm_gemv_rope_cache_ref(x.float(), norm_w.float(), 1e-5, w.float(), r.float(),
+                                             None if b is None else b.float(), heads, positions, cos_sin,
+                                             want_k, want_v, slots)
+        torch.testing.assert_close(q.float(), want_q, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(k_cache.float(), want_k, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(v_cache.float(), want_v, atol=3e-2, rtol=3e-2)
+        assert torch.equal(res, x + r)
+
+
 def test_batch1_norm_linear_fuses_on_cuda_and_matches_the_unfused_path(monkeypatch):
     """layers/linear.py's norm_linear takes kernels/gemv.py's norm_gemv for one row below the
     GEMV size limit and agrees with the unfused RMSNorm -> linear (-> SiLU-and-mul) it

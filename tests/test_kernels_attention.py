@@ -53,6 +53,25 @@ def test_decode_kernel_matches_reference_on_ragged_gqa_batches(dtype, heads, kv_
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("num_splits, min_split_len", [(1, None), (4, 64)])
+def test_decode_kernel_pdl_path_reads_the_newest_token_after_its_wait(monkeypatch, num_splits, min_split_len):
+    """With PDL the first tile is read before the wait without the newest token, which the
+    kernel before writes, and that one row after it (the wait is a no-op here, but a row
+    left out or read twice would change the result). Lengths put the newest token in a
+    first tile (1, 17, 64) and in a later one (130)."""
+    import kernels.paged_attention as pa
+
+    monkeypatch.setattr(pa, "use_pdl", lambda device: True)
+    lens = [1, 17, 64, 130, 65]
+    k_cache, v_cache, bt = paged_kv(lens, 16, 3, 64, torch.float32, seed=5)
+    q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits,
+                                 min_split_len=min_split_len)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
 def test_decode_kernel_with_more_splits_than_pages_and_small_pages():
     lens = [3, 40]
     k_cache, v_cache, bt = paged_kv(lens, 4, 2, 32, torch.float32)
@@ -126,3 +145,38 @@ def test_engine_with_the_triton_backend_gives_the_torch_backends_tokens():
     # Again: the shared 16-token prefix now hits the prefix cache (context + chunk attention).
     assert [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params)] == expected
     triton_llm.engine.block_manager.assert_all_free()
+
+
+def test_engine_batch1_fused_kernels_and_pdl_paths_give_the_torch_backends_tokens(monkeypatch):
+    """One sequence at a time, as on a GPU: the GEMV path of layers/linear.py (its CUDA check
+    lifted), so each layer's attention input is kernels/gemv.py's norm_gemv_rope_cache (norm,
+    qkv, rotary, cache write in one launch), with every kernel's PDL path (its early reads;
+    the wait is a no-op in the interpreter)."""
+    from unittest import mock
+
+    import kernels.gemv
+    import kernels.paged_attention
+    import kernels.rmsnorm
+    import kernels.rotary
+    from services.engine import SamplingParams
+    from services.engine.layers import linear
+    from tests.conftest import make_llm
+
+    prompts = [list(range(300, 340)), [42]]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    pool = dict(num_kv_blocks=64, dtype="float32", enforce_eager=True, max_num_seqs=1)
+    expected = [o.outputs[0].token_ids for o in make_llm("tiny-llama", attention_backend="torch", **pool)
+                .generate(prompts, params)]
+    def takes_gemv_on_the_cpu(x, weight):  # not the 49152-row LM head: too slow in the interpreter
+        return x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and weight.shape[0] <= 4096
+
+    monkeypatch.setattr(linear, "_takes_gemv", takes_gemv_on_the_cpu)
+    for module in (kernels.gemv, kernels.paged_attention, kernels.rmsnorm, kernels.rotary):
+        monkeypatch.setattr(module, "use_pdl", lambda device: True)
+    llm = make_llm("tiny-llama", attention_backend="triton", **pool)
+    with mock.patch.object(kernels.gemv, "norm_gemv_rope_cache", wraps=kernels.gemv.norm_gemv_rope_cache) as spy:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == expected
+    # every layer of 9 one-token steps: 4 decodes after the 40-token prompt, 5 from the 1-token one
+    assert spy.call_count == 9 * llm.engine.model_config.num_layers
+    llm.engine.block_manager.assert_all_free()

@@ -437,6 +437,26 @@ def test_gemv_matches_linear_with_ragged_tiles(N: int, K: int, dtype: torch.dtyp
                                                      {"atol": 2e-2, "rtol": 2e-3}))
 
 
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_gemv_pdl_path_reads_whole_rows_before_its_wait(monkeypatch, silu_mul: bool) -> None:
+    """With PDL the default K tile is the whole (padded) row, read before the wait, unless a
+    program's rows would not fit in registers (K = 3000 with SiLU-and-mul: 2 x 4 x 4096 >
+    8192): both cases against the reference (the wait is a no-op in the interpreter)."""
+    import kernels.gemv as gemv_mod
+
+    monkeypatch.setattr(gemv_mod, "use_pdl", lambda device: True)
+    assert gemv_mod._block_k(576, 4, True) == 1024 and gemv_mod._block_k(3000, 8, True) == 512
+    assert gemv_mod._block_k(576, 4, False) == 512
+    g = _gen(99)
+    for N, K in [(10, 576), (6, 3000)]:
+        x, w = torch.randn(1, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
+        torch.testing.assert_close(gemv(x, w), gemv_ref(x, w), atol=1e-4, rtol=1e-4)
+        norm_w, r = 1 + 0.3 * torch.randn(K, generator=g), torch.randn(1, K, generator=g)
+        want, _ = norm_gemv_ref(x, norm_w, 1e-5, w, r, None, silu_mul)
+        got, _ = norm_gemv(x, norm_w, 1e-5, w, r, None, silu_mul)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_reads_a_strided_weight_view() -> None:
     g = _gen(12)
     full = torch.randn(40, 300, generator=g)

@@ -6,6 +6,12 @@ uses rotary embeddings), writes the new K/V into the layer's paged cache and att
 it. A backend is only the `forward` that does this; the Triton backend (GPU) drops in beside
 `TorchAttentionBackend` with the same metadata.
 
+A backend may also take over the step before: `AttentionContext.project(...)` asks it to
+compute RMSNorm -> qkv_proj -> rotary -> cache write as one kernel (the Triton backend does
+for a single decode token: kernels/gemv.py's norm_gemv_rope_cache); it returns the rotated
+q, and `attend(layer, q, None, None, scale)` then reads k and v from the cache. None means
+"not here": the layer runs the unfused chain.
+
 Token layout of a step: the decode tokens (one query token per sequence) come first, then
 the chunks of the prefilling sequences:
 
@@ -58,7 +64,13 @@ class AttentionBackend(ABC):
         scale: float,
         rope: Rope | None = None,  # applied to q and k before anything else; None: no rotation
     ) -> torch.Tensor:  # [T, H, D]
+        """k and v None: project_and_cache has already written them (q is rotated)."""
         ...
+
+    def project_and_cache(self, x, residual, norm, weight, bias, num_heads, k_cache, v_cache, meta, rope):
+        """(rotated q [T, H, D], the new residual) with k and v written into the cache, or
+        None where this backend has no fused kernel for the step (the default)."""
+        return None
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -90,6 +102,9 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
+FUSE_QKV_ROPE_CACHE = True  # TritonAttentionBackend.project_and_cache; off: a benchmark's baseline
+
+
 class TritonAttentionBackend(AttentionBackend):
     """GPU: Triton kernels for writing the cache, flash-decoding and paged prefill attention.
     No host synchronisation, so decode steps can be captured in CUDA graphs."""
@@ -109,13 +124,28 @@ class TritonAttentionBackend(AttentionBackend):
             self._counters.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
         return self._counters[-1]
 
+    def project_and_cache(self, x, residual, norm, weight, bias, num_heads, k_cache, v_cache, meta, rope):
+        """One decode token on the GEMV path (layers/linear.py): RMSNorm(+residual), qkv_proj,
+        rotary and the cache write as one launch."""
+        from services.engine.layers import linear
+
+        if not (FUSE_QKV_ROPE_CACHE and linear.FUSE_NORM_GEMV and rope is not None and meta.num_prefills == 0
+                and meta.num_decode_tokens == 1 and linear._takes_gemv(x, weight)):
+            return None
+        from kernels.gemv import norm_gemv_rope_cache
+
+        return norm_gemv_rope_cache(x, norm.weight, norm.eps, weight, residual, bias, num_heads, rope.positions,
+                                    rope.cos_sin, k_cache, v_cache, meta.slot_mapping)
+
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
         from kernels.cache import reshape_and_cache
         from kernels.paged_attention import paged_decode_attention
         from kernels.prefill_attention import paged_prefill_attention
         from kernels.rotary import rotary_and_cache
 
-        if rope is not None:  # one launch: rotate q and k, write the rotated k and v
+        if k is None:  # project_and_cache wrote k and v and rotated q
+            pass
+        elif rope is not None:  # one launch: rotate q and k, write the rotated k and v
             q = rotary_and_cache(q, k, v, rope.positions, rope.cos_sin, k_cache, v_cache, meta.slot_mapping)
         else:
             reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -162,7 +192,17 @@ class AttentionContext:
         self.meta = meta
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rope: Rope | None = None
+        self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]
         return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope)
+
+    def project(
+        self, layer: int, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, weight: torch.Tensor,
+        bias: torch.Tensor | None, num_heads: int, rope: Rope | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused attention input of one layer (see the module docstring), or None."""
+        k_cache, v_cache = self.kv_caches[layer]
+        return self.backend.project_and_cache(x, residual, norm, weight, bias, num_heads, k_cache, v_cache, self.meta,
+                                              rope)

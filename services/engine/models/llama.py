@@ -9,7 +9,8 @@ References: Llama (Touvron et al. 2023, arXiv:2302.13971), GQA (Ainslie et al. 2
 arXiv:2305.13245), RoPE (Su et al. 2021, arXiv:2104.09864), Qwen2/Qwen3 technical reports;
 parameter names follow transformers' modeling_llama.py so HF state dicts load directly.
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); at batch 1 on a GPU
-each also takes the RMSNorm before it into the same kernel (layers/linear.py's norm_linear).
+each also takes the RMSNorm before it into the same kernel (layers/linear.py's norm_linear),
+and qkv_proj the rotary embedding and the cache write after it (attention.py's project).
 """
 
 from __future__ import annotations
@@ -52,18 +53,28 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, qkv: torch.Tensor, rope: Rope, attn: AttentionContext) -> torch.Tensor:
-        """qkv: (T, q_size + 2 kv_size), qkv_proj's output (the decoder layer applies it fused
-        with the norm in front of it)."""
-        T = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
-        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = attn.attend(self.layer, q, k, v, self.scale, rope)  # rotates q and k, (T, H, D)
-        return self.o_proj(out.reshape(T, self.q_size))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, rope: Rope, attn: AttentionContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(x + residual) -> qkv_proj -> rotary -> attention -> o_proj; returns (out, the
+        new residual). At one token on a GPU the first four are one kernel (attn.project), or
+        the norm and qkv_proj are (layers/linear.py's norm_linear)."""
+        T = x.shape[0]
+        fused = None if self.qk_norm else attn.project(self.layer, x, residual, norm, self.qkv_proj.weight,
+                                                       self.qkv_proj.bias, self.num_heads, rope)
+        if fused is not None:  # k and v are in the cache; q is rotated
+            q, residual = fused
+            out = attn.attend(self.layer, q, None, None, self.scale)
+        else:
+            qkv, residual = norm_linear(x, residual, norm, self.qkv_proj.weight, self.qkv_proj.bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)  # (T, H, D)
+            k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            out = attn.attend(self.layer, q, k, v, self.scale, rope)  # rotates q and k, (T, H, D)
+        return self.o_proj(out.reshape(T, self.q_size)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -93,9 +104,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, residual, rope, attn):
         # norm -> projection (-> SiLU-and-mul): one kernel at batch 1 on a GPU (layers/linear.py)
-        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
-        qkv, residual = norm_linear(x, residual, self.input_layernorm, qkv_proj.weight, qkv_proj.bias)
-        x = self.self_attn(qkv, rope, attn)
+        gate_up_proj = self.mlp.gate_up_proj
+        x, residual = self.self_attn(x, residual, self.input_layernorm, rope, attn)
         h, residual = norm_linear(x, residual, self.post_attention_layernorm, gate_up_proj.weight,
                                   silu_mul=self.mlp.fused_silu)
         return self.mlp(h), residual
