@@ -2,10 +2,12 @@
 
 A decode step launches a few hundred small kernels; from Python each costs ~10 us, far more
 than the GPU work of a small batch. Capturing the whole forward once per bucket and replaying
-it makes a step one launch. The graph reads its inputs from static buffers, so a step copies
-its token ids, positions, slots, block tables and lengths into them and replays the graph of
-the smallest bucket that fits; the rows past the real batch are padding (slot -1: nothing is
-written to the cache; length 1: a harmless read of block 0).
+it makes a step one launch. The graph reads its inputs from static buffers: a step stages its
+token ids, positions, slots, table rows and lengths into them with one host-to-device copy
+(`stage`), gathers its block tables by row, and replays the graph of the smallest bucket
+that fits; the rows past the real batch are padding (slot -1: nothing is written to the
+cache; length 1: a harmless read of a valid block). At batch 1 the host's few torch calls a
+step are what the step costs once the GPU's part is ~0.5 ms, so they are kept to three.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 
 log = logging.getLogger("pdserve.engine")
+
+_SEGMENTS = ("input_ids", "positions", "slots", "rows", "pending_at", "pending_from", "logits_indices")
 
 
 @functools.cache
@@ -67,12 +72,17 @@ class DecodeGraphs:
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = self.buckets[-1]
         self.num_kv_heads = num_kv_heads
-        n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        n = self.max_batch + self.max_batch % 2
+        # Every per-step input in one int64 buffer, so that a step stages them all with one
+        # copy (`stage`): ids | positions | slots | table rows | pending at | pending from |
+        # logits rows, each n long, then the lengths as int32 pairs.
+        self._staged = torch.zeros(len(_SEGMENTS) * n + n // 2, dtype=torch.long, device=device)
+        (self.input_ids, self.positions, self.slots, self.rows, self.pending_at, self.pending_from,
+         self.logits_indices) = self._staged[: len(_SEGMENTS) * n].view(len(_SEGMENTS), n)
+        self.seq_lens = self._staged[len(_SEGMENTS) * n:].view(torch.int32)
+        self.slots.fill_(-1)
+        self.seq_lens.fill_(1)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -111,24 +121,44 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return 0 < batch <= self.max_batch
 
-    def run(
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def stage(
         self,
-        input_ids: torch.Tensor,  # [n] int64, device
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        table: torch.Tensor,  # [rows, max_blocks] int32, device: the persistent block tables
-        rows: torch.Tensor,  # [n] int64, device: each sequence's row of `table`
-        seq_lens: torch.Tensor,  # [n] int32, device
-    ) -> torch.Tensor:
-        """Replay the smallest graph that fits n rows; returns logits [n, vocab]."""
-        n = rows.shape[0]
-        batch = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slots[:n].copy_(slots)
-        self.slots[n:batch].fill_(-1)
-        self.seq_lens[:n].copy_(seq_lens)
-        self.seq_lens[n:batch].fill_(1)
-        torch.index_select(table, 0, rows, out=self.block_tables[:n])
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        rows: list[int],  # each sequence's row of the persistent block tables
+        seq_lens: list[int],
+        pending_at: list[int],
+        pending_from: list[int],
+        logits_indices: list[int],
+    ) -> None:
+        """Write one step's inputs into the graph's buffers with one host-to-device copy; the
+        rows past n up to the bucket are padding (token 0 at position 0, slot -1: nothing is
+        written to the cache; length 1 and table row 0: a harmless read of a valid block).
+        The host side is pinned memory from torch's caching allocator, not reused before its
+        copy is done."""
+        n, batch = len(rows), self.bucket(len(rows))
+        host = torch.empty(self._staged.shape, dtype=torch.long, pin_memory=True)
+        h = host.numpy()
+        width = self.input_ids.shape[0]
+        seg = h[: len(_SEGMENTS) * width].reshape(len(_SEGMENTS), width)
+        for i, values in enumerate((input_ids, positions, slots, rows, pending_at, pending_from, logits_indices)):
+            seg[i, : len(values)] = values
+        seg[:, n:batch] = 0  # token 0 at position 0 of table row 0 (the pinned buffer is uninitialised) ...
+        seg[2, n:batch] = -1  # ... whose slot is -1
+        lens = h[len(_SEGMENTS) * width:].view(np.int32)
+        lens[:n] = seq_lens
+        lens[n:batch] = 1
+        self._staged.copy_(host, non_blocking=True)
+
+    def run(self, n: int, table: torch.Tensor) -> torch.Tensor:
+        """Replay the smallest graph that fits the n staged rows, gathering their block tables
+        from `table` ([rows, max_blocks] int32, the persistent tables) first; returns logits
+        [n, vocab]."""
+        batch = self.bucket(n)
+        torch.index_select(table, 0, self.rows[:batch], out=self.block_tables[:batch])
         self.graphs[batch].replay()
         return self.logits[batch][:n]

@@ -38,7 +38,6 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled]: rows of the final hidden states to sample from
     sampled_seqs: list[ScheduledSeq]  # in logits row order
-    decode_rows: torch.Tensor  # [num_decodes]: the decodes' rows of the persistent block table
     pending_at: torch.Tensor  # [k]: positions of input_ids that are PENDING_TOKENs ...
     pending_from: torch.Tensor  # [k]: ... and their rows in the previous step's sampled tokens
 
@@ -107,29 +106,52 @@ class ModelRunner:
             self._copy_blocks(plan.block_copies)
         graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs))
                  and all(len(s.token_ids) == 1 for s in plan.seqs))
-        inputs = self._prepare(plan, eager=not graph)
-        meta = inputs.meta
-        if inputs.pending_at.numel():
-            inputs.input_ids[inputs.pending_at] = self._last_tokens[inputs.pending_from]
         if graph:
-            # One token per row, so token index = row; rows that do not sample are dropped.
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping,
-                                     self.tables.device_table, inputs.decode_rows, meta.decode_seq_lens)
-            if len(inputs.sampled_seqs) != logits.shape[0]:
-                logits = logits[inputs.logits_indices]
+            logits, sampled_seqs = self._run_graph(plan)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, self.kv_caches, meta))
+            inputs = self._prepare(plan)
+            if inputs.pending_at.numel():
+                inputs.input_ids[inputs.pending_at] = self._last_tokens[inputs.pending_from]
+            ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta)
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        if not inputs.sampled_seqs:
+            sampled_seqs = inputs.sampled_seqs
+        if not sampled_seqs:
             return LaunchedStep([], None)
-        batch = self.sampler.sample(logits, [s.sample for s in inputs.sampled_seqs])
+        batch = self.sampler.sample(logits, [s.sample for s in sampled_seqs])
         self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
-        for s in inputs.sampled_seqs:
+        for s in sampled_seqs:
             width = len(s.sample.seq_indices)
             if width == 1:
                 self._last_rows[s.seq_id] = row
             row += width
-        return LaunchedStep(inputs.sampled_seqs, batch)
+        return LaunchedStep(sampled_seqs, batch)
+
+    def _run_graph(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """A decode-only step through the CUDA graphs: inputs staged straight into the graph's
+        buffers (one copy), the pending input tokens taken from the last step's samples on the
+        device, then the replay. Returns (logits of the rows that sample, those sequences)."""
+        graphs, bs, seqs = self.graphs, self.block_size, plan.seqs
+        rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
+        input_ids = [s.token_ids[0] for s in seqs]
+        pending_at = [i for i, t in enumerate(input_ids) if t == PENDING_TOKEN]
+        pending_from = [self._last_rows[seqs[i].seq_id] for i in pending_at]
+        positions = [s.start_pos for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        sampled = [s for s in seqs if s.sample is not None]
+        logits_indices = [i for i, s in enumerate(seqs) if s.sample is not None] if len(sampled) != len(seqs) else []
+        graphs.stage(input_ids, positions, slots, rows, [p + 1 for p in positions], pending_at, pending_from,
+                     logits_indices)
+        table = self.tables.upload()
+        n, k = len(seqs), len(pending_at)
+        if k == n:  # with async scheduling, every input is the token sampled a step ago
+            torch.index_select(self._last_tokens, 0, graphs.pending_from[:n], out=graphs.input_ids[:n])
+        elif k:
+            graphs.input_ids[graphs.pending_at[:k]] = self._last_tokens[graphs.pending_from[:k]]
+        logits = graphs.run(n, table)  # one token per row, so token index = row
+        if logits_indices:  # drop the rows that do not sample
+            logits = logits[graphs.logits_indices[: len(sampled)]]
+        return logits, sampled
 
     def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
         """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""
@@ -154,13 +176,13 @@ class ModelRunner:
         """Forget finished and preempted sequences (StepPlan.released_seq_ids)."""
         self.tables.release(seq_ids)
 
-    def _prepare(self, plan: StepPlan, eager: bool = True) -> StepInputs:
+    def _prepare(self, plan: StepPlan) -> StepInputs:
         """Lay the step out flat (decodes first) and copy it to the device in two transfers.
 
         Every segment of the two packed tensors starts 16-byte aligned: Triton specialises a
         kernel on its pointers' alignment, so unaligned views would compile new variants
-        whenever the step's shape changed. A CUDA-graph step (`eager=False`) gathers its block
-        tables inside the graph runner, so none are gathered here.
+        whenever the step's shape changed. (A CUDA-graph step stages its inputs itself:
+        _run_graph.)
         """
         bs, row_of = self.block_size, self.tables.row
         decodes = [s for s in plan.seqs if len(s.token_ids) == 1]
@@ -191,11 +213,10 @@ class ModelRunner:
                              [s.start_pos + len(s.token_ids) for s in prefills]], np.int32, self.device)
         table = self.tables.upload()
         row_index = views[4]
-        no_rows = row_index[:0]
         meta = AttentionMetadata(
             slot_mapping=views[2],
             num_decode_tokens=nd,
-            decode_block_tables=table.index_select(0, row_index[:nd] if eager else no_rows),
+            decode_block_tables=table.index_select(0, row_index[:nd]),
             decode_seq_lens=lens[0],
             prefill_block_tables=table.index_select(0, row_index[nd:]),
             prefill_query_start_loc=lens[1],
@@ -209,7 +230,6 @@ class ModelRunner:
             meta=meta,
             logits_indices=views[3],
             sampled_seqs=sampled,
-            decode_rows=row_index[:nd],
             pending_at=views[5],
             pending_from=views[6],
         )
