@@ -6,8 +6,9 @@ it makes a step one launch. The graph reads its inputs from static buffers: a st
 token ids, positions, slots, table rows and lengths into them with one host-to-device copy
 (`stage`), gathers its block tables by row, and replays the graph of the smallest bucket
 that fits; the rows past the real batch are padding (slot -1: nothing is written to the
-cache; length 1: a harmless read of a valid block). At batch 1 the host's few torch calls a
-step are what the step costs once the GPU's part is ~0.5 ms, so they are kept to three.
+cache; length 1: a harmless read of a valid block). At batch 1 the host's torch calls are
+what a step costs once the GPU's part is ~0.5 ms, so they are kept to five: the staging
+buffer and its copy, the pending tokens, the block-table gather and the replay.
 """
 
 from __future__ import annotations
