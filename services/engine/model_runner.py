@@ -131,15 +131,11 @@ class ModelRunner:
         """A decode-only step through the CUDA graphs: inputs staged straight into the graph's
         buffers (one copy), the pending input tokens taken from the last step's samples on the
         device, then the replay. Returns (logits of the rows that sample, those sequences)."""
-        graphs, bs, seqs = self.graphs, self.block_size, plan.seqs
+        graphs, seqs = self.graphs, plan.seqs
         rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
-        input_ids = [s.token_ids[0] for s in seqs]
-        pending_at = [i for i, t in enumerate(input_ids) if t == PENDING_TOKEN]
-        pending_from = [self._last_rows[seqs[i].seq_id] for i in pending_at]
-        positions = [s.start_pos for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        sampled = [s for s in seqs if s.sample is not None]
-        logits_indices = [i for i, s in enumerate(seqs) if s.sample is not None] if len(sampled) != len(seqs) else []
+        input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(seqs)
+        if len(sampled) == len(seqs):
+            logits_indices = []  # every row samples: no gather
         graphs.stage(input_ids, positions, slots, rows, [p + 1 for p in positions], pending_at, pending_from,
                      logits_indices)
         table = self.tables.upload()
@@ -176,6 +172,20 @@ class ModelRunner:
         """Forget finished and preempted sequences (StepPlan.released_seq_ids)."""
         self.tables.release(seq_ids)
 
+    def _decode_inputs(self, decodes: list[ScheduledSeq]) -> tuple[list, list, list, list, list, list, list]:
+        """The one-token sequences' host inputs, in order: input ids, which of them are
+        PENDING_TOKENs and their rows in the last step's samples, positions, cache slots, the
+        sequences that sample and their rows."""
+        bs = self.block_size
+        input_ids = [s.token_ids[0] for s in decodes]
+        pending_at = [i for i, t in enumerate(input_ids) if t == PENDING_TOKEN]
+        pending_from = [self._last_rows[decodes[i].seq_id] for i in pending_at]
+        positions = [s.start_pos for s in decodes]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
+        sampled = [s for s in decodes if s.sample is not None]
+        logits_indices = [i for i, s in enumerate(decodes) if s.sample is not None]
+        return input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices
+
     def _prepare(self, plan: StepPlan) -> StepInputs:
         """Lay the step out flat (decodes first) and copy it to the device in two transfers.
 
@@ -184,25 +194,19 @@ class ModelRunner:
         whenever the step's shape changed. (A CUDA-graph step stages its inputs itself:
         _run_graph.)
         """
-        bs, row_of = self.block_size, self.tables.row
+        row_of = self.tables.row
         decodes = [s for s in plan.seqs if len(s.token_ids) == 1]
         prefills = [s for s in plan.seqs if len(s.token_ids) > 1]
         nd, npf = len(decodes), len(prefills)
         rows = [row_of(s.seq_id, s.block_table) for s in decodes + prefills]
-        input_ids = [s.token_ids[0] for s in decodes]
-        pending_at = [i for i, t in enumerate(input_ids) if t == PENDING_TOKEN]
-        pending_from = [self._last_rows[decodes[i].seq_id] for i in pending_at]
-        positions = [s.start_pos for s in decodes]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
-        sampled = [s for s in decodes if s.sample is not None]
-        logits_indices = [i for i, s in enumerate(decodes) if s.sample is not None]
+        input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(decodes)
         query_start = [0]
         pf_pos, pf_slots = [], []
         for s, row in zip(prefills, rows[nd:]):
             n = len(s.token_ids)
             input_ids.extend(s.token_ids)
             pf_pos.append(np.arange(s.start_pos, s.start_pos + n))
-            pf_slots.append(self.tables.slots(row, s.start_pos, n, bs))
+            pf_slots.append(self.tables.slots(row, s.start_pos, n, self.block_size))
             query_start.append(query_start[-1] + n)
             if s.sample is not None:
                 logits_indices.append(nd + query_start[-1] - 1)
