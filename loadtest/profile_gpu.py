@@ -152,8 +152,9 @@ def decode_kernels(preset: str, batch: int, context: int) -> None:
     free_gpu()
 
 
-def sweep() -> None:
-    """Decode-kernel launch settings on three batches; µs per call and GB/s of live K+V."""
+def sweep(only: str = "") -> None:
+    """Decode-kernel launch settings on three batches; µs per call and GB/s of live K+V.
+    `only`: a substring of the shapes to sweep (all if empty)."""
     from kernels.paged_attention import paged_decode_attention
 
     g = torch.Generator().manual_seed(0)
@@ -166,6 +167,8 @@ def sweep() -> None:
     }
     dim, page = 64, 16
     for name, (batch, heads, kvh, lens) in shapes.items():
+        if only not in name:
+            continue
         width = int(-(-lens.max() // page))
         blocks = batch * width
         k_cache = torch.randn(blocks, page, kvh, dim, dtype=torch.bfloat16, device="cuda")
@@ -367,6 +370,29 @@ def fused_sweep() -> None:
         free_gpu()
 
 
+def gpu_timeline(prof, steps: int) -> dict:
+    """From a torch.profiler trace: the device's busy time per step (the union of its kernels
+    and copies), the span from its first to its last, and the largest ops by device time."""
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in cuda)
+    busy, (lo, hi) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > hi:
+            busy, lo = busy + hi - lo, start
+        hi = max(hi, end)
+    busy += hi - lo
+    ops = defaultdict(lambda: [0, 0.0])
+    for e in cuda:
+        ops[e.name[:70]][0] += 1
+        ops[e.name[:70]][1] += e.time_range.end - e.time_range.start
+    top = sorted(ops.items(), key=lambda kv: -kv[1][1])[:14]
+    return dict(engine_gpu_busy_ms=round(busy / steps / 1e3, 3),
+                engine_gpu_span_ms=round((spans[-1][1] - spans[0][0]) / steps / 1e3, 3),
+                engine_gpu_ops_per_step=round(len(cuda) / steps, 1),
+                engine_gpu_top_us_per_step=[(name, round(n / steps, 2), round(us / steps, 1))
+                                            for name, (n, us) in top])
+
+
 def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_host: bool = False,
                  steps: int = 256) -> None:
     """Where a batch-1 step's wall time goes: waiting for the device, or host work. `pdl`:
@@ -417,7 +443,14 @@ def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_hos
     launch = time.perf_counter() - t0  # the host's time to launch them (as fast as the GPU runs them, if longer)
     end.record()
     torch.cuda.synchronize()
-    top = []
+    top, timeline = [], {}
+    if profile_host:  # the device's busy time per step inside the engine loop (the profiler slows the host)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate([list(range(400, 432))], params)
+            torch.cuda.synchronize()
+        timeline = gpu_timeline(prof, steps)
     if profile_host:  # where the host's time per step goes, by function (own time)
         import cProfile
         import pstats
@@ -433,7 +466,7 @@ def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_hos
          ms_per_token=round(wall / steps * 1e3, 3), waiting_ms=round(waited[0] / steps * 1e3, 3),
          host_busy_ms=round((wall - waited[0]) / steps * 1e3, 3),
          graph_replay_ms=round(start.elapsed_time(end) / steps, 3), replay_launch_ms=round(launch / steps * 1e3, 3),
-         host_top_us_per_step=top)
+         **timeline, host_top_us_per_step=top)
     del llm
     free_gpu()
 
@@ -443,6 +476,9 @@ def main() -> None:
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
     parser.add_argument("--only", default="phases,kernels,sweep")
     parser.add_argument("--kernel-batches", default="256,1", help="batch sizes of the kernels part (context 600)")
+    parser.add_argument("--sweep-shapes", default="", help="sweep: only the shapes whose name contains this")
+    parser.add_argument("--batch1-flags", default="each-off", choices=("each-off", "on"),
+                        help="batch1: every flag on, then each off once; or only all on")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     parts = args.only.split(",")
@@ -455,11 +491,14 @@ def main() -> None:
             jobs += [lambda preset=preset, b=int(b): decode_kernels(preset, b, 600)
                      for b in args.kernel_batches.split(",")]
         if "batch1" in parts:
+            flags = [(True, True, True)]
+            if args.batch1_flags == "each-off":
+                flags += [(True, True, False), (True, False, True), (False, False, True)]
             jobs += [lambda preset=preset, v=v: batch1_split(preset, *v, profile_host=v == (True, True, True))
-                     for v in ((True, True, True), (True, True, False), (True, False, True), (False, False, True))]
+                     for v in flags]
             # each flag off once, against all on; the host profiled with all on
     if "sweep" in parts:
-        jobs.append(sweep)
+        jobs.append(lambda: sweep(args.sweep_shapes))
     if "splits" in parts:
         jobs.append(splits_sweep)
     if "gemv" in parts:

@@ -85,6 +85,51 @@ def test_async_scheduling_changes_no_output_under_preemption():
     assert_all_free(llm)
 
 
+def with_static_decode_steps(llm, max_batch: int = 8) -> list[int]:
+    """Route the engine's decode-only steps through cuda_graphs.DecodeGraphs, which on the CPU
+    runs its captured forward eagerly: the same staged buffers, in-graph gathers of pending
+    tokens and block tables, padding rows and argmax as a GPU replay. Returns the list of
+    the batch sizes it ran."""
+    from services.engine.cuda_graphs import DecodeGraphs
+
+    runner = llm.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.backend, runner.kv_caches, max_batch, runner.tables.device_table,
+                          runner.num_kv_heads, runner.device)
+    graphs.capture()
+    ran, run = [], graphs.run
+    graphs.run = lambda n: ran.append(n) or run(n)
+    runner.graphs = graphs
+    return ran
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("engine_kwargs", [
+    {},
+    {"max_num_batched_tokens": 16},  # chunked prefill: eager steps between the static ones
+    {"max_num_batched_tokens": 3},  # one-token prompt chunks beside decodes: rows that do not sample
+    {"max_num_batched_tokens": 1},  # steps of one prompt token: nothing samples, the last tokens kept
+    {"num_kv_blocks": 24, "block_size": 4, "max_model_len": 64},  # preemption
+])
+def test_static_decode_steps_change_no_output(async_scheduling, engine_kwargs):
+    """Decode batches of 1-8 in buckets 1, 2, 4 and 8 (padding rows in the sizes between),
+    after a static step or an eager one (a prefill, or a sampler that drew the tokens
+    itself), greedy or not."""
+    sync = make(async_scheduling=False, **engine_kwargs)
+    reference_tokens = sync.generate(PROMPTS[0], greedy(16))[0].outputs[0].token_ids
+    params = mixed_params(reference_tokens)
+    prompts = [p[:20] for p in PROMPTS]
+    expected = outputs(sync, params, prompts)
+    llm = make(async_scheduling=async_scheduling, **engine_kwargs)
+    ran = with_static_decode_steps(llm)
+    assert outputs(llm, params, prompts) == expected
+    assert ran
+    if not engine_kwargs:
+        assert set(ran) - {1, 2, 4, 8}  # a batch with padding rows
+    if "num_kv_blocks" in engine_kwargs:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
+
+
 def test_plain_decodes_stay_in_flight_and_read_their_input_on_the_device():
     llm = make(async_scheduling=True)
     engine = llm.engine

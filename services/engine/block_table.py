@@ -19,14 +19,17 @@ The scheduler reports finished and preempted sequences in `StepPlan.released_seq
 Entries past a sequence's length are stale but valid block ids; kernels mask them by length.
 The host buffer is pinned, so its copy to the device is truly asynchronous: with async
 scheduling the next step's rows are written while the previous step may still be queued, so
-the first write of a step waits for the last upload's copy to finish (an event; the copy is at
-the head of its step, so this rarely waits at all).
+the first write after an upload waits for its copy to finish (an event; the copy is at the
+head of its step, so this rarely waits at all). A step that changes no table uploads nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+_CLEAN = (1 << 62, 0)
 
 
 class BlockTableRows:
@@ -38,7 +41,7 @@ class BlockTableRows:
         self._free: list[int] = list(range(max_rows - 1, -1, -1))
         self._lists: list[list[int] | None] = [None] * max_rows  # the table each row last mirrored
         self._synced: list[int] = [0] * max_rows  # entries mirrored from that table
-        self._dirty = False
+        self._dirty = _CLEAN  # (first, last + 1) of the rows written since the last upload
         self._uploaded: torch.cuda.Event | None = None  # the last upload's copy
 
     def _alloc(self, rows: int) -> None:
@@ -56,33 +59,40 @@ class BlockTableRows:
 
     def row(self, seq_id: int, table: list[int]) -> int:
         """The row holding `table` (the sequence's current block table), updated."""
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
-            self._uploaded = None
         row = self._rows.get(seq_id)
         if row is None:
             row = self._rows[seq_id] = self._take()
         n = len(table)
         if self._lists[row] is not table:
-            self.host_np[row, :n] = table
+            self._write(row, 0, table)
             self._lists[row] = table
         else:
             start = max(0, self._synced[row] - 1)  # the last block may have been copied-on-write
             if n - start == 1:
-                self.host_np[row, start] = table[start]
+                if self.host_np[row, start] != table[start]:
+                    self._write(row, start, table[start:])
             elif n > start:
-                self.host_np[row, start:n] = table[start:n]
+                self._write(row, start, table[start:n])
         self._synced[row] = n
-        self._dirty = True
         return row
 
+    def _write(self, row: int, start: int, blocks: list[int]) -> None:
+        if self._uploaded is not None:  # the host buffer may still be in flight to the device
+            self._uploaded.synchronize()
+            self._uploaded = None
+        self.host_np[row, start : start + len(blocks)] = blocks
+        self._dirty = (min(self._dirty[0], row), max(self._dirty[1], row + 1))
+
     def upload(self) -> torch.Tensor:
-        """The device table, current with every row written since the last upload."""
-        if self._dirty and self.device_table is not self.host:
-            self.device_table.copy_(self.host, non_blocking=True)
+        """The device table, current with every row written since the last upload: one copy
+        of the rows from the first to the last written, or none (a decoding sequence's table
+        grows once every block_size steps)."""
+        lo, hi = self._dirty
+        if lo < hi and self.device_table is not self.host:
+            self.device_table[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()
-        self._dirty = False
+        self._dirty = _CLEAN
         return self.device_table
 
     def gather(self, rows: list[int]) -> torch.Tensor:

@@ -95,7 +95,7 @@ class ModelRunner:
         self._last_rows: dict[int, int] = {}
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, max_blocks,
+            self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, self.tables.device_table,
                                        self.num_kv_heads, self.device)
             self.graphs.capture()
 
@@ -104,10 +104,11 @@ class ModelRunner:
         """Queue one step on the device: forward, logits, sampling."""
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
-        graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs))
+        graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs), self.tables.device_table)
                  and all(len(s.token_ids) == 1 for s in plan.seqs))
+        argmax = None
         if graph:
-            logits, sampled_seqs = self._run_graph(plan)
+            logits, sampled_seqs, argmax = self._run_graph(plan)
         else:
             inputs = self._prepare(plan)
             if inputs.pending_at.numel():
@@ -118,7 +119,7 @@ class ModelRunner:
             sampled_seqs = inputs.sampled_seqs
         if not sampled_seqs:
             return LaunchedStep([], None)
-        batch = self.sampler.sample(logits, [s.sample for s in sampled_seqs])
+        batch = self.sampler.sample(logits, [s.sample for s in sampled_seqs], argmax)
         self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
         for s in sampled_seqs:
             width = len(s.sample.seq_indices)
@@ -127,27 +128,29 @@ class ModelRunner:
             row += width
         return LaunchedStep(sampled_seqs, batch)
 
-    def _run_graph(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """A decode-only step through the CUDA graphs: inputs staged straight into the graph's
-        buffers (one copy), the pending input tokens taken from the last step's samples on the
-        device, then the replay. Returns (logits of the rows that sample, those sequences)."""
-        graphs, seqs = self.graphs, plan.seqs
+    def _run_graph(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
+        """A decode-only step through the CUDA graphs (cuda_graphs.py): inputs staged with one
+        copy, then the replay, which gathers the pending tokens and the block tables itself.
+        Returns the logits of the rows that sample, those sequences, and the logits' argmax
+        when every row samples."""
+        graphs, seqs, last = self.graphs, plan.seqs, self._last_tokens
         rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
         input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(seqs)
-        if len(sampled) == len(seqs):
+        n = len(seqs)
+        if len(sampled) == n:
             logits_indices = []  # every row samples: no gather
+        gather = bool(pending_at) and not graphs.owns(last)
         graphs.stage(input_ids, positions, slots, rows, [p + 1 for p in positions], pending_at, pending_from,
-                     logits_indices)
-        table = self.tables.upload()
-        n, k = len(seqs), len(pending_at)
-        if k == n:  # with async scheduling, every input is the token sampled a step ago
-            torch.index_select(self._last_tokens, 0, graphs.pending_from[:n], out=graphs.input_ids[:n])
-        elif k:
-            graphs.input_ids[graphs.pending_at[:k]] = self._last_tokens[graphs.pending_from[:k]]
-        logits = graphs.run(n, table)  # one token per row, so token index = row
+                     logits_indices, gather)
+        self.tables.upload()
+        if gather:  # the last step's tokens come from an eager step or the sampler's own draw
+            graphs.take_tokens(last, n)
+        if not sampled and graphs.owns(last):
+            self._last_tokens = last.clone()  # the replay overwrites them, and nothing replaces them
+        logits = graphs.run(n)  # one token per row, so token index = row
         if logits_indices:  # drop the rows that do not sample
-            logits = logits[graphs.logits_indices[: len(sampled)]]
-        return logits, sampled
+            return logits[graphs.logits_indices[: len(sampled)]], sampled, None
+        return logits, sampled, graphs.tokens[:n]
 
     def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
         """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""

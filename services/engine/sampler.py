@@ -54,13 +54,16 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self._generator: torch.Generator | None = None
         self._seed = seed
+        self._spare: list[torch.Tensor] = []  # pinned buffers for tokens read back (SampledBatch)
 
     def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[list[SampledToken]]:
         """`logits` has one row per spec; returns, per spec, one token per entry of seq_indices."""
         return self.sample(logits, specs).result()
 
-    def sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
-        """Like calling the sampler, without waiting for the tokens."""
+    def sample(self, logits: torch.Tensor, specs: list[SampleSpec], argmax: torch.Tensor | None = None) -> SampledBatch:
+        """Like calling the sampler, without waiting for the tokens. `argmax`: the logits'
+        argmax, already computed on the device (a CUDA graph's), for when every row is plain
+        greedy."""
         rows = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
         if len(rows) != len(specs):
             logits = logits[torch.tensor(rows, device=logits.device)]
@@ -72,7 +75,7 @@ class Sampler:
         if not edits and not want_logprobs and all(spec.params.greedy for spec, _ in expanded):
             # Plain greedy: the argmax of bf16 logits is that of their exact float32 upcast,
             # so skip the upcast (a [batch, vocab] copy) and the per-row passes.
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax if argmax is not None and len(rows) == len(specs) else logits.argmax(dim=-1)
         else:
             logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
             raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -83,7 +86,7 @@ class Sampler:
             logits = self._apply_min_tokens(logits, expanded)
             logits = self._apply_penalties(logits, expanded)
             token_ids = self._draw(logits, expanded)
-        return SampledBatch(token_ids, specs, raw_logprobs)
+        return SampledBatch(token_ids, specs, raw_logprobs, self._spare)
 
     # ---- processing ----------------------------------------------------------------------
 
@@ -155,26 +158,42 @@ class Sampler:
 class SampledBatch:
     """One step's sampled tokens: on the device at once, on the host after `result()`."""
 
-    def __init__(self, token_ids: torch.Tensor, specs: list[SampleSpec], raw_logprobs: torch.Tensor | None) -> None:
+    def __init__(self, token_ids: torch.Tensor, specs: list[SampleSpec], raw_logprobs: torch.Tensor | None,
+                 spare: list[torch.Tensor]) -> None:
         self.token_ids = token_ids  # [rows] int64, one row per (spec, seq index) in order
         self.specs = specs
         self._raw_logprobs = raw_logprobs
         self._ready: torch.cuda.Event | None = None
+        self._spare = spare
+        self._buffer: torch.Tensor | None = None
+        self._flat: list[int] | None = None
         if token_ids.is_cuda:
             # Into pinned memory behind the step's kernels; result() waits for this copy alone,
-            # not for a later step queued after it.
-            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            # not for a later step queued after it. The buffer is the sampler's, back in its
+            # spares once read: allocating pinned memory costs the host ~20 us a step.
+            n = token_ids.shape[0]
+            self._buffer = next((b for b in spare if b.shape[0] >= n), None)
+            if self._buffer is None:
+                self._buffer = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
+            else:
+                spare.remove(self._buffer)
+            self._host = self._buffer[:n]
             self._host.copy_(token_ids, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
-        else:
-            self._host = token_ids
+        else:  # a copy: the tokens may be a view of a buffer the next step overwrites (cuda_graphs.py)
+            self._host = token_ids.clone()
 
     def result(self) -> list[list[SampledToken]]:
         """Per spec, one token per entry of its seq_indices (waits for the copy)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        flat = self._host.tolist()
+        if self._flat is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._flat = self._host.tolist()
+            if self._buffer is not None:
+                self._spare.append(self._buffer)
+                self._buffer = None
+        flat = self._flat
         out: list[list[SampledToken]] = []
         k = 0
         for spec in self.specs:
