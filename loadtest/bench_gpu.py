@@ -8,7 +8,9 @@
   2. throughput on nano-vllm's workload (256 prompts, input/output U[100, 1024], ignore_eos,
      greedy) with dummy weights: pdserve; HF continuous batching (paged|sdpa, CUDA graphs,
      max_batch_tokens 8192, block size 32); HF generate() on the first 64 prompts
-  3. batch-1 decode latency: wall time of 256 decode steps through LLM.generate / 256
+  3. batch-1 decode latency through LLM.generate: a 256-token call's wall time / 256
+     (ms_per_token: its prefill included), and the decode steps alone (decode_ms_per_step:
+     a 257-token call minus a 1-token call, / 256)
   4. decode-kernel bandwidth at batch 64 x context 1k-4k against the card's copy bandwidth
      and SDPA over contiguous K/V
 
@@ -167,13 +169,23 @@ def batch1_latency(preset: str, async_scheduling: bool, fuse: bool, pdl: bool, s
     llm = LLM(load_format="dummy", preset=preset, max_model_len=2048, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([list(range(100, 132))], params)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    llm.generate([list(range(200, 232))], params)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) / steps * 1e3
+
+    def timed(first: int, max_tokens: int) -> float:  # a new 32-token prompt: no prefix-cache hit
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([list(range(first, first + 32))], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                      ignore_eos=True))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    whole = timed(200, steps)
+    # The call above is one prefill (its first token) and steps - 1 decode steps. The decode
+    # steps alone: a call with steps + 1 tokens minus one with a single token, medians of 3.
+    longer = sorted(timed(1000 + 100 * i, steps + 1) for i in range(3))[1]
+    first = sorted(timed(2000 + 100 * i, 1) for i in range(3))[1]
     record(part="batch1", preset=preset, async_scheduling=async_scheduling, fused_norm_gemv=fuse, pdl=pdl,
-           ms_per_token=round(ms, 3))
+           ms_per_token=round(whole / steps * 1e3, 3), decode_ms_per_step=round((longer - first) / steps * 1e3, 3),
+           first_token_ms=round(first * 1e3, 2))
     del llm
     linear.FUSE_NORM_GEMV, kernels.pdl.ENABLED = defaults
     free_gpu()
