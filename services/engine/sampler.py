@@ -172,11 +172,9 @@ class SampledBatch:
             # not for a later step queued after it. The buffer is the sampler's, back in its
             # spares once read: allocating pinned memory costs the host ~20 us a step.
             n = token_ids.shape[0]
-            self._buffer = next((b for b in spare if b.shape[0] >= n), None)
-            if self._buffer is None:
-                self._buffer = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
-            else:
-                spare.remove(self._buffer)
+            fit = next((i for i, b in enumerate(spare) if b.shape[0] >= n), None)
+            self._buffer = (spare.pop(fit) if fit is not None
+                            else torch.empty(max(n, 256), dtype=torch.long, pin_memory=True))
             self._host = self._buffer[:n]
             self._host.copy_(token_ids, non_blocking=True)
             self._ready = torch.cuda.Event()
