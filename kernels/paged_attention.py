@@ -143,6 +143,8 @@ def _decode_kernel(
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     used_splits = tl.cdiv(seq_len, split_len)
     start = split * split_len
+    if NUM_SPLITS > 1 and start >= seq_len:  # a split past the sequence: nothing to read or write
+        return
     end = tl.minimum(start + split_len, seq_len)
 
     offs_d = tl.arange(0, D)
@@ -184,23 +186,22 @@ def _decode_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if NUM_SPLITS == 1:
         tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
-    elif start < end:  # a split past the sequence writes nothing and takes no ticket
-        if used_splits == 1:  # the sequence fits one split: no partials, no ticket
-            tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
-        else:
-            tl.store(MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
-                     acc / l_safe[:, None], mask=g_mask[:, None])
-            tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log(l_safe), mask=g_mask)
-            # Every thread's partial is written (barrier) before the ticket releases it to the group
-            # (acq_rel at GPU scope); the last ticket's acquire makes all the group's partials visible.
-            tl.debug_barrier()
-            counter = Counters + b * KVH + kvh
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == used_splits - 1:
-                merged = _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, stride_os,
-                                       stride_lb, stride_lh, used_splits, G_PAD, D, NUM_SPLITS)
-                tl.store(out_ptrs, merged.to(Out.dtype.element_ty), mask=g_mask[:, None])
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (and the next CUDA-graph replay)
+    elif used_splits == 1:  # the sequence fits one split: no partials, no ticket
+        tl.store(out_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        tl.store(MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+                 acc / l_safe[:, None], mask=g_mask[:, None])
+        tl.store(MidLse + b * stride_lb + heads * stride_lh + split, m_i + tl.log(l_safe), mask=g_mask)
+        # Every thread's partial is written (barrier) before the ticket releases it to the group
+        # (acq_rel at GPU scope); the last ticket's acquire makes all the group's partials visible.
+        tl.debug_barrier()
+        counter = Counters + b * KVH + kvh
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == used_splits - 1:
+            merged = _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, stride_os,
+                                   stride_lb, stride_lh, used_splits, G_PAD, D, NUM_SPLITS)
+            tl.store(out_ptrs, merged.to(Out.dtype.element_ty), mask=g_mask[:, None])
+            tl.atomic_xchg(counter, 0)  # ready for the next launch (and the next CUDA-graph replay)
 
 
 def paged_decode_attention(

@@ -93,12 +93,16 @@ def with_static_decode_steps(llm, max_batch: int = 8) -> list[int]:
     from services.engine.cuda_graphs import DecodeGraphs
 
     runner = llm.engine.runner
-    graphs = DecodeGraphs(runner.model, runner.backend, runner.kv_caches, max_batch, runner.tables.device_table,
-                          runner.num_kv_heads, runner.device)
+    runner.graphs = DecodeGraphs(runner.model, runner.backend, runner.kv_caches, max_batch,
+                                 runner.tables.device_table, runner.num_kv_heads, runner.device)
+    return _recording_runs(runner.graphs)
+
+
+def _recording_runs(graphs) -> list[int]:
+    """Capture `graphs` (nothing to capture on the CPU); the list of the sizes `run` takes."""
     graphs.capture()
     ran, run = [], graphs.run
     graphs.run = lambda n: ran.append(n) or run(n)
-    runner.graphs = graphs
     return ran
 
 
@@ -127,6 +131,57 @@ def test_static_decode_steps_change_no_output(async_scheduling, engine_kwargs):
         assert set(ran) - {1, 2, 4, 8}  # a batch with padding rows
     if "num_kv_blocks" in engine_kwargs:
         assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
+
+
+def with_static_prefill_steps(llm, max_tokens: int = 64) -> list[int]:
+    """Route the engine's steps of one prompt chunk alone through cuda_graphs.PrefillGraphs,
+    which on the CPU runs its captured forward eagerly: the same staged buffers, padding
+    tokens, in-graph block-table gather and argmax as a GPU replay. Returns the chunk
+    lengths it ran."""
+    from services.engine.cuda_graphs import PrefillGraphs
+
+    runner = llm.engine.runner
+    runner.prefill_graphs = PrefillGraphs(runner.model, runner.backend, runner.kv_caches, max_tokens,
+                                          runner.tables.device_table, runner.device)
+    return _recording_runs(runner.prefill_graphs)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("engine_kwargs", [
+    {"max_num_seqs": 1},  # one request at a time: every prompt of at most 64 tokens is one static step
+    {"max_num_seqs": 1, "max_num_batched_tokens": 16},  # chunks of a bucket's size, then the rest
+    {"max_num_seqs": 1, "max_num_batched_tokens": 5},  # chunks that do not sample, then one that does
+])
+def test_static_prefill_steps_change_no_output(async_scheduling, engine_kwargs):
+    """Prompt chunks of 2-64 tokens in buckets 16, 32 and 64 (padding tokens in all but
+    those sizes), a prefix-cache hit (the same prompts twice), with static decode steps
+    between them, greedy or not; longer chunks run eagerly."""
+    sync = make(async_scheduling=False, **engine_kwargs)
+    reference_tokens = sync.generate(PROMPTS[0], greedy(16))[0].outputs[0].token_ids
+    params = mixed_params(reference_tokens)
+    expected = outputs(sync, params)
+    llm = make(async_scheduling=async_scheduling, **engine_kwargs)
+    ran = with_static_prefill_steps(llm)
+    with_static_decode_steps(llm)
+    assert outputs(llm, params) == expected
+    assert outputs(llm, params[:3], PROMPTS[:3]) == expected[:3]  # cached prefixes: context before the chunk
+    assert ran and set(ran) - {16, 32, 64}
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_static_prefill_steps_recompute_a_preempted_sequence(async_scheduling):
+    """Two sequences that cannot both finish in the pool: one is preempted, and once the other
+    is done it recomputes what of its prompt and output is not cached, alone: a static step."""
+    kwargs = {"max_num_seqs": 2, "num_kv_blocks": 14, "block_size": 4, "max_model_len": 48}
+    prompts, params = [PROMPTS[1][:20], PROMPTS[2][:20]], [greedy(24), greedy(24)]
+    expected = outputs(make(async_scheduling=False, **kwargs), params, prompts)
+    llm = make(async_scheduling=async_scheduling, **kwargs)
+    ran = with_static_prefill_steps(llm)
+    assert outputs(llm, params, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert ran  # only the recomputation runs alone (the blocks still cached leave it a chunk after context)
     assert_all_free(llm)
 
 

@@ -45,7 +45,8 @@ def expected():
     dict(max_num_batched_tokens=32),  # chunked prefill mixed with graph decodes
     dict(num_kv_blocks=40, max_model_len=320),  # preemption and recompute
     dict(attention_backend="torch", enforce_eager=True),  # the reference backend on the GPU
-    dict(max_num_seqs=1),  # batch-1 decode: the GEMV and the fused norm + GEMV (layers/linear.py), in graphs
+    dict(max_num_seqs=1),  # batch 1: prefill graphs (padded chunks), the GEMV and fused norm + GEMV in graphs
+    dict(max_num_seqs=1, max_num_batched_tokens=48),  # prefill graphs of chunks after cached context
 ])
 def test_same_tokens_with_graphs_chunking_preemption_and_either_backend(expected, variant, monkeypatch):
     import kernels.pdl

@@ -1,4 +1,4 @@
-"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV and its fused RMSNorm / SwiGLU form) against their plain-torch references, on the
+"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV and its fused RMSNorm / SwiGLU form, argmax) against their plain-torch references, on the
 CPU through Triton's interpreter. Shapes are tiny; behaviour is pinned exactly where it can be."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from kernels.argmax import _argmax_kernel, argmax, argmax_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
@@ -27,7 +28,8 @@ from kernels.rotary import (  # noqa: E402
     rotary_ref,
 )
 
-_KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel)
+_KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel,
+            _argmax_kernel)
 if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
     pytest.skip(
         "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "
@@ -514,3 +516,38 @@ def test_gemv_launcher_rejects_bad_inputs() -> None:
         gemv(torch.zeros(1, 16).half(), w)
     with pytest.raises(AssertionError, match="bias"):
         gemv(torch.zeros(1, 16), w, torch.zeros(7))
+
+
+# ---- argmax -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, V", [(1, 7), (3, 1000), (2, 8192), (1, 20000)])  # one tile, ragged tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_argmax_matches_torch(B: int, V: int, dtype: torch.dtype) -> None:
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(V)).to(dtype)
+    assert torch.equal(argmax(logits), argmax_ref(logits))
+
+
+def test_argmax_takes_the_first_of_tied_maxima_across_lanes_and_tiles() -> None:
+    logits = torch.zeros(3, 20000)
+    logits[0, [9000, 700, 19999]] = 5.0  # lanes 808, 700, ... of different tiles: index 700 first
+    logits[1, [8192 + 3, 3]] = 2.0  # the same lane in tiles 1 and 0
+    logits[2] = float("-inf")  # nothing finite: index 0, as torch
+    assert argmax(logits).tolist() == argmax_ref(logits).tolist() == [700, 3, 0]
+
+
+def test_argmax_counts_nan_as_the_largest_and_writes_into_a_view() -> None:
+    logits = torch.randn(2, 300)
+    logits[0, 17] = float("nan")
+    logits[1, 5] = 1e30
+    out = torch.full((5,), -1, dtype=torch.long)
+    argmax(logits, out=out[1:3])
+    assert out.tolist() == [-1, 17, 5, -1, -1]
+    assert argmax_ref(logits).tolist() == [17, 5]
+
+
+def test_argmax_launcher_rejects_bad_inputs() -> None:
+    with pytest.raises(AssertionError, match="contiguous rows"):
+        argmax(torch.randn(4, 6).t())
+    with pytest.raises(AssertionError, match="int64"):
+        argmax(torch.randn(2, 6), out=torch.empty(2, dtype=torch.int32))

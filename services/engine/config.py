@@ -30,7 +30,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
     attention_backend: str = "auto"  # auto (triton on GPU, torch elsewhere) | torch | triton
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    enforce_eager: bool = False  # no CUDA graphs (decode steps, and steps of one prompt chunk)
     # KV cache.
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU

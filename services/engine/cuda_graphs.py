@@ -12,7 +12,8 @@ sampler's) the copy of its tokens back. Everything else a step needs is inside t
     graph:  ids    = buffer[:2n][source]        # a pending input: the token sampled a step ago
             tables = persistent_tables[rows]    # block_table.py's device rows
             logits = model(ids, positions, ...)
-            tokens = logits.argmax(-1)          # the sampler's, when every row is plain greedy
+            tokens = argmax(logits)             # the sampler's, when every row is plain greedy
+                                                # (kernels/argmax.py; torch's on the CPU)
 
 `stage` writes the step's host values behind the tokens with one host-to-device copy, from
 one of two pinned buffers (each reused once its last copy is done). A row's source is its
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.argmax import argmax, argmax_ref
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 
 log = logging.getLogger("pdserve.engine")
@@ -68,6 +70,49 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> tuple[
 def buckets_up_to(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))
     return sorted({b for b in sizes if b <= max_batch} | {max_batch})
+
+
+def _capture(forward, sizes: list[int], device: torch.device) -> tuple[dict[int, torch.cuda.CUDAGraph], dict]:
+    """One CUDA graph of forward(size) per size, largest first (the later ones reuse its
+    memory pool), each run once before its capture (Triton compiles there). Returns the
+    graphs and the outputs they write."""
+    graphs, outputs, pool = {}, {}, None
+    for size in sorted(sizes, reverse=True):
+        forward(size)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
+
+
+class _PinnedStaging:
+    """Two pinned host copies of a device buffer, filled in turn: each is written again only
+    once its last host-to-device copy is done (an event), so a step never waits for the one
+    before it."""
+
+    def __init__(self, device_buffer: torch.Tensor) -> None:
+        self.device_buffer = device_buffer
+        pin = device_buffer.device.type == "cuda"
+        self._host = [torch.empty(device_buffer.shape, dtype=device_buffer.dtype, pin_memory=pin) for _ in range(2)]
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
+        self._turn = 0
+
+    def next(self) -> np.ndarray:
+        """The host buffer to fill for this step (its copy two steps ago is long done)."""
+        self._turn = 1 - self._turn
+        if self._copied is not None:
+            self._copied[self._turn].synchronize()
+        return self._host[self._turn].numpy()
+
+    def upload(self, start: int = 0) -> None:
+        """Copy the buffer just filled, from `start` on, to the device (asynchronously)."""
+        self.device_buffer[start:].copy_(self._host[self._turn][start:], non_blocking=True)
+        if self._copied is not None:
+            self._copied[self._turn].record()
 
 
 class DecodeGraphs:
@@ -104,11 +149,7 @@ class DecodeGraphs:
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        # Two pinned staging buffers, used in turn; each is refilled once its last copy is done.
-        pin = device.type == "cuda"
-        self._host = [torch.empty(self._staged.shape, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
-        self._turn = 0
+        self._host = _PinnedStaging(self._staged)
 
     def _metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -128,30 +169,21 @@ class DecodeGraphs:
         torch.index_select(self.table, 0, self.rows[:batch], out=self.block_tables[:batch])
         ctx = AttentionContext(self.backend, self.kv_caches, self._metadata(batch))
         logits = self.model.compute_logits(self.model(ids, self.positions[:batch], ctx))
-        torch.argmax(logits, dim=-1, out=self.tokens[:batch])
+        (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=self.tokens[:batch])
         return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
         if self.device.type != "cuda":
             return  # run() calls the forward itself
-        pool = None
-        for batch in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
-            self._forward(batch)  # compile the Triton kernels outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.logits = _capture(self._forward, self.buckets, self.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def fits(self, batch: int, table: torch.Tensor) -> bool:
-        """A graph takes `batch` rows whose block tables live in `table` (the one captured:
-        the persistent tables are reallocated only if more sequences are in flight than
-        max_num_seqs, and the steps after that run eagerly)."""
-        return 0 < batch <= self.max_batch and table is self.table
+    def holds(self, table: torch.Tensor) -> bool:
+        """The graphs gather block tables from `table`: the one captured (the persistent
+        tables are reallocated only if more sequences are in flight than max_num_seqs, and
+        the steps after that run eagerly)."""
+        return table is self.table
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -174,10 +206,7 @@ class DecodeGraphs:
     ) -> None:
         """Write one step's inputs behind the tokens segment with one host-to-device copy."""
         n, batch, width = len(rows), self.bucket(len(rows)), self.width
-        turn, self._turn = self._turn, 1 - self._turn
-        if self._copied is not None:
-            self._copied[turn].synchronize()  # its copy two steps ago: long done
-        h = self._host[turn].numpy()
+        h = self._host.next()
         seg = h[: len(_SEGMENTS) * width].reshape(len(_SEGMENTS), width)
         for i, values in enumerate((input_ids, positions, slots, rows), start=1):
             seg[i, : len(values)] = values
@@ -194,9 +223,7 @@ class DecodeGraphs:
         lens = h[len(_SEGMENTS) * width:].view(np.int32)
         lens[:n] = seq_lens
         lens[n:batch] = 1
-        self._staged[width:].copy_(self._host[turn][width:], non_blocking=True)
-        if self._copied is not None:
-            self._copied[turn].record()
+        self._host.upload(width)
 
     def take_tokens(self, tokens: torch.Tensor, n: int) -> None:
         """Gather the pending rows' tokens of the last step (not a replay's) into the tokens
@@ -212,3 +239,113 @@ class DecodeGraphs:
         else:
             self.logits[batch] = self._forward(batch)
         return self.logits[batch][:n]
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token counts of the captured prefill graphs: powers of two from 16 up to max_tokens."""
+    sizes, n = [], 16
+    while n < max_tokens:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_tokens] if max_tokens >= 16 else []
+
+
+class PrefillGraphs:
+    """CUDA graphs for a step that is one sequence's prompt chunk and nothing else: a batch-1
+    request's first token. Eagerly, such a step is ~300 kernels launched from Python, ~11 ms
+    on an H200 for SmolLM2's 30 layers against 0.8 ms of device work; replayed, it is the
+    device work. One graph per token bucket (prefill_buckets), with the chunk padded to it:
+
+    one int64 buffer:  argmax | input ids | positions | slots | table row, last index | lens
+    graph:  table  = persistent_tables[row]          # one row
+            hidden = model(ids, positions, ...)      # prefill attention over the cached context
+            logits = lm_head(hidden[last])           # the chunk's last real token
+            token  = argmax(logits)
+
+    The padding tokens are token 0 at position 0 with slot -1: the cache write skips them and
+    prefill attention, which reads the real chunk length from the staged query offsets, gives
+    them no rows (their garbage stays in rows nobody reads). A prefix-cache hit or an earlier
+    chunk is the context before `start` (the lengths carry it). On the CPU `run` calls the
+    same forward eagerly, as DecodeGraphs does.
+    """
+
+    def __init__(self, model: nn.Module, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_tokens: int, table: torch.Tensor, device: torch.device) -> None:
+        self.model, self.backend, self.kv_caches, self.device, self.table = model, backend, kv_caches, device, table
+        self.buckets = prefill_buckets(max_tokens)
+        self.max_tokens = self.buckets[-1] if self.buckets else 0
+        n = self.width = self.max_tokens + self.max_tokens % 2
+        # Segments of even length, so that each starts 16-byte aligned (Triton specialises on it):
+        # argmax (2) | ids, positions, slots (n each) | row, last | query start 0, T and length (int32)
+        self._staged = torch.zeros(2 + 3 * n + 2 + 2, dtype=torch.long, device=device)
+        self.tokens = self._staged[:1]
+        self.input_ids, self.positions, self.slots = self._staged[2: 2 + 3 * n].view(3, n)
+        self.row, self.last = self._staged[2 + 3 * n: 4 + 3 * n].split(1)
+        lens = self._staged[4 + 3 * n:].view(torch.int32)
+        self.query_start, self.seq_len = lens[:2], lens[2:3]
+        self.block_tables = torch.zeros(1, table.shape[1], dtype=torch.int32, device=device)
+        self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
+        self._host = _PinnedStaging(self._staged)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        torch.index_select(self.table, 0, self.row, out=self.block_tables)
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:bucket],
+            num_decode_tokens=0,
+            decode_block_tables=self._empty_i32.view(0, 0),
+            decode_seq_lens=self._empty_i32,
+            prefill_block_tables=self.block_tables,
+            prefill_query_start_loc=self.query_start,
+            prefill_seq_lens=self.seq_len,
+            prefill_max_query_len=bucket,
+        )
+        hidden = self.model(self.input_ids[:bucket], self.positions[:bucket],
+                            AttentionContext(self.backend, self.kv_caches, meta))
+        logits = self.model.compute_logits(hidden.index_select(0, self.last))
+        (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=self.tokens)
+        return logits
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        if self.device.type != "cuda":
+            return
+        self.stage([0], 0, np.array([-1]), 0)  # slot -1: the captures write nothing to the cache
+        self.graphs, self.logits = _capture(self._forward, self.buckets, self.device)
+        log.info("captured prefill CUDA graphs for chunks of up to %s tokens", self.buckets)
+
+    def fits(self, num_tokens: int) -> bool:
+        return 1 < num_tokens <= self.max_tokens
+
+    def holds(self, table: torch.Tensor) -> bool:
+        """As DecodeGraphs.holds."""
+        return table is self.table
+
+    def owns(self, tokens: torch.Tensor | None) -> bool:
+        return tokens is not None and tokens.data_ptr() == self.tokens.data_ptr()
+
+    def stage(self, token_ids: list[int], start: int, slots: np.ndarray, row: int) -> None:
+        """Write one chunk's inputs (tokens from position `start`, their slots, the sequence's
+        row of the persistent block tables) with one host-to-device copy; the rest of the
+        bucket is padding."""
+        n, width = len(token_ids), self.width
+        bucket = next(b for b in self.buckets if b >= n)
+        h = self._host.next()
+        ids, positions, slot = h[2: 2 + 3 * width].reshape(3, width)
+        ids[:n], ids[n:bucket] = token_ids, 0
+        positions[:n], positions[n:bucket] = np.arange(start, start + n), 0
+        slot[:n], slot[n:bucket] = slots, -1
+        h[2 + 3 * width: 4 + 3 * width] = row, n - 1
+        h[4 + 3 * width:].view(np.int32)[:3] = 0, n, start + n
+        self._host.upload(2)
+
+    def run(self, n: int) -> torch.Tensor:
+        """Replay the graph of the smallest bucket that holds the staged n tokens; returns the
+        last token's logits [1, vocab] (and leaves their argmax in `tokens`)."""
+        bucket = next(b for b in self.buckets if b >= n)
+        if self.device.type == "cuda":
+            self.graphs[bucket].replay()
+        else:
+            self.logits[bucket] = self._forward(bucket)
+        return self.logits[bucket]

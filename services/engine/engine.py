@@ -101,6 +101,7 @@ class EngineCore:
             backend,
             Sampler(self.layout.eos_token_ids, config.seed),
             cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
+            cuda_graph_max_prefill=0 if config.enforce_eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
         )
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None

@@ -3,8 +3,9 @@
 It owns the model, the paged KV cache and the sampler. Each step it takes the scheduler's
 `StepPlan`, lays the step's tokens out flat (decodes first, then prefill chunks), runs the
 forward, computes logits only for the rows that sample, and returns the sampled tokens.
-Decode-only steps on a GPU replay a captured CUDA graph (cuda_graphs.py). It never reaches
-back into scheduler state.
+Decode-only steps on a GPU replay a captured CUDA graph (cuda_graphs.py), and so does a step
+that is one sequence's prompt chunk alone (a batch-1 request's first token). It never
+reaches back into scheduler state.
 
 `execute` only queues the step on the device and returns its `LaunchedStep`; the tokens are
 read back with `LaunchedStep.result()`. So the engine can plan the next step meanwhile: a
@@ -23,7 +24,7 @@ from torch import nn
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 from services.engine.block_table import BlockTableRows
 from services.engine.config import EngineLayout
-from services.engine.cuda_graphs import DecodeGraphs, decode_splits
+from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_splits
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import SampledToken
 from services.engine.sampler import SampledBatch, Sampler
@@ -65,7 +66,8 @@ class ModelRunner:
         layout: EngineLayout,
         backend: AttentionBackend,
         sampler: Sampler,
-        cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs
+        cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs for decode steps
+        cuda_graph_max_prefill: int = 0,  # most tokens of a one-chunk step replayed from a graph; 0: none
         max_rows: int = 256,  # sequences in flight at once (grows if exceeded)
     ) -> None:
         self.model = model
@@ -98,17 +100,32 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, self.tables.device_table,
                                        self.num_kv_heads, self.device)
             self.graphs.capture()
+        self.prefill_graphs: PrefillGraphs | None = None
+        if cuda_graph_max_prefill >= 16 and self.device.type == "cuda":
+            self.prefill_graphs = PrefillGraphs(model, backend, self.kv_caches, cuda_graph_max_prefill,
+                                                self.tables.device_table, self.device)
+            self.prefill_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> LaunchedStep:
         """Queue one step on the device: forward, logits, sampling."""
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
-        graph = (self.graphs is not None and self.graphs.fits(len(plan.seqs), self.tables.device_table)
-                 and all(len(s.token_ids) == 1 for s in plan.seqs))
+        graphs, prefill_graphs, seqs = self.graphs, self.prefill_graphs, plan.seqs
+        decode_graph = (graphs is not None and 0 < len(seqs) <= graphs.max_batch
+                        and all(len(s.token_ids) == 1 for s in seqs))
+        prefill_graph = (not decode_graph and prefill_graphs is not None and len(seqs) == 1
+                         and prefill_graphs.fits(len(seqs[0].token_ids)))
+        if decode_graph or prefill_graph:
+            # the rows first: taking one may grow (reallocate) the tables the graphs gather from
+            rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
+            decode_graph = decode_graph and graphs.holds(self.tables.device_table)
+            prefill_graph = prefill_graph and prefill_graphs.holds(self.tables.device_table)
         argmax = None
-        if graph:
-            logits, sampled_seqs, argmax = self._run_graph(plan)
+        if decode_graph:
+            logits, sampled_seqs, argmax = self._run_graph(plan, rows)
+        elif prefill_graph:
+            logits, sampled_seqs, argmax = self._run_prefill_graph(seqs[0], rows[0])
         else:
             inputs = self._prepare(plan)
             if inputs.pending_at.numel():
@@ -128,13 +145,13 @@ class ModelRunner:
             row += width
         return LaunchedStep(sampled_seqs, batch)
 
-    def _run_graph(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
+    def _run_graph(self, plan: StepPlan,
+                   rows: list[int]) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
         """A decode-only step through the CUDA graphs (cuda_graphs.py): inputs staged with one
         copy, then the replay, which gathers the pending tokens and the block tables itself.
         Returns the logits of the rows that sample, those sequences, and the logits' argmax
         when every row samples."""
         graphs, seqs, last = self.graphs, plan.seqs, self._last_tokens
-        rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
         input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(seqs)
         n = len(seqs)
         if len(sampled) == n:
@@ -151,6 +168,18 @@ class ModelRunner:
         if logits_indices:  # drop the rows that do not sample
             return logits[graphs.logits_indices[: len(sampled)]], sampled, None
         return logits, sampled, graphs.tokens[:n]
+
+    def _run_prefill_graph(self, seq: ScheduledSeq, row: int) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor]:
+        """A step of one prompt chunk through the prefill graphs (cuda_graphs.py): the chunk
+        staged with one copy, then the replay. Returns its last token's logits, the sequence if
+        it samples, and the logits' argmax."""
+        graphs, n = self.prefill_graphs, len(seq.token_ids)
+        graphs.stage(seq.token_ids, seq.start_pos, self.tables.slots(row, seq.start_pos, n, self.block_size), row)
+        self.tables.upload()
+        if seq.sample is None and graphs.owns(self._last_tokens):
+            self._last_tokens = self._last_tokens.clone()  # the replay overwrites them, and nothing replaces them
+        logits = graphs.run(n)
+        return logits, [seq] if seq.sample is not None else [], graphs.tokens
 
     def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
         """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""
