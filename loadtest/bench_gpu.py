@@ -230,9 +230,11 @@ def graph_time(fn, calls: int = 10, replays: int = 20) -> float:
 def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: int = 64) -> None:
     import torch.nn.functional as F
 
+    import kernels.pdl
     from kernels.paged_attention import paged_decode_attention
     from services.engine.cuda_graphs import decode_splits
 
+    pdl_default = kernels.pdl.ENABLED
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / cuda_time(lambda: dst.copy_(src))  # read + write
@@ -248,13 +250,20 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
         live = 2 * batch * ctx * kv_heads * dim * 2
         counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")  # persistent, as in the engine
         engine_split = decode_splits(batch, kv_heads, torch.device("cuda"))
-        for splits, min_len in [(1, 64), (2, 64), (4, 64), (8, 64), engine_split]:
-            t = graph_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits,
-                                                          min_split_len=min_len, counters=counters))
-            what = "engine's choice" if (splits, min_len) == engine_split else "one-tile minimum"
-            record(part="bandwidth", what=f"pdserve paged decode ({splits} splits, {what})", splits=splits,
-                   min_split_len=min_len, batch=batch, context=ctx,
-                   us=round(t * 1e6, 1), GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
+        # Launched on their own, then with PDL, where back to back a call's programs may start
+        # while the call before still runs (in the engine the kernel after attention is a
+        # projection, not another attention).
+        for pdl in (False, True):
+            kernels.pdl.ENABLED = pdl
+            for splits, min_len in [(1, 64), (2, 64), (4, 64), (8, 64), engine_split]:
+                t = graph_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,
+                                                              num_splits=splits, min_split_len=min_len,
+                                                              counters=counters))
+                what = "engine's choice" if (splits, min_len) == engine_split else "one-tile minimum"
+                record(part="bandwidth", what=f"pdserve paged decode ({splits} splits, {what}{', PDL' if pdl else ''})",
+                       splits=splits, min_split_len=min_len, pdl=pdl, batch=batch, context=ctx, us=round(t * 1e6, 1),
+                       GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
+        kernels.pdl.ENABLED = pdl_default
         k = torch.randn(batch, kv_heads, ctx, dim, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)
         q4 = q[:, :, None, :]

@@ -16,9 +16,11 @@
   7. batch-1 decode, host against device: the engine's wall time per token, the part of it
      the host spent waiting for the device, and the captured batch-1 graph replayed back to
      back (the device's own time per step, launch gaps and PDL overlap included)
+  8. the decode kernel's splits and tiles, with PDL and without, on the bandwidth benchmark's batch
+  9. a batch-1 request's first token (32-token prompt): wall time, host and device profiles
 
     python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m]
-                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1]
+                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1,grid,first]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -471,6 +473,90 @@ def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_hos
     free_gpu()
 
 
+def grid_sweep() -> None:
+    """The bandwidth benchmark's uniform batch (64 x 1k/2k/4k, Llama-1B's 8 KV heads): the
+    decode kernel's splits and tile settings, each launched with programmatic dependent
+    launch and without (kernels/pdl.py: back to back with PDL, a call's programs may start
+    and hold SM slots while the call before still runs). Each setting is timed 3 times,
+    interleaved with the others (medians)."""
+    import kernels.pdl
+    from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+    from loadtest.bench_gpu import cuda_time, graph_time
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    copy_bw = 2 * src.numel() / cuda_time(lambda: src.clone())
+    del src
+    batch, heads, kvh, dim, page = 64, 32, 8, 64, 16
+    settings = [(pdl, splits, min_len, block_n, 4, 2) for pdl in (False, True)
+                for splits, min_len in ((1, 64), (2, 64), (3, 64), (4, 64), (4, 512)) for block_n in (32, 64)]
+    settings += [(False, 2, 128, 128, 8, 2), (False, 3, 64, 64, 4, 3), (False, 3, 64, 64, 8, 2)]
+    default_pdl = kernels.pdl.ENABLED
+    for ctx in (1024, 2048, 4096):
+        blocks = batch * ctx // page
+        k_cache = torch.randn(blocks, page, kvh, dim, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(blocks, dtype=torch.int32, device="cuda").view(batch, ctx // page)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
+        live = 2 * batch * ctx * kvh * dim * 2
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, dim**-0.5).float()
+        times: dict[tuple, list[float]] = defaultdict(list)
+        errs = {}
+        for _ in range(3):
+            for cfg in settings:
+                pdl, splits, min_len, block_n, warps, stages = cfg
+                kernels.pdl.ENABLED = pdl
+                fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,  # noqa: E731
+                                                    num_splits=splits, min_split_len=min_len, counters=counters,
+                                                    block_n=block_n, num_warps=warps, num_stages=stages)
+                errs[cfg] = float((fn().float() - ref).norm() / ref.norm())
+                times[cfg].append(graph_time(fn))
+        kernels.pdl.ENABLED = default_pdl
+        for cfg in settings:
+            t = sorted(times[cfg])[1]
+            emit(part="grid", context=ctx, pdl=cfg[0], splits=cfg[1], min_split_len=cfg[2], block_n=cfg[3],
+                 warps=cfg[4], stages=cfg[5], us=round(t * 1e6, 1), us_all=[round(x * 1e6, 1) for x in times[cfg]],
+                 pct_of_copy=round(100 * live / t / copy_bw, 1), rel_err=round(errs[cfg], 5))
+        del k_cache, v_cache
+        free_gpu()
+
+
+def first_token(preset: str) -> None:
+    """Where a batch-1 request's first token goes: a 32-token prompt, one output token, through
+    LLM.generate, timed (median of 5 fresh prompts) and then profiled once on the host
+    (cProfile) and on the device (torch.profiler)."""
+    import cProfile
+    import pstats
+
+    from services.engine import SamplingParams
+
+    llm = engine(preset, max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([list(range(100, 132))], params)
+
+    def call(first: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([list(range(first, first + 32))], params)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    walls = sorted(call(1000 + 100 * i) for i in range(5))
+    prof = cProfile.Profile()
+    prof.enable()
+    call(3000)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    host = sorted(((f"{k[0].rsplit('/', 1)[-1]}:{k[1]}:{k[2]}", v[1], v[3]) for k, v in stats.stats.items()),
+                  key=lambda r: -r[2])[:30]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tprof:
+        call(4000)
+    emit(part="first_token", preset=preset, wall_ms=[round(w * 1e3, 2) for w in walls], **gpu_timeline(tprof, 1),
+         host_cum_top=[[n, calls, round(cum * 1e3, 2)] for n, calls, cum in host])
+    del llm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
@@ -505,6 +591,10 @@ def main() -> None:
         jobs.append(gemv_sweep)
     if "fused" in parts:
         jobs.append(fused_sweep)
+    if "grid" in parts:
+        jobs.append(grid_sweep)
+    if "first" in parts:
+        jobs += [lambda preset=preset: first_token(preset) for preset in args.presets.split(",")]
     for job in jobs:
         try:
             job()
@@ -520,6 +610,13 @@ def main() -> None:
             print(row["shape"], "one split", row["one_split"], "best", row["best"][:2])
         elif row["part"] == "tiles":
             print(row["shape"], "tiles default", row["default"], "best", row["best"][:2])
+        elif row["part"] == "grid":
+            print({k: v for k, v in row.items() if k not in ("part", "us_all")})
+        elif row["part"] == "first_token":
+            print(row["preset"], "first token ms", row["wall_ms"], "gpu busy ms", row["engine_gpu_busy_ms"],
+                  "ops", row["engine_gpu_ops_per_step"])
+            print(*row["engine_gpu_top_us_per_step"][:8], sep="\n")
+            print(*row["host_cum_top"][:20], sep="\n")
         elif row["part"] == "gemv":
             print(row["shape"], "cublas", row["cublas_us"], "best", row["best"][:1])
         elif row["part"] == "fused":
