@@ -170,6 +170,24 @@ def test_static_prefill_steps_change_no_output(async_scheduling, engine_kwargs):
     assert_all_free(llm)
 
 
+def test_prefill_graph_capture_stages_every_row_of_the_largest_bucket_as_padding():
+    """The captures run the largest bucket first, and stage() pads only the chunk's own
+    bucket: rows past it came from the pinned buffers, which may hold an earlier engine's
+    data (on an H200 that was an out-of-range embedding index at capture)."""
+    llm = make(max_num_seqs=1)
+    runner = llm.engine.runner
+    with_static_prefill_steps(llm, max_tokens=64)
+    graphs = runner.prefill_graphs
+    for host in graphs._host._host:
+        host.fill_(987654321)  # memory an earlier engine of this process left behind
+    graphs.stage_capture_inputs()
+    assert graphs.input_ids.tolist() == [0] * graphs.width
+    assert graphs.positions.tolist() == [0] * graphs.width
+    assert graphs.slots.tolist() == [-1] * graphs.width
+    assert graphs.row.tolist() == [0] and graphs.last.tolist() == [0]
+    assert graphs.query_start.tolist() == [0, 1] and graphs.seq_len.tolist() == [1]
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_static_prefill_steps_recompute_a_preempted_sequence(async_scheduling):
     """Two sequences that cannot both finish in the pool: one is preempted, and once the other

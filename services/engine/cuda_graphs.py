@@ -97,7 +97,9 @@ class _PinnedStaging:
     def __init__(self, device_buffer: torch.Tensor) -> None:
         self.device_buffer = device_buffer
         pin = device_buffer.device.type == "cuda"
-        self._host = [torch.empty(device_buffer.shape, dtype=device_buffer.dtype, pin_memory=pin) for _ in range(2)]
+        # Zeroed: a fresh pinned block may be one this process freed (an earlier engine's), and
+        # whatever a step leaves unwritten is uploaded too.
+        self._host = [torch.zeros(device_buffer.shape, dtype=device_buffer.dtype, pin_memory=pin) for _ in range(2)]
         self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._turn = 0
 
@@ -311,9 +313,19 @@ class PrefillGraphs:
     def capture(self) -> None:
         if self.device.type != "cuda":
             return
-        self.stage([0], 0, np.array([-1]), 0)  # slot -1: the captures write nothing to the cache
+        self.stage_capture_inputs()
         self.graphs, self.logits = _capture(self._forward, self.buckets, self.device)
         log.info("captured prefill CUDA graphs for chunks of up to %s tokens", self.buckets)
+
+    def stage_capture_inputs(self) -> None:
+        """One token, and every row past it in the largest bucket (captured first) token 0 at
+        position 0, slot -1: the captures write nothing to the cache and index nothing out
+        of range, whatever the pinned buffers held before (stage pads only the chunk's
+        own bucket)."""
+        self.stage([0], 0, np.array([-1]), 0)
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(-1)
 
     def fits(self, num_tokens: int) -> bool:
         return 1 < num_tokens <= self.max_tokens
