@@ -227,6 +227,14 @@ def graph_time(fn, calls: int = 10, replays: int = 20) -> float:
     return start.elapsed_time(end) / (calls * replays) / 1e3
 
 
+def kv_pool(blocks: int, page: int, kv_heads: int, dim: int, head_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pools indexed [blocks, page, kv_heads, dim]; stored head-major (the engine's
+    pool: a block's tokens of one KV head contiguous) or token-major."""
+    shape = (blocks, kv_heads, page, dim) if head_major else (blocks, page, kv_heads, dim)
+    k, v = (torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    return (k.transpose(1, 2), v.transpose(1, 2)) if head_major else (k, v)
+
+
 def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: int = 64) -> None:
     import torch.nn.functional as F
 
@@ -242,27 +250,33 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
     for ctx in (1024, 2048, 4096):
         page = 16
         blocks = batch * ctx // page
-        k_cache = torch.randn(blocks, page, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
-        v_cache = torch.randn_like(k_cache)
+        pools = {"head-major": kv_pool(blocks, page, kv_heads, dim, head_major=True),
+                 "token-major": kv_pool(blocks, page, kv_heads, dim, head_major=False)}
         tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(batch, ctx // page)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
         live = 2 * batch * ctx * kv_heads * dim * 2
         counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")  # persistent, as in the engine
         engine_split = decode_splits(batch, kv_heads, torch.device("cuda"))
-        # Launched on their own, then with PDL, where back to back a call's programs may start
-        # while the call before still runs (in the engine the kernel after attention is a
-        # projection, not another attention).
+        # The engine's pool is head-major (model_runner.py); the token-major rows are the
+        # layout before it. Launched on their own, then with PDL, where back to back a call's
+        # programs may start while the call before still runs (in the engine the kernel after
+        # attention is a projection, not another attention).
+        cases = [("head-major", cfg) for cfg in dict.fromkeys([(1, 64, 64), (2, 64, 64), (4, 64, 64), (1, 128, 128),
+                                                               engine_split])]
+        cases.append(("token-major", engine_split))
         for pdl in (False, True):
             kernels.pdl.ENABLED = pdl
-            for splits, min_len in [(1, 64), (2, 64), (4, 64), (8, 64), engine_split]:
+            for pool, (splits, min_len, block_n) in cases:
+                k_cache, v_cache = pools[pool]
                 t = graph_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,
                                                               num_splits=splits, min_split_len=min_len,
-                                                              counters=counters))
-                what = "engine's choice" if (splits, min_len) == engine_split else "one-tile minimum"
-                record(part="bandwidth", what=f"pdserve paged decode ({splits} splits, {what}{', PDL' if pdl else ''})",
-                       splits=splits, min_split_len=min_len, pdl=pdl, batch=batch, context=ctx, us=round(t * 1e6, 1),
-                       GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
+                                                              block_n=block_n, counters=counters))
+                what = "engine's choice" if (splits, min_len, block_n) == engine_split else "setting"
+                record(part="bandwidth", what=f"pdserve paged decode, {pool} ({splits} splits, {min_len} min, "
+                       f"{block_n}-token tiles, {what}{', PDL' if pdl else ''})", pool=pool,
+                       splits=splits, min_split_len=min_len, block_n=block_n, pdl=pdl, batch=batch, context=ctx,
+                       us=round(t * 1e6, 1), GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
         kernels.pdl.ENABLED = pdl_default
         k = torch.randn(batch, kv_heads, ctx, dim, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)
@@ -270,7 +284,7 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
         t = graph_time(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
         record(part="bandwidth", what="torch SDPA, contiguous K/V", batch=batch, context=ctx, us=round(t * 1e6, 1),
                GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
-        del k_cache, v_cache, k, v
+        del pools, k_cache, v_cache, k, v
     del src, dst
     torch.cuda.empty_cache()
 

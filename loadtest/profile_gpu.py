@@ -18,9 +18,11 @@
      back (the device's own time per step, launch gaps and PDL overlap included)
   8. the decode kernel's splits and tiles, with PDL and without, on the bandwidth benchmark's batch
   9. a batch-1 request's first token (32-token prompt): wall time, host and device profiles
+ 10. the decode kernel over a token-major and a head-major KV pool, random and contiguous tables
+ 11. the decode kernel's splits and tiles on the head-major pool, ragged and uniform batches
 
     python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m]
-                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1,grid,first]
+                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1,grid,first,layout,policy]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -39,7 +41,7 @@ import torch
 
 import triton
 
-from loadtest.bench_gpu import free_gpu, workload
+from loadtest.bench_gpu import free_gpu, kv_pool, workload
 from services.cli.bench import random_workload
 
 ROWS: list[dict] = []
@@ -205,8 +207,9 @@ def sweep(only: str = "") -> None:
 
 
 def splits_sweep() -> None:
-    """µs per decode-kernel call for each (max splits, min split length); the engine's choice
-    (services/engine/cuda_graphs.py: decode_splits) is marked."""
+    """µs per decode-kernel call for each (max splits, min split length), 64-token tiles; the
+    engine's choice (services/engine/cuda_graphs.py: decode_splits) is marked where it takes
+    64-token tiles (`policy` times its 128-token settings)."""
     from kernels.paged_attention import paged_decode_attention
     from loadtest.bench_gpu import graph_time
     from services.engine.cuda_graphs import decode_splits
@@ -235,7 +238,7 @@ def splits_sweep() -> None:
         live = 2 * int(lens.sum()) * kvh * dim * 2
         ref = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5, num_splits=1)
         results = []
-        for splits in (1, 2, 4, 8, 16):
+        for splits in (1, 2, 3, 4, 8, 16):
             for min_len in (64, 128, 256, 512):
                 fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
                                                     num_splits=splits, counters=counters, min_split_len=min_len)
@@ -259,8 +262,9 @@ def splits_sweep() -> None:
             emit(part="tiles", shape=name, best=sorted(tiles, key=lambda r: r["us"])[:4],
                  default=next(r for r in tiles if r["cfg"] == (64, 4, 2)))
         emit(part="splits", shape=name, live_MB=round(live / 1e6, 1), engine_splits=engine_splits,
-             engine=next(r for r in results if r["cfg"] == engine_splits), best=ok[:4],
-             one_split=next(r for r in results if r["cfg"] == (1, 64)), max_rel_err=max(r["rel_err"] for r in results))
+             engine=next((r for r in results if (*r["cfg"], 64) == engine_splits), None), best=ok[:4],
+             one_split=next(r for r in results if r["cfg"] == (1, 64)), max_rel_err=max(r["rel_err"] for r in results),
+             all=results)
         del k_cache, v_cache
         free_gpu()
 
@@ -522,6 +526,128 @@ def grid_sweep() -> None:
         free_gpu()
 
 
+def layout_sweep(ncu: bool = False) -> None:
+    """The bandwidth benchmark's uniform batch (64 x 1k/2k/4k, 8 KV heads, head dim 64,
+    16-token pages) with the cache stored token-major (today's pool) or head-major, over
+    random and contiguous block tables, for a few split and tile settings; PDL off. Each
+    setting is timed 3 times, interleaved (medians). With `ncu`, each setting at 1k is only
+    launched twice, eagerly, for Nsight Compute to read its counters."""
+    import kernels.pdl
+    from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+    from loadtest.bench_gpu import cuda_time, graph_time
+
+    kernels.pdl.ENABLED = False
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    copy_bw = 2 * src.numel() / cuda_time(lambda: src.clone())
+    del src
+    batch, heads, kvh, dim, page = 64, 32, 8, 64, 16
+    settings = [(1, 64, 64, 4, 2), (2, 64, 64, 4, 2), (3, 64, 64, 4, 2), (4, 512, 64, 4, 2),
+                (1, 64, 64, 4, 3), (1, 128, 128, 4, 2), (2, 64, 32, 4, 2), (1, 64, 32, 4, 3)]
+    if ncu:
+        settings = settings[:2]
+    for ctx in (1024,) if ncu else (1024, 2048, 4096):
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
+        live = 2 * batch * ctx * kvh * dim * 2
+        blocks = batch * ctx // page
+        cases = {}
+        for layout in ("nhd", "hnd"):
+            k_cache, v_cache = kv_pool(blocks, page, kvh, dim, head_major=layout == "hnd")
+            for order in ("random", "contiguous"):
+                ids = torch.randperm(blocks) if order == "random" else torch.arange(blocks)
+                tables = ids.to(device="cuda", dtype=torch.int32).view(batch, ctx // page)
+                cases[layout, order] = (k_cache, v_cache, tables)
+        times: dict[tuple, list[float]] = defaultdict(list)
+        errs = {}
+        for _ in range(1 if ncu else 3):
+            for case, (k_cache, v_cache, tables) in cases.items():
+                if ncu and case[1] != "random":
+                    continue
+                ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, dim**-0.5).float()
+                for cfg in settings:
+                    splits, min_len, block_n, warps, stages = cfg
+                    fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,  # noqa: E731
+                                                        num_splits=splits, min_split_len=min_len, counters=counters,
+                                                        block_n=block_n, num_warps=warps, num_stages=stages)
+                    errs[case + cfg] = float((fn().float() - ref).norm() / ref.norm())
+                    if ncu:
+                        fn()
+                        torch.cuda.synchronize()
+                        continue
+                    times[case + cfg].append(graph_time(fn))
+        for key, ts in times.items():
+            t = sorted(ts)[len(ts) // 2]
+            emit(part="layout", context=ctx, layout=key[0], tables=key[1], splits=key[2], min_split_len=key[3],
+                 block_n=key[4], warps=key[5], stages=key[6], us=round(t * 1e6, 1),
+                 us_all=[round(x * 1e6, 1) for x in ts], pct_of_copy=round(100 * live / t / copy_bw, 1),
+                 rel_err=round(errs[key], 5))
+        if ncu:
+            emit(part="layout_ncu_errs", errs={"/".join(map(str, k)): round(v, 5) for k, v in errs.items()})
+        del cases
+        free_gpu()
+
+
+def policy_sweep() -> None:
+    """The decode kernel's (most splits, fewest tokens a split, tile) on the engine's
+    head-major pool, over the ragged and uniform batches of `splits`; PDL off. The engine's
+    choice (decode_splits) is marked, and today's token-major pool is timed with it too.
+    Each setting is timed 3 times, interleaved (medians)."""
+    import kernels.pdl
+    from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+    from loadtest.bench_gpu import graph_time
+    from services.engine.cuda_graphs import decode_splits
+
+    kernels.pdl.ENABLED = False
+    g = torch.Generator().manual_seed(0)
+    shapes = {  # name: (batch, heads, kv_heads, lens)
+        "llama-1b ragged b256": (256, 32, 8, torch.randint(100, 2048, (256,), generator=g)),
+        "smollm2 ragged b256": (256, 9, 3, torch.randint(100, 2048, (256,), generator=g)),
+        "llama-1b ragged b64": (64, 32, 8, torch.randint(100, 2048, (64,), generator=g)),
+        "smollm2 ragged b64": (64, 9, 3, torch.randint(100, 2048, (64,), generator=g)),
+        "llama-1b uniform b64 ctx1k": (64, 32, 8, torch.full((64,), 1024)),
+        "llama-1b uniform b64 ctx4k": (64, 32, 8, torch.full((64,), 4096)),
+        "llama-1b ragged b16": (16, 32, 8, torch.randint(100, 2048, (16,), generator=g)),
+        "smollm2 b1 ctx2k": (1, 9, 3, torch.full((1,), 2000)),
+    }
+    settings = [(1, 64, 64), (1, 128, 128), (2, 256, 128), (4, 512, 64), (4, 512, 128), (4, 1024, 128),
+                (8, 64, 64), (16, 64, 64)]
+    dim, page = 64, 16
+    for name, (batch, heads, kvh, lens) in shapes.items():
+        width = int(-(-lens.max() // page))
+        blocks = batch * width
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        seq_lens = lens.to(torch.int32).cuda()
+        tables = torch.randperm(blocks, dtype=torch.int32, device="cuda").view(batch, width)
+        counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
+        live = 2 * int(lens.sum()) * kvh * dim * 2
+        engine_cfg = decode_splits(batch, kvh, torch.device("cuda"))
+        pools = {layout: kv_pool(blocks, page, kvh, dim, head_major=layout == "hnd") for layout in ("hnd", "nhd")}
+        cases = [("hnd", cfg) for cfg in dict.fromkeys(settings + [engine_cfg])] + [("nhd", engine_cfg)]
+        refs = {layout: paged_decode_attention_ref(q, *pools[layout], tables, seq_lens, dim**-0.5).float()
+                for layout in pools}
+        times: dict[tuple, list[float]] = defaultdict(list)
+        errs = {}
+        for _ in range(3):
+            for layout, cfg in cases:
+                k_cache, v_cache = pools[layout]
+                fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
+                                                    num_splits=cfg[0], min_split_len=cfg[1], block_n=cfg[2],
+                                                    counters=counters)
+                errs[layout, cfg] = float((fn().float() - refs[layout]).norm() / refs[layout].norm())
+                times[layout, cfg].append(graph_time(fn))
+        rows = [{"layout": layout, "cfg": cfg, "us": round(sorted(ts)[1] * 1e6, 2),
+                 "GBps": round(live / sorted(ts)[1] / 1e9), "rel_err": round(errs[layout, cfg], 5)}
+                for (layout, cfg), ts in times.items()]
+        best = sorted((r for r in rows if r["layout"] == "hnd"), key=lambda r: r["us"])
+        emit(part="policy", shape=name, live_MB=round(live / 1e6, 1), engine_cfg=engine_cfg,
+             engine_hnd=next(r for r in rows if r["layout"] == "hnd" and r["cfg"] == engine_cfg),
+             engine_nhd=next(r for r in rows if r["layout"] == "nhd"), best=best[:4], all=rows,
+             max_rel_err=max(errs.values()))
+        del pools
+        free_gpu()
+
+
 def first_token(preset: str) -> None:
     """Where a batch-1 request's first token goes: a 32-token prompt, one output token, through
     LLM.generate, timed (median of 5 fresh prompts) and then profiled once on the host
@@ -593,6 +719,12 @@ def main() -> None:
         jobs.append(fused_sweep)
     if "grid" in parts:
         jobs.append(grid_sweep)
+    if "layout" in parts:
+        jobs.append(layout_sweep)
+    if "layout_ncu" in parts:
+        jobs.append(lambda: layout_sweep(ncu=True))
+    if "policy" in parts:
+        jobs.append(policy_sweep)
     if "first" in parts:
         jobs += [lambda preset=preset: first_token(preset) for preset in args.presets.split(",")]
     for job in jobs:
@@ -610,7 +742,10 @@ def main() -> None:
             print(row["shape"], "one split", row["one_split"], "best", row["best"][:2])
         elif row["part"] == "tiles":
             print(row["shape"], "tiles default", row["default"], "best", row["best"][:2])
-        elif row["part"] == "grid":
+        elif row["part"] == "policy":
+            print(row["shape"], "engine", row["engine_cfg"], "hnd", row["engine_hnd"]["us"], "nhd",
+                  row["engine_nhd"]["us"], "best", [(r["cfg"], r["us"]) for r in row["best"]])
+        elif row["part"] in ("grid", "layout"):
             print({k: v for k, v in row.items() if k not in ("part", "us_all")})
         elif row["part"] == "first_token":
             print(row["preset"], "first token ms", row["wall_ms"], "gpu busy ms", row["engine_gpu_busy_ms"],

@@ -237,3 +237,39 @@ def test_detokenizer_never_emits_broken_utf8(llm):
     assert all("\ufffd" not in p for p in pieces)
     assert "" in pieces  # some token ended inside a multi-byte character and was held back
     assert "".join(pieces) == text
+
+
+def test_kv_pool_is_indexed_token_major_and_stored_head_major(llm):
+    """runner.kv_cache is indexed (layers, K/V, blocks, block_size, kv_heads, head_dim), and
+    each block's tokens of one KV head lie side by side in memory: what decode attention
+    reads per program (one KV head of a sequence) is one run per page."""
+    pool = llm.engine.runner.kv_cache
+    layers, kv, blocks, block_size, heads, dim = pool.shape
+    assert kv == 2 and pool.storage_offset() == 0
+    assert pool.stride()[3:] == (dim, block_size * dim, 1)
+    assert pool.stride()[:3] == (kv * blocks * block_size * heads * dim, blocks * block_size * heads * dim,
+                                 block_size * heads * dim)
+
+
+def test_decode_launch_settings_follow_programs_per_sm(monkeypatch):
+    """cuda_graphs.decode_splits by (sequence, KV head) programs against 132 SMs (an H200):
+    one-tile splits below the SM count, 128-token tiles up to 5 programs an SM (split past
+    512 tokens below 3 an SM, past 1,024 from there), 64-token tiles split past 512 above;
+    the CPU takes one split."""
+    import torch
+
+    from services.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_num_sms", lambda device: 132)
+    gpu = torch.device("cuda")
+    by_batch = {(b, kvh): cuda_graphs.decode_splits(b, kvh, gpu)
+                for b, kvh in [(1, 3), (1, 8), (16, 8), (17, 8), (64, 3), (49, 8), (50, 8), (64, 8), (82, 8), (83, 8),
+                               (256, 3), (256, 8)]}
+    assert by_batch == {
+        # twice the SMs over the programs, rounded up, then to a power of two, at most 16: 88, 33 -> 16; 3 -> 4
+        (1, 3): (16, 64, 64), (1, 8): (16, 64, 64), (16, 8): (4, 64, 64),
+        (17, 8): (4, 512, 128), (64, 3): (4, 512, 128), (49, 8): (4, 512, 128),
+        (50, 8): (4, 1024, 128), (64, 8): (4, 1024, 128),
+        (82, 8): (4, 1024, 128), (83, 8): (4, 512, 64), (256, 3): (4, 512, 64), (256, 8): (4, 512, 64),
+    }
+    assert cuda_graphs.decode_splits(64, 8, torch.device("cpu")) == (1, 64, 64)

@@ -19,14 +19,19 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
-def paged_kv(lens: list[int], page: int, kvh: int, d: int, dtype, seed=0):
-    """A shuffled pool holding each sequence's K/V, and the block tables pointing into it."""
+def paged_kv(lens: list[int], page: int, kvh: int, d: int, dtype, seed=0, head_major=False):
+    """A shuffled pool holding each sequence's K/V, and the block tables pointing into it.
+    The pool is indexed [blocks, page, kvh, d]; `head_major` stores it as the engine does,
+    each block's tokens of one KV head contiguous (a permuted view)."""
     g = torch.Generator().manual_seed(seed)
     blocks_per = [-(-n // page) for n in lens]
     num_blocks = sum(blocks_per) + 3  # spare blocks that nobody should read
     order = torch.randperm(num_blocks, generator=g).tolist()
-    k_cache = torch.randn(num_blocks, page, kvh, d, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, page, kvh, d, generator=g).to(dtype)
+    shape = (num_blocks, kvh, page, d) if head_major else (num_blocks, page, kvh, d)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    if head_major:
+        k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     width = max(blocks_per)
     tables, i = [], 0
     for nb in blocks_per:
@@ -51,6 +56,23 @@ def test_decode_kernel_matches_reference_on_ragged_gqa_batches(dtype, heads, kv_
     out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits,
                                  min_split_len=min_split_len)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits, min_split_len, block_n", [(1, 64, 64), (16, 64, 64), (4, 512, 128),
+                                                                 (4, 1024, 128), (4, 512, 64)])
+def test_decode_kernel_on_a_head_major_pool_with_each_engine_setting(num_splits, min_split_len, block_n):
+    """The engine's pool layout and its launch settings (cuda_graphs.decode_splits): 1,100
+    tokens are cut into 3 splits of 512 (64- or 128-token tiles), 2 of 1,024, or 9 of 128
+    (at most 16 splits: 1,100 / 16 rounds up to two 64-token tiles); 600 into 2, 1 or 10."""
+    lens = [1, 17, 130, 600, 1100]
+    k_cache, v_cache, bt = paged_kv(lens, 16, 3, 32, torch.float32, seed=7, head_major=True)
+    assert k_cache.stride()[1:] == (32, 16 * 32, 1)
+    q = torch.randn(len(lens), 9, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, seq_lens, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, bt, seq_lens, 0.125, num_splits=num_splits,
+                                 min_split_len=min_split_len, block_n=block_n)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits, min_split_len", [(1, None), (4, 64)])
@@ -83,12 +105,12 @@ def test_decode_kernel_with_more_splits_than_pages_and_small_pages():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
-def test_prefill_kernel_matches_reference_with_cached_context(dtype, heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads, head_major", [(9, 3, False), (4, 4, False), (9, 3, True)])
+def test_prefill_kernel_matches_reference_with_cached_context(dtype, heads, kv_heads, head_major):
     # (context, new tokens): fresh prompt, chunk after a prefix hit, single token, long chunk
     shapes = [(0, 20), (32, 7), (5, 1), (16, 70)]
     lens = [c + n for c, n in shapes]
-    k_cache, v_cache, bt = paged_kv(lens, 16, kv_heads, 64, dtype, seed=3)
+    k_cache, v_cache, bt = paged_kv(lens, 16, kv_heads, 64, dtype, seed=3, head_major=head_major)
     q_lens = [n for _, n in shapes]
     q = torch.randn(sum(q_lens), heads, 64, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)

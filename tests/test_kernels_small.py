@@ -114,6 +114,30 @@ def test_reshape_and_cache_reads_strided_key_and_value_views() -> None:
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+def test_reshape_and_cache_and_rotary_and_cache_write_into_a_head_major_pool() -> None:
+    """The engine's pool: indexed [blocks, block_size, KVH, D], each block's tokens of one KV
+    head stored contiguously (a permuted view). Both writers put token t's head h at
+    [slot // bs, slot % bs, h] of that view, i.e. at storage [slot // bs, h, slot % bs]."""
+    g = _gen(4)
+    T, KVH, D, bs = 5, 3, 16, 4
+    key, value = torch.randn(2, T, KVH, D, generator=g).unbind(0)
+    stored = torch.zeros(2, 6, KVH, bs, D)
+    k_cache, v_cache = stored[0].transpose(1, 2), stored[1].transpose(1, 2)
+    slots = torch.tensor([15, 2, 7, 8, 0])
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    for t, slot in enumerate(slots.tolist()):
+        assert torch.equal(stored[0, slot // bs, :, slot % bs], key[t])
+        assert torch.equal(stored[1, slot // bs, :, slot % bs], value[t])
+    assert torch.count_nonzero(stored.sum(-1)) == 2 * T * KVH, "wrote outside the five slots"
+    q = torch.randn(T, 2 * KVH, D, generator=g)
+    positions = torch.tensor([0, 3, 1, 9, 4])
+    kc_ref, vc_ref = (torch.zeros(6, bs, KVH, D) for _ in range(2))
+    rotary_and_cache(q, key, value, positions, _cos_sin_cache(16, D), k_cache, v_cache, slots)
+    rotary_and_cache_ref(q, key, value, positions, _cos_sin_cache(16, D), kc_ref, vc_ref, slots)
+    torch.testing.assert_close(k_cache, kc_ref, **FP32)
+    torch.testing.assert_close(v_cache, vc_ref, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "case",
     ["key_2d", "value_shape", "cache_3d", "cache_heads", "slots_int32", "slots_length", "key_last_dim_strided"],

@@ -42,7 +42,8 @@ class AttentionMetadata:
     prefill_query_start_loc: torch.Tensor  # [num_prefills + 1] int32, relative to the first prefill token
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
     prefill_max_query_len: int = 0  # host copies of what kernels' grids need (no device reads)
-    decode_split: tuple[int, int] = (1, 64)  # flash-decoding (most splits, fewest tokens each); fixed per graph
+    # flash-decoding's (most splits, fewest tokens each, tokens per tile); fixed per graph
+    decode_split: tuple[int, int, int] = (1, 64, 64)
 
     @property
     def num_prefills(self) -> int:
@@ -153,10 +154,10 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if nd:
             counters = self.split_counters(nd * k_cache.shape[2], q.device)
-            num_splits, min_split_len = meta.decode_split
+            num_splits, min_split_len, block_n = meta.decode_split
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                   num_splits=num_splits, min_split_len=min_split_len, out=out[:nd],
-                                   counters=counters)
+                                   num_splits=num_splits, min_split_len=min_split_len, block_n=block_n,
+                                   out=out[:nd], counters=counters)
         if meta.num_prefills:
             out[nd:] = paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,

@@ -49,22 +49,35 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
-    """Flash-decoding's (most splits, fewest tokens per split) for a decode batch
-    (kernels/paged_attention.py; each pair is a compiled kernel variant, fixed per graph).
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int, int]:
+    """Flash-decoding's (most splits, fewest tokens per split, tokens per tile) for a decode
+    batch (kernels/paged_attention.py; each triple is a compiled kernel variant, fixed per
+    graph), by how many (sequence, KV head) programs the batch has against the SMs:
 
-    While the (sequence, KV head) programs fill the SMs, only long sequences are split, into
-    at most 4 ranges of at least 512 tokens: with ragged lengths the longest sequences set a
-    step's time. Below that, every sequence is cut into one-tile (64-token) ranges, enough
-    programs to fill the GPU twice, rounded up to a power of two. Both from
-    loadtest/profile_gpu.py's `splits` sweep on an H200 (BENCHMARKS.md)."""
+    - fewer than the SMs (small batches): every sequence cut into one-tile (64-token) ranges,
+      enough programs to fill the GPU twice, rounded up to a power of two;
+    - 1-3 per SM: 128-token tiles (twice the tokens a program has in flight), sequences
+      past 512 tokens split in up to 4;
+    - 3-5 per SM: 128-token tiles, only sequences past 1024 tokens split: the programs fill
+      the SMs without splitting, and a split costs its partials and the merge;
+    - 5 or more per SM (large ragged batches): 64-token tiles, sequences past 512 tokens split,
+      so that the longest sequences do not leave a tail of busy SMs.
+
+    From loadtest/profile_gpu.py's `splits` and `policy` sweeps on an H200 (BENCHMARKS.md):
+    at 64 x 1k tokens of Llama-1B's shape, 128-token tiles without splits take 38 us where
+    (4, 512, 64) took 49; on ragged batches of 256 sequences (4, 512, 64) is level with the
+    best 128-token setting (Llama-1B) or 4% ahead of it (SmolLM2)."""
     if device.type != "cuda" or batch == 0:
-        return 1, 64
-    programs = batch * num_kv_heads
-    if programs >= _num_sms(device):
-        return 4, 512
-    wanted = -(-2 * _num_sms(device) // programs)
-    return min(16, 1 << (wanted - 1).bit_length()), 64
+        return 1, 64, 64
+    programs, sms = batch * num_kv_heads, _num_sms(device)
+    if programs < sms:
+        wanted = -(-2 * sms // programs)
+        return min(16, 1 << (wanted - 1).bit_length()), 64, 64
+    if programs < 3 * sms:
+        return 4, 512, 128
+    if programs < 5 * sms:
+        return 4, 1024, 128
+    return 4, 512, 64
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
