@@ -227,6 +227,16 @@ def graph_time(fn, calls: int = 10, replays: int = 20) -> float:
     return start.elapsed_time(end) / (calls * replays) / 1e3
 
 
+def copy_bandwidth() -> float:
+    """The card's device-to-device copy rate over 1 GiB, bytes read plus bytes written per second."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    rate = 2 * src.numel() / cuda_time(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return rate
+
+
 def kv_pool(blocks: int, page: int, kv_heads: int, dim: int, head_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V pools indexed [blocks, page, kv_heads, dim]; stored head-major (the engine's
     pool: a block's tokens of one KV head contiguous) or token-major."""
@@ -243,9 +253,7 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
     from services.engine.cuda_graphs import decode_splits
 
     pdl_default = kernels.pdl.ENABLED
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / cuda_time(lambda: dst.copy_(src))  # read + write
+    copy_bw = copy_bandwidth()
     record(part="bandwidth", what="copy (read+write)", GBps=round(copy_bw / 1e9))
     for ctx in (1024, 2048, 4096):
         page = 16
@@ -285,7 +293,6 @@ def kernel_bandwidth(batch: int = 64, heads: int = 32, kv_heads: int = 8, dim: i
         record(part="bandwidth", what="torch SDPA, contiguous K/V", batch=batch, context=ctx, us=round(t * 1e6, 1),
                GBps=round(live / t / 1e9), pct_of_copy=round(100 * live / t / copy_bw, 1))
         del pools, k_cache, v_cache, k, v
-    del src, dst
     torch.cuda.empty_cache()
 
 

@@ -30,18 +30,21 @@ Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import triton
 
-from loadtest.bench_gpu import free_gpu, kv_pool, workload
+from loadtest.bench_gpu import copy_bandwidth, free_gpu, graph_time, kv_pool, workload
 from services.cli.bench import random_workload
 
 ROWS: list[dict] = []
@@ -211,7 +214,6 @@ def splits_sweep() -> None:
     engine's choice (services/engine/cuda_graphs.py: decode_splits) is marked where it takes
     64-token tiles (`policy` times its 128-token settings)."""
     from kernels.paged_attention import paged_decode_attention
-    from loadtest.bench_gpu import graph_time
     from services.engine.cuda_graphs import decode_splits
 
     g = torch.Generator().manual_seed(0)
@@ -477,6 +479,33 @@ def batch1_split(preset: str, pdl: bool, prefetch: bool, rope: bool, profile_hos
     free_gpu()
 
 
+@contextmanager
+def pdl_enabled(on: bool) -> Iterator[None]:
+    """Launch the Triton kernels with programmatic dependent launch or without (kernels/pdl.py),
+    then put back what was set."""
+    import kernels.pdl
+
+    previous, kernels.pdl.ENABLED = kernels.pdl.ENABLED, on
+    try:
+        yield
+    finally:
+        kernels.pdl.ENABLED = previous
+
+
+def interleaved_times(fns: dict[tuple, Callable[[], object]], reps: int = 3) -> dict[tuple, list[float]]:
+    """graph_time of every fn, `reps` rounds with the fns interleaved, so that a drift of the
+    card's clocks hits every setting alike."""
+    times: dict[tuple, list[float]] = defaultdict(list)
+    for _ in range(reps):
+        for key, fn in fns.items():
+            times[key].append(graph_time(fn))
+    return times
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
 def grid_sweep() -> None:
     """The bandwidth benchmark's uniform batch (64 x 1k/2k/4k, Llama-1B's 8 KV heads): the
     decode kernel's splits and tile settings, each launched with programmatic dependent
@@ -485,16 +514,12 @@ def grid_sweep() -> None:
     interleaved with the others (medians)."""
     import kernels.pdl
     from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-    from loadtest.bench_gpu import cuda_time, graph_time
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_bw = 2 * src.numel() / cuda_time(lambda: src.clone())
-    del src
+    copy_bw = copy_bandwidth()
     batch, heads, kvh, dim, page = 64, 32, 8, 64, 16
     settings = [(pdl, splits, min_len, block_n, 4, 2) for pdl in (False, True)
                 for splits, min_len in ((1, 64), (2, 64), (3, 64), (4, 64), (4, 512)) for block_n in (32, 64)]
     settings += [(False, 2, 128, 128, 8, 2), (False, 3, 64, 64, 4, 3), (False, 3, 64, 64, 8, 2)]
-    default_pdl = kernels.pdl.ENABLED
     for ctx in (1024, 2048, 4096):
         blocks = batch * ctx // page
         k_cache = torch.randn(blocks, page, kvh, dim, dtype=torch.bfloat16, device="cuda")
@@ -505,18 +530,17 @@ def grid_sweep() -> None:
         counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
         live = 2 * batch * ctx * kvh * dim * 2
         ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, dim**-0.5).float()
-        times: dict[tuple, list[float]] = defaultdict(list)
-        errs = {}
-        for _ in range(3):
-            for cfg in settings:
-                pdl, splits, min_len, block_n, warps, stages = cfg
-                kernels.pdl.ENABLED = pdl
-                fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,  # noqa: E731
-                                                    num_splits=splits, min_split_len=min_len, counters=counters,
-                                                    block_n=block_n, num_warps=warps, num_stages=stages)
-                errs[cfg] = float((fn().float() - ref).norm() / ref.norm())
-                times[cfg].append(graph_time(fn))
-        kernels.pdl.ENABLED = default_pdl
+
+        def launch(pdl, splits, min_len, block_n, warps, stages):
+            kernels.pdl.ENABLED = pdl  # read at each launch, the graph captures included
+            return paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits,
+                                          min_split_len=min_len, counters=counters, block_n=block_n,
+                                          num_warps=warps, num_stages=stages)
+
+        fns = {cfg: lambda cfg=cfg: launch(*cfg) for cfg in settings}
+        with pdl_enabled(kernels.pdl.ENABLED):  # each launch sets its own; the default comes back after
+            errs = {cfg: rel_err(fn(), ref) for cfg, fn in fns.items()}
+            times = interleaved_times(fns)
         for cfg in settings:
             t = sorted(times[cfg])[1]
             emit(part="grid", context=ctx, pdl=cfg[0], splits=cfg[1], min_split_len=cfg[2], block_n=cfg[3],
@@ -528,18 +552,14 @@ def grid_sweep() -> None:
 
 def layout_sweep(ncu: bool = False) -> None:
     """The bandwidth benchmark's uniform batch (64 x 1k/2k/4k, 8 KV heads, head dim 64,
-    16-token pages) with the cache stored token-major (today's pool) or head-major, over
-    random and contiguous block tables, for a few split and tile settings; PDL off. Each
-    setting is timed 3 times, interleaved (medians). With `ncu`, each setting at 1k is only
-    launched twice, eagerly, for Nsight Compute to read its counters."""
-    import kernels.pdl
+    16-token pages) with the cache stored token-major (the pool before 2026-12-04) or
+    head-major, over random and contiguous block tables, for a few split and tile settings;
+    PDL off. Each setting is timed 3 times, interleaved (medians). With `ncu`, only random
+    tables at 1k and two settings, each launched twice, eagerly, for Nsight Compute to read
+    its counters."""
     from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-    from loadtest.bench_gpu import cuda_time, graph_time
 
-    kernels.pdl.ENABLED = False
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_bw = 2 * src.numel() / cuda_time(lambda: src.clone())
-    del src
+    copy_bw = copy_bandwidth()
     batch, heads, kvh, dim, page = 64, 32, 8, 64, 16
     settings = [(1, 64, 64, 4, 2), (2, 64, 64, 4, 2), (3, 64, 64, 4, 2), (4, 512, 64, 4, 2),
                 (1, 64, 64, 4, 3), (1, 128, 128, 4, 2), (2, 64, 32, 4, 2), (1, 64, 32, 4, 3)]
@@ -551,54 +571,46 @@ def layout_sweep(ncu: bool = False) -> None:
         counters = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
         live = 2 * batch * ctx * kvh * dim * 2
         blocks = batch * ctx // page
-        cases = {}
+        fns, refs = {}, {}
         for layout in ("nhd", "hnd"):
             k_cache, v_cache = kv_pool(blocks, page, kvh, dim, head_major=layout == "hnd")
-            for order in ("random", "contiguous"):
+            for order in ("random",) if ncu else ("random", "contiguous"):
                 ids = torch.randperm(blocks) if order == "random" else torch.arange(blocks)
                 tables = ids.to(device="cuda", dtype=torch.int32).view(batch, ctx // page)
-                cases[layout, order] = (k_cache, v_cache, tables)
-        times: dict[tuple, list[float]] = defaultdict(list)
-        errs = {}
-        for _ in range(1 if ncu else 3):
-            for case, (k_cache, v_cache, tables) in cases.items():
-                if ncu and case[1] != "random":
-                    continue
-                ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, dim**-0.5).float()
-                for cfg in settings:
-                    splits, min_len, block_n, warps, stages = cfg
-                    fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5,  # noqa: E731
-                                                        num_splits=splits, min_split_len=min_len, counters=counters,
-                                                        block_n=block_n, num_warps=warps, num_stages=stages)
-                    errs[case + cfg] = float((fn().float() - ref).norm() / ref.norm())
-                    if ncu:
-                        fn()
-                        torch.cuda.synchronize()
-                        continue
-                    times[case + cfg].append(graph_time(fn))
+                refs[layout, order] = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, dim**-0.5).float()
+                for splits, min_len, block_n, warps, stages in settings:
+                    fns[layout, order, splits, min_len, block_n, warps, stages] = functools.partial(
+                        paged_decode_attention, q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=splits,
+                        min_split_len=min_len, counters=counters, block_n=block_n, num_warps=warps,
+                        num_stages=stages)
+        with pdl_enabled(False):
+            errs = {}
+            for key, fn in fns.items():
+                errs[key] = rel_err(fn(), refs[key[:2]])
+                if ncu:
+                    fn()  # each setting twice in a row: Nsight Compute's launches 2i and 2i + 1
+            if ncu:
+                torch.cuda.synchronize()
+                emit(part="layout_ncu_errs", errs={"/".join(map(str, k)): round(v, 5) for k, v in errs.items()})
+                continue
+            times = interleaved_times(fns)
         for key, ts in times.items():
             t = sorted(ts)[len(ts) // 2]
             emit(part="layout", context=ctx, layout=key[0], tables=key[1], splits=key[2], min_split_len=key[3],
                  block_n=key[4], warps=key[5], stages=key[6], us=round(t * 1e6, 1),
                  us_all=[round(x * 1e6, 1) for x in ts], pct_of_copy=round(100 * live / t / copy_bw, 1),
                  rel_err=round(errs[key], 5))
-        if ncu:
-            emit(part="layout_ncu_errs", errs={"/".join(map(str, k)): round(v, 5) for k, v in errs.items()})
-        del cases
+        del fns, refs
         free_gpu()
-
 
 def policy_sweep() -> None:
     """The decode kernel's (most splits, fewest tokens a split, tile) on the engine's
     head-major pool, over the ragged and uniform batches of `splits`; PDL off. The engine's
     choice (decode_splits) is marked, and today's token-major pool is timed with it too.
     Each setting is timed 3 times, interleaved (medians)."""
-    import kernels.pdl
     from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-    from loadtest.bench_gpu import graph_time
     from services.engine.cuda_graphs import decode_splits
 
-    kernels.pdl.ENABLED = False
     g = torch.Generator().manual_seed(0)
     shapes = {  # name: (batch, heads, kv_heads, lens)
         "llama-1b ragged b256": (256, 32, 8, torch.randint(100, 2048, (256,), generator=g)),
@@ -626,16 +638,13 @@ def policy_sweep() -> None:
         cases = [("hnd", cfg) for cfg in dict.fromkeys(settings + [engine_cfg])] + [("nhd", engine_cfg)]
         refs = {layout: paged_decode_attention_ref(q, *pools[layout], tables, seq_lens, dim**-0.5).float()
                 for layout in pools}
-        times: dict[tuple, list[float]] = defaultdict(list)
-        errs = {}
-        for _ in range(3):
-            for layout, cfg in cases:
-                k_cache, v_cache = pools[layout]
-                fn = lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, dim**-0.5,  # noqa: E731
-                                                    num_splits=cfg[0], min_split_len=cfg[1], block_n=cfg[2],
-                                                    counters=counters)
-                errs[layout, cfg] = float((fn().float() - refs[layout]).norm() / refs[layout].norm())
-                times[layout, cfg].append(graph_time(fn))
+        fns = {(layout, cfg): functools.partial(paged_decode_attention, q, *pools[layout], tables, seq_lens,
+                                                dim**-0.5, num_splits=cfg[0], min_split_len=cfg[1], block_n=cfg[2],
+                                                counters=counters)
+               for layout, cfg in cases}
+        with pdl_enabled(False):
+            errs = {key: rel_err(fn(), refs[key[0]]) for key, fn in fns.items()}
+            times = interleaved_times(fns)
         rows = [{"layout": layout, "cfg": cfg, "us": round(sorted(ts)[1] * 1e6, 2),
                  "GBps": round(live / sorted(ts)[1] / 1e9), "rel_err": round(errs[layout, cfg], 5)}
                 for (layout, cfg), ts in times.items()]
@@ -644,7 +653,7 @@ def policy_sweep() -> None:
              engine_hnd=next(r for r in rows if r["layout"] == "hnd" and r["cfg"] == engine_cfg),
              engine_nhd=next(r for r in rows if r["layout"] == "nhd"), best=best[:4], all=rows,
              max_rel_err=max(errs.values()))
-        del pools
+        del pools, fns
         free_gpu()
 
 
