@@ -86,10 +86,13 @@ def throughput_pdserve(preset: str, async_scheduling: bool) -> None:
     free_gpu()
 
 
-def throughput_hf_cb(preset: str, async_batching: bool | None) -> None:
+HF_ASYNC_BATCHING = {"default": None, "on": True, "off": False}  # HF's use_async_batching
+
+
+def throughput_hf_cb(preset: str, async_batching: str) -> None:
     """HF continuous batching with the issue's best settings (CUDA graphs, max_batch_tokens 8192,
-    block size 32), per-request output lengths. `async_batching` None is HF's own choice (off
-    for paged|sdpa, which needs an attention mask); True overlaps its host work with the GPU."""
+    block size 32), per-request output lengths. `async_batching` "default" is HF's own choice
+    (off for paged|sdpa, which needs an attention mask); "on" overlaps its host work with the GPU."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
@@ -98,7 +101,7 @@ def throughput_hf_cb(preset: str, async_batching: bool | None) -> None:
 
     def run(prompts, lens, persistent):
         cbc = ContinuousBatchingConfig(use_cuda_graph=True, max_batch_tokens=8192, block_size=32,
-                                       use_async_batching=async_batching)
+                                       use_async_batching=HF_ASYNC_BATCHING[async_batching])
         gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(lens))
         hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lens),
                               num_requests=len(prompts))
@@ -123,15 +126,10 @@ def throughput_hf_cb(preset: str, async_batching: bool | None) -> None:
     run(w.prompts[:16], [16] * 16, persistent=True)  # warm-up: cache and graphs
     tokens, elapsed = run(w.prompts, w.output_lens, persistent=True)
     model.destroy_cached_continuous_batching_manager()
-    record(part="throughput", system="hf continuous batching", preset=preset, async_batching=cbc_async(async_batching),
-           output_tokens=tokens,
-           elapsed_s=round(elapsed, 2), output_tokens_per_s=round(tokens / elapsed, 1))
+    record(part="throughput", system="hf continuous batching", preset=preset, async_batching=async_batching,
+           output_tokens=tokens, elapsed_s=round(elapsed, 2), output_tokens_per_s=round(tokens / elapsed, 1))
     del model
     free_gpu()
-
-
-def cbc_async(async_batching: bool | None) -> str:
-    return {None: "hf default", True: "on", False: "off"}[async_batching]
 
 
 def throughput_hf_generate(preset: str, n: int = 64) -> None:
@@ -318,7 +316,7 @@ PARTS = {
 ASYNC = [True, False]  # async scheduling on, then off: the baseline, in the same run
 FUSE = [True, False]  # batch 1: norm + GEMV fused, then not
 PDL = [True, False]  # batch 1: programmatic dependent launch, then plain stream order
-HF_ASYNC: list[bool | None] = [None]  # HF continuous batching: its own async-batching choice
+HF_ASYNC = ["default"]  # HF continuous batching: its own async-batching choice
 
 
 def on_off(spec: str) -> list[bool]:
@@ -344,7 +342,8 @@ def main() -> None:
     presets = [p for p in args.presets.split(",") if p]
     CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
     ASYNC[:], FUSE[:], PDL[:] = on_off(args.async_scheduling), on_off(args.fuse_norm_gemv), on_off(args.pdl)
-    HF_ASYNC[:] = [{"default": None, "on": True, "off": False}[a] for a in args.hf_async_batching.split(",") if a]
+    HF_ASYNC[:] = [a for a in args.hf_async_batching.split(",") if a]
+    assert set(HF_ASYNC) <= set(HF_ASYNC_BATCHING), args.hf_async_batching
     parts = [p for p in PARTS if p not in args.skip.split(",") and (not args.only or p in args.only.split(","))]
     record(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)
     for part in parts:
