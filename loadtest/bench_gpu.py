@@ -15,6 +15,13 @@
      and SDPA over contiguous K/V
 
     python loadtest/bench_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--skip hf-cb,...] [--out DIR]
+
+Every part at its defaults does not fit one 8- or 10-minute device call: on an H200 (2026-12-04)
+the HF baselines alone take about 8 minutes (continuous batching 139 s + 177 s, generate()
+68 s + 76 s of timed runs), correctness 111 s, pdserve 64 s a setting of async scheduling,
+bandwidth 20 s. Run it as two calls, the HF baselines beside pdserve's throughput in the second:
+    python -m loadtest.bench_gpu --skip hf-cb,hf-generate
+    python -m loadtest.bench_gpu --only pdserve,hf-generate,hf-cb --async-scheduling on   # 559 s
 """
 
 from __future__ import annotations
