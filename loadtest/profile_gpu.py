@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import time
 import traceback
 from collections import defaultdict
@@ -542,7 +543,7 @@ def grid_sweep() -> None:
             errs = {cfg: rel_err(fn(), ref) for cfg, fn in fns.items()}
             times = interleaved_times(fns)
         for cfg in settings:
-            t = sorted(times[cfg])[1]
+            t = statistics.median(times[cfg])
             emit(part="grid", context=ctx, pdl=cfg[0], splits=cfg[1], min_split_len=cfg[2], block_n=cfg[3],
                  warps=cfg[4], stages=cfg[5], us=round(t * 1e6, 1), us_all=[round(x * 1e6, 1) for x in times[cfg]],
                  pct_of_copy=round(100 * live / t / copy_bw, 1), rel_err=round(errs[cfg], 5))
@@ -595,7 +596,7 @@ def layout_sweep(ncu: bool = False) -> None:
                 continue
             times = interleaved_times(fns)
         for key, ts in times.items():
-            t = sorted(ts)[len(ts) // 2]
+            t = statistics.median(ts)
             emit(part="layout", context=ctx, layout=key[0], tables=key[1], splits=key[2], min_split_len=key[3],
                  block_n=key[4], warps=key[5], stages=key[6], us=round(t * 1e6, 1),
                  us_all=[round(x * 1e6, 1) for x in ts], pct_of_copy=round(100 * live / t / copy_bw, 1),
@@ -603,10 +604,11 @@ def layout_sweep(ncu: bool = False) -> None:
         del fns, refs
         free_gpu()
 
+
 def policy_sweep() -> None:
     """The decode kernel's (most splits, fewest tokens a split, tile) on the engine's
     head-major pool, over the ragged and uniform batches of `splits`; PDL off. The engine's
-    choice (decode_splits) is marked, and today's token-major pool is timed with it too.
+    choice (decode_splits) is marked, and the earlier token-major pool is timed with it too.
     Each setting is timed 3 times, interleaved (medians)."""
     from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
     from services.engine.cuda_graphs import decode_splits
@@ -645,9 +647,9 @@ def policy_sweep() -> None:
         with pdl_enabled(False):
             errs = {key: rel_err(fn(), refs[key[0]]) for key, fn in fns.items()}
             times = interleaved_times(fns)
-        rows = [{"layout": layout, "cfg": cfg, "us": round(sorted(ts)[1] * 1e6, 2),
-                 "GBps": round(live / sorted(ts)[1] / 1e9), "rel_err": round(errs[layout, cfg], 5)}
-                for (layout, cfg), ts in times.items()]
+        medians = {key: statistics.median(ts) for key, ts in times.items()}
+        rows = [{"layout": layout, "cfg": cfg, "us": round(t * 1e6, 2), "GBps": round(live / t / 1e9),
+                 "rel_err": round(errs[layout, cfg], 5)} for (layout, cfg), t in medians.items()]
         best = sorted((r for r in rows if r["layout"] == "hnd"), key=lambda r: r["us"])
         emit(part="policy", shape=name, live_MB=round(live / 1e6, 1), engine_cfg=engine_cfg,
              engine_hnd=next(r for r in rows if r["layout"] == "hnd" and r["cfg"] == engine_cfg),
