@@ -39,7 +39,9 @@ test: install
 
 # Resolve pyproject.toml (with .ci/constraints.txt) again, today's newest allowed versions, and
 # rewrite the locks; commit them with the change that needed them. Needs PyPI.
-lock: | $(VENV)/.locked
+# It uses the venv's locked uv as it is (an out-of-date venv is not rebuilt first).
+lock:
+	@test -x $(VENV)/bin/uv || $(MAKE) install
 	$(PY) .ci/lock.py
 
 # CPython 3.12 wheels of the GPU lock's pins for the GPU host, which has its own torch

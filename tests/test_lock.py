@@ -52,6 +52,11 @@ def test_every_pin_is_exact_and_carries_its_hashes():
             assert hashes, f"{path.name}: {pin} has no hash"
 
 
+def test_the_locks_name_no_path_of_the_machine_that_wrote_them():
+    for path in (CPU, GPU, MODEL):  # else every `make lock` would rewrite the `# via` lines
+        assert re.findall(r"\s(/\S+)", path.read_text()) == [], path.name
+
+
 def test_the_cpu_lock_takes_torch_s_cpu_build_and_no_cuda_package():
     pins = lock.pins(CPU)
     assert pins["torch"] == "2.13.0+cpu"
