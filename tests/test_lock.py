@@ -3,6 +3,7 @@ build of torch and no CUDA package, and the environment the tests run in is the 
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import re
@@ -98,6 +99,33 @@ def test_every_requirement_of_pyproject_and_the_constraints_is_met_by_the_lock(p
             continue
         assert name in pins, f"{path.name} lacks {req}"
         assert req.specifier.contains(Version(pins[name]), prereleases=True), f"{path.name}: {name}=={pins[name]} breaks {req}"
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A package imported only because something else happens to pull it in breaks when that
+    something changes (as httpx did under openai 3.63): import what pyproject declares."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {lock.normalise(Requirement(r).name) for r in
+                (*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"])}
+    first_party = {"services", "router", "kernels", "loadtest", "tests", "pdserve"}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for folder in ("services", "router", "kernels", "loadtest", "tests", "protos", ".ci"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - first_party - set(sys.stdlib_module_names):
+                    dists = {lock.normalise(d) for d in providers.get(top, [top])}
+                    if not dists & declared:
+                        undeclared.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert undeclared == {}
 
 
 @pytest.mark.skipif(Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
