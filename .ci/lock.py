@@ -111,13 +111,14 @@ def recorded_digest(lock: Lock) -> str | None:
 
 
 def pins(path: Path) -> dict[str, str]:
-    """name -> version of every `name==version` line of a lock (names normalised)."""
-    found = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9._-]+)==(\S+)", line)
-        if m:
-            found[normalise(m.group(1))] = m.group(2)
-    return found
+    """name -> version of every pin of a lock (names normalised)."""
+    return {name: entry.split("==", 1)[1].split()[0] for name, entry in entries(path).items()}
+
+
+def entries(path: Path) -> dict[str, str]:
+    """name -> that pin's lines of a lock: `name==version` and its `--hash` continuations."""
+    found = re.findall(r"^([A-Za-z0-9._-]+)(==\S+(?: \\\n\s+--hash=\S+)*)", path.read_text(), flags=re.M)
+    return {normalise(name): name + rest for name, rest in found}
 
 
 def normalise(name: str) -> str:
@@ -167,14 +168,11 @@ def check() -> list[str]:
 def device_wheels(dest: str, names: list[str]) -> None:
     """Download CPython 3.12 manylinux wheels of the GPU lock's pins of `names` (hash-checked)."""
     gpu = next(lock for lock in LOCKS if lock.name == "requirements-gpu.lock")
-    text = gpu.path.read_text()
+    locked = entries(gpu.path)
     wanted = {normalise(n) for n in names}
-    missing = wanted - pins(gpu.path).keys()
-    if missing:
+    if missing := wanted - locked.keys():
         raise SystemExit(f"not in {gpu.name}: {', '.join(sorted(missing))}")
-    # A pin and its `--hash` continuation lines, for each wanted name.
-    blocks = re.findall(r"^([A-Za-z0-9._-]+==\S+(?: \\\n\s+--hash=\S+)*)", text, flags=re.M)
-    chosen = [b for b in blocks if normalise(b.split("==")[0]) in wanted]
+    chosen = [locked[name] for name in sorted(wanted)]
     platforms = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as req:
         req.write("\n".join(chosen) + "\n")

@@ -45,12 +45,14 @@ def test_a_dependency_added_to_pyproject_without_make_lock_is_caught(tmp_path, m
 
 def test_every_pin_is_exact_and_carries_its_hashes():
     for path in (CPU, GPU, MODEL):
-        entries = re.findall(r"^(\S+)((?: \\\n\s+--hash=sha256:[0-9a-f]{64})*)", path.read_text(), flags=re.M)
-        entries = [(pin, hashes) for pin, hashes in entries if not pin.startswith("#")]
-        assert entries, path
-        for pin, hashes in entries:
+        requirement_lines = [line for line in path.read_text().splitlines()
+                             if line.strip() and not line.lstrip().startswith(("#", "--hash="))]
+        entries = lock.entries(path)
+        assert len(entries) == len(requirement_lines) > 0, path.name  # every requirement is a `==` pin
+        for entry in entries.values():
+            pin, *hashes = entry.split(" \\\n")
             assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9A-Za-z.+!-]+", pin), f"{path.name}: {pin} is not exact"
-            assert hashes, f"{path.name}: {pin} has no hash"
+            assert hashes and all(re.fullmatch(r"\s+--hash=sha256:[0-9a-f]{64}", h) for h in hashes), entry
 
 
 def test_the_locks_name_no_path_of_the_machine_that_wrote_them():
