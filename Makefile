@@ -12,14 +12,15 @@ LOCKS  := $(LOCK) .ci/model.lock
 install: $(VENV)/.stubs
 
 # A changed lock rebuilds the venv from nothing, so it holds exactly the locked set. --no-deps:
-# the lock is the complete transitive set; --require-hashes: each file is the one locked. The
-# venv's own pip (Python's bundled one) installs the locked pip with the rest.
+# the lock is the complete transitive set; --require-hashes: each file is the one locked;
+# --only-binary: wheels only, so no build backend outside the lock ever runs. The venv's own
+# pip (Python's bundled one) installs the locked pip with the rest.
 $(VENV)/.locked: $(LOCKS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
 		{ echo "the lock is for CPython 3.11 ($(PYTHON) is not): make PYTHON=python3.11 ..."; exit 1; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --no-deps --require-hashes $(addprefix -r ,$(LOCKS))
+	$(PIP) install --no-deps --require-hashes --only-binary=:all: $(addprefix -r ,$(LOCKS))
 	touch $@
 
 # pdserve itself, built by the locked setuptools (no isolated build env with a newer one).

