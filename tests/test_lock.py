@@ -4,6 +4,7 @@ build of torch and no CUDA package, and the environment the tests run in is the 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.metadata
 import importlib.util
 import re
@@ -37,8 +38,7 @@ def test_a_dependency_added_to_pyproject_without_make_lock_is_caught(tmp_path, m
     (tmp_path / "pyproject.toml").write_text(pyproject.replace('"xxhash>=3.4",', '"xxhash>=3.4",\n    "rich>=13",'))
     monkeypatch.setattr(lock, "ROOT", tmp_path)
     monkeypatch.setattr(lock, "CONSTRAINTS", tmp_path / ".ci" / "constraints.txt")
-    monkeypatch.setattr(lock, "LOCKS", tuple(
-        lock.Lock(**{**l.__dict__, "path": tmp_path / ".ci" / l.name}) for l in lock.LOCKS))
+    monkeypatch.setattr(lock, "LOCKS", tuple(dataclasses.replace(l, path=tmp_path / ".ci" / l.name) for l in lock.LOCKS))
     stale = lock.check()
     assert [line.split()[0] for line in stale] == [".ci/requirements.lock", ".ci/requirements-gpu.lock"]
 
