@@ -97,10 +97,20 @@ def input_digest(lock: Lock) -> str:
             "extras": {e: project["project"]["optional-dependencies"][e] for e in lock.extras},
             "requires-python": project["project"]["requires-python"],
             "build-system": project["build-system"]["requires"],
-            "constraints": [line for line in CONSTRAINTS.read_text().splitlines()
-                            if line.strip() and not line.startswith("#")],
+            "constraints": constraints(),
         }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def constraints() -> list[str]:
+    """The requirement lines of .ci/constraints.txt (its comments are not inputs)."""
+    return [line for line in CONSTRAINTS.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def project_requirements(extras: tuple[str, ...]) -> list[str]:
+    """pyproject.toml's dependencies and those of the named extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
 
 
 def recorded_digest(lock: Lock) -> str | None:

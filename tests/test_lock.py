@@ -22,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("pdserve_lock", ROOT / ".ci" / "l
 lock = sys.modules.setdefault("pdserve_lock", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(lock)  # registered first: its dataclass looks itself up there
 
-CPU, GPU, MODEL = (ROOT / ".ci" / name for name in ("requirements.lock", "requirements-gpu.lock", "model.lock"))
+CPU, GPU, MODEL = (l.path for l in lock.LOCKS)
 CUDA_NAME = re.compile(r"^(nvidia-|cuda-|cupy)|-cu1[0-9]")
 
 
@@ -32,8 +32,8 @@ def test_every_lock_is_up_to_date_with_pyproject_and_constraints():
 
 def test_a_dependency_added_to_pyproject_without_make_lock_is_caught(tmp_path, monkeypatch):
     (tmp_path / ".ci").mkdir()
-    for name in ("constraints.txt", "requirements.lock", "requirements-gpu.lock", "model.lock"):
-        shutil.copy(ROOT / ".ci" / name, tmp_path / ".ci" / name)
+    for path in (lock.CONSTRAINTS, CPU, GPU, MODEL):
+        shutil.copy(path, tmp_path / ".ci" / path.name)
     pyproject = (ROOT / "pyproject.toml").read_text()
     (tmp_path / "pyproject.toml").write_text(pyproject.replace('"xxhash>=3.4",', '"xxhash>=3.4",\n    "rich>=13",'))
     monkeypatch.setattr(lock, "ROOT", tmp_path)
@@ -88,9 +88,7 @@ def test_installer_build_backend_lock_tool_and_default_model_are_pinned():
 ])
 def test_every_requirement_of_pyproject_and_the_constraints_is_met_by_the_lock(path, python, host_provided):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    requirements = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"],
-                    *project["build-system"]["requires"],
-                    *(line for line in lock.CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#"))]
+    requirements = [*lock.project_requirements(("test",)), *project["build-system"]["requires"], *lock.constraints()]
     env = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython", "extra": ""}
     pins = lock.pins(path)
@@ -106,9 +104,7 @@ def test_every_requirement_of_pyproject_and_the_constraints_is_met_by_the_lock(p
 def test_every_third_party_import_is_a_declared_dependency():
     """A package imported only because something else happens to pull it in breaks when that
     something changes (as httpx did under openai 3.63): import what pyproject declares."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    declared = {lock.normalise(Requirement(r).name) for r in
-                (*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"])}
+    declared = {lock.normalise(Requirement(r).name) for r in lock.project_requirements(("test",))}
     first_party = {"services", "router", "kernels", "loadtest", "tests", "pdserve"}
     providers = importlib.metadata.packages_distributions()
     undeclared = {}
