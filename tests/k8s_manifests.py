@@ -8,6 +8,7 @@ No cluster: Helm's Go SDK (helm-python-sdk) renders the chart, `kubectl kustomiz
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import re
@@ -28,17 +29,13 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 PDSERVE_ROLES = ("router", "prefill", "decode")
 POD_IP = "10.1.2.3"  # what the downward API would give status.podIP
 
-# Flags of the issue-5 contract (COMMON.md "Agreed contracts") that the manifests already pass
-# but this branch's CLI does not define yet. The parser gets them added only where they are
-# missing, and the router's --decode-peers stops being required with --redis, as agreed.
-# Once issue 5 is merged, test_expected_new_flags_are_still_missing fails: delete this list.
 # ---- rendering ---------------------------------------------------------------------------------
 
 
-def render_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def render_chart(values: dict[str, Any] | None = None, chart: Path = CHART) -> list[dict[str, Any]]:
     """Every object the chart renders for `values` (release `pdserve`, namespace `default`)."""
-    with helm_python.Chart.load(CHART) as chart:
-        rendered = chart.render(values or {}, name=RELEASE, namespace="default")
+    with helm_python.Chart.load(chart) as loaded:
+        rendered = loaded.render(values or {}, name=RELEASE, namespace="default")
     return [obj for path in sorted(rendered) if path.endswith(".yaml") for obj in yaml.safe_load_all(rendered[path]) if obj]
 
 
@@ -102,9 +99,19 @@ def gpus(container: dict[str, Any]) -> tuple[int, int]:
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
+def secret_value(objects: list[dict[str, Any]], name: str, key: str) -> str:
+    """A Secret's value as the kubelet hands it over: decoded from the rendered Secret, or
+    `secret:NAME/KEY` for one the manifests expect to exist already."""
+    for secret in of_kind(objects, "Secret"):
+        if secret["metadata"]["name"] == name:
+            assert key in secret.get("data", {}), f"Secret {name} has no key {key!r}"
+            return base64.b64decode(secret["data"][key]).decode()
+    return f"secret:{name}/{key}"
+
+
 def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
     """The container's environment as the kubelet builds it: envFrom first, env over it.
-    Downward-API status.podIP becomes POD_IP; a Secret's value becomes `secret:NAME/KEY`."""
+    Downward-API status.podIP becomes POD_IP; a Secret's value comes from secret_value."""
     config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in of_kind(objects, "ConfigMap")}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
@@ -119,7 +126,7 @@ def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> d
             env[var["name"]] = POD_IP
         else:
             ref = var["valueFrom"]["secretKeyRef"]
-            env[var["name"]] = f"secret:{ref['name']}/{ref['key']}"
+            env[var["name"]] = secret_value(objects, ref["name"], ref["key"])
     return env
 
 
@@ -132,6 +139,13 @@ def expand(text: str, env: dict[str, str]) -> str:
         return env[m.group(1)]
 
     return _VAR_REF.sub(sub, text)
+
+
+def secret_volumes(obj: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (Secret name, readOnly) of every Secret volume the container mounts."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(obj)["volumes"] if "secret" in v}
+    return {m["mountPath"]: (secrets[m["name"]], bool(m.get("readOnly")))
+            for m in container.get("volumeMounts", []) if m["name"] in secrets}
 
 
 def command_line(container: dict[str, Any], objects: list[dict[str, Any]]) -> list[str]:

@@ -1,10 +1,12 @@
 """The Helm chart, the kustomize overlays and the Dockerfiles: rendered offline (Helm's Go SDK,
 `kubectl kustomize`), validated against the Kubernetes 1.30 schemas, and held to the invariants
 the deployment depends on (probes, resources, non-root, GPUs, ports, Redis, the CLI's flags,
-who may talk to whom)."""
+who may talk to whom, where keys and certificates come from)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
@@ -40,6 +42,8 @@ from tests.k8s_manifests import (
     pod_spec,
     render_chart,
     render_kustomize,
+    secret_value,
+    secret_volumes,
     selects,
     values_file,
     workload,
@@ -52,9 +56,16 @@ EVERYTHING_ON = {"metrics": {"serviceMonitor": {"enabled": True}, "podAnnotation
                  "router": {"autoscaling": {"enabled": True}},
                  "prefill": {"autoscaling": {"enabled": True, "metric": "cpu"}},
                  "decode": {"autoscaling": {"enabled": True, "metric": "queue"}}}
+# No API key, no internal mTLS (the Redis password stays).
+OPEN = {"auth": {"enabled": False}, "internalTLS": {"enabled": False},
+        "metrics": {"serviceMonitor": {"enabled": True}}}
+ROUTER_TLS = {"router": {"tls": {"existingSecret": "router-tls"}},
+              "metrics": {"serviceMonitor": {"enabled": True, "tlsConfig": {"insecureSkipVerify": True}}}}
 # rendering -> GPUs each worker pod requests
 RENDERINGS = {"chart-default": 1, "chart-cpu": 0, "chart-external-redis": 1, "chart-everything-on": 1,
-              "kustomize-gpu": 1, "kustomize-cpu-dev": 0}
+              "chart-open": 1, "chart-router-tls": 1, "kustomize-gpu": 1, "kustomize-cpu-dev": 0}
+INTERNAL_TLS_DIR = "/etc/pdserve/internal-tls"
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 @cache
@@ -64,6 +75,8 @@ def _rendered(name: str) -> tuple[dict[str, Any], ...]:
         "chart-cpu": lambda: render_chart(values_file("values-cpu.yaml")),
         "chart-external-redis": lambda: render_chart(EXTERNAL),
         "chart-everything-on": lambda: render_chart(EVERYTHING_ON),
+        "chart-open": lambda: render_chart(OPEN),
+        "chart-router-tls": lambda: render_chart(ROUTER_TLS),
         "kustomize-gpu": lambda: render_kustomize("gpu"),
         "kustomize-cpu-dev": lambda: render_kustomize("cpu-dev"),
     }[name]
@@ -82,7 +95,8 @@ def rendering(request) -> str:
 # ---- Helm lint and the schemas -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, "values-cpu.yaml", EXTERNAL], ids=["default", "cpu", "external-redis"])
+@pytest.mark.parametrize("values", [None, "values-cpu.yaml", EXTERNAL, OPEN, ROUTER_TLS],
+                         ids=["default", "cpu", "external-redis", "open", "router-tls"])
 def test_chart_lints_without_warnings(values):
     values = values_file(values) if isinstance(values, str) else values
     report = helm_python.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}.0")
@@ -123,6 +137,13 @@ def test_servicemonitor_scrapes_the_router_and_worker_metrics_ports():
     {"router": {"routingPolicy": "random"}},
     {"decode": {"autoscaling": {"metric": "gpu"}}},
     {"replicas": 3},  # a typo of a nested key lands at the top level
+    {"router": {"healthPort": 0}},
+    {"engine": {"schedulingPolicy": "lifo"}},
+    {"engine": {"maxQueuedRequests": 0}},
+    {"auth": {"existingSecret": "Not_A_Secret_Name"}},
+    {"internalTLS": {"enable": True}},
+    {"router": {"limits": {"maxRequestBytes": "lots"}}},
+    {"router": {"limits": {"maxTokens": 5}}},
 ], ids=lambda v: json.dumps(v))
 def test_values_schema_rejects_bad_values(bad):
     with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmValuesError):
@@ -176,17 +197,44 @@ def test_pdserve_containers_have_writable_home_weight_and_triton_caches(renderin
         assert "/tmp" in mounts
 
 
-def test_probe_ports_are_the_containers_grpc_and_http_ports(rendering):
+def test_probe_ports_are_the_containers_health_and_http_ports(rendering):
     for obj, c in containers(rendered(rendering)):
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for kind in PROBES:
             probe = c.get(kind)
             if probe is None:
                 continue
             if "grpc" in probe:  # a gRPC probe names its port by number only
-                assert probe["grpc"]["port"] == ports["grpc"], f"{obj['metadata']['name']} {kind}"
+                assert probe["grpc"]["port"] == ports["health"], f"{obj['metadata']['name']} {kind}"
             elif "httpGet" in probe:
                 assert probe["httpGet"]["port"] in ports or probe["httpGet"]["port"] in ports.values()
+
+
+def test_every_grpc_probe_goes_to_the_plaintext_health_port_of_its_process(rendering):
+    # TLS guards the gRPC ports, and the kubelet's gRPC probes present no certificate: they ask
+    # --health-port, which serves grpc.health.v1 alone (NOT_SERVING while draining, as before).
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        args = parse_cli(command_line(c, objects)[1:])
+        health = container_port(c, "health")
+        assert args.health_port == health, role
+        assert health not in {p["containerPort"] for p in c["ports"] if p["name"] != "health"}, role
+        grpc_probes = {kind: c[kind]["grpc"]["port"] for kind in PROBES if "grpc" in c[kind]}
+        probed = set(PROBES) - ({"readinessProbe"} if role == "router" else set())
+        assert grpc_probes == dict.fromkeys(probed, health), f"{rendering}: {role}"
+    for svc in of_kind(objects, "Service"):  # for the kubelet alone: no Service exposes it
+        assert "health" not in {p["targetPort"] for p in svc["spec"]["ports"]}, svc["metadata"]["name"]
+
+
+def test_router_readiness_is_healthz_over_https_exactly_when_the_router_has_tls(rendering):
+    objects = rendered(rendering)
+    (c,) = pod_spec(workload(objects, "router"))["containers"]
+    args = parse_cli(command_line(c, objects)[1:])
+    assert (args.tls_cert is not None) == (rendering == "chart-router-tls")
+    probe = c["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/healthz", "http")
+    assert probe["scheme"] == ("HTTPS" if args.tls_cert else "HTTP")
 
 
 def test_services_select_one_workload_and_target_its_ports(rendering):
@@ -246,21 +294,26 @@ def test_engine_settings_reach_the_cli_as_exact_numbers():
 # ---- Redis -------------------------------------------------------------------------------------
 
 
-def test_every_pdserve_container_reaches_the_redis_service(rendering):
+def test_every_pdserve_container_reaches_the_redis_service_with_its_password(rendering):
     objects = rendered(rendering)
+    if rendering.startswith("kustomize-"):
+        objects += user_secrets()
     external = rendering == "chart-external-redis"
     for role in PDSERVE_ROLES:
         (c,) = pod_spec(workload(objects, role))["containers"]
-        args = parse_cli(command_line(c, objects)[1:])
-        assert args.redis == container_env(c, objects)["PDSERVE_REDIS_URL"]
+        # The URL holds the password, and `ps` shows a command line: the CLI reads PDSERVE_REDIS_URL.
+        assert not [a for a in command_line(c, objects) if a.startswith("--redis")], role
+        redis_url = container_env(c, objects)["PDSERVE_REDIS_URL"]
         if external:
-            assert args.redis == EXTERNAL_REDIS
+            assert redis_url == EXTERNAL_REDIS
             continue
-        url = urlsplit(args.redis)
+        url = urlsplit(redis_url)
         (svc,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == url.hostname]
         assert component(svc) == "redis" and [p["port"] for p in svc["spec"]["ports"]] == [url.port]
         (redis,) = pod_spec(workload(objects, "redis"))["containers"]
         assert container_port(redis, "redis") == url.port
+        argv = command_line(redis, objects)
+        assert url.password == argv[argv.index("--requirepass") + 1] and url.username == "", role
     if external:
         assert [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"] == []
 
@@ -275,6 +328,226 @@ def test_redis_url_from_a_secret_and_the_egress_port_that_goes_with_it():
     policies = of_kind(objects, "NetworkPolicy")
     decode = pod_labels(workload(objects, "decode"))
     assert allows(policies, decode, None, 6390) and not allows(policies, decode, None, 6379)
+
+
+def test_the_redis_password_reaches_every_pod_only_through_a_secret_reference():
+    objects = rendered("chart-default")
+    password = secret_value(objects, "pdserve-redis", "password")
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)  # URL-safe: it sits inside redis://:PASSWORD@
+    assert password not in json.dumps([o for o in objects if o["kind"] != "Secret"])
+    ref = {"name": "pdserve-redis", "key": "password"}
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref, role
+        assert env["PDSERVE_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@pdserve-redis:6379/0", role
+    (redis,) = pod_spec(workload(objects, "redis"))["containers"]
+    env = {e["name"]: e for e in redis["env"]}
+    # REDISCLI_AUTH: the probes' redis-cli authenticates without a password on its command line.
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == ref
+    assert "--protected-mode" not in redis["args"]
+    argv = command_line(redis, objects)
+    assert argv[argv.index("--requirepass") + 1] == password
+    for kind in ("readinessProbe", "livenessProbe"):
+        assert "redis-cli -p 6379 ping" in redis[kind]["exec"]["command"][-1]
+
+
+def test_redis_password_from_an_existing_secret():
+    objects = render_chart({"redis": {"auth": {"existingSecret": "infra-redis", "existingSecretKey": "pw"}}})
+    assert "pdserve-redis" not in {s["metadata"]["name"] for s in of_kind(objects, "Secret")}
+    for role in (*PDSERVE_ROLES, "redis"):
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert container_env(c, objects)["REDIS_PASSWORD"] == "secret:infra-redis/pw", role
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert container_env(c, objects)["PDSERVE_REDIS_URL"] == "redis://:secret:infra-redis/pw@pdserve-redis:6379/0"
+
+
+# ---- API key, internal mTLS, router TLS --------------------------------------------------------
+
+
+def _secret(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [s for s in of_kind(objects, "Secret") if s["metadata"]["name"] == name]
+    return found
+
+
+def _endpoints(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    (sm,) = of_kind(objects, "ServiceMonitor")
+    return {e["port"]: e for e in sm["spec"]["endpoints"]}
+
+
+def test_the_router_reads_its_api_key_from_a_secret_that_the_servicemonitor_sends():
+    objects = rendered("chart-everything-on")
+    ref = {"name": "pdserve-api-key", "key": "api-key"}
+    key = secret_value(objects, **ref)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", key)
+    assert key not in json.dumps([o for o in objects if o["kind"] != "Secret"])
+    (router,) = pod_spec(workload(objects, "router"))["containers"]
+    assert {e["name"]: e for e in router["env"]}["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == ref
+    args = parse_cli(command_line(router, objects)[1:])
+    assert (args.api_key, args.api_key_file, args.metrics_without_auth) == ([], None, False)  # env only
+    for role in ("prefill", "decode"):  # workers answer peers by certificate, not clients by key
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert "PDSERVE_API_KEY" not in container_env(c, objects), role
+    endpoints = _endpoints(objects)
+    assert endpoints["http"]["authorization"] == {"type": "Bearer", "credentials": ref}
+    assert "authorization" not in endpoints["metrics"] and "scheme" not in endpoints["metrics"]
+
+
+def test_metrics_without_auth_and_an_existing_key_secret():
+    objects = render_chart({"auth": {"existingSecret": "client-keys", "existingSecretKey": "primary"},
+                            "metrics": {"serviceMonitor": {"enabled": True}}})
+    assert "pdserve-api-key" not in {s["metadata"]["name"] for s in of_kind(objects, "Secret")}
+    (router,) = pod_spec(workload(objects, "router"))["containers"]
+    assert container_env(router, objects)["PDSERVE_API_KEY"] == "secret:client-keys/primary"
+    assert _endpoints(objects)["http"]["authorization"]["credentials"] == {"name": "client-keys", "key": "primary"}
+    objects = render_chart({"router": {"metricsWithoutAuth": True}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    (router,) = pod_spec(workload(objects, "router"))["containers"]
+    assert parse_cli(command_line(router, objects)[1:]).metrics_without_auth is True
+    assert "authorization" not in _endpoints(objects)["http"]
+
+
+def test_every_pdserve_process_gets_internal_tls_from_the_mounted_secret(rendering):
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        obj = workload(objects, role)
+        (c,) = pod_spec(obj)["containers"]
+        args = parse_cli(command_line(c, objects)[1:])
+        mounts = secret_volumes(obj, c)
+        if rendering == "chart-open":
+            assert args.internal_tls is None and INTERNAL_TLS_DIR not in mounts, role
+            continue
+        assert args.internal_tls == INTERNAL_TLS_DIR, f"{rendering}: {role}"
+        assert mounts[INTERNAL_TLS_DIR] == ("pdserve-internal-tls", True), f"{rendering}: {role}"
+        (volume,) = [v for v in pod_spec(obj)["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-internal-tls"]
+        assert volume["secret"]["defaultMode"] == 0o440  # the key: owner root, group fsGroup 1000
+
+
+def test_generated_internal_certificate_serves_and_authenticates_as_pdserve_internal():
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    secret = _secret(rendered("chart-default"), "pdserve-internal-tls")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    pem = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    ca, cert = x509.load_pem_x509_certificate(pem["ca.crt"]), x509.load_pem_x509_certificate(pem["tls.crt"])
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    cert.verify_directly_issued_by(ca)
+    # Peers dial pod IPs and override the TLS target name to pdserve-internal.
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["pdserve-internal"]
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
+    key = serialization.load_pem_private_key(pem["tls.key"], password=None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+
+def test_pods_roll_when_the_generated_key_material_changes():
+    objects = rendered("chart-default")
+    data = {name: _secret(objects, f"pdserve-{suffix}")["data"]
+            for name, suffix in (("apiKey", "api-key"), ("internalTLS", "internal-tls"), ("redisPassword", "redis"))}
+    generated = {"apiKey": data["apiKey"]["api-key"], "internalTLS": data["internalTLS"],
+                 "redisPassword": data["redisPassword"]["password"]}
+    # The checksum is of what the Secrets hold (one generation per render, not one per template).
+    digest = hashlib.sha256(json.dumps(generated, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    for role in PDSERVE_ROLES:
+        assert workload(objects, role)["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"] == digest
+    redis_digest = hashlib.sha256(generated["redisPassword"].encode()).hexdigest()
+    assert workload(objects, "redis")["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"] == redis_digest
+
+
+def test_generated_secrets_survive_an_upgrade_when_lookup_finds_them(tmp_path):
+    # Offline, lookup finds nothing. A copy of the chart whose one lookup reads .Values.live
+    # instead plays the cluster: what the first render created is live for the second.
+    chart = tmp_path / "pdserve"
+    shutil.copytree(CHART, chart)
+    lookups = [p for p in (chart / "templates").iterdir() if "lookup " in p.read_text()]
+    assert [p.name for p in lookups] == ["_helpers.tpl"]
+    call = 'lookup "v1" "Secret" $.Release.Namespace (index . 1)'
+    assert lookups[0].read_text().count(call) == 1 and lookups[0].read_text().count("lookup ") == 1
+    lookups[0].write_text(lookups[0].read_text().replace(call, "index $.Values.live (index . 1)"))
+    (chart / "values.schema.json").unlink()  # it forbids the extra key
+
+    def render(live: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        objects = render_chart({"live": live}, chart=chart)
+        checksums = {w["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]
+                     for w in objects if w["kind"] == "Deployment" and component(w) in PDSERVE_ROLES}
+        return {s["metadata"]["name"]: s["data"] for s in of_kind(objects, "Secret")}, checksums
+
+    installed, checksums = render({})
+    assert set(installed) == {"pdserve-api-key", "pdserve-internal-tls", "pdserve-redis"}
+    live = {name: {"data": data} for name, data in installed.items()}
+    assert render(live) == (installed, checksums)
+    fresh, fresh_checksums = render({})
+    assert all(fresh[name] != installed[name] for name in installed) and fresh_checksums != checksums
+    # A live TLS Secret missing its CA is replaced whole, never mixed with new material.
+    del live["pdserve-internal-tls"]["data"]["ca.crt"]
+    upgraded, _ = render(live)
+    assert set(upgraded["pdserve-internal-tls"]) == {"ca.crt", "tls.crt", "tls.key"}
+    assert upgraded["pdserve-internal-tls"]["tls.crt"] != installed["pdserve-internal-tls"]["tls.crt"]
+
+
+def test_with_auth_and_internal_tls_off_no_key_or_certificate_is_rendered_or_passed():
+    objects = rendered("chart-open")
+    assert [s["metadata"]["name"] for s in of_kind(objects, "Secret")] == ["pdserve-redis"]
+    for role in PDSERVE_ROLES:
+        obj = workload(objects, role)
+        (c,) = pod_spec(obj)["containers"]
+        argv = command_line(c, objects)
+        assert not [a for a in argv if a.startswith(("--internal-tls", "--api-key", "--tls-"))], role
+        assert secret_volumes(obj, c) == {} and "PDSERVE_API_KEY" not in container_env(c, objects), role
+        assert "checksum/secrets" in obj["spec"]["template"]["metadata"]["annotations"]  # the Redis password
+    assert "authorization" not in _endpoints(objects)["http"]
+
+
+def test_router_tls_from_an_existing_secret_on_both_client_ports():
+    objects = rendered("chart-router-tls")
+    obj = workload(objects, "router")
+    (c,) = pod_spec(obj)["containers"]
+    args = parse_cli(command_line(c, objects)[1:])
+    assert (str(args.tls_cert), str(args.tls_key)) == ("/etc/pdserve/tls/tls.crt", "/etc/pdserve/tls/tls.key")
+    assert secret_volumes(obj, c)["/etc/pdserve/tls"] == ("router-tls", True)
+    assert "router-tls" not in {s["metadata"]["name"] for s in of_kind(objects, "Secret")}  # the user's
+    http = _endpoints(objects)["http"]
+    assert (http["scheme"], http["tlsConfig"]) == ("https", {"insecureSkipVerify": True})
+    (c,) = pod_spec(workload(rendered("chart-default"), "router"))["containers"]
+    assert parse_cli(command_line(c, rendered("chart-default"))[1:]).tls_cert is None
+
+
+# ---- admission and per-request limits ----------------------------------------------------------
+
+ROUTER_LIMITS = {"maxRequestBytes": "16MiB", "maxSeqsPerRequest": 64, "maxPromptChars": 100000,
+                 "maxHeaderBytes": 32768, "maxHeaderCount": 50, "maxConcurrentStreams": 256,
+                 "requestTimeout": 120, "tokenizerWorkers": 2}
+
+
+def test_admission_settings_and_router_limits_reach_the_cli_as_exact_values():
+    objects = render_chart({"engine": {"maxQueuedRequests": 512, "maxQueuedTokens": 1048576,
+                                       "schedulingPolicy": "priority"},
+                            "router": {"limits": ROUTER_LIMITS}})
+    for role in ("prefill", "decode"):
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        args = parse_cli(command_line(c, objects)[1:])
+        assert (args.max_queued_requests, args.max_queued_tokens, args.scheduling_policy) == (512, 1048576, "priority")
+    (c,) = pod_spec(workload(objects, "router"))["containers"]
+    args = parse_cli(command_line(c, objects)[1:])
+    assert args.scheduling_policy == "priority"  # the router honours priority only with it
+    assert (args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars) == (16 << 20, 64, 100000)
+    assert (args.max_header_bytes, args.max_header_count, args.max_concurrent_streams) == (32768, 50, 256)
+    assert (args.request_timeout, args.tokenizer_workers) == (120.0, 2)
+
+
+def test_unset_admission_settings_and_limits_leave_the_clis_defaults(rendering):
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        args, defaults = parse_cli(command_line(c, objects)[1:]), parse_cli([role])
+        names = (["max_queued_requests", "max_queued_tokens"] if role != "router" else
+                 ["max_request_bytes", "max_seqs_per_request", "max_prompt_chars", "max_header_bytes",
+                  "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers"])
+        assert {n: getattr(args, n) for n in names} == {n: getattr(defaults, n) for n in names}, role
+        assert args.scheduling_policy == "fcfs", role
 
 
 # ---- NetworkPolicy -----------------------------------------------------------------------------
@@ -295,7 +568,9 @@ def test_network_policies_admit_exactly_the_serving_paths(name):
     for src, dst, port in allowed:
         assert allows(policies, pods[src], pods[dst], port), f"{src} -> {dst}:{port}"
     denied = [("prefill", "router", 50051), ("decode", "router", 8000), ("router", "prefill", 9161),
-              ("router", "decode", 50061), ("prefill", "decode", 6379)]
+              ("router", "decode", 50061), ("prefill", "decode", 6379),
+              # Health ports: for the kubelet, which comes from the node (never filtered), alone.
+              ("router", "decode", 50072), ("decode", "prefill", 50062), ("prefill", "router", 50052)]
     if not external:
         denied += [("redis", "router", 50051), ("redis", "prefill", 50061), ("redis", "decode", 50071)]
     for src, dst, port in denied:
@@ -306,6 +581,8 @@ def test_network_policies_admit_exactly_the_serving_paths(name):
     assert allows(policies, stranger, pods["decode"], 9171)  # metrics scrapers (networkPolicy.metricsFrom)
     assert not allows(policies, stranger, pods["decode"], 50071)
     assert not allows(policies, stranger, pods["prefill"], 50061)
+    for role, health in (("router", 50052), ("prefill", 50062), ("decode", 50072)):
+        assert not allows(policies, stranger, pods[role], health), role
     if not external:
         assert not allows(policies, stranger, pods["redis"], 6379)
 
@@ -348,6 +625,42 @@ def test_kustomize_base_is_the_charts_current_rendering():
     out = subprocess.run([sys.executable, str(KUSTOMIZE / "generate.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def user_secrets() -> list[dict[str, Any]]:
+    """The Secrets k8s/README.md has a kustomize user create, as the commands there make them."""
+    secrets = []
+    for command in _readme_secret_commands():
+        name = re.search(r"kubectl create secret generic (\S+)", command).group(1)
+        keys = re.findall(r"--from-(?:literal|file)=([^=\s]+)=", command)
+        secrets.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                        "data": {k: base64.b64encode(f"{name}-{k}".encode()).decode() for k in keys}})
+    return secrets
+
+
+def _readme_secret_commands() -> list[str]:
+    text = (ROOT / "k8s" / "README.md").read_text().replace("\\\n", " ")
+    section = text.split("### Secrets for kustomize\n", 1)[1].split("\n#", 1)[0]
+    return [line for line in section.splitlines() if line.lstrip().startswith("kubectl create secret generic")]
+
+
+@pytest.mark.parametrize("rendering", ["kustomize-gpu", "kustomize-cpu-dev"])
+def test_kustomize_holds_no_key_material_and_the_readme_creates_every_secret_it_names(rendering):
+    objects = rendered(rendering)
+    assert of_kind(objects, "Secret") == []
+    assert "PRIVATE KEY" not in "".join(p.read_text() for p in (KUSTOMIZE / "base").iterdir())
+    created = {s["metadata"]["name"]: set(s["data"]) for s in user_secrets()}
+    needed: dict[str, set[str]] = {}
+    for obj, c in containers(objects):
+        for var in c.get("env", []):
+            if ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                needed.setdefault(ref["name"], set()).add(ref["key"])
+        for volume in pod_spec(obj)["volumes"]:
+            if "secret" in volume:
+                needed.setdefault(volume["secret"]["secretName"], set()).update(["ca.crt", "tls.crt", "tls.key"])
+    assert needed == {"pdserve-api-key": {"api-key"}, "pdserve-redis": {"password"},
+                      "pdserve-internal-tls": {"ca.crt", "tls.crt", "tls.key"}}
+    assert all(needed[name] <= created.get(name, set()) for name in needed), created
 
 
 @pytest.mark.parametrize(("overlay", "tag"), [("gpu", "0.1.0-cuda"), ("cpu-dev", "0.1.0-cpu")])

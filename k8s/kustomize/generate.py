@@ -5,8 +5,9 @@
 
 The chart (k8s/helm/pdserve) is the one source of the manifests; base.values.yaml picks the
 device-neutral shape the overlays build on. Helm's bookkeeping (the helm.sh/chart label, the
-ConfigMap checksum annotation) is dropped, and the engine ConfigMap becomes a kustomize
-configMapGenerator, whose hash suffix rolls the pods when an overlay changes a setting.
+checksum annotations) is dropped, and the engine ConfigMap becomes a kustomize
+configMapGenerator, whose hash suffix rolls the pods when an overlay changes a setting. The base
+carries no Secret: base.values.yaml names existing ones, which the user creates (k8s/README.md).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _strip_helm(obj: dict[str, Any]) -> dict[str, Any]:
     if "app.kubernetes.io/managed-by" in labels:
         labels["app.kubernetes.io/managed-by"] = "kustomize"
     template = obj.get("spec", {}).get("template", {}).get("metadata", {})
-    template.get("annotations", {}).pop("checksum/engine", None)
+    for checksum in ("checksum/engine", "checksum/secrets"):
+        template.get("annotations", {}).pop(checksum, None)
     if template.get("annotations") == {}:
         del template["annotations"]
     return obj
@@ -55,6 +57,7 @@ def base_files() -> dict[str, str]:
     by_file: dict[str, list[dict[str, Any]]] = {}
     config_maps = []
     for obj in map(_strip_helm, render_chart(values)):
+        assert obj["kind"] != "Secret", f"key material in the kustomize base: {obj['metadata']['name']}"
         if obj["kind"] == "ConfigMap":
             config_maps.append(obj)
             continue
