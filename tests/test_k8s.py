@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -638,10 +639,10 @@ def user_secrets() -> list[dict[str, Any]]:
     return secrets
 
 
-def _readme_secret_commands() -> list[str]:
+def _readme_secret_commands(program: str = "kubectl create secret generic") -> list[str]:
     text = (ROOT / "k8s" / "README.md").read_text().replace("\\\n", " ")
     section = text.split("### Secrets for kustomize\n", 1)[1].split("\n#", 1)[0]
-    return [line for line in section.splitlines() if line.lstrip().startswith("kubectl create secret generic")]
+    return [line.strip() for line in section.splitlines() if line.lstrip().startswith(program)]
 
 
 @pytest.mark.parametrize("rendering", ["kustomize-gpu", "kustomize-cpu-dev"])
@@ -661,6 +662,8 @@ def test_kustomize_holds_no_key_material_and_the_readme_creates_every_secret_it_
     assert needed == {"pdserve-api-key": {"api-key"}, "pdserve-redis": {"password"},
                       "pdserve-internal-tls": {"ca.crt", "tls.crt", "tls.key"}}
     assert all(needed[name] <= created.get(name, set()) for name in needed), created
+    (make_certs,) = _readme_secret_commands("pdserve ")
+    assert parse_cli(shlex.split(make_certs, comments=True)[1:]).dir == Path("certs")
 
 
 @pytest.mark.parametrize(("overlay", "tag"), [("gpu", "0.1.0-cuda"), ("cpu-dev", "0.1.0-cpu")])
