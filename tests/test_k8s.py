@@ -444,6 +444,48 @@ def test_generated_internal_certificate_serves_and_authenticates_as_pdserve_inte
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
+def test_generated_internal_certificate_completes_pdserves_mutual_tls_handshake(tmp_path):
+    # What the pods mount, used by pdserve's own TLS code over a real socket: a worker-style server
+    # requiring a client certificate, reached by IP with the name override, as peers do.
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from services.rpc.security import TLSFiles, internal_channel, peer_of, server_credentials
+
+    for key, value in _secret(rendered("chart-default"), "pdserve-internal-tls")["data"].items():
+        (tmp_path / key).write_bytes(base64.b64decode(value))
+    files = TLSFiles.internal(tmp_path)
+
+    class Health(health.aio.HealthServicer):
+        async def Check(self, request, context):
+            assert peer_of(context) == "pdserve-internal"  # the caller's certificate, seen by the server
+            return await super().Check(request, context)
+
+    async def main() -> tuple[int, grpc.StatusCode]:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(files, require_client_cert=True))
+        await server.start()
+        try:
+            async with internal_channel(f"127.0.0.1:{port}", files, []) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            creds = grpc.ssl_channel_credentials(root_certificates=files.ca)  # trusts the server, has no certificate
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds,
+                                               [("grpc.ssl_target_name_override", "pdserve-internal")]) as channel:
+                try:
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    refused = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    refused = e.code()
+            return reply.status, refused
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(main()) == (health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAVAILABLE)
+
+
 def test_pods_roll_when_the_generated_key_material_changes():
     objects = rendered("chart-default")
     data = {name: _secret(objects, f"pdserve-{suffix}")["data"]
