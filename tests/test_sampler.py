@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.sampler import Sampler, _filtered_probs, draw_seed
+from services.engine import sampling_ops as ops
+from services.engine.sampler import Sampler
+from services.engine.sampling_batch import _filters
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SampleSpec
+from tests.sampling_reference import reference_probs
 
 EOS = 2
 GREEDY = SamplingParams(temperature=0.0)
@@ -103,23 +107,29 @@ def test_top_k_one_equals_greedy():
 # ---- seeded reproducibility -----------------------------------------------------------------
 
 
-def test_seeded_token_is_the_exponential_race_on_the_documented_seed():
-    """argmax(probs / E) with E from a generator seeded by draw_seed(seed, seq index, output pos)."""
+def seeded_uniform(seed: int, seq_index: int, output_pos: int) -> float:
+    return float(ops.counter_uniforms(ops.SEEDED_STREAM, np.array([seed]), np.array([seq_index]),
+                                      np.array([output_pos]))[0])
+
+
+def test_seeded_token_is_the_inverse_cdf_draw_of_the_documented_uniform():
+    """The first token (in id order) whose running probability exceeds u, u keyed by (seed, seq index, output pos)."""
     params = SamplingParams(temperature=1.0, seed=42)
-    probs = torch.softmax(torch.tensor(UNIFORM8), dim=-1)
+    cdf = torch.cumsum(torch.softmax(torch.tensor(UNIFORM8), dim=-1), dim=0)
     for seq_index in range(3):
         for output_pos in range(4):
-            g = torch.Generator().manual_seed(draw_seed(42, seq_index, output_pos))
-            noise = torch.empty_like(probs).exponential_(generator=g)
-            expected = int((probs / noise).argmax())
+            u = seeded_uniform(42, seq_index, output_pos)
+            expected = int((cdf <= u * cdf[-1]).sum())
             spec = make_spec(params, output=(1,) * output_pos, seq=(seq_index,))
             assert token_of(UNIFORM8, spec) == expected
 
 
-def test_draw_seed_is_a_pure_function_of_its_inputs():
-    assert draw_seed(5, 1, 3) == draw_seed(5, 1, 3)
-    assert len({draw_seed(5, 1, 3), draw_seed(6, 1, 3), draw_seed(5, 2, 3), draw_seed(5, 1, 4)}) == 4
-    assert 0 <= draw_seed(2**63 - 1, 127, 10**6) < 2**63
+def test_counter_uniforms_are_a_pure_function_of_their_key():
+    assert seeded_uniform(5, 1, 3) == seeded_uniform(5, 1, 3)
+    assert len({seeded_uniform(5, 1, 3), seeded_uniform(6, 1, 3), seeded_uniform(5, 2, 3), seeded_uniform(5, 1, 4)}) == 4
+    u = ops.counter_uniforms(ops.SEEDED_STREAM, np.full(1000, 2**63 - 1), np.arange(1000), np.full(1000, 10**6))
+    assert u.dtype == np.float32 and 0.0 <= u.min() and u.max() < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.03  # 1000 uniforms: standard error 0.009
 
 
 def test_seeded_draw_ignores_other_rows_in_the_batch_and_their_order():
@@ -168,9 +178,14 @@ def test_seeded_draws_vary_with_seed_seq_index_and_position():
 # ---- penalties ------------------------------------------------------------------------------
 
 
+def processed(logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
+    """The logits after bias, masks and penalties, as the sampler computes them before drawing."""
+    sampler = Sampler((EOS,))
+    return sampler._process(logits, rows, sampler._params(rows, logits), [])
+
+
 def apply_penalties(row, spec: SampleSpec) -> torch.Tensor:
-    logits = torch.tensor([row], dtype=torch.float32)
-    return Sampler((EOS,))._apply_penalties(logits, [(spec, 0)])[0]
+    return processed(torch.tensor([row], dtype=torch.float32), [(spec, 0)])[0]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits_exactly():
@@ -212,7 +227,7 @@ def test_penalties_apply_per_row_of_a_batch():
         (make_spec(GREEDY, prompt=(0,), output=(2,)), 0),  # no penalties: untouched
         (make_spec(SamplingParams(repetition_penalty=4.0), prompt=(1,), output=()), 0),
     ]
-    out = Sampler((EOS,))._apply_penalties(logits, rows)
+    out = processed(logits, rows)
     assert torch.equal(out, torch.tensor([[1.0, 2.0, 2.0], [1.0, 2.0, 3.0], [1.0, 0.5, 3.0]]))
 
 
@@ -263,7 +278,24 @@ def test_frequency_penalty_scales_with_count_and_ignores_prompt():
 
 
 def filtered(row, **kwargs) -> torch.Tensor:
-    return _filtered_probs(torch.tensor(row, dtype=torch.float32), SamplingParams(**kwargs))
+    """The distribution the sampler draws from (its thresholds, from a single candidate, two,
+    and the whole row: the same), checked against the per-row reference."""
+    params = SamplingParams(**kwargs)
+    x = torch.tensor([row], dtype=torch.float32) / params.temperature
+    f = _filters([params], len(row), torch.device("cpu"))
+    results = []
+    for width in (max(1, f.max_k), max(2, f.max_k), len(row)):
+        t = ops.thresholds(x, f, width)
+        if t.resolved is not None and not bool(t.resolved.all()):
+            t = ops.thresholds(x, f, len(row))
+        w = ops.kept_weights(x, t.threshold, f.min_p)[0]
+        results.append(w / w.sum())
+    for probs in results[1:]:
+        assert torch.equal(probs, results[0])
+    reference = reference_probs(torch.tensor(row, dtype=torch.float32), params)
+    assert (results[0] == 0).tolist() == (reference == 0).tolist()
+    torch.testing.assert_close(results[0], reference, rtol=1e-6, atol=1e-7)
+    return results[0]
 
 
 def test_no_filters_is_plain_softmax():

@@ -15,7 +15,7 @@ Step N+1 decodes N's tokens straight from the device (PENDING_TOKEN placeholders
 run when a token is read back, one step late: a sequence that stopped at step N has computed
 one token more in N+1, which is dropped with its blocks (the device runs steps in order, so
 nothing reuses those blocks before N+1 is done). A step whose tokens the host must see before
-planning the next one (SampleSpec.sync: forks, grammars, penalties, logprobs, KV export) is
+planning the next one (SampleSpec.sync: forks, grammars, logprobs, KV export) is
 read back at once, so those requests behave exactly as without async scheduling.
 
 Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thread.
@@ -36,6 +36,7 @@ from services.engine.attention import get_backend
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
+from services.engine.host_memory import keep_freed_memory
 from services.engine.kv_sizing import num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import LaunchedStep, ModelRunner
@@ -64,6 +65,8 @@ class EngineCore:
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
+        if device.type == "cpu":
+            keep_freed_memory()  # every step's large tensors would otherwise start as fresh pages
         max_model_len = config.max_model_len or cfg.max_context
         if max_model_len > cfg.max_context:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")

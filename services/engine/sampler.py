@@ -15,45 +15,49 @@ Processing order for each row (the same as vLLM's):
 * frequency_penalty f, presence_penalty p (output tokens, count c): logit -= f * c + p * (c > 0)
 * min_p m: drop tokens whose probability is below m * (the top token's probability)
 * top_k k: keep the k highest logits (ties with the k-th kept too)
-* top_p p: keep the smallest set of most likely tokens whose probability mass reaches p
+* top_p p: keep the most likely tokens while the probability of the tokens strictly more likely
+  than them is below p (the top token always; tied tokens share a verdict)
 
-The random draw is an exponential race, argmax(probs / E) with E ~ Exp(1) per token, which
-picks token i with probability probs[i]. For a seeded request E comes from a generator seeded
-by (seed, sequence index, output position) alone, so the draw does not depend on batch
-composition, chunking, preemption or which process samples.
+Every step is one pass over all rows (sampling_ops.py), with the rows' parameters as device
+tensors built once per batch (sampling_batch.py). The random draw is inverse-CDF sampling with
+one uniform per row from a counter-based generator: for a seeded request the key is (seed,
+sequence index, output position) alone, so its tokens do not depend on batch composition,
+chunking, async scheduling, preemption or which process samples; unseeded rows take the
+engine's stream (engine seed, draw number).
 
 Logprobs are those of the raw model distribution (before logit_bias, the grammar mask,
 penalties and temperature): what the model thinks of each token, whatever the constraints; a
 sampled token's logprob is never -inf, though the mask may have ruled out the model's favourite.
+They are computed on the device for all rows at once and read back with the tokens.
 
 `sample` leaves the tokens on the device and starts their copy to the host (`SampledBatch`):
 the engine may plan and launch the next step, which reads them on the device, before it
-waits for them.
+waits for them. Nothing here waits for the device, except (on the CPU only, where waiting is
+free) the check that a top_p row's candidates hold its threshold.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import xxhash
 
+from services.engine import sampling_ops as ops
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, to_device
 from services.engine.scheduler import SampleSpec
 from services.engine.structured_output import apply_grammars
 
-
-def draw_seed(seed: int, seq_index: int, output_pos: int) -> int:
-    """The generator seed of one seeded draw: a pure function of its three inputs."""
-    h = xxhash.xxh64(seed=0x73616D70)
-    h.update(seed.to_bytes(8, "little") + seq_index.to_bytes(4, "little") + output_pos.to_bytes(4, "little"))
-    return h.intdigest() & (2**63 - 1)
+CANDIDATES = 256  # CPU: candidates per row (more where a top_k asks); the GPU takes max top_k, or every token for top_p alone
+REJECTION_ROUNDS = 16  # CPU: top_p draws by rejection before the exact threshold by a full sort
 
 
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
         self.eos_token_ids = eos_token_ids
-        self._generator: torch.Generator | None = None
-        self._seed = seed
+        self._seed = np.uint64(seed)
+        self._draws = 0  # unseeded draws so far: the counter of the engine's stream
+        self._batch: BatchParams | None = None
+        self._counts = OutputCounts()
         self._spare: list[torch.Tensor] = []  # pinned buffers for tokens read back (SampledBatch)
 
     def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[list[SampledToken]]:
@@ -64,109 +68,161 @@ class Sampler:
         """Like calling the sampler, without waiting for the tokens. `argmax`: the logits'
         argmax, already computed on the device (a CUDA graph's), for when every row is plain
         greedy."""
-        rows = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
+        rows: list[Row] = [(spec, idx) for spec in specs for idx in spec.seq_indices]
         if len(rows) != len(specs):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        expanded = [(spec, idx) for spec in specs for idx in spec.seq_indices]
-        # Masks and penalties edit rows in place: never in the caller's tensor.
-        edits = any(_edits_logits(s) for s, _ in expanded)
-        want_logprobs = any(spec.params.logprobs is not None for spec, _ in expanded)
-        raw_logprobs = None
-        if not edits and not want_logprobs and all(spec.params.greedy for spec, _ in expanded):
+            expand = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
+            logits = logits[to_device(expand, torch.long, logits.device)]
+            argmax = None
+        batch = self._params(rows, logits)
+        active_min = [(r, banned) for r, n, banned in batch.min_tokens if rows[r][0].output_pos < n]
+        edits = bool(batch.bias is not None or batch.grammar_rows or active_min or batch.penalty_rows)
+        if not edits and not batch.logprob_rows and batch.all_greedy:
             # Plain greedy: the argmax of bf16 logits is that of their exact float32 upcast,
-            # so skip the upcast (a [batch, vocab] copy) and the per-row passes.
-            token_ids = argmax if argmax is not None and len(rows) == len(specs) else logits.argmax(dim=-1)
-        else:
-            logits = logits.to(torch.float32, copy=edits and len(rows) == len(specs))
-            raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-            logits = self._apply_logit_bias(logits, expanded)
-            constrained = [(r, spec.grammar) for r, (spec, _) in enumerate(expanded) if spec.grammar is not None]
-            if constrained:
-                apply_grammars(logits, constrained)
-            logits = self._apply_min_tokens(logits, expanded)
-            logits = self._apply_penalties(logits, expanded)
-            token_ids = self._draw(logits, expanded)
-        return SampledBatch(token_ids, specs, raw_logprobs, self._spare)
+            # so skip the upcast (a [batch, vocab] copy).
+            return SampledBatch(argmax if argmax is not None else logits.argmax(dim=-1), specs, None, self._spare)
+        raw = logits[batch.logprob_index].float() if batch.logprob_rows else None
+        # Edits write in place: never into the caller's tensor (a CUDA graph's output).
+        logits = logits.to(torch.float32, copy=edits)
+        logits = self._process(logits, rows, batch, active_min)
+        tokens = self._draw(logits, rows, batch)
+        if batch.penalty_rows:
+            self._counts.add(tokens[to_device(batch.penalty_rows, torch.long, tokens.device)]
+                             if len(batch.penalty_rows) != len(rows) else tokens)
+        lps = None
+        if raw is not None:
+            lps = ops.logprobs(raw, tokens[batch.logprob_index], batch.top_logprobs)
+        return SampledBatch(tokens, specs, lps, self._spare,
+                            [(r, rows[r][0].params.logprobs) for r in batch.logprob_rows])
 
     # ---- processing ----------------------------------------------------------------------
 
-    def _apply_logit_bias(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
-        for r, (spec, _) in enumerate(rows):
-            bias = spec.params.logit_bias
-            if bias:
-                ids = torch.tensor([t for t, _ in bias], device=logits.device)
-                logits[r, ids] += torch.tensor([b for _, b in bias], device=logits.device)
+    def _params(self, rows: list[Row], logits: torch.Tensor) -> BatchParams:
+        if self._batch is None or self._batch.key != batch_key(rows):
+            self._batch = BatchParams.build(rows, self.eos_token_ids, logits.shape[-1], logits.device)
+        if self._batch.penalty_rows:
+            self._counts.prepare([rows[r] for r in self._batch.penalty_rows], logits.shape[-1], logits.device)
+        return self._batch
+
+    def _process(self, logits: torch.Tensor, rows: list[Row], batch: BatchParams,
+                 active_min: list[tuple[int, list[int]]]) -> torch.Tensor:
+        if batch.bias is not None:
+            at, ids, values = batch.bias
+            logits.index_put_((at, ids), values, accumulate=True)
+        if batch.grammar_rows:
+            apply_grammars(logits, [(r, rows[r][0].grammar) for r in batch.grammar_rows])
+        if active_min:
+            logits = self._mask_min_tokens(logits, rows, active_min)
+        if batch.penalty_rows:
+            index = to_device(batch.penalty_rows, torch.long, logits.device)
+            rep, freq, pres = batch.penalties
+            logits[index] = ops.penalize(logits[index], self._counts.counts, self._counts.prompt, rep, freq, pres)
         return logits
 
-    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
-        for r, (spec, _) in enumerate(rows):
-            p = spec.params
-            if spec.output_pos < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                banned = [t for t in banned if t < logits.shape[-1]]
-                if not banned:
-                    continue
-                row = logits[r].index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
-                if spec.grammar is None or bool(torch.isfinite(row).any()):
-                    logits[r] = row
-        return logits
+    def _mask_min_tokens(self, logits: torch.Tensor, rows: list[Row],
+                         active: list[tuple[int, list[int]]]) -> torch.Tensor:
+        pairs = [(r, t) for r, banned in active for t in banned]
+        if not pairs:
+            return logits
+        at, ids = (to_device(list(x), torch.long, logits.device) for x in zip(*pairs, strict=True))
+        masked = logits.index_put((at, ids), torch.tensor(float("-inf"), device=logits.device))
+        grammar = [r for r, _ in active if rows[r][0].grammar is not None]
+        if grammar:  # a grammar that allows only the banned ids wins over min_tokens
+            g = to_device(grammar, torch.long, logits.device)
+            empty = ~torch.isfinite(masked[g]).any(dim=-1, keepdim=True)
+            masked[g] = torch.where(empty, logits[g], masked[g])
+        return masked
 
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        for r, (spec, _) in enumerate(rows):
-            p = spec.params
-            if not p.needs_penalties:
-                continue
-            output = torch.tensor(spec.token_ids[spec.num_prompt_tokens :], dtype=torch.long)
-            counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.device)
-            row = logits[r]
-            if p.repetition_penalty != 1.0:
-                seen = counts > 0
-                prompt = torch.tensor(spec.token_ids[: spec.num_prompt_tokens], dtype=torch.long)
-                seen[prompt.to(logits.device)] = True
-                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                row = torch.where(seen, penalized, row)
-            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
-            logits[r] = row
-        return logits
+    def _draw(self, logits: torch.Tensor, rows: list[Row], batch: BatchParams) -> torch.Tensor:
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        x = logits if batch.draw_index is None else logits[batch.draw_index]
+        x = x / batch.temperature[:, None]
+        rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k and x.device.type == "cpu" else 1
+        u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
+        drawn = self._draw_rows(x, batch.filters, u)
+        if batch.draw_index is None:
+            return drawn
+        return logits.argmax(dim=-1).index_copy_(0, batch.draw_index, drawn)
 
-    def _draw(self, logits: torch.Tensor, rows: list[tuple[SampleSpec, int]]) -> torch.Tensor:
-        greedy = [spec.params.greedy for spec, _ in rows]
-        tokens = logits.argmax(dim=-1)
-        if all(greedy):
-            return tokens
-        for r, (spec, idx) in enumerate(rows):
-            if greedy[r]:
-                continue
-            probs = _filtered_probs(logits[r], spec.params)
-            noise = torch.empty_like(probs).exponential_(generator=self._generator_for(spec, idx, probs.device))
-            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would turn into inf or NaN
-            tokens[r] = (probs / noise).argmax()
+    def _draw_rows(self, x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
+        """Every row's draw; on the GPU in one pass over whole rows, without waiting for the
+        device. On the CPU, where waiting costs nothing, each row takes the cheapest exact
+        way its own parameters and logits allow (never another row's): a top_k row from its
+        candidates when they hold every kept token, a top_p row without top_k by rejection,
+        any other row from the whole row."""
+        u0 = u if u.dim() == 1 else u[:, 0]
+        if x.device.type != "cpu":
+            width = x.shape[1] if f.top_p_without_k else f.max_k
+            t = ops.thresholds(x, f, width)
+            return ops.draw_full(x, t.threshold if t.values is not None else None, f.min_p, u0)
+        has_k = f.top_k > 0 if f.top_k is not None else torch.zeros(x.shape[0], dtype=torch.bool)
+        by_rejection = (f.top_p < 1.0) & ~has_k if f.top_p is not None else torch.zeros_like(has_k)
+        if bool(by_rejection.all()):
+            return self._draw_by_rejection(x, f, u)
+        if not bool(has_k.any()) and not bool(by_rejection.any()):
+            return ops.draw_full(x, None, f.min_p, u0)
+        tokens = torch.empty(x.shape[0], dtype=torch.long)
+        if bool(by_rejection.any()):
+            r = torch.nonzero(by_rejection)[:, 0]
+            tokens[r] = self._draw_by_rejection(x[r], _rows(f, r), u[r])
+        rest = torch.nonzero(~by_rejection)[:, 0]
+        xr, fr, ur = x[rest], _rows(f, rest), u0[rest]
+        t = ops.thresholds(xr, fr, max(fr.max_k, CANDIDATES), check=CANDIDATES)
+        drawn = torch.empty(len(rest), dtype=torch.long)
+        candidates = has_k[rest] & t.inside
+        if bool(candidates.any()):
+            r = torch.nonzero(candidates)[:, 0]
+            sub_t = ops.Thresholds(t.threshold[r], t.values[r], t.ids[r], None, None)
+            drawn[r] = ops.draw_candidates(sub_t, _rows(fr, r).min_p, ur[r], min(CANDIDATES, t.values.shape[1]))
+        if not bool(candidates.all()):
+            r = torch.nonzero(~candidates)[:, 0]
+            drawn[r] = ops.draw_full(xr[r], t.threshold[r], _rows(fr, r).min_p, ur[r])
+        tokens[rest] = drawn
         return tokens
 
-    def _generator_for(self, spec: SampleSpec, seq_index: int, device: torch.device) -> torch.Generator:
-        if spec.params.seed is not None:
-            g = torch.Generator(device=device)
-            g.manual_seed(draw_seed(spec.params.seed, seq_index, spec.output_pos))
-            return g
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._seed)
-        return self._generator
+    @staticmethod
+    def _draw_by_rejection(x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
+        """Top_p rows without top_k (their only threshold is top_p's)."""
+        tokens, done = ops.draw_top_p_by_rejection(ops.kept_weights(x, None, f.min_p), f.top_p, u)
+        if not bool(done.all()):  # after REJECTION_ROUNDS rounds (rare): the exact threshold by a full sort
+            r = torch.nonzero(~done)[:, 0]
+            sub = _rows(f, r)
+            t = ops.thresholds(x[r], sub, x.shape[1])
+            tokens[r] = ops.draw_full(x[r], t.threshold, sub.min_p, u[r, 0])
+        return tokens
+
+    def _uniforms(self, rows: list[Row], batch: BatchParams, rounds: int) -> np.ndarray:
+        positions = np.array([rows[r][0].output_pos for r in batch.draw_rows], dtype=np.int64)
+        seeded = ops.counter_uniforms(ops.SEEDED_STREAM, batch.seeds, batch.seq_index, positions, rounds)
+        if batch.seeded.all():
+            return seeded
+        n = len(batch.draw_rows)
+        draws = np.arange(self._draws, self._draws + n)
+        unseeded = ops.counter_uniforms(ops.ENGINE_STREAM, np.full(n, self._seed), draws, np.zeros(n), rounds)
+        self._draws += n
+        mask = batch.seeded if rounds == 1 else batch.seeded[:, None]
+        return np.where(mask, seeded, unseeded)
+
+
+def _rows(f: ops.Filters, rows: torch.Tensor) -> ops.Filters:
+    """The filters of some rows."""
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return ops.Filters(pick(f.top_k), pick(f.top_p), pick(f.min_p), f.max_k, f.top_p_without_k)
 
 
 class SampledBatch:
     """One step's sampled tokens: on the device at once, on the host after `result()`."""
 
-    def __init__(self, token_ids: torch.Tensor, specs: list[SampleSpec], raw_logprobs: torch.Tensor | None,
-                 spare: list[torch.Tensor]) -> None:
+    def __init__(self, token_ids: torch.Tensor, specs: list[SampleSpec], logprobs: ops.LogprobTensors | None,
+                 spare: list[torch.Tensor], logprob_rows: list[tuple[int, int]] | None = None) -> None:
         self.token_ids = token_ids  # [rows] int64, one row per (spec, seq index) in order
         self.specs = specs
-        self._raw_logprobs = raw_logprobs
+        self._logprob_rows = logprob_rows or []  # (row, top N) of the rows that want logprobs
         self._ready: torch.cuda.Event | None = None
         self._spare = spare
         self._buffer: torch.Tensor | None = None
         self._flat: list[int] | None = None
+        self._lp_host = _logprobs_to_host(logprobs) if logprobs is not None else None
         if token_ids.is_cuda:
             # Into pinned memory behind the step's kernels; result() waits for this copy alone,
             # not for a later step queued after it. The buffer is the sampler's, back in its
@@ -192,50 +248,40 @@ class SampledBatch:
                 self._spare.append(self._buffer)
                 self._buffer = None
         flat = self._flat
+        lps = self._logprob_dicts(flat)
         out: list[list[SampledToken]] = []
         k = 0
         for spec in self.specs:
             group = []
             for _ in spec.seq_indices:
-                lps = None
-                if spec.params.logprobs is not None:
-                    lps = _logprobs_of(self._raw_logprobs[k], flat[k], spec.params.logprobs)
-                group.append(SampledToken(flat[k], lps))
+                group.append(SampledToken(flat[k], lps.get(k)))
                 k += 1
             out.append(group)
         return out
 
-
-def _edits_logits(spec: SampleSpec) -> bool:
-    p = spec.params
-    return p.needs_penalties or spec.output_pos < p.min_tokens or bool(p.logit_bias) or spec.grammar is not None
-
-
-def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, min_p, top_k and top_p (one row)."""
-    logits = logits / p.temperature
-    if p.min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= p.top_p  # the top token always has mass_before 0
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    def _logprob_dicts(self, flat: list[int]) -> dict[int, dict[int, Logprob]]:
+        if self._lp_host is None:
+            return {}
+        chosen, rank, values, ids = (None if t is None else t.tolist() for t in self._lp_host)
+        result = {}
+        for i, (row, top_n) in enumerate(self._logprob_rows):
+            d = {flat[row]: Logprob(chosen[i], rank[i])}
+            for j in range(top_n):
+                d.setdefault(ids[i][j], Logprob(values[i][j], j + 1))
+            result[row] = d
+        return result
 
 
-def _logprobs_of(logprobs: torch.Tensor, token_id: int, top_n: int) -> dict[int, Logprob]:
-    chosen = logprobs[token_id]
-    rank = int((logprobs > chosen).sum()) + 1
-    result = {token_id: Logprob(float(chosen), rank)}
-    if top_n:
-        values, ids = torch.topk(logprobs, top_n)
-        for i, (v, t) in enumerate(zip(values.tolist(), ids.tolist(), strict=True)):
-            result.setdefault(t, Logprob(v, i + 1))
-    return result
+def _logprobs_to_host(lp: ops.LogprobTensors) -> tuple[torch.Tensor | None, ...]:
+    """Start the logprobs' copy to the host (pinned, behind the step's kernels on a GPU)."""
+    tensors = (lp.chosen, lp.rank, lp.top_values, lp.top_ids)
+    if not lp.chosen.is_cuda:
+        return tensors
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.append(host.copy_(t, non_blocking=True))
+    return tuple(out)

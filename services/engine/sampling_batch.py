@@ -1,0 +1,175 @@
+"""Per-row sampling parameters of a step as device tensors, built once and reused while the
+batch does not change (the same rows, in the same order, with the same parameters).
+
+    BatchParams   the static part: temperature, top_k, top_p, min_p, penalties, logit bias,
+                  min_tokens' banned ids, seeds, which rows are greedy, want logprobs, have
+                  a grammar; keyed by each row's (SamplingParams, seq index)
+    OutputCounts  each penalised row's output-token counts and prompt tokens on the device,
+                  updated there by every draw: penalties never need the host's token list
+                  after a row's first step, so they run under async scheduling
+
+Host-to-device copies go through pinned memory without blocking: a copy from pageable memory
+would wait for the work already queued on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine.sampling_ops import Filters
+from services.engine.scheduler import SampleSpec
+
+Row = tuple[SampleSpec, int]  # (spec, seq index): one logits row
+
+
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def batch_key(rows: list[Row]) -> tuple:
+    return tuple((id(spec.params), idx) for spec, idx in rows)
+
+
+@dataclass
+class BatchParams:
+    key: tuple
+    params: list  # the rows' SamplingParams, kept alive so that the ids in `key` stay theirs
+    greedy: list[bool]
+    draw_rows: list[int]  # rows that draw at random
+    draw_index: torch.Tensor | None  # their indices on the device (None: every row draws)
+    temperature: torch.Tensor  # [D]
+    filters: Filters
+    seeds: np.ndarray  # [D] uint64 (0 where unseeded)
+    seeded: np.ndarray  # [D] bool
+    seq_index: np.ndarray  # [D] int64
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
+    min_tokens: list[tuple[int, int, list[int]]]  # (row, min_tokens, banned ids) for rows with min_tokens
+    grammar_rows: list[int]
+    penalty_rows: list[int]
+    penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # repetition, frequency, presence [P]
+    logprob_rows: list[int]
+    logprob_index: torch.Tensor | None
+    top_logprobs: int  # the most top-N logprobs a row asks for
+
+    @classmethod
+    def build(cls, rows: list[Row], eos_token_ids: tuple[int, ...], vocab: int, device: torch.device) -> BatchParams:
+        params = [spec.params for spec, _ in rows]
+        greedy = [p.greedy for p in params]
+        draw_rows = [r for r, g in enumerate(greedy) if not g]
+        drawn = [params[r] for r in draw_rows]
+        draw_index = None if len(draw_rows) == len(rows) else to_device(draw_rows, torch.long, device)
+        penalty_rows = [r for r, p in enumerate(params) if p.needs_penalties]
+        logprob_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            key=batch_key(rows),
+            params=params,
+            greedy=greedy,
+            draw_rows=draw_rows,
+            draw_index=draw_index,
+            temperature=to_device([p.temperature for p in drawn], torch.float32, device),
+            filters=_filters(drawn, vocab, device),
+            seeds=np.array([p.seed or 0 for p in drawn], dtype=np.uint64),
+            seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
+            seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
+            bias=_bias(params, device),
+            min_tokens=[(r, p.min_tokens, _banned(p, eos_token_ids, vocab))
+                        for r, p in enumerate(params) if p.min_tokens > 0],
+            grammar_rows=[r for r, (spec, _) in enumerate(rows) if spec.grammar is not None],
+            penalty_rows=penalty_rows,
+            penalties=tuple(to_device([getattr(params[r], name) for r in penalty_rows], torch.float32, device)
+                            for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
+            if penalty_rows else None,
+            logprob_rows=logprob_rows,
+            logprob_index=to_device(logprob_rows, torch.long, device) if logprob_rows else None,
+            top_logprobs=max((params[r].logprobs for r in logprob_rows), default=0),
+        )
+
+    @property
+    def all_greedy(self) -> bool:
+        return not self.draw_rows
+
+
+def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in drawn]
+    max_k = max(top_k, default=0)
+    any_p = any(p.top_p < 1.0 for p in drawn)
+    any_min_p = any(p.min_p > 0.0 for p in drawn)
+    return Filters(
+        top_k=to_device(top_k, torch.long, device) if max_k else None,
+        top_p=to_device([p.top_p for p in drawn], torch.float32, device) if any_p else None,
+        min_p=to_device([p.min_p for p in drawn], torch.float32, device) if any_min_p else None,
+        max_k=max_k,
+        top_p_without_k=any(p.top_p < 1.0 and k == 0 for p, k in zip(drawn, top_k, strict=True)),
+    )
+
+
+def _bias(params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    entries = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
+    if not entries:
+        return None
+    rows, ids, values = zip(*entries, strict=True)
+    return (to_device(rows, torch.long, device), to_device(ids, torch.long, device),
+            to_device(values, torch.float32, device))
+
+
+def _banned(p, eos_token_ids: tuple[int, ...], vocab: int) -> list[int]:
+    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+    return [t for t in banned if t < vocab]
+
+
+class OutputCounts:
+    """Output-token counts [P, V] and prompt membership [P, V] of the penalised rows, on the
+    device. A row keeps its state while its (spec, seq index) is in every step; a row new to
+    the batch (or back after a step away, such as a preempted sequence) is counted from its
+    token list, which is then complete: a sequence absent from the previous step has no token
+    in flight."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[int, int]] = []
+        self._specs: list[SampleSpec] = []  # kept alive so that the ids in the keys stay theirs
+        self.counts: torch.Tensor | None = None
+        self.prompt: torch.Tensor | None = None
+
+    def prepare(self, rows: list[Row], vocab: int, device: torch.device) -> None:
+        keys = [(id(spec), idx) for spec, idx in rows]
+        if keys == self._keys:
+            return
+        old = {k: i for i, k in enumerate(self._keys)}
+        counts = torch.zeros(len(rows), vocab, dtype=torch.int32, device=device)
+        prompt = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        kept = [(i, old[k]) for i, k in enumerate(keys) if k in old]
+        if kept:
+            dst, src = (to_device(list(x), torch.long, device) for x in zip(*kept, strict=True))
+            counts[dst] = self.counts[src]
+            prompt[dst] = self.prompt[src]
+        fresh = [i for i, k in enumerate(keys) if k not in old]
+        if fresh:
+            self._count_from_host(counts, prompt, [rows[i][0] for i in fresh], fresh)
+        self._keys, self._specs = keys, [spec for spec, _ in rows]
+        self.counts, self.prompt = counts, prompt
+
+    @staticmethod
+    def _count_from_host(counts: torch.Tensor, prompt: torch.Tensor, specs: list[SampleSpec], at: list[int]) -> None:
+        parts: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}  # is prompt -> (rows, ids)
+        for row, spec in zip(at, specs, strict=True):
+            ids = np.asarray(spec.token_ids, dtype=np.int64)
+            n = spec.num_prompt_tokens
+            for is_prompt, part in ((True, ids[:n]), (False, ids[n:])):
+                part = part[(part >= 0) & (part < counts.shape[1])]
+                parts[is_prompt][0].append(np.full(len(part), row))
+                parts[is_prompt][1].append(part)
+        out_rows, out_ids = (to_device(np.concatenate(x), torch.long, counts.device) for x in parts[False])
+        counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=torch.int32), accumulate=True)
+        prompt_rows, prompt_ids = (to_device(np.concatenate(x), torch.long, counts.device) for x in parts[True])
+        prompt[prompt_rows, prompt_ids] = True
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Count the tokens just drawn ([P], one per penalised row), on the device."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
