@@ -13,6 +13,10 @@
      a 257-token call minus a 1-token call, / 256)
   4. decode-kernel bandwidth at batch 64 x context 1k-4k against the card's copy bandwidth
      and SDPA over contiguous K/V
+  5. sampling (issue #26): greedy, then temperature 0.6 (nano-vllm's setting), T 0.8 + top_p
+     0.9 + top_k 50, and T 0.7 + repetition_penalty 1.1 + seed, each beside a greedy run on
+     fresh prompts (no prefix-cache hits), throughput and batch 1: `--only sampling`.
+     `--temperature/--top-p/--top-k` make part 2's pdserve rows sample instead of greedy.
 
     python loadtest/bench_gpu.py [--presets llama-3.2-1b,smollm2-135m] [--skip hf-cb,...] [--out DIR]
 
@@ -39,6 +43,7 @@ import torch
 from loadtest.correctness import compare
 from loadtest.correctness import hf_model as hf_model_of
 from services.cli.bench import measure_offline, random_workload
+from services.engine.sampling_params import SamplingParams
 
 RESULTS: list[dict] = []
 CORRECTNESS_PRESETS: list[str] = []
@@ -85,10 +90,59 @@ def throughput_pdserve(preset: str, async_scheduling: bool) -> None:
     llm = LLM(load_format="dummy", preset=preset, max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256,
               async_scheduling=async_scheduling)
     w = workload(llm.engine.layout.vocab_size)
-    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0)  # warm-up
+    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0, sampling=SAMPLING)  # warm-up
     torch.cuda.synchronize()
-    result = measure_offline(llm, w, warmup=0)
-    record(part="throughput", system="pdserve", preset=preset, async_scheduling=async_scheduling, **result)
+    result = measure_offline(llm, w, warmup=0, sampling=SAMPLING)
+    record(part="throughput", system="pdserve", preset=preset, async_scheduling=async_scheduling,
+           sampling=SAMPLING, **result)
+    del llm
+    free_gpu()
+
+
+# The issue #26 table: nano-vllm's bench samples at temperature 0.6 (its headline setting).
+SAMPLING_MODES = {
+    "temperature 0.6": {"temperature": 0.6},
+    "T 0.8, top_p 0.9, top_k 50": {"temperature": 0.8, "top_p": 0.9, "top_k": 50},
+    "T 0.7, repetition_penalty 1.1, seed": {"temperature": 0.7, "repetition_penalty": 1.1, "seed": 0},
+}
+GREEDY = {"temperature": 0.0}
+
+
+def sampling_modes(preset: str) -> None:
+    """Each mode of SAMPLING_MODES right after a greedy run, on nano-vllm's workload, one engine
+    (async scheduling on). Every run draws its own random prompts (workload seeds 101, 102, ...):
+    no prompt is in the prefix cache when it is timed. Then batch 1 (a new 32-token prompt,
+    256 tokens) in each mode, greedy first."""
+    from services.engine import LLM
+
+    llm = LLM(load_format="dummy", preset=preset, max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256)
+    vocab = llm.engine.layout.vocab_size
+    for mode in (GREEDY, *SAMPLING_MODES.values()):  # warm-up: graphs, kernels, every sampling path
+        measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0, sampling=mode)
+    runs = 100
+    for name, mode in SAMPLING_MODES.items():
+        results = {}
+        for label, m in (("greedy", GREEDY), (name, mode)):
+            runs += 1
+            torch.cuda.synchronize()
+            w = random_workload(256, 100, 1024, 100, 1024, seed=runs, vocab=vocab)
+            results[label] = measure_offline(llm, w, warmup=0, sampling=m)
+            record(part="sampling", preset=preset, mode=label, beside=name, workload_seed=runs,
+                   prefix_cache="fresh prompts", **results[label])
+        ratio = results[name]["output_tokens_per_s"] / results["greedy"]["output_tokens_per_s"]
+        record(part="sampling", preset=preset, mode=name, vs_greedy=round(ratio, 3))
+    first = 5000
+    for name, mode in {"greedy": GREEDY, **SAMPLING_MODES}.items():
+        times = []
+        for _ in range(3):
+            first += 100
+            params = SamplingParams(max_tokens=256, ignore_eos=True, **mode)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate([list(range(first, first + 32))], params)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        record(part="sampling batch1", preset=preset, mode=name, ms_per_token=round(sorted(times)[1] / 256 * 1e3, 3))
     del llm
     free_gpu()
 
@@ -313,6 +367,7 @@ PARTS = {
     "correctness": lambda presets: [correctness(p, float(init)) for p, init in
                                     (spec.split("@") for spec in CORRECTNESS_PRESETS)],
     "pdserve": lambda presets: [throughput_pdserve(p, a) for p in presets for a in ASYNC],
+    "sampling": lambda presets: [sampling_modes(p) for p in presets],
     "batch1": lambda presets: [batch1_latency(p, a, f, d) for p in presets for a in ASYNC for f in FUSE for d in PDL],
     "bandwidth": lambda presets: kernel_bandwidth(),
     "hf-generate": lambda presets: [throughput_hf_generate(p) for p in presets],
@@ -324,6 +379,7 @@ ASYNC = [True, False]  # async scheduling on, then off: the baseline, in the sam
 FUSE = [True, False]  # batch 1: norm + GEMV fused, then not
 PDL = [True, False]  # batch 1: programmatic dependent launch, then plain stream order
 HF_ASYNC = ["default"]  # HF continuous batching: its own async-batching choice
+SAMPLING: dict = {}  # the pdserve part's sampling (--temperature, --top-p, --top-k); empty: greedy
 
 
 def on_off(spec: str) -> list[bool]:
@@ -344,8 +400,12 @@ def main() -> None:
     parser.add_argument("--pdl", default="on,off", help="comma list of on/off (batch1)")
     parser.add_argument("--hf-async-batching", default="default",
                         help="comma list of default/on/off: HF continuous batching's use_async_batching")
+    parser.add_argument("--temperature", type=float, default=0.0, help="the pdserve part's sampling (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     presets = [p for p in args.presets.split(",") if p]
     CORRECTNESS_PRESETS[:] = [p for p in args.correctness_presets.split(",") if p]
     ASYNC[:], FUSE[:], PDL[:] = on_off(args.async_scheduling), on_off(args.fuse_norm_gemv), on_off(args.pdl)

@@ -68,9 +68,10 @@ def spec_of(params: SamplingParams, rows: int, output: tuple[int, ...] = ()) -> 
     return SampleSpec(params=params, seq_indices=tuple(range(rows)), num_prompt_tokens=1, token_ids=[0, *output])
 
 
-def draw_counts(specs: list[SampleSpec], logits: list[float] = LOGITS, seed: int = 0) -> list[np.ndarray]:
+def draw_counts(specs: list[SampleSpec], logits: list[float] = LOGITS, seed: int = 0,
+                device: str = "cpu") -> list[np.ndarray]:
     """Per spec, how often each token was drawn (one sampler call for every spec at once)."""
-    rows = torch.tensor([logits] * len(specs), dtype=torch.float32)
+    rows = torch.tensor([logits] * len(specs), dtype=torch.float32, device=device)
     groups = Sampler((EOS,), seed=seed)(rows, specs)
     return [np.bincount([t.token_id for t in g], minlength=len(logits)) for g in groups]
 

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--max-output", type=int, default=1024)
     off.add_argument("--seed", type=int, default=0, help="seed of the random workload")
     off.add_argument("--warmup", type=int, default=1, help="short warm-up requests before timing")
+    off.add_argument("--temperature", type=float, default=0.0, help="0: greedy (nano-vllm's bench samples at 0.6)")
+    off.add_argument("--top-p", type=float, default=1.0)
+    off.add_argument("--top-k", type=int, default=-1)
     off.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     add_model_args(off)
     off.set_defaults(run=run_offline)
@@ -132,6 +135,7 @@ def run_offline(args: argparse.Namespace) -> int:
             args.seed, llm.engine.layout.vocab_size,
         ),
         warmup=args.warmup,
+        sampling={"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
     )
     layout = llm.engine.layout
     print(f"model {layout.model_identity} on {layout.device} ({str(layout.dtype).removeprefix('torch.')})")
@@ -141,12 +145,15 @@ def run_offline(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_offline(llm, workload: Workload, warmup: int = 1, name: str = "pdserve") -> dict:
+def measure_offline(llm, workload: Workload, warmup: int = 1, name: str = "pdserve",
+                    sampling: dict | None = None) -> dict:
+    """`sampling`: SamplingParams fields for every request (default greedy); ignore_eos always."""
     from services.engine import SamplingParams
 
+    sampling = {"temperature": 0.0, **(sampling or {})}
     if warmup:
-        llm.generate(workload.prompts[:warmup], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+        llm.generate(workload.prompts[:warmup], SamplingParams(max_tokens=4, ignore_eos=True, **sampling))
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, **sampling) for n in workload.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, params)
     elapsed = time.perf_counter() - start

@@ -86,8 +86,7 @@ class Sampler:
         logits = self._process(logits, rows, batch, active_min)
         tokens = self._draw(logits, rows, batch)
         if batch.penalty_rows:
-            self._counts.add(tokens[to_device(batch.penalty_rows, torch.long, tokens.device)]
-                             if len(batch.penalty_rows) != len(rows) else tokens)
+            self._counts.add(tokens[batch.penalty_index] if len(batch.penalty_rows) != len(rows) else tokens)
         lps = None
         if raw is not None:
             lps = ops.logprobs(raw, tokens[batch.logprob_index], batch.top_logprobs)
@@ -113,7 +112,7 @@ class Sampler:
         if active_min:
             logits = self._mask_min_tokens(logits, rows, active_min)
         if batch.penalty_rows:
-            index = to_device(batch.penalty_rows, torch.long, logits.device)
+            index = batch.penalty_index
             rep, freq, pres = batch.penalties
             logits[index] = ops.penalize(logits[index], self._counts.counts, self._counts.prompt, rep, freq, pres)
         return logits
@@ -124,7 +123,8 @@ class Sampler:
         if not pairs:
             return logits
         at, ids = (to_device(list(x), torch.long, logits.device) for x in zip(*pairs, strict=True))
-        masked = logits.index_put((at, ids), torch.tensor(float("-inf"), device=logits.device))
+        masked = logits.clone()
+        masked[at, ids] = float("-inf")  # a Python scalar: no host-to-device copy to wait for
         grammar = [r for r, _ in active if rows[r][0].grammar is not None]
         if grammar:  # a grammar that allows only the banned ids wins over min_tokens
             g = to_device(grammar, torch.long, logits.device)

@@ -52,6 +52,7 @@ class BatchParams:
     min_tokens: list[tuple[int, int, list[int]]]  # (row, min_tokens, banned ids) for rows with min_tokens
     grammar_rows: list[int]
     penalty_rows: list[int]
+    penalty_index: torch.Tensor | None
     penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # repetition, frequency, presence [P]
     logprob_rows: list[int]
     logprob_index: torch.Tensor | None
@@ -82,6 +83,7 @@ class BatchParams:
                         for r, p in enumerate(params) if p.min_tokens > 0],
             grammar_rows=[r for r, (spec, _) in enumerate(rows) if spec.grammar is not None],
             penalty_rows=penalty_rows,
+            penalty_index=to_device(penalty_rows, torch.long, device) if penalty_rows else None,
             penalties=tuple(to_device([getattr(params[r], name) for r in penalty_rows], torch.float32, device)
                             for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
             if penalty_rows else None,
