@@ -15,13 +15,14 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from services.engine.admission import Admission, AdmissionLimits
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore, Prompt
 from services.engine.errors import EngineDeadError, InvalidRequestError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import RequestOutput, SampledToken, build_output
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Request
+from services.engine.sequence import Request, SequenceStatus
 
 log = logging.getLogger("pdserve.engine")
 
@@ -33,8 +34,11 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
+                 admission: AdmissionLimits | None = None) -> None:
+        """`admission`: bounds of the waiting queue (admission.py); None admits everything."""
         self.core = core or EngineCore(config or EngineConfig())
+        self.admission = Admission(admission) if admission is not None else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -67,17 +71,26 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         params = params or SamplingParams()
-        if params.structured_output is not None:
-            # Compiling takes milliseconds to seconds: off the event loop; make_request then hits the cache.
-            await asyncio.to_thread(self.core.compile_grammar, params)
-        request = self.core.make_request(
-            prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference
-        )
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            if request.request_id in self._streams:
-                raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-            self._streams[request.request_id] = stream
+        # Admission first: a refused request costs no grammar compilation and no tokenizing.
+        ticket = self.admission.reserve(len(prompt) if isinstance(prompt, list) else 0) if self.admission else None
+        try:
+            if params.structured_output is not None:
+                # Compiling takes milliseconds to seconds: off the event loop; make_request then hits the cache.
+                await asyncio.to_thread(self.core.compile_grammar, params)
+            request = self.core.make_request(
+                prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference
+            )
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            with self._lock:
+                if request.request_id in self._streams:
+                    raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+                self._streams[request.request_id] = stream
+        except BaseException:
+            if ticket is not None:
+                self.admission.release(ticket)
+            raise
+        if ticket is not None:
+            self.admission.bind(ticket, request.request_id)
         self._inbox.put(("add", request))
         finished = False
         try:
@@ -90,6 +103,8 @@ class AsyncEngine:
         finally:
             with self._lock:
                 self._streams.pop(request.request_id, None)
+            if ticket is not None:
+                self.admission.release(ticket)
             if not finished:
                 self._inbox.put(("abort", request.request_id))
 
@@ -148,6 +163,8 @@ class AsyncEngine:
                     break
                 for request in core.step():
                     self._publish(request)
+                if self.admission is not None:
+                    self.admission.release_started(self._still_waiting)
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine died
             log.exception("engine loop died")
             self._dead = e
@@ -168,6 +185,8 @@ class AsyncEngine:
                     self.core.add(request)
                 except InvalidRequestError as e:
                     self._send(request.request_id, e)
+                if self.admission is not None:
+                    self.admission.seen(request.request_id)
         elif kind == "abort":
             request = self.core.abort(arg)
             if request is not None:
@@ -187,6 +206,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
         elif kind == "stop":
             self._stopping = True
+
+    def _still_waiting(self, request_id: str) -> bool:
+        request = self.core.requests.get(request_id)
+        return request is not None and all(s.status == SequenceStatus.WAITING for s in request.seqs)
 
     def _publish(self, request: Request) -> None:
         self._send(request.request_id, build_output(request, delta=True))

@@ -53,6 +53,14 @@ class UnavailableError(PdserveError):
     http_status = 503
 
 
+class OverloadedError(PdserveError):
+    """Admission control refused the request: the waiting queue is full. Try again later
+    (HTTP 429 with Retry-After), unlike UnavailableError, where nothing can serve at all."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
 class UpstreamError(PdserveError):
     """A worker behind the router ended the request with a gRPC status; it passes through."""
 

@@ -83,6 +83,8 @@ class StructuredOutputParams:
         if self.json_schema is not None:
             try:
                 schema = json.loads(self.json_schema)
+            except RecursionError as e:
+                raise InvalidRequestError("json_schema is nested too deeply") from e
             except ValueError as e:
                 raise InvalidRequestError(f"json_schema is not valid JSON: {e}") from e
             if not isinstance(schema, dict):
@@ -153,16 +155,16 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise bad(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise bad(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise bad(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise bad(f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise bad(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
