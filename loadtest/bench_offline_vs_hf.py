@@ -7,13 +7,19 @@ Model loading is excluded on both sides. The "matmul floor" is the time of the m
 layers alone for this workload (prompt tokens once, then 64 decode steps of 16 rows, logits
 for 16 rows per step): no attention, norms, sampling or Python around them.
 
-    python loadtest/bench_offline_vs_hf.py [--repeats 3] [--write BENCHMARKS.md]
+    python loadtest/bench_offline_vs_hf.py [--repeats 3] [--threads 2] [--busy-neighbour] [--write BENCHMARKS.md]
+
+--busy-neighbour runs another process beside both sides for the whole measurement: a
+2-thread torch matmul loop, the busy 2-core machine of issue #26.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,11 +72,36 @@ def matmul_floor_seconds(llm, workload: Workload, plain: bool = False) -> float:
         return time.perf_counter() - start
 
 
+NEIGHBOUR = "import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\nwhile True: a @ a"
+
+
+def start_neighbour() -> subprocess.Popen:
+    """A process that keeps two threads busy with matmuls until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_NUM_THREADS": "2"})
+    time.sleep(2.0)  # past its import
+    return proc
+
+
+def measure(llm, hf, workload: Workload, pad_id: int, repeats: int) -> tuple[list, list, list, list]:
+    """Seconds of each run, interleaved: pdserve, HF, the matmul floor, the F.linear floor."""
+    ours, theirs, floor, plain_floor = [], [], [], []
+    for _ in range(repeats):
+        ours.append(measure_offline(llm, workload, warmup=0)["elapsed_s"])
+        theirs.append(round(hf_generate_seconds(hf, workload, pad_id), 3))
+        floor.append(round(matmul_floor_seconds(llm, workload), 3))
+        plain_floor.append(round(matmul_floor_seconds(llm, workload, plain=True), 3))
+    return ours, theirs, floor, plain_floor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; medians reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--busy-neighbour", action="store_true", help="a 2-thread matmul loop runs beside")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in the given markdown file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -86,12 +117,13 @@ def main() -> None:
     measure_offline(llm, workload, warmup=0)
     hf_generate_seconds(hf, workload, pad_id)
     matmul_floor_seconds(llm, workload)
-    ours, theirs, floor, plain_floor = [], [], [], []
-    for _ in range(args.repeats):
-        ours.append(measure_offline(llm, workload, warmup=0)["elapsed_s"])
-        theirs.append(round(hf_generate_seconds(hf, workload, pad_id), 3))
-        floor.append(round(matmul_floor_seconds(llm, workload), 3))
-        plain_floor.append(round(matmul_floor_seconds(llm, workload, plain=True), 3))
+    neighbour = start_neighbour() if args.busy_neighbour else None
+    try:
+        ours, theirs, floor, plain_floor = measure(llm, hf, workload, pad_id, args.repeats)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
 
     tokens = workload.output_tokens
     rows = []
@@ -116,9 +148,13 @@ def main() -> None:
     runs_line = "; ".join(f"{name} {times}" for name, times in runs)
     print(f"every run (s): {runs_line}")
     if args.write:
-        write_section(args.write, "bench_offline_vs_hf", "Offline throughput vs HF transformers on the CPU", [
+        flags = (f" --threads {args.threads}" if args.threads else "") + (" --busy-neighbour" if args.busy_neighbour else "")
+        key, title = "bench_offline_vs_hf", "Offline throughput vs HF transformers on the CPU"
+        if args.busy_neighbour:
+            key, title = key + "_busy", title + ", beside a busy 2-thread process"
+        write_section(args.write, key, title, [
             f"Machine: {machine()}. Model: the default SmolLM2-135M-Instruct (dequantized GGUF).\n"
-            f"Workload: {header}. Command: `python loadtest/bench_offline_vs_hf.py --repeats {len(ours)}`.",
+            f"Workload: {header}. Command: `python loadtest/bench_offline_vs_hf.py --repeats {len(ours)}{flags}`.",
             table,
             speedup[0].upper() + speedup[1:] + ".",
             f"Every run (s): {runs_line}.",
