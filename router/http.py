@@ -1,4 +1,5 @@
-"""The router's HTTP port: /healthz, /metrics and the OpenAI-compatible API under /v1 (openai_api.py)."""
+"""The router's HTTP port: /healthz (also /health, /ping), /metrics and the OpenAI-compatible
+API under /v1 (openai_api.py), behind the gate (gate.py: header caps, API keys, body cap)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from router.gate import Gate
 from router.registry import StaticRegistry
 from router.server import RouterServicer
 
 
-def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None) -> Starlette:
+def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, gate: Gate = Gate()):
     """/healthz and /metrics; with a servicer, also the OpenAI API over the same request path as gRPC."""
 
     async def healthz(request: Request) -> Response:
@@ -26,7 +28,7 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None) 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
+    routes = [Route("/healthz", healthz), Route("/health", healthz), Route("/ping", healthz), Route("/metrics", metrics)]
     if servicer is not None:
         from router.openai_api import OpenAIServer
         from services.engine import structured_output
@@ -34,4 +36,4 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None) 
         routes += OpenAIServer(servicer).routes()
         # xgrammar takes seconds to import: not on the first constrained request's time.
         threading.Thread(target=structured_output.preload, name="xgrammar-import", daemon=True).start()
-    return Starlette(routes=routes)
+    return gate.wrap(Starlette(routes=routes))

@@ -10,14 +10,18 @@ import logging
 import uvicorn
 
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from router.gate import Gate
 from router.http import build_app
+from router.limits import Limits
 from router.policy import RoutingConfig, make_policy
 from router.registry import RedisRegistry, StaticRegistry
 from router.server import RouterServicer
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
 from services.fleet.directory import FleetDirectory
 from services.fleet.schema import connect
-from services.rpc.server import parse_peers, serve_until_signalled, start_server
+from services.cli.serve import internal_tls
+from services.rpc.security import ApiKeys, TLSFiles
+from services.rpc.server import ServerSecurity, parse_peers, serve_until_signalled, start_health_server, start_server
 
 log = logging.getLogger("pdserve.router")
 
@@ -33,7 +37,11 @@ async def run_router(args: argparse.Namespace) -> None:
     from services.engine import loader
     from services.engine.tokenizer import Tokenizer
 
-    directory, registry = _registry(args)
+    keys = ApiKeys.gather(args.api_key, args.api_key_file)
+    client_tls = _client_tls(args)
+    limits = Limits(args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars, args.max_header_bytes,
+                    args.max_header_count, args.max_concurrent_streams, args.request_timeout, args.scheduling_policy)
+    directory, registry = _registry(args, internal_tls(args))
     source = loader.resolve(args.model, args.load_format, args.preset, args.dummy_seed, args.tokenizer,
                             args.cache_dir, weights=False)
     tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
@@ -47,23 +55,34 @@ async def run_router(args: argparse.Namespace) -> None:
         vocab_size=hello.identity.vocab_size,
         directory=directory,
         block_size=args.block_size,
+        limits=limits,
+        offload_threads=args.tokenizer_workers,
     )
     registry.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
     server, health, port = await start_server(
-        [lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s)], [name], args.host, args.port
+        [lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s)], [name], args.host, args.port,
+        ServerSecurity(client_tls, api_keys=keys), limits.grpc_options(),
     )
-    http = _HTTPServer(uvicorn.Config(build_app(registry, servicer), host=args.host, port=args.http_port,
-                                         log_level="warning", lifespan="off"))
+    health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
+    app = build_app(registry, servicer, Gate(keys, limits, metrics_open=args.metrics_without_auth))
+    tls_files = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if client_tls else {}
+    http = _HTTPServer(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", lifespan="off",
+                                      h11_max_incomplete_event_size=max(64 << 10, 4 * limits.max_header_bytes),
+                                      **tls_files))
     http_task = asyncio.create_task(http.serve())
-    print(f"router listening on {args.host}:{port} (gRPC), http://{args.host}:{args.http_port} "
-          f"(/v1, /healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}"
-          + (f", fleet registry {args.redis}" if directory else ""), flush=True)
+    scheme = "https" if client_tls else "http"
+    print(f"router listening on {args.host}:{port} (gRPC{', TLS' if client_tls else ''}), {scheme}://{args.host}:"
+          f"{args.http_port} (/v1, /healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}; "
+          f"API keys {len(keys) or 'none (open)'}" + (", fleet registry in Redis" if directory else ""), flush=True)
     try:
         await serve_until_signalled(server, health, args.grace)
     finally:
         http.should_exit = True
         await http_task
+        if health_server is not None:
+            await health_server.stop(0)
+        servicer.close()
         await registry.close()
         if directory is not None:
             await directory.redis.aclose()
@@ -74,15 +93,22 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
                          args.imbalance_ratio, args.prefill_backlog)
 
 
-def _registry(args: argparse.Namespace) -> tuple[FleetDirectory | None, StaticRegistry]:
+def _client_tls(args: argparse.Namespace) -> TLSFiles | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("pdserve router: --tls-cert and --tls-key go together")
+    return TLSFiles.load(args.tls_cert, args.tls_key) if args.tls_cert else None
+
+
+def _registry(args: argparse.Namespace, tls: TLSFiles | None) -> tuple[FleetDirectory | None, StaticRegistry]:
     """Static peers, plus the fleet registry with --redis (the only source it needs)."""
     prefills, decodes = parse_peers(args.prefill_peers), parse_peers(args.decode_peers)
     if not args.redis:
         if not decodes:
             raise SystemExit("pdserve router: give --redis URL (the fleet registry) or --decode-peers")
-        return None, StaticRegistry(prefills, decodes)
-    directory = FleetDirectory(connect(args.redis))
+        return None, StaticRegistry(prefills, decodes, tls=tls)
+    # Bursts wait for a pooled connection instead of failing (and routing on load alone).
+    directory = FleetDirectory(connect(args.redis, blocking_pool=True))
     # The router hashes prompts itself: instances must hash blocks exactly as it does.
     hashing = worker_pb2.ModelIdentity(block_size=args.block_size, hash_seed=HASH_SEED,
                                        hash_scheme_version=HASH_SCHEME_VERSION)
-    return directory, RedisRegistry(prefills, decodes, directory, hashing)
+    return directory, RedisRegistry(prefills, decodes, directory, hashing, tls=tls)

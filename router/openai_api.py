@@ -30,7 +30,7 @@ from starlette.routing import Route
 from pdserve.v1 import common_pb2, router_pb2
 from router import openai_protocol as protocol
 from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage
-from router.server import Prepared, RouterServicer
+from router.server import RouterServicer
 from services.engine.errors import InvalidRequestError, PdserveError
 
 T = TypeVar("T")
@@ -40,13 +40,18 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conf
                 429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
+INLINE_BODY_BYTES = 64 << 10  # smaller bodies are parsed on the event loop (well under a millisecond)
+RETRY_AFTER_S = 1  # an overloaded worker's queue turns over within seconds
+
+
 class ClientDisconnected(Exception):
     """The HTTP client went away before the response was complete."""
 
 
 def error_response(err: PdserveError, param: str | None = None) -> JSONResponse:
-    """An OpenAI-shaped error body with the HTTP status of `err`'s type."""
-    return JSONResponse(error_body(err, param), status_code=err.http_status)
+    """An OpenAI-shaped error body with the HTTP status of `err`'s type (429 says when to retry)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.http_status == 429 else None
+    return JSONResponse(error_body(err, param), status_code=err.http_status, headers=headers)
 
 
 def error_body(err: PdserveError, param: str | None = None) -> dict[str, Any]:
@@ -88,7 +93,7 @@ class OpenAIServer:
         return JSONResponse(self._model_card())
 
     async def completions(self, request: Request) -> Response:
-        async def make(body: protocol.CompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
+        def make(body: protocol.CompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
             rid = f"cmpl-{uuid.uuid4().hex}"
             requests = protocol.completion_requests(body, rid, self.servicer.max_model_len)
             echo = [self._prompt_text(r) for r in requests] if body.echo else None
@@ -97,7 +102,7 @@ class OpenAIServer:
         return await self._handle(request, protocol.CompletionRequest, make)
 
     async def chat_completions(self, request: Request) -> Response:
-        async def make(body: protocol.ChatCompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
+        def make(body: protocol.ChatCompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             top = (body.top_logprobs or 0) if body.logprobs else None
             return [protocol.chat_request(body, rid, self.servicer.max_model_len)], self._format("chat", rid, body, top)
@@ -107,11 +112,18 @@ class OpenAIServer:
     # ---- one request -----------------------------------------------------------------------------
 
     async def _handle(self, request: Request, model: type[BaseModel], make) -> Response:
+        servicer = self.servicer
         try:
-            body = await _parse(request, model)
-            requests, fmt = await make(body)
-            prepared = [self._prepare(r, body) for r in requests]
-            streams = [self.servicer.stream(p, r, None) for p, r in zip(prepared, requests, strict=True)]
+            raw = await request.body()  # the gate has bounded it
+            if len(raw) > INLINE_BODY_BYTES:  # parsing holds the GIL for ~10 ms a MiB: a thread, not the loop
+                body, requests, fmt = await servicer.offload(_build, raw, model, make)
+            else:
+                body, requests, fmt = _build(raw, model, make)
+            servicer.limits.check_sequences(len(requests), body.n)
+            given = body.requested_max_tokens is not None
+            prepared = [await servicer.prepare(r, max_tokens_given=given) for r in requests]
+            timeout = servicer.limits.request_timeout
+            streams = [servicer.stream(p, r, timeout) for p, r in zip(prepared, requests, strict=True)]
             merged = merge(streams)
             if body.stream:
                 # Headers wait for the first tokens, so that early errors keep their HTTP status.
@@ -125,17 +137,6 @@ class OpenAIServer:
             return error_response(e)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; the request is already cancelled
-
-    def _prepare(self, request: router_pb2.GenerateRequest, body: protocol.SamplingFields) -> Prepared:
-        prepared = self.servicer.prepare(request)
-        asked, prompt = body.requested_max_tokens, len(prepared.prompt_token_ids)
-        limit = self.servicer.max_model_len
-        if asked is not None and prompt + asked > limit:
-            raise InvalidRequestError(
-                f"this model's context is {limit} tokens, but {prompt + asked} were requested "
-                f"({prompt} in the prompt, {asked} to generate): lower max_tokens or shorten the prompt"
-            )
-        return prepared
 
     async def _collect(self, merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
                        n: int) -> tuple[list[ChoiceState], Usage]:
@@ -244,7 +245,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         gone.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+            # Let the cancellation land (it closes the decode streams) before reading the outcome:
+            # a task asked to cancel is not cancelled yet, and its result() would raise InvalidStateError.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled() or not task.done():
         raise ClientDisconnected()
     return task.result()
 
@@ -255,15 +259,34 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+def _build(raw: bytes, model: type[BaseModel], make) -> tuple[Any, list[router_pb2.GenerateRequest], ResponseFormat]:
+    """Body bytes -> the validated body, its GenerateRequests and their response format."""
+    body = _parse(raw, model)
+    requests, fmt = make(body)
+    return body, requests, fmt
+
+
+def _parse(raw: bytes, model: type[BaseModel]) -> Any:
     try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise InvalidRequestError(f"the body is not valid JSON: {e}") from e
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as e:
+        raise InvalidRequestError("the body is not valid JSON: nested too deeply") from e
+    except ValueError as e:  # includes UnicodeDecodeError
+        raise InvalidRequestError(f"the body is not valid JSON: {_first_line(e)}") from e
     if not isinstance(data, dict):
         raise InvalidRequestError("the body must be a JSON object")
-    return model.model_validate(data)
+    try:
+        return model.model_validate(data)
+    except RecursionError as e:
+        raise InvalidRequestError("the body is nested too deeply") from e
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")  # JSON has no Infinity or NaN; Python's parser accepts them
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200]
 
 
 def _validation_error(e: ValidationError) -> JSONResponse:

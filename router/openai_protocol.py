@@ -77,7 +77,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     cache_salt: str | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

@@ -25,6 +25,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from router import metrics
 from services.fleet.directory import FleetDirectory
 from services.fleet.schema import InstanceRecord, hash_mismatch, stop_if_cancelled
+from services.rpc.security import TLSFiles, internal_channel
 from services.rpc.server import CHANNEL_OPTIONS
 
 log = logging.getLogger("pdserve.router")
@@ -52,7 +53,10 @@ class Instance:
 
 
 class StaticRegistry:
-    def __init__(self, prefill_peers: dict[str, str], decode_peers: dict[str, str], poll_s: float = 0.5) -> None:
+    def __init__(self, prefill_peers: dict[str, str], decode_peers: dict[str, str], poll_s: float = 0.5,
+                 tls: TLSFiles | None = None) -> None:
+        """`tls`: the internal credentials workers require (security.py); None: plaintext."""
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retired: list[grpc.aio.Channel] = []
         self.instances: dict[str, Instance] = {}
@@ -100,7 +104,7 @@ class StaticRegistry:
 
     def _add(self, instance_id: str, role: str, address: str, record: InstanceRecord | None = None) -> Instance:
         self._retire(instance_id)
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = internal_channel(address, self.tls, CHANNEL_OPTIONS)
         self._channels[instance_id] = channel
         inst = Instance(instance_id, role, address, _STUBS[role](channel), record=record,
                         load=record.load if record is not None else None)
@@ -142,9 +146,10 @@ class RedisRegistry(StaticRegistry):
         directory: FleetDirectory,
         hashing: worker_pb2.ModelIdentity,
         poll_s: float = 0.5,
+        tls: TLSFiles | None = None,
     ) -> None:
         """`hashing`: the router's block size, hash seed and hash scheme; instances must match."""
-        super().__init__(prefill_peers, decode_peers, poll_s)
+        super().__init__(prefill_peers, decode_peers, poll_s, tls)
         self.directory = directory
         self.hashing = hashing
         self._refused: set[tuple[str, int]] = set()

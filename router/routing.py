@@ -81,8 +81,13 @@ class RouteSelector:
         return hash_blocks(prompt_token_ids[: hit_blocks * self.block_size], self.block_size,
                            first_block_keys=(cache_salt,) if cache_salt else ())
 
-    async def select(self, prompt_token_ids: list[int], cache_salt: str | None) -> Route | None:
-        decodes, prefills = self.registry.decodes(), self.registry.prefills()
+    async def select(self, prompt_token_ids: list[int], cache_salt: str | None,
+                     exclude: set[str] = frozenset()) -> Route | None:
+        """The route of one request; decode instances in `exclude` (they refused it) are skipped."""
+        decodes = [i for i in self.registry.decodes() if i.instance_id not in exclude]
+        prefills = self.registry.prefills()
+        if not decodes:
+            return None
         hashes, hits = [], None
         if self.policy.uses_index:
             hashes = self.block_hashes(prompt_token_ids, cache_salt)

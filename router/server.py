@@ -1,34 +1,43 @@
 """The router's gRPC service: validate, tokenize once, route, stream back.
 
-    Generate -> prepare: validate params and prompt (INVALID_ARGUMENT before any work)
+    Generate -> prepare: bounds and params (limits.py), then tokenize (on offload threads,
+                         never on the event loop): INVALID_ARGUMENT before any work
              -> stream:  routing.RouteSelector: block hashes, prefix index, policy:
                          a decode instance, then a prefill instance or none
                          DecodeWorker.Generate(prompt ids, params, prefill instance id)
+                         (RESOURCE_EXHAUSTED before any token: the next best instance)
                          the decode worker's deltas back, with usage and the disaggregation record
 
 `prepare` and `stream` know nothing of gRPC servicer contexts, so the HTTP front runs
 requests through the same two calls; errors are typed (services/engine/errors.py) and mapped
 to a status once, at each edge.
 
-Deadlines propagate to the decode call; a client cancel cancels it (decode then aborts,
-and aborts its prefill call). Every request gets an id that travels in x-request-id metadata.
+Deadlines propagate to the decode call (at most --request-timeout); a client cancel cancels
+it (decode then aborts, and aborts its prefill call). Every request gets a fresh id of the
+router's, which travels in x-request-id metadata; an id the client chose is only logged and
+echoed in replies, so clients can neither collide nor name each other's requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
-from router.policy import RoutingPolicy
+from router.limits import Limits
+from router.policy import Route, RoutingPolicy
 from router.registry import StaticRegistry
 from router.routing import RouteSelector
-from services.engine.errors import InvalidRequestError, NotFoundError, PdserveError, UnavailableError, UpstreamError
+from services.engine.errors import (InvalidRequestError, NotFoundError, OverloadedError, PdserveError,
+                                    UnavailableError, UpstreamError)
 from services.engine import structured_output
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
@@ -38,15 +47,22 @@ from services.rpc.convert import params_from_proto, reject_unknown_fields
 from services.rpc.server import abort_with, request_id_var, request_metadata
 
 log = logging.getLogger("pdserve.router")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request: its id, prompt token ids and engine sampling params."""
+    """A validated request: the id the workers know it by (always the router's own), the
+    id the client gave (kept for logs and replies), prompt token ids and sampling params."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    client_request_id: str = ""
+
+    @property
+    def reply_id(self) -> str:
+        return self.client_request_id or self.request_id
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -60,9 +76,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         vocab_size: int,
         directory: FleetDirectory | None = None,
         block_size: int = 16,
+        limits: Limits = Limits(),
+        offload_threads: int = 2,
     ) -> None:
         """`directory` is the fleet registry with its prefix index (None: route on load alone);
-        `block_size` must be the workers' (the router computes the same block hashes)."""
+        `block_size` must be the workers' (the router computes the same block hashes).
+        Prompts are tokenized, and large HTTP bodies parsed, by `offload_threads` threads."""
         self.registry = registry
         self.policy = policy
         self.selector = RouteSelector(registry, policy, directory, block_size)
@@ -70,8 +89,32 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(max(1, offload_threads), thread_name_prefix="router-offload")
 
-    # ---- validation ----------------------------------------------------------------------
+    async def offload(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn` on the offload threads (tokenizers release the GIL while they encode)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ---- validation: cheap checks first, then tokenization ----------------------------------
+
+    def check_prompt_size(self, request: router_pb2.GenerateRequest) -> None:
+        """Bound the prompt before any tokenizing."""
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            if len(request.token_ids.ids) >= self.max_model_len:
+                raise InvalidRequestError(self._too_long(len(request.token_ids.ids)))
+            return
+        if kind == "text":
+            chars = len(request.text)
+        elif kind == "chat":
+            chars = sum(len(m.content) + len(m.role) for m in request.chat.messages)
+        else:
+            raise InvalidRequestError("a prompt (text, token_ids or chat) is required")
+        cap = self.limits.prompt_chars(self.max_model_len)
+        if chars > cap:
+            raise InvalidRequestError(f"the prompt has {chars} characters; at most {cap} are accepted "
+                                      f"(this model's context is {self.max_model_len} tokens)")
 
     def prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -86,41 +129,63 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if not messages:
                 raise InvalidRequestError("chat has no messages")
             ids = self.tokenizer.apply_chat_template(messages)
-        elif kind == "token_ids":
-            ids = list(request.token_ids.ids)
         else:
-            raise InvalidRequestError("a prompt (text, token_ids or chat) is required")
+            ids = list(request.token_ids.ids)
         if not ids:
             raise InvalidRequestError("prompt is empty")
-        if any(t >= self.vocab_size for t in ids):
+        if max(ids) >= self.vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens, "
-                "including at least one generated token"
-            )
+            raise InvalidRequestError(self._too_long(len(ids)))
         return ids
+
+    def _too_long(self, tokens: int) -> str:
+        return (f"prompt has {tokens} tokens; this model's context is {self.max_model_len} tokens, "
+                "including at least one generated token")
 
     def check_model(self, model: str) -> None:
         if model and model != self.model_name:
             raise NotFoundError(f"model {model!r} is not served here (serving {self.model_name!r})")
 
-    def prepare(self, request: router_pb2.GenerateRequest) -> Prepared:
-        """Validate a request and tokenize its prompt, once; raises a PdserveError subclass
-        (INVALID_ARGUMENT / NOT_FOUND) before any work is sent anywhere."""
+    def check(self, request: router_pb2.GenerateRequest) -> SamplingParams:
+        """Everything about a request that needs no tokenizer (INVALID_ARGUMENT / NOT_FOUND)."""
         reject_unknown_fields(request)
         self.check_model(request.model)
+        self.limits.check_priority(request.priority)
         params = params_from_proto(request.sampling)
+        self.limits.check_sequences(1, params.n)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         if any(t >= self.vocab_size for t, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if params.structured_output is not None and self.tokenizer is None:
+            raise InvalidRequestError("structured output needs a tokenizer; this model has none")
+        self.check_prompt_size(request)
+        return params
+
+    async def prepare(self, request: router_pb2.GenerateRequest, max_tokens_given: bool | None = None) -> Prepared:
+        """Validate a request and tokenize its prompt, once; raises a PdserveError subclass
+        (INVALID_ARGUMENT / NOT_FOUND) before any work is sent anywhere.
+
+        A max_tokens the client gave must fit the context beside the prompt (an error, never a
+        silent truncation); one it did not give is clamped to the context by the engine.
+        `max_tokens_given`: whether the client gave it (default: whether the message sets it)."""
+        params = self.check(request)
         if params.structured_output is not None:
-            if self.tokenizer is None:
-                raise InvalidRequestError("structured output needs a tokenizer; this model has none")
-            structured_output.check(params.structured_output)  # the workers compile it
-        ids = self.prompt_ids(request)
-        return Prepared(request.request_id or uuid.uuid4().hex, ids, params)
+            await self.offload(check_structured_output, params.structured_output)  # the workers compile it
+        if request.WhichOneof("prompt") == "token_ids":
+            ids = self.prompt_ids(request)
+        else:  # tokenizers and chat templates run on the offload threads, whatever the prompt's length
+            ids = await self.offload(self.prompt_ids, request)
+        given = request.sampling.HasField("max_tokens") if max_tokens_given is None else max_tokens_given
+        if given and len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's context is {self.max_model_len} tokens, but {len(ids) + params.max_tokens} were "
+                f"requested ({len(ids)} in the prompt, {params.max_tokens} to generate): lower max_tokens or "
+                "shorten the prompt")
+        return Prepared(uuid.uuid4().hex, ids, params, request.request_id)
+
+    # ---- routing and streaming ------------------------------------------------------------
 
     async def stream(
         self, prepared: Prepared, request: router_pb2.GenerateRequest, timeout: float | None
@@ -128,19 +193,38 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """Route a prepared request and stream the decode worker's responses back.
 
         Transport-agnostic: the gRPC `Generate` and the HTTP front both run requests through
-        here. Raises UnavailableError when no decode instance is available and UpstreamError
-        when the decode worker ends the call with an error status. Closing the iterator early
-        cancels the decode call (decode then aborts, and aborts its prefill call).
+        here. A decode instance that refuses the request as overloaded before streaming
+        anything is skipped for the next best one; when every one refuses, OverloadedError
+        (RESOURCE_EXHAUSTED / 429). Raises UnavailableError when no decode instance is
+        available and UpstreamError when the decode worker ends the call with another error
+        status. Closing the iterator early cancels the decode call (decode then aborts, and
+        aborts its prefill call).
         """
         timer = metrics.StreamTimer()
+        refused: set[str] = set()
+        while True:
+            route = await self.selector.select(prepared.prompt_token_ids, prepared.params.cache_salt, exclude=refused)
+            if route is None and refused:
+                metrics.ADMISSION_REJECTIONS.labels("router").inc()
+                raise OverloadedError(f"every decode instance is at its admission limit ({len(refused)} tried); "
+                                      "retry later")
+            if route is None:
+                raise UnavailableError("no decode instance is available")
+            try:
+                async for response in self._attempt(prepared, request, route, timeout, timer):
+                    yield response
+                return
+            except _Refused:
+                refused.add(route.decode.instance_id)
+
+    async def _attempt(self, prepared: Prepared, request: router_pb2.GenerateRequest, route: Route,
+                       timeout: float | None, timer: metrics.StreamTimer) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """One decode instance's try; raises _Refused if it is overloaded before any response."""
         request_id, ids = prepared.request_id, prepared.prompt_token_ids
-        route = await self.selector.select(ids, prepared.params.cache_salt)
-        if route is None:
-            raise UnavailableError("no decode instance is available")
         decode, prefill = route.decode, route.prefill
-        log.info("request %s: %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)", request_id, len(ids),
-                 decode.instance_id, route.decode_reason, route.decode_hit_tokens,
-                 prefill.instance_id if prefill else "local", route.prefill_reason)
+        log.info("request %s (%s): %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)", request_id,
+                 prepared.client_request_id or "-", len(ids), decode.instance_id, route.decode_reason,
+                 route.decode_hit_tokens, prefill.instance_id if prefill else "local", route.prefill_reason)
         decode_request = worker_pb2.DecodeRequest(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -151,10 +235,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         decode.in_flight += 1
         if prefill:
             prefill.in_flight += 1
+        started = False
         try:
             call = decode.stub.Generate(decode_request, timeout=timeout, metadata=request_metadata(request_id))
             try:
                 async for response in call:
+                    started = True
                     if timer.tokens(sum(len(c.token_ids) for c in response.outputs)) and prefill:
                         prefill.in_flight -= 1  # prefill's part is done once the first token is out
                         prefill = None
@@ -162,8 +248,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         timer.finished([c.finish_reason for c in response.outputs])
                         router_metrics.PROMPT_TOKENS.inc(response.usage.prompt_tokens)
                         router_metrics.CACHED_TOKENS.inc(response.disaggregation.decode_cached_tokens)
+                    response.request_id = prepared.reply_id
                     yield response
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not started:
+                    log.info("request %s: decode %s is at its admission limit", request_id, decode.instance_id)
+                    raise _Refused() from e
                 log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name,
                             e.details())
                 raise UpstreamError(e.code().name, f"decode {decode.instance_id}: {e.details()}") from e
@@ -178,27 +268,48 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            prepared = self.prepare(request)
+            prepared = await self.prepare(request)
         except PdserveError as e:
             await abort_with(context, e)
         request_id_var.set(prepared.request_id)
+        remaining = context.time_remaining()
+        timeout = self.limits.request_timeout if remaining is None else min(remaining, self.limits.request_timeout)
         try:
-            async for response in self.stream(prepared, request, context.time_remaining()):
+            async for response in self.stream(prepared, request, timeout):
                 yield response
         except PdserveError as e:
             await abort_with(context, e)
 
     async def Tokenize(self, request: router_pb2.TokenizeRequest, context) -> router_pb2.TokenizeResponse:
         try:
+            reject_unknown_fields(request)
             self.check_model(request.model)
+            cap = self.limits.prompt_chars(self.max_model_len)
+            if len(request.text) > cap:
+                raise InvalidRequestError(f"the text has {len(request.text)} characters; at most {cap} are accepted")
         except PdserveError as e:
             await abort_with(context, e)
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
-        return router_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+        return router_pb2.TokenizeResponse(token_ids=await self.offload(self.tokenizer.encode, request.text))
 
     async def ListModels(self, request, context) -> router_pb2.ListModelsResponse:
         return router_pb2.ListModelsResponse(
             models=[router_pb2.ModelInfo(id=self.model_name, max_model_len=self.max_model_len)]
         )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Refused(Exception):
+    """A decode instance answered RESOURCE_EXHAUSTED before streaming anything."""
+
+
+def check_structured_output(constraint) -> None:
+    """structured_output.check, with a schema too deeply nested to walk as a bad request."""
+    try:
+        structured_output.check(constraint)
+    except RecursionError as e:
+        raise InvalidRequestError("the structured output constraint is nested too deeply") from e
 

@@ -38,7 +38,7 @@ def test_generate_json_prints_one_object_per_prompt_in_input_order(tmp_path, def
 def test_invalid_sampling_flag_exits_2_with_a_clear_message():
     proc = run("generate", "--load-format", "dummy", "--preset", "tiny-llama", "--temperature", "-1", "hi")
     assert proc.returncode == 2
-    assert "temperature must be >= 0" in proc.stderr
+    assert "temperature must be finite and >= 0" in proc.stderr
 
 
 def test_generate_with_a_regex_constrains_the_output():

@@ -192,6 +192,9 @@ def test_async_stream_deltas_add_up_to_the_offline_result(llm):
 
 def test_async_client_leaving_early_aborts_and_frees_blocks(llm):
     engine = AsyncEngine(core=llm.engine)
+    aborted = []  # what the engine's abort found still running: the client's leaving, not the end, freed it
+    real_abort = llm.engine.abort
+    llm.engine.abort = lambda request_id: aborted.append(real_abort(request_id)) or aborted[-1]
 
     async def leave_after_two():
         seen = 0
@@ -210,6 +213,9 @@ def test_async_client_leaving_early_aborts_and_frees_blocks(llm):
         assert asyncio.run(leave_after_two()) == 2
     finally:
         engine.shutdown()
+        del llm.engine.abort
+    assert len(aborted) == 1 and aborted[0] is not None, aborted
+    assert aborted[0].seqs[0].finish_reason == "abort" and len(aborted[0].seqs[0].output_token_ids) < 200
     assert_all_free(llm)
 
 

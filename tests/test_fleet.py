@@ -194,6 +194,33 @@ def test_longest_prefix_lookup_finds_exact_leading_lengths_on_every_instance(url
     assert empty == [(0, 5), (0, 9), (0, 0)]
 
 
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_burst_of_lookups_waits_for_the_routers_pool_instead_of_failing(url, blocking):
+    """The router's client (a blocking pool) answers every lookup of a burst larger than its
+    pool; redis-py's default pool fails the excess with "Too many connections" (the negative
+    control), which would send those requests to load-only routing."""
+    m = member(url, "decode-0", hashes=CHAIN[:4])
+
+    async def scenario():
+        await m.join()
+        client = schema.connect(url, blocking_pool=blocking, max_connections=4)
+        if not blocking:
+            client.connection_pool.max_connections = 4
+        directory = FleetDirectory(client)
+        await directory.refresh()
+        records = [directory.records["decode-0"]]
+        answers = await asyncio.gather(*(directory.longest_prefixes(CHAIN, records) for _ in range(64)))
+        await client.aclose()
+        await m.leave()
+        return answers
+
+    answers = asyncio.run(scenario())
+    if blocking:
+        assert answers == [[(4, 4)]] * 64
+    else:
+        assert None in answers
+
+
 def test_a_worker_re_registers_and_resyncs_after_redis_lost_its_data(url):
     m = member(url, "decode-0", hashes=CHAIN[:3])
 

@@ -213,7 +213,7 @@ def test_logit_bias_forces_a_token_as_on_the_grpc_path(client, router):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(temperature=-1), openai.BadRequestError, "temperature must be >= 0"),
+        (dict(temperature=-1), openai.BadRequestError, "temperature must be finite and >= 0"),
         (dict(model="gpt-17"), openai.NotFoundError, "gpt-17"),
         (dict(prompt="hello " * 1100), openai.BadRequestError, "context is 1024 tokens"),
         (dict(max_tokens=2000), openai.BadRequestError, "lower max_tokens"),

@@ -54,8 +54,9 @@ def router(stack):
     channel.close()
 
 
-def worker_stub(address: str, role: str):
-    channel = grpc.insecure_channel(address)
+def worker_stub(child: Child, role: str):
+    """A stub that calls the worker as its peers do (with its internal certificate, if it has one)."""
+    channel = child.channel()
     stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
     return stub_type(channel)
 
@@ -82,7 +83,7 @@ def wait_all_free(stack: LocalStack, timeout: float = 10.0) -> None:
     """Every worker holds no request and no KV block (cached-but-free blocks count as free)."""
     deadline = time.monotonic() + timeout
     while True:
-        loads = [worker_stub(c.address, c.role).GetLoad(worker_pb2.LoadRequest(), timeout=5)
+        loads = [worker_stub(c, c.role).GetLoad(worker_pb2.LoadRequest(), timeout=5)
                  for c in [*stack.prefills, *stack.decodes]]
         if all(load.requests == 0 and load.free_kv_blocks == load.total_kv_blocks for load in loads):
             return
@@ -206,8 +207,17 @@ def test_list_models_names_the_served_model(router):
 # ---- cancellation, health, metrics -------------------------------------------------------------
 
 
+def finish_counts(child: Child) -> dict[str, float]:
+    """The worker's pdserve:request_success_total by finish reason."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'pdserve:request_success_total\{finished_reason="(\w+)"\} (\S+)', text)}
+
+
 def test_client_cancel_frees_blocks_on_both_workers(stack, router):
-    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    # 350 tokens would take the decode worker hundreds of steps: the cancel must end it, not its length.
+    params = SamplingParams(temperature=0, max_tokens=350, ignore_eos=True)
+    before = finish_counts(stack.decodes[0])
     call = router.Generate(request(LONG, params), timeout=60)
     received = 0
     for response in call:
@@ -216,11 +226,14 @@ def test_client_cancel_frees_blocks_on_both_workers(stack, router):
             call.cancel()
             break
     wait_all_free(stack)
+    after = finish_counts(stack.decodes[0])
+    assert after.get("abort", 0) == before.get("abort", 0) + 1
+    assert after.get("length", 0) == before.get("length", 0)  # it did not run to its end
 
 
 def test_every_service_reports_serving_health(stack):
     for c in stack.children:
-        with grpc.insecure_channel(c.address) as channel:
+        with c.health_channel() as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, c.instance_id
 
@@ -243,7 +256,7 @@ def test_metrics_endpoints_expose_vllm_style_names(stack, router):
 
 
 def test_handshake_with_a_mismatched_identity_is_failed_precondition(stack):
-    prefill = worker_stub(stack.prefills[0].address, "prefill")
+    prefill = worker_stub(stack.prefills[0], "prefill")
     good = prefill.Handshake(worker_pb2.HandshakeRequest(instance_id="t", role="decode"), timeout=5)
     assert good.identity.block_size == 16 and good.identity.model == "dummy:tiny-llama:seed=0"
     bad = worker_pb2.ModelIdentity()
@@ -271,7 +284,7 @@ def wait_serving(child: Child, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert child.alive(), child.log_tail()
-        with grpc.insecure_channel(child.address) as ch:
+        with child.health_channel() as ch:
             try:
                 if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
                     return
@@ -282,7 +295,7 @@ def wait_serving(child: Child, timeout: float = 120) -> None:
 
 
 def decode_directly(child: Child, prompt, prefill_instance: str, params=GREEDY, timeout=60) -> RemoteResult:
-    stub = worker_stub(child.address, "decode")
+    stub = worker_stub(child, "decode")
     result = RemoteResult(str(prompt))
     msg = worker_pb2.DecodeRequest(request_id=f"t{time.monotonic_ns()}", prompt_token_ids=prompt,
                                    sampling=params_to_proto(params), prefill_instance=prefill_instance)
@@ -297,9 +310,16 @@ def stop(child: Child) -> None:
         child.proc.wait(20)
 
 
+def as_stack_peer(stack: LocalStack) -> list[str]:
+    """Flags that make a spawned decode worker a peer of the stack's prefill worker (its
+    internal certificate: the stack's workers answer nobody else)."""
+    return ["--internal-tls", str(stack.certs["decode-0"])]
+
+
 def test_decode_really_uses_the_shipped_kv(stack, tmp_path, reference):
     peers = f"prefill-0={stack.prefills[0].address}"
-    perturbing = spawn(tmp_path, "decode", ["--prefill-peers", peers], env={"PDSERVE_TEST_PERTURB_KV": "1"})
+    perturbing = spawn(tmp_path, "decode", ["--prefill-peers", peers, *as_stack_peer(stack)],
+                       env={"PDSERVE_TEST_PERTURB_KV": "1"})
     try:
         wait_serving(perturbing)
         other = list(range(3000, 3150))  # not in this worker's prefix cache
@@ -314,14 +334,14 @@ def test_decode_really_uses_the_shipped_kv(stack, tmp_path, reference):
 
 def test_decode_with_a_mismatched_model_gets_failed_precondition(stack, tmp_path):
     peers = f"prefill-0={stack.prefills[0].address}"
-    other = spawn(tmp_path, "decode", ["--prefill-peers", peers, "--dummy-seed", "7"])
+    other = spawn(tmp_path, "decode", ["--prefill-peers", peers, "--dummy-seed", "7", *as_stack_peer(stack)])
     try:
         wait_serving(other)
         with pytest.raises(grpc.RpcError) as err:
             decode_directly(other, LONG, "prefill-0")
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "seed=7" in err.value.details()
-        assert worker_stub(other.address, "decode").GetLoad(worker_pb2.LoadRequest()).requests == 0
+        assert worker_stub(other, "decode").GetLoad(worker_pb2.LoadRequest()).requests == 0
     finally:
         stop(other)
 
@@ -339,7 +359,7 @@ def test_prefill_killed_mid_transfer_the_request_completes_with_the_same_tokens(
         expected = decode_directly(decode, prompt, "").completions[0].token_ids  # local prefill
 
         def kill_after_first_block():
-            stub = worker_stub(prefill.address, "prefill")
+            stub = worker_stub(prefill, "prefill")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 load = stub.GetLoad(worker_pb2.LoadRequest(), timeout=5)
@@ -371,7 +391,7 @@ def test_health_answers_promptly_during_a_long_prefill(tmp_path):
             busy = pool.submit(decode_directly, worker, list(range(3000, 4600)), "",
                                SamplingParams(temperature=0, max_tokens=1))
             latencies = []
-            with grpc.insecure_channel(worker.address) as ch:
+            with worker.health_channel() as ch:
                 health = health_pb2_grpc.HealthStub(ch)
                 time.sleep(0.3)  # the prefill step is running now
                 while not busy.done():

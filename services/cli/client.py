@@ -79,20 +79,33 @@ def make_request(prompt: str, params: SamplingParams, chat: bool) -> router_pb2.
     return request
 
 
+def router_channel(url: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
+    """A channel to the router: TLS verified against `tls_ca` when given, else plaintext."""
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(url, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=CHANNEL_OPTIONS)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 async def generate_remote(
     url: str, prompts: list[str], params: SamplingParams, chat: bool = False, concurrency: int = 1,
-    timeout: float | None = None,
+    timeout: float | None = None, api_key: str | None = None, tls_ca: bytes | None = None,
 ) -> list[RemoteResult]:
     """Send prompts through the router; results in input order. One at a time unless
     `concurrency` > 1."""
     results = [RemoteResult(p) for p in prompts]
     gate = asyncio.Semaphore(max(1, concurrency))
-    async with grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) as channel:
+    metadata = auth_metadata(api_key)
+    async with router_channel(url, tls_ca) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
 
         async def one(i: int) -> None:
             async with gate:
-                async for response in stub.Generate(make_request(prompts[i], params, chat), timeout=timeout):
+                request = make_request(prompts[i], params, chat)
+                async for response in stub.Generate(request, timeout=timeout, metadata=metadata):
                     results[i].add(response)
 
         if concurrency <= 1:

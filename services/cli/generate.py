@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="send the prompts through a running router at HOST:PORT instead of loading a model")
     p.add_argument("--concurrency", type=int, default=1, help="with --url: requests in flight at once (default 1)")
     p.add_argument("--timeout", type=float, help="with --url: deadline per request, seconds")
+    p.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                   help="with --url: the router's API key (default $PDSERVE_API_KEY)")
+    p.add_argument("--tls-ca", type=Path, help="with --url: the router speaks TLS; verify it with this CA certificate")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--min-tokens", type=int, default=0)
@@ -124,7 +128,9 @@ def run_remote(args: argparse.Namespace, prompts: list[str], params) -> int:
     from services.cli.client import generate_remote
 
     try:
-        results = asyncio.run(generate_remote(args.url, prompts, params, args.chat, args.concurrency, args.timeout))
+        tls_ca = args.tls_ca.read_bytes() if args.tls_ca else None
+        results = asyncio.run(generate_remote(args.url, prompts, params, args.chat, args.concurrency, args.timeout,
+                                              args.api_key, tls_ca))
     except grpc.RpcError as e:
         print(f"pdserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

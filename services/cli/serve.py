@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
+from pathlib import Path
 
-from services.cli.model_args import add_model_args, engine_config
+from services.cli.model_args import add_model_args, engine_config, parse_bytes
 from services.cli.placement import parse_gpus
+
+log = logging.getLogger("pdserve.worker")
 
 DEFAULT_HOST = os.environ.get("POD_IP") or "127.0.0.1"
 ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")  # router/policy.py (not imported: it loads grpc)
@@ -27,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                        help="host peers reach us at, as registered (default $POD_IP, else --host)")
         _add_redis_arg(p)
+        _add_internal_args(p)
+        _add_admission_args(p)
         if role == "decode":
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
@@ -38,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_bind_args(r, 50051)
     _add_router_args(r)
     _add_redis_arg(r)
+    _add_internal_args(r)
+    add_scheduling_arg(r)
     r.add_argument("--prefill-peers", default="", help="static prefill instances: ID=HOST:PORT,...")
     r.add_argument("--decode-peers", default="", help="static decode instances: ID=HOST:PORT,... (needed without --redis)")
     add_model_args(r)
@@ -54,9 +62,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the next; each worker sees only its own (CUDA_VISIBLE_DEVICES). Default: every worker sees "
                    "every device and uses the first")
     _add_redis_arg(s, serve=True)
+    _add_admission_args(s)
     _add_kv_transport_arg(s)
     add_model_args(s)
     s.set_defaults(run=run_serve)
+
+    c = sub.add_parser("internal-certs", help="make a CA and certificates for --internal-tls (mutual TLS between "
+                       "pdserve processes)")
+    c.add_argument("dir", type=Path, help="writes DIR/ca.crt, DIR/tls.crt, DIR/tls.key (with --name: DIR/NAME/...)")
+    c.add_argument("--name", action="append", default=[],
+                   help="one certificate per name, its common name (a worker scopes request ids by it); repeatable")
+    c.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    c.set_defaults(run=_internal_certs)
+
+
+def _internal_certs(args: argparse.Namespace) -> int:
+    from services.rpc.security import make_internal_certs
+
+    if args.name:
+        for name, path in make_internal_certs(args.dir, args.name, args.days).items():
+            print(f"{name}: {path}")
+        return 0
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made = make_internal_certs(Path(tmp), ["pdserve"], args.days)["pdserve"]
+        args.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for item in made.iterdir():
+            shutil.copy2(item, args.dir / item.name)
+    print(f"wrote {args.dir}/ca.crt, tls.crt, tls.key (common name pdserve; the CA's key is not kept)")
+    return 0
 
 
 KV_TRANSPORTS = ("auto", "grpc")
@@ -81,10 +117,39 @@ def _add_redis_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
                    + (", else a private redis-server started for this stack)" if serve else ")"))
 
 
+def _add_internal_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("between pdserve processes (services/rpc/security.py)")
+    g.add_argument("--internal-tls", metavar="DIR", default=os.environ.get("PDSERVE_INTERNAL_TLS"),
+                   help="mutual TLS between router and workers and between workers: DIR holds ca.crt, tls.crt and "
+                   "tls.key (a kubernetes.io/tls Secret with its CA). Workers then answer only callers with a "
+                   "certificate signed by ca.crt (default $PDSERVE_INTERNAL_TLS; `pdserve serve` makes its own)")
+    g.add_argument("--health-port", type=int, default=0,
+                   help="also serve grpc.health.v1, and nothing else, in plaintext on this port (Kubernetes' gRPC "
+                   "probes present no certificate); 0 = off (default)")
+
+
+def _add_admission_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("admission (services/engine/admission.py)")
+    g.add_argument("--max-queued-requests", type=int,
+                   help="requests waiting to start beyond which new ones get RESOURCE_EXHAUSTED (HTTP 429) "
+                   "(default: --max-num-seqs)")
+    g.add_argument("--max-queued-tokens", type=int,
+                   help="prompt tokens waiting to start beyond which new requests are refused "
+                   "(default: the KV pool's capacity in tokens)")
+    add_scheduling_arg(g)
+
+
+def add_scheduling_arg(p) -> None:
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="fcfs: arrival order, and a request's priority must be 0 (default); priority: lower first")
+
+
 def _add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port: /metrics, /healthz (default 8000)")
     p.add_argument("--served-model-name", help="model name clients see (default: derived from --model)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a decode worker")
+    _add_client_security_args(p)
+    _add_limit_args(p)
     g = p.add_argument_group("routing (router/policy.py)")
     g.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix",
                    help="prefix: cached tokens minus a load penalty (default); round_robin; least_loaded")
@@ -100,17 +165,62 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
                    help="prefill locally when the chosen prefill instance has this many requests queued (default 16)")
 
 
+def _add_client_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("clients (router/auth.py)")
+    g.add_argument("--api-key", action="append", default=[],
+                   help="a key clients must send (HTTP `Authorization: Bearer KEY`, gRPC metadata `authorization`); "
+                   "repeat for several; also $PDSERVE_API_KEY. Without one, no key is needed")
+    g.add_argument("--api-key-file", type=Path, help="more keys, one per line")
+    g.add_argument("--metrics-without-auth", action="store_true", help="serve /metrics without a key")
+    g.add_argument("--tls-cert", type=Path, help="certificate (chain) for the router's gRPC and HTTP ports")
+    g.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits per request (router/limits.py)")
+    g.add_argument("--max-request-bytes", type=parse_bytes, default=8 << 20,
+                   help="largest HTTP body (413) and gRPC request message (default 8MiB)")
+    g.add_argument("--max-seqs-per-request", type=int, default=256,
+                   help="prompts x n in one request (default 256)")
+    g.add_argument("--max-prompt-chars", type=int,
+                   help="longest text prompt, checked before tokenizing (default 32 x the context length)")
+    g.add_argument("--max-header-bytes", type=parse_bytes, default=16 << 10,
+                   help="HTTP headers, and gRPC metadata, of one request (default 16KiB; HTTP 431)")
+    g.add_argument("--max-header-count", type=int, default=100, help="HTTP headers of one request (default 100; 431)")
+    g.add_argument("--max-concurrent-streams", type=int, default=1024,
+                   help="concurrent gRPC calls on one client connection (default 1024)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds an HTTP request may take, and the longest deadline a gRPC one gets (default 600)")
+    g.add_argument("--tokenizer-workers", type=int, default=2,
+                   help="threads that tokenize long prompts and parse large bodies off the router's event loop "
+                   "(default 2)")
+
+
 ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "imbalance_threshold",
-                "imbalance_ratio", "prefill_backlog", "served_model_name")
+                "imbalance_ratio", "prefill_backlog", "served_model_name", "scheduling_policy", "metrics_without_auth",
+                "tls_cert", "tls_key", "max_request_bytes", "max_seqs_per_request", "max_prompt_chars",
+                "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers")
+WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy")
 
 
 def router_argv(args: argparse.Namespace) -> list[str]:
-    """The routing flags of `args` as command-line words (for `pdserve serve`'s router process)."""
+    """The router's flags of `args` as command-line words (for `pdserve serve`'s router process;
+    API keys travel in a file, not on a command line anyone can read)."""
+    return _argv(args, ROUTER_FLAGS)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    return _argv(args, WORKER_FLAGS)
+
+
+def _argv(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     argv: list[str] = []
-    for name in ROUTER_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+    for name in names:
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
     return argv
 
 
@@ -134,46 +244,74 @@ async def _router(args: argparse.Namespace) -> None:
 
 async def run_worker(role: str, args: argparse.Namespace) -> None:
     from pdserve.v1 import worker_pb2
-    from services.engine.async_engine import AsyncEngine
     from services.fleet.directory import FleetDirectory
     from services.fleet.schema import connect
     from services.fleet.worker import WorkerFleet
     from services.rpc.metrics import serve_metrics
-    from services.rpc.server import configure_logging, serve_until_signalled, start_server
+    from services.rpc.server import (ServerSecurity, configure_logging, serve_until_signalled, start_health_server,
+                                     start_server)
 
     instance_id = args.instance_id or f"{role}-{socket.gethostname()}-{args.port}"
     configure_logging(args.log_level, instance_id)
-    engine = AsyncEngine(engine_config(args))
+    tls = internal_tls(args)
+    if tls is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no --internal-tls: anyone who reaches %s:%d can call this worker", args.host, args.port)
+    engine = _engine(args)
     # A decode worker resolves prefill ids through the registry; prefill workers only register.
     directory = FleetDirectory(connect(args.redis)) if args.redis and role == "decode" else None
-    servicer, add, service = _servicer(role, args, engine, instance_id, directory)
+    servicer, add, service = _servicer(role, args, engine, instance_id, directory, tls)
     fleet = WorkerFleet(args.redis, servicer, directory) if args.redis else None  # before serving: sees every block
     name = worker_pb2.DESCRIPTOR.services_by_name[service].full_name
-    server, health, port = await start_server([lambda s: add(servicer, s)], [name], args.host, args.port)
+    server, health, port = await start_server([lambda s: add(servicer, s)], [name], args.host, args.port,
+                                              ServerSecurity.internal(tls))
+    health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
     serve_metrics(args.host, args.metrics_port)
     gauges = asyncio.create_task(servicer.export_gauges())
     try:
         if fleet is not None:
             await fleet.join(f"{_advertised_host(args)}:{port}")  # a mismatched identity raises: exit 2
         print(f"{role} {instance_id} listening on {args.host}:{port}, metrics :{args.metrics_port}"
-              + (f", registered in {args.redis}" if fleet else ""), flush=True)
+              + (", registered in the fleet registry" if fleet else ""), flush=True)
         await serve_until_signalled(server, health, args.grace, on_draining=fleet.leave if fleet else None)
     finally:
         gauges.cancel()
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         if fleet is not None:
             await fleet.close()
         engine.shutdown()
 
 
-def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, directory):
+def internal_tls(args: argparse.Namespace):
+    """The internal credentials of --internal-tls, or None."""
+    from services.rpc.security import TLSFiles
+
+    return TLSFiles.internal(args.internal_tls) if args.internal_tls else None
+
+
+def _engine(args: argparse.Namespace):
+    """The worker's engine, its waiting queue bounded (services/engine/admission.py)."""
+    from services.engine.admission import AdmissionLimits
+    from services.engine.async_engine import AsyncEngine
+    from services.engine.engine import EngineCore
+
+    config = engine_config(args)
+    core = EngineCore(config)
+    pool_tokens = core.block_manager.num_blocks * core.layout.block_size
+    limits = AdmissionLimits.derive(config.max_num_seqs, pool_tokens, args.max_queued_requests, args.max_queued_tokens)
+    return AsyncEngine(core=core, admission=limits)
+
+
+def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, directory, tls):
     """The worker's servicer, the function that adds it to a server, and its service name."""
     from pdserve.v1 import worker_pb2_grpc
 
     if role == "prefill":
         from services.prefill.server import PrefillServicer
 
-        return PrefillServicer(engine, instance_id), worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
+        return PrefillServicer(engine, instance_id, args.scheduling_policy), \
+            worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
     from services.fleet.worker import prefill_resolver
     from services.kv.cuda_ipc import CudaIpcKVTransport
@@ -193,11 +331,11 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     resolve = prefill_resolver(directory) if directory is not None else None
     device = core.layout.device
     if args.kv_transport == "auto" and device.type == "cuda":
-        transport = CudaIpcKVTransport(*common, resolve=resolve, device=device)
+        transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls)
     else:
-        transport = GrpcKVTransport(*common, resolve=resolve)
-    return DecodeServicer(engine, instance_id, transport), worker_pb2_grpc.add_DecodeWorkerServicer_to_server, \
-        "DecodeWorker"
+        transport = GrpcKVTransport(*common, resolve=resolve, tls=tls)
+    return DecodeServicer(engine, instance_id, transport, args.scheduling_policy), \
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server, "DecodeWorker"
 
 
 def _advertised_host(args: argparse.Namespace) -> str:

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import redis
@@ -31,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.cli.placement import Placement, PlacementFn, gpu_per_worker
 from services.fleet import schema
 from services.fleet.redis_server import RedisServer
+from services.rpc.security import TLSFiles, internal_sync_channel, make_internal_certs
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,6 +53,7 @@ class Child:
     argv: list[str]
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)  # over the stack's env (its placement)
+    health_address: str = ""  # plaintext grpc.health.v1 (--health-port): how the stack checks it
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str] | None) -> None:
@@ -55,6 +61,18 @@ class Child:
             env = {**(os.environ if env is None else env), **self.extra_env}
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to this worker, presenting the worker's own internal certificate
+        (an operator's or a test's view; clients go through the router)."""
+        tls = None
+        if "--internal-tls" in self.argv:
+            tls = TLSFiles.internal(self.argv[self.argv.index("--internal-tls") + 1])
+        return internal_sync_channel(self.address, tls)
+
+    def health_channel(self) -> grpc.Channel:
+        """Its plaintext health port if it has one, else its main port."""
+        return grpc.insecure_channel(self.health_address) if self.health_address else self.channel()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -82,46 +100,74 @@ class LocalStack:
         redis_url: str | None = None,
         placement: PlacementFn | None = None,
         sequential_start: bool = False,
+        worker_argv: list[str] = (),
+        api_keys: list[str] = (),
     ) -> None:
-        """Without `redis_url` the stack runs its own redis-server on a free port. `placement`
-        gives each worker extra environment and engine flags; with `sequential_start` workers
-        start one at a time, each once the one before answers health checks (GPU workers that
-        share a device must: each sizes its KV pool from the memory the others left)."""
+        """Without `redis_url` the stack runs its own redis-server on a free port, with a fresh
+        password. `placement` gives each worker extra environment and engine flags; with
+        `sequential_start` workers start one at a time, each once the one before answers health
+        checks (GPU workers that share a device must: each sizes its KV pool from the memory the
+        others left). `api_keys`: what the router's clients must present (none: open).
+
+        Every process gets its own internal certificate (security.py), so workers answer only
+        their peers, and a plaintext health port; secrets reach the children through files and
+        the environment, never a command line."""
         self.host = host
         self.env = env
         self.sequential_start = sequential_start
-        self.redis = None if redis_url else RedisServer(free_port(host), host, log_dir / "redis.log" if log_dir else None)
+        self.secrets = Path(tempfile.mkdtemp(prefix="pdserve-stack-"))  # 0700: ours alone
+        self.redis = None if redis_url else RedisServer(free_port(host), host, log_dir / "redis.log" if log_dir else None,
+                                                        password=secrets.token_urlsafe(24))
         self.redis_url = redis_url or self.redis.url
-        fleet = ["--redis", self.redis_url, "--advertise-host", host]
+        names = [*(f"prefill-{i}" for i in range(num_prefill)), *(f"decode-{i}" for i in range(num_decode)), "router"]
+        self.certs = make_internal_certs(self.secrets / "internal-tls", names)
+        secret_env = {"PDSERVE_REDIS_URL": self.redis_url}
+        fleet = ["--advertise-host", host]
         cli = [sys.executable, "-m", "services.cli.main", "--log-level", log_level]
 
         def child(role: str, index: int, port: int, extra: list[str]) -> Child:
             instance_id = f"{role}-{index}"
-            metrics_port = free_port(host)
+            metrics_port, health_port = free_port(host), free_port(host)
             place = placement(role, index) if placement else Placement()
             argv = [*cli, role, "--host", host, "--port", str(port), "--instance-id", instance_id,
-                    "--metrics-port", str(metrics_port), *extra, *model_argv, *place.argv]
+                    "--metrics-port", str(metrics_port), "--health-port", str(health_port),
+                    "--internal-tls", str(self.certs[instance_id]), *extra, *model_argv, *place.argv]
             log_path = log_dir / f"{instance_id}.log" if log_dir else None
-            return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path, dict(place.env))
+            return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path, {**secret_env, **place.env},
+                         f"{host}:{health_port}")
 
-        self.prefills = [child("prefill", i, free_port(host), fleet) for i in range(num_prefill)]
-        self.decodes = [child("decode", i, free_port(host), [*fleet, *decode_argv]) for i in range(num_decode)]
+        self.prefills = [child("prefill", i, free_port(host), [*fleet, *worker_argv]) for i in range(num_prefill)]
+        self.decodes = [child("decode", i, free_port(host), [*fleet, *worker_argv, *decode_argv])
+                        for i in range(num_decode)]
         router_port = router_port or free_port(host)
         self.http_port = http_port or free_port(host)
+        health_port = free_port(host)
+        key_argv: list[str] = []
+        if api_keys:
+            key_file = self.secrets / "api-keys"
+            key_file.touch(mode=0o600)
+            key_file.write_text("".join(f"{k}\n" for k in api_keys))
+            key_argv = ["--api-key-file", str(key_file)]
         argv = [*cli, "router", "--host", host, "--port", str(router_port), "--http-port", str(self.http_port),
-                "--redis", self.redis_url, *router_argv, *model_argv]
+                "--health-port", str(health_port), "--internal-tls", str(self.certs["router"]), *key_argv,
+                *router_argv, *model_argv]
         log_path = log_dir / "router.log" if log_dir else None
-        self.router = Child("router", "router", f"{host}:{router_port}", self.http_port, argv, log_path)
+        self.router = Child("router", "router", f"{host}:{router_port}", self.http_port, argv, log_path,
+                            dict(secret_env), f"{host}:{health_port}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LocalStack:
         from services.cli.model_args import model_argv
-        from services.cli.serve import router_argv
+        from services.cli.serve import router_argv, worker_argv
 
         placement = gpu_per_worker(args.gpus, args.prefill, args.decode) if args.gpus else None
+        keys = list(args.api_key)
+        if args.api_key_file:
+            keys += [k for k in args.api_key_file.read_text().splitlines() if k.strip() and not k.startswith("#")]
+        # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
-                   decode_argv=["--kv-transport", args.kv_transport])
+                   decode_argv=["--kv-transport", args.kv_transport], worker_argv=worker_argv(args), api_keys=keys)
 
     @property
     def router_address(self) -> str:
@@ -177,7 +223,7 @@ class LocalStack:
                 if not c.alive():
                     self.stop()
                     raise RuntimeError(f"{c.instance_id} exited during start-up:\n{c.log_tail()}")
-                if _serving(c.address):
+                if _serving(c.health_address):
                     pending.remove(c)
             if pending and time.monotonic() > deadline:
                 self.stop()
@@ -190,7 +236,8 @@ class LocalStack:
             extra = f"http://{self.host}:{self.http_port} (/healthz, /metrics)" if c is self.router else \
                 f"metrics http://{self.host}:{c.metrics_port}/metrics"
             print(f"  {c.instance_id:<10} grpc {c.address:<22} {extra}")
-        print(f"  {'registry':<10} {self.redis_url}" + (" (private redis-server)" if self.redis else ""))
+        print(f"  {'registry':<10} {_without_password(self.redis_url)}" + (" (private redis-server, password set)"
+                                                                          if self.redis else ""))
         print(f"try: pdserve generate --url {self.router_address} \"What is AI?\"", flush=True)
 
     def wait(self) -> int:
@@ -214,6 +261,7 @@ class LocalStack:
             self._stop_group(group, grace)
         if self.redis is not None:
             self.redis.stop()
+        shutil.rmtree(self.secrets, ignore_errors=True)
 
     @staticmethod
     def _stop_group(group: list[Child], grace: float) -> None:
@@ -234,6 +282,13 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}:{parts.port}"))
 
 
 def _serving(address: str) -> bool:

@@ -32,8 +32,7 @@ from services.engine.outputs import RequestOutput
 from services.kv.transport import KVTransport, PeerError, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
-from services.rpc.convert import delta_to_proto, params_from_proto, reject_unknown_fields
-from services.rpc.server import abort_with
+from services.rpc.convert import delta_to_proto, reject_unknown_fields
 from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.decode")
@@ -45,12 +44,14 @@ _PERTURB_KV = os.environ.get("PDSERVE_TEST_PERTURB_KV") == "1"
 class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
 
-    def __init__(self, engine: AsyncEngine, instance_id: str, transport: KVTransport) -> None:
-        super().__init__(engine, instance_id)
+    def __init__(self, engine: AsyncEngine, instance_id: str, transport: KVTransport,
+                 scheduling_policy: str = "fcfs") -> None:
+        super().__init__(engine, instance_id, scheduling_policy)
         self.transport = transport
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or uuid.uuid4().hex
+        engine_id = self.engine_id(context, request_id)
         prefill_id = request.prefill_instance
         record = common_pb2.DisaggregationRecord(
             decode_instance=self.instance_id, prefill_instance=prefill_id, remote_prefill=bool(prefill_id)
@@ -60,16 +61,16 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         completion_tokens = 0
         try:
             reject_unknown_fields(request)
-            params = params_from_proto(request.sampling)
+            params = self.check_request(request.prompt_token_ids, request.sampling, request.priority)
             log.info("request %s: %d prompt tokens, prefill %s", request_id, len(request.prompt_token_ids),
                      prefill_id or "local")
             stream = self.engine.generate(
-                list(request.prompt_token_ids), params, request_id, request.priority, remote_prefill=bool(prefill_id)
+                list(request.prompt_token_ids), params, engine_id, request.priority, remote_prefill=bool(prefill_id)
             )
             async for out in stream:
                 if out.kv_pull_from_block is not None:
                     pull = asyncio.create_task(
-                        self._pull(request_id, request, out.kv_pull_from_block, context.time_remaining(), record)
+                        self._pull(engine_id, request, out.kv_pull_from_block, context.time_remaining(), record)
                     )
                 if not out.outputs and not out.finished:
                     continue
@@ -89,8 +90,11 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         except PeerError as e:
             await context.abort(e.code, str(e))
         except PdserveError as e:
-            await abort_with(context, e)
+            await self.refuse(context, e)
+        except RecursionError:  # a grammar nested too deeply to compile
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply")
         finally:
+            timer.aborted()  # a no-op when the request finished
             if pull is not None and not pull.done():
                 pull.cancel()
 
@@ -133,9 +137,9 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         except asyncio.CancelledError:
             engine.fail_kv(request_id, "cancelled")
             raise
-        except Exception as e:  # noqa: BLE001 - whatever broke, the request must not hang
+        except Exception:  # noqa: BLE001 - whatever broke, the request must not hang
             log.exception("KV pull failed")
-            engine.fail_kv(request_id, f"{type(e).__name__}: {e}")
+            engine.fail_kv(request_id, "internal error (logged)")
 
     def _receive(self, request_id: str, block: BlockData, record: common_pb2.DisaggregationRecord) -> None:
         if _PERTURB_KV:  # noise (std 5), not a constant: softmax ignores a shift common to all keys

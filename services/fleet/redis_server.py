@@ -30,24 +30,31 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, port: int, host: str = "127.0.0.1", log_path: Path | None = None) -> None:
-        self.host, self.port, self.log_path = host, port, log_path
+    def __init__(self, port: int, host: str = "127.0.0.1", log_path: Path | None = None,
+                 password: str | None = None) -> None:
+        """With `password`, clients must AUTH (the URL carries it)."""
+        self.host, self.port, self.log_path, self.password = host, port, log_path, password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start (or restart, on the same port: empty, like a Redis that lost its data) and wait for PING."""
-        argv = [redis_server_binary(), "--port", str(self.port), "--bind", self.host, "--save", "",
+        # The password goes in through stdin's config, not argv (which every local user can read).
+        argv = [redis_server_binary(), "-", "--port", str(self.port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--dir", tempfile.gettempdir(), "--loglevel", "warning"]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
         # Its own session: a terminal's Ctrl-C reaches the workers, which still talk to Redis while
         # they drain; the owner stops Redis last.
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.proc.stdin.write(f"requirepass {self.password}\n".encode() if self.password else b"")
+        self.proc.stdin.close()
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1.0)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=1.0)
         try:
             while True:
                 if self.proc.poll() is not None:

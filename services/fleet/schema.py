@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -69,11 +69,20 @@ class FleetMismatchError(ConfigError):
     """This instance cannot join the fleet: its model identity or hashing differs from the live instances'."""
 
 
-def connect(url: str, timeout_s: float = 1.0) -> Redis:
+def connect(url: str, timeout_s: float = 1.0, blocking_pool: bool = False, max_connections: int = 64) -> Redis:
     """An asyncio client that fails fast: no retries, short timeouts. Callers treat failure as an
-    outage and carry on (last known registry, buffered index changes) instead of waiting."""
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                          retry=Retry(NoBackoff(), 0), decode_responses=True)
+    outage and carry on (last known registry, buffered index changes) instead of waiting.
+
+    `url` carries a password (redis://:PASSWORD@host:port/db) and TLS (rediss://) when Redis
+    requires them. With `blocking_pool` (the router: one lookup per request, in bursts), a call
+    waits up to `timeout_s` for one of `max_connections` pooled connections instead of failing
+    with "Too many connections" as redis-py's default pool does past its size."""
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+                   decode_responses=True)
+    if blocking_pool:
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s, **options)
+        return Redis(connection_pool=pool)
+    return Redis.from_url(url, **options)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from services.engine.kv_transfer import BlockData
 from services.engine.outputs import SampledToken
 from services.kv import wire
 from services.rpc.convert import sampled_token
+from services.rpc.security import TLSFiles, internal_channel
 from services.rpc.server import CHANNEL_OPTIONS, request_metadata
 
 log = logging.getLogger("pdserve.kv")
@@ -76,9 +77,12 @@ class GrpcKVTransport(KVTransport):
         block_shape: tuple[int, ...],
         dtype: torch.dtype,
         resolve: Callable[[str], Awaitable[str | None]] | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
-        """`peers`: static id -> address; `resolve`: the address of any other id (the fleet registry)."""
+        """`peers`: static id -> address; `resolve`: the address of any other id (the fleet registry);
+        `tls`: the internal credentials prefill workers require (None: plaintext)."""
         self.peers = peers
+        self.tls = tls
         self.resolve = resolve
         self.instance_id = instance_id
         self.identity = identity
@@ -101,7 +105,7 @@ class GrpcKVTransport(KVTransport):
             if address is None:
                 raise PeerError(f"unknown prefill instance {peer_id!r}", grpc.StatusCode.INVALID_ARGUMENT)
             if self._stubs.get(peer_id, ("", None))[0] != address:  # new, or restarted elsewhere
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = internal_channel(address, self.tls, CHANNEL_OPTIONS)
                 self._channels.append(channel)
                 self._stubs[peer_id] = (address, worker_pb2_grpc.PrefillWorkerStub(channel))
                 self._checked.discard(peer_id)

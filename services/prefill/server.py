@@ -22,10 +22,10 @@ import grpc
 
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
-from services.engine.errors import InvalidRequestError, PdserveError
+from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
 from services.kv import cuda_ipc, wire
 from services.rpc import metrics
-from services.rpc.convert import logprobs_to_proto, params_from_proto, reject_unknown_fields
+from services.rpc.convert import logprobs_to_proto, reject_unknown_fields
 from services.rpc.server import abort_with
 from services.rpc.worker import WorkerServicerBase
 
@@ -55,13 +55,15 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
         return self._kv_pool
 
     async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context) -> worker_pb2.ReleaseKVResponse:
-        held = self.engine.core.is_held(request.request_id)
-        self.engine.release_kv(request.request_id)
+        engine_id = self.engine_id(context, request.request_id)
+        held = self.engine.core.is_held(engine_id)
+        self.engine.release_kv(engine_id)
         return worker_pb2.ReleaseKVResponse(released=held)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         start = time.monotonic()
         by_reference = request.kv_by_reference
+        engine_id = self.engine_id(context, request.request_id) if request.request_id else None
         try:
             reject_unknown_fields(request)
             if by_reference and not request.request_id:
@@ -73,13 +75,13 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"prefill {self.instance_id}: the KV pool this request names is not ours "
                                     "(restarted since the handshake?): handshake again")
-            params = params_from_proto(request.sampling)
+            params = self.check_request(request.prompt_token_ids, request.sampling, request.priority)
             log.info("request %s: prefill %d tokens for %s, skipping %d blocks", request.request_id,
                      len(request.prompt_token_ids), request.decode_instance, request.skip_blocks)
             stream = self.engine.generate(
                 list(request.prompt_token_ids),
                 params,
-                request_id=request.request_id or None,
+                request_id=engine_id,
                 priority=request.priority,
                 kv_export_from=request.skip_blocks,
                 kv_by_reference=by_reference,
@@ -117,14 +119,16 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                             first_tokens=[first[i] for i in sorted(first)], cached_tokens=out.num_cached_tokens
                         )
                     )
-        except InvalidRequestError as e:
-            await abort_with(context, e)
+        except (InvalidRequestError, OverloadedError) as e:
+            await self.refuse(context, e)
         except PdserveError as e:
             log.exception("prefill failed")
             await abort_with(context, e)
+        except RecursionError:  # a grammar nested too deeply to compile
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply")
         finally:
-            if by_reference and request.request_id:  # in case the caller never releases
-                asyncio.get_running_loop().call_later(KV_HOLD_TIMEOUT_S, self.engine.release_kv, request.request_id)
+            if by_reference and engine_id:  # in case the caller never releases
+                asyncio.get_running_loop().call_later(KV_HOLD_TIMEOUT_S, self.engine.release_kv, engine_id)
 
     def _block_bytes(self, num_tokens: int) -> int:
         ident = self.identity

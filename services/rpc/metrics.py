@@ -33,6 +33,10 @@ KV_TRANSFER = Histogram("pdserve:kv_transfer_seconds", "Decode's call to prefill
                         buckets=_LATENCY)
 KV_FALLBACKS = Counter("pdserve:kv_transfer_fallbacks", "Remote prefills that fell back to local prefill")
 
+ADMISSION_REJECTIONS = Counter("pdserve:admission_rejections",
+                               "Requests refused as overloaded: by a worker's full waiting queue (where=worker), "
+                               "or to the client once every decode instance refused (where=router)", ["where"])
+
 
 def serve_metrics(host: str, port: int) -> None:
     """Expose this process's metrics on http://host:port/metrics (a daemon thread)."""
@@ -46,11 +50,14 @@ class StreamTimer:
     def __init__(self) -> None:
         self.start = self.last = time.monotonic()
         self.first: float | None = None
+        self.count = 0
+        self.done = False
 
     def tokens(self, count: int) -> bool:
         """Record a message carrying `count` new tokens; True if it carried the first ones."""
         if not count:
             return False
+        self.count += count
         now = time.monotonic()
         first = self.first is None
         if first:
@@ -62,7 +69,17 @@ class StreamTimer:
         return first
 
     def finished(self, finish_reasons: list[str]) -> None:
+        self.done = True
         E2E.observe(time.monotonic() - self.start)
+        GENERATION_TOKENS.inc(self.count)
         for reason in finish_reasons:
             if reason:
                 REQUESTS.labels(reason).inc()
+
+    def aborted(self) -> None:
+        """The stream ended before the request finished (the caller cancelled or left): counted,
+        as vLLM does, as finish reason "abort", with the tokens it got."""
+        if not self.done:
+            self.done = True
+            GENERATION_TOKENS.inc(self.count)
+            REQUESTS.labels("abort").inc()

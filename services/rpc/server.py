@@ -1,5 +1,6 @@
-"""gRPC plumbing every service shares: server start with health and reflection, one
-interceptor for the request id, error mapping, graceful shutdown, logging with request ids.
+"""gRPC plumbing every service shares: server start with health and reflection (and TLS),
+one interceptor for the request id, API keys and error hygiene, error mapping, graceful
+shutdown, logging with request ids.
 
 Torch-free: the router uses it too.
 """
@@ -11,12 +12,14 @@ import contextvars
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.engine.errors import PdserveError
+from services.rpc.security import ApiKeys, TLSFiles, server_credentials
 
 # Large enough for one KV block of a big model (llama-3.1-8b: 32 layers x 2 x 16 x 8 x 128 x 2 B = 2 MiB;
 # 128-token blocks and fp32 stay far below this).
@@ -44,20 +47,92 @@ async def abort_with(context: grpc.aio.ServicerContext, err: PdserveError) -> No
     await context.abort(status_of(err), str(err))
 
 
-# ---- request ids and logs ----------------------------------------------------------------------
+# ---- the one interceptor ---------------------------------------------------------------------
+
+# Reachable without an API key (Kubernetes' probes, load balancers' health checks).
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Put the caller's request id (metadata x-request-id) into a contextvar for logs."""
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Every call, before its handler: the caller's request id (x-request-id) into a contextvar
+    for logs; with `api_keys`, `authorization: Bearer KEY` checked (UNAUTHENTICATED otherwise)
+    for every method but OPEN_METHODS; the request decoded by us, so that bytes that are not
+    the message are INVALID_ARGUMENT; and an unexpected error in a handler is INTERNAL with
+    a fixed message (logged here with its traceback), never Python's class name and text."""
+
+    def __init__(self, api_keys: ApiKeys | None = None) -> None:
+        self.api_keys = api_keys if api_keys else None
 
     async def intercept_service(self, continuation, handler_call_details):
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == REQUEST_ID_KEY:
-                request_id_var.set(value)
-                break
-        else:
-            request_id_var.set("-")
-        return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        request_id_var.set(next((v for k, v in metadata if k == REQUEST_ID_KEY), "-"))
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in OPEN_METHODS:
+            return handler
+        if self.api_keys is not None:
+            token = next((v for k, v in metadata if k == "authorization"), None)
+            if not self.api_keys.check(token if isinstance(token, str) else None):
+                return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required "
+                               "(metadata authorization: Bearer KEY)")
+        return _guarded(handler)
+
+
+def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request, context):
+        await context.abort(code, message)
+
+    async def stream(request, context):
+        await context.abort(code, message)
+        yield  # an async generator, for the streaming kinds
+
+    return _same_kind(handler, unary, stream, None)
+
+
+def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.request_streaming:  # reflection: grpc decodes, its own handler copes
+        return handler
+    decode, kind = handler.request_deserializer, "unary_stream" if handler.response_streaming else "unary_unary"
+    inner = getattr(handler, kind)
+
+    async def parse(raw: bytes, context):
+        try:
+            return decode(raw) if decode is not None else raw
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: the caller's bytes
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid protobuf message "
+                                "of this method's type")
+
+    async def unary(raw, context):
+        request = await parse(raw, context)
+        try:
+            return await inner(request, context)
+        except Exception as e:  # noqa: BLE001
+            await _internal(context, e)
+
+    async def stream(raw, context):
+        request = await parse(raw, context)
+        try:
+            async for item in inner(request, context):
+                yield item
+        except Exception as e:  # noqa: BLE001
+            await _internal(context, e)
+
+    return _same_kind(handler, unary, stream, lambda raw: raw)
+
+
+async def _internal(context, e: Exception) -> None:
+    if isinstance(e, grpc.aio.AbortError):  # the handler ended the call on purpose
+        raise e
+    log.error("internal error", exc_info=e)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
+
+
+def _same_kind(handler: grpc.RpcMethodHandler, unary, stream, deserializer) -> grpc.RpcMethodHandler:
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    if handler.request_streaming:
+        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    return make(stream if handler.response_streaming else unary,
+                request_deserializer=deserializer or handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -84,30 +159,63 @@ def request_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
 # ---- servers -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServerSecurity:
+    """How a server port admits callers: TLS files (mutual with `require_client_cert`), API keys."""
+
+    tls: TLSFiles | None = None
+    require_client_cert: bool = False
+    api_keys: ApiKeys | None = None
+
+    @classmethod
+    def internal(cls, files: TLSFiles | None) -> ServerSecurity:
+        """A worker's port: only callers with a certificate from the internal CA (when configured)."""
+        return cls(files, require_client_cert=files is not None)
+
+
 async def start_server(
     adders: Sequence[Callable[[grpc.aio.Server], None]],
     service_names: Sequence[str],
     host: str,
     port: int,
+    security: ServerSecurity = ServerSecurity(),
+    options: Sequence[tuple[str, object]] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A started grpc.aio server with the given servicers, health and reflection.
 
-    Returns (server, health servicer, bound port); port 0 picks a free port.
+    Returns (server, health servicer, bound port); port 0 picks a free port. `options` add to
+    (and override) CHANNEL_OPTIONS, e.g. a router's smaller message and metadata limits.
     """
-    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(security.api_keys)],
+                             options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()))
     for add in adders:
         add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if security.tls is not None:
+        bound = server.add_secure_port(address, server_credentials(security.tls, security.require_client_cert))
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer, bound
+
+
+async def start_health_server(host: str, port: int, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, in plaintext, sharing `health_servicer` (so readiness follows the
+    main port's, draining included): for probes that present no certificate."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot bind the health port {host}:{port}")
+    await server.start()
+    return server
 
 
 async def serve_until_signalled(

@@ -11,9 +11,14 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from pdserve.v1 import worker_pb2
+from pdserve.v1 import common_pb2, worker_pb2
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
+from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
+from services.engine.sampling_params import SamplingParams
 from services.rpc import metrics
+from services.rpc.convert import params_from_proto
+from services.rpc.security import peer_of
+from services.rpc.server import abort_with
 
 if TYPE_CHECKING:
     from services.engine.async_engine import AsyncEngine
@@ -48,14 +53,44 @@ def identity_mismatch(ours: worker_pb2.ModelIdentity, theirs: worker_pb2.ModelId
 
 
 class WorkerServicerBase:
-    """Handshake, Abort and GetLoad, identical for both roles."""
+    """Handshake, Abort and GetLoad, identical for both roles, and what both check of a request.
+
+    Request ids are scoped by the calling peer (its certificate's name, security.peer_of):
+    the engine knows a request as "PEER/ID", so a peer can abort or release only the
+    requests it created, whatever ids other peers use.
+    """
 
     role = "worker"
 
-    def __init__(self, engine: AsyncEngine, instance_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, instance_id: str, scheduling_policy: str = "fcfs") -> None:
         self.engine = engine
         self.instance_id = instance_id
         self.identity = identity_of(engine)
+        self.scheduling_policy = scheduling_policy
+
+    @staticmethod
+    def engine_id(context: grpc.aio.ServicerContext, request_id: str) -> str:
+        """The engine's id of a request the calling peer names `request_id`."""
+        return f"{peer_of(context)}/{request_id}"
+
+    def check_request(self, prompt_token_ids, sampling: common_pb2.SamplingParams, priority: int) -> SamplingParams:
+        """Re-check what the router checked: workers are reachable by other peers too."""
+        if priority and self.scheduling_policy != "priority":
+            raise InvalidRequestError(f"priority must be 0 under first-come-first-served scheduling, got {priority}")
+        params = params_from_proto(sampling)
+        limit = self.engine.core.layout.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the context is {limit}")
+        if sampling.HasField("max_tokens") and len(prompt_token_ids) + params.max_tokens > limit:
+            raise InvalidRequestError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                      f"exceeds the context of {limit} tokens")
+        return params
+
+    async def refuse(self, context: grpc.aio.ServicerContext, err: PdserveError) -> None:
+        """End a call with `err`'s status, counting admission refusals."""
+        if isinstance(err, OverloadedError):
+            metrics.ADMISSION_REJECTIONS.labels("worker").inc()
+        await abort_with(context, err)
 
     async def Handshake(self, request: worker_pb2.HandshakeRequest, context) -> worker_pb2.HandshakeResponse:
         if request.HasField("identity"):
@@ -74,8 +109,9 @@ class WorkerServicerBase:
         )
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
-        found = request.request_id in self.engine.core.requests
-        self.engine.abort(request.request_id)
+        engine_id = self.engine_id(context, request.request_id)
+        found = engine_id in self.engine.core.requests
+        self.engine.abort(engine_id)
         return worker_pb2.AbortResponse(found=found)
 
     def load(self) -> worker_pb2.LoadResponse:
