@@ -6,7 +6,7 @@ engine's sampled / greedy throughput with the default model.
           same logits and specs; logits are N(0, sigma^2) or the default model's own (HF
           transformers on random prompts). Best of --repeats calls after one warm-up.
   engine  the default model (float32) on --num-prompts requests all at once, input U[32, 128],
-          64 output tokens each, ignore_eos: greedy and each sampling mode interleaved, so
+          --output-len tokens each (64), ignore_eos: greedy and each sampling mode interleaved, so
           each sampled run has a greedy run beside it; medians and paired ratios.
 
     python -m loadtest.bench_sampler [--parts micro,engine] [--threads 2] [--keep-freed-memory]
@@ -94,19 +94,21 @@ def micro(repeats: int) -> list[dict]:
     return rows
 
 
-def engine(num_prompts: int, repeats: int) -> list[dict]:
+def engine(num_prompts: int, output_len: int, repeats: int) -> list[dict]:
     from services.cli.bench import measure_offline, random_workload
     from services.engine import LLM
 
     llm = LLM(dtype="float32")
-    workload = random_workload(num_prompts, 32, 128, 64, 64, seed=0, vocab=llm.engine.layout.vocab_size)
-    for mode in ({}, *MODES.values()):  # one full untimed run each: page faults, allocator growth
-        measure_offline(llm, workload, warmup=0, sampling=mode)
+    workload = random_workload(num_prompts, 32, 128, output_len, output_len, seed=0, vocab=llm.engine.layout.vocab_size)
+    measure_offline(llm, workload, warmup=0)  # one full untimed run: page faults, allocator growth
+    for mode in MODES.values():
+        measure_offline(llm, workload, warmup=len(workload.prompts), sampling=mode)  # every row's first draws
     times: dict[str, list[float]] = {"greedy": [], **{m: [] for m in MODES}}
     for _ in range(repeats):
         for mode, kwargs in MODES.items():
-            times["greedy"].append(measure_offline(llm, workload, warmup=0)["elapsed_s"])
-            times[mode].append(measure_offline(llm, workload, warmup=0, sampling=kwargs)["elapsed_s"])
+            for name, sampling in (("greedy", {}), (mode, kwargs)):
+                times[name].append(measure_offline(llm, workload, warmup=0, sampling=sampling)["elapsed_s"])
+                print(json.dumps({"run": name, "elapsed_s": times[name][-1]}), flush=True)
     tokens = workload.output_tokens
     greedy = statistics.median(times["greedy"])
     rows = [record(part="engine", mode="greedy", requests=num_prompts, output_tok_s=round(tokens / greedy, 1),
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--parts", default="micro,engine")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64, help="engine: output tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-freed-memory", action="store_true", help="micro: glibc keeps freed blocks, as the engine")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -146,7 +149,7 @@ def main() -> None:
     if "micro" in parts:
         rows += micro(max(3, args.repeats))
     if "engine" in parts:
-        rows += engine(args.num_prompts, args.repeats)
+        rows += engine(args.num_prompts, args.output_len, args.repeats)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

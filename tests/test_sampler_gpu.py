@@ -47,7 +47,7 @@ def test_a_step_of_every_parameter_waits_for_nothing_on_the_device():
         assert all(0 <= g[0].token_id < vocab for g in batch.result())
 
 
-@pytest.mark.parametrize("case", ["temperature 0.6", "top_p 0.8", "T 0.8 top_k 4 top_p 0.7",
+@pytest.mark.parametrize("case", ["temperature 0.6", "top_p 0.8", "min_p 0.2", "top_k 3", "T 0.8 top_k 4 top_p 0.7",
                                   "T 0.7 min_p 0.05 top_k 5 top_p 0.85"])
 def test_draw_frequencies_match_the_reference_on_the_gpu(case):
     (counts,) = draw_counts([spec_of(SamplingParams(**CASES[case][0]), N)], device="cuda")

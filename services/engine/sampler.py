@@ -152,9 +152,10 @@ class Sampler:
         any other row from the whole row."""
         u0 = u if u.dim() == 1 else u[:, 0]
         if x.device.type != "cpu":
-            width = x.shape[1] if f.top_p_without_k else f.max_k
-            t = ops.thresholds(x, f, width)
-            return ops.draw_full(x, t.threshold if t.values is not None else None, f.min_p, u0)
+            if not f.max_k and f.top_p is None:
+                return ops.draw_full(x, None, f.min_p, u0)
+            t = ops.thresholds(x, f, x.shape[1] if f.top_p_without_k else f.max_k)
+            return ops.draw_full(x, t.threshold, f.min_p, u0)
         has_k = f.top_k > 0 if f.top_k is not None else torch.zeros(x.shape[0], dtype=torch.bool)
         by_rejection = (f.top_p < 1.0) & ~has_k if f.top_p is not None else torch.zeros_like(has_k)
         if bool(by_rejection.all()):
