@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.bench_admission import Done, Level, capacity, goodput, table_row
 from loadtest.request import SLO, RequestRecord, StreamTimer, parse_sampling, to_request
 from loadtest.run_locust import check_stats, locust_command
 from loadtest.stats import summarize
@@ -196,6 +197,41 @@ def test_records_and_summaries_saved_before_kv_transfer_times_still_load_and_pri
     for key in ("kv_transfer_gbps", "kv_transfer_ms"):
         del summary[key]
     assert table_row({**summary, "rate": 1.0})["KV ms p50"] == "-"
+
+
+# --- the admission benchmark's arithmetic (loadtest/bench_admission.py) ------------------
+
+
+def test_capacity_is_the_smallest_concurrency_within_five_percent_of_the_best_throughput():
+    assert capacity({1: 10.0, 2: 19.0, 4: 30.0, 8: 31.0, 16: 30.5, 32: 29.0}) == 4  # 30 >= 0.95 x 31
+    assert capacity({1: 10.0, 2: 19.0, 4: 29.0, 8: 31.0}) == 8  # 29 < 29.45
+    assert capacity({1: 10.0, 2: 20.0}, tolerance=0.5) == 1
+    with pytest.raises(ValueError):
+        capacity({})
+
+
+def admission_level() -> Level:
+    records = [RequestRecord("fixed", output_tokens=32, ttft_s=t, e2e_s=t + 1.0, arrival_s=1.0) for t in (0.05, 0.1, 0.2)]
+    records.append(RequestRecord("fixed", arrival_s=1.0, error="UNAVAILABLE"))
+    # The second request was refused first: its client first tried it 0.5 s before it was admitted
+    # (client TTFTs 50, 600, 200 ms).
+    done = [Done(r, first_try_s=0.5 if i == 1 else 1.0) for i, r in enumerate(records)]
+    return Level(concurrency=8, window_s=2.0, done=done, refusals_s=[0.01, 0.03])
+
+
+def test_goodput_counts_completed_requests_within_the_ttft_slo_per_second_of_window():
+    completed = admission_level().completed()
+    assert goodput(completed, 2.0, SLO(ttft_ms=100)) == (1.0, 32.0)  # 50 and 100 ms meet it, 200 ms does not
+    assert goodput(completed, 2.0, SLO(ttft_ms=40)) == (0.0, 0.0)
+
+
+def test_admission_table_row_reports_admitted_latencies_refusals_and_the_clients_wait():
+    row = table_row("admission on, queue 2", 2, admission_level(), SLO(ttft_ms=100))
+    assert row == {
+        "system": "admission on, queue 2", "load": "2x", "clients": 8, "completed": 3, "failed": 1, "refused": 2,
+        "req/s": 1.5, "goodput req/s": 1.0, "goodput tok/s": 32.0, "TTFT p50": 100.0, "TTFT p99": 198.0,
+        "E2E p99": 1198.0, "client TTFT p99": 592.0, "refusal p50": 20.0,
+    }
 
 
 def test_locust_reports_a_refused_connection_as_failures_with_the_status(tmp_path):
