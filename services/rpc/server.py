@@ -120,8 +120,10 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 async def _internal(context, e: Exception) -> None:
-    if isinstance(e, grpc.aio.AbortError):  # the handler ended the call on purpose
+    if isinstance(e, (grpc.aio.AbortError, grpc.aio.UsageError)):  # the handler ended the call on purpose
         raise e
+    if context.done() or context.cancelled():  # the caller left: nobody to tell, nothing went wrong here
+        raise asyncio.CancelledError() from e
     log.error("internal error", exc_info=e)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
 
