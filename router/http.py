@@ -20,9 +20,15 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, 
     """/healthz and /metrics; with a servicer, also the OpenAI API over the same request path as gRPC."""
 
     async def healthz(request: Request) -> Response:
+        # Without Redis the router still serves (last known fleet, load-only routing): "degraded",
+        # still 200, so a frozen Redis never takes every router out of its Service.
         decodes = len(registry.decodes())
-        body = {"status": "ok" if decodes else "unavailable", "decode_instances": decodes,
-                "prefill_instances": len(registry.prefills())}
+        directory = getattr(registry, "directory", None)
+        redis_up = directory.up if directory is not None else None
+        status = "unavailable" if not decodes else "degraded" if redis_up is False else "ok"
+        body = {"status": status, "decode_instances": decodes, "prefill_instances": len(registry.prefills())}
+        if redis_up is not None:
+            body["redis"] = "up" if redis_up else "down"
         return JSONResponse(body, status_code=200 if decodes else 503)
 
     async def metrics(request: Request) -> Response:

@@ -33,7 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=parse_bytes, help="KV pool size on CPU (default 1GiB)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     g.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the two above)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   help="token budget per step; it bounds a step's time, so how soon a cancel or a deadline frees "
+                   "a request's blocks (default 2048 on GPU, 512 on CPU, where long prompts are chunked)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--attention-backend", default="auto", help="auto (triton on GPU, torch elsewhere), torch, triton")
@@ -44,8 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from services.engine.config import EngineConfig
+    from services.engine.config import EngineConfig, default_step_tokens
 
+    step_tokens = args.max_num_batched_tokens or default_step_tokens(EngineConfig(device=args.device).resolve_device())
     return EngineConfig(
         model=args.model,
         load_format=args.load_format,
@@ -61,7 +64,7 @@ def engine_config(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=step_tokens,
         max_num_seqs=args.max_num_seqs,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from services.cli.model_args import add_model_args, engine_config, parse_bytes
@@ -227,11 +228,9 @@ def _argv(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 def _run_async(coro) -> int:
     try:
         import uvloop
-
-        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)
-    return 0
+        return asyncio.run(coro) or 0
+    return uvloop.run(coro) or 0
 
 
 async def _router(args: argparse.Namespace) -> None:
@@ -242,7 +241,7 @@ async def _router(args: argparse.Namespace) -> None:
     await run_router(args)
 
 
-async def run_worker(role: str, args: argparse.Namespace) -> None:
+async def run_worker(role: str, args: argparse.Namespace) -> int:
     from pdserve.v1 import worker_pb2
     from services.fleet.directory import FleetDirectory
     from services.fleet.schema import connect
@@ -272,7 +271,8 @@ async def run_worker(role: str, args: argparse.Namespace) -> None:
             await fleet.join(f"{_advertised_host(args)}:{port}")  # a mismatched identity raises: exit 2
         print(f"{role} {instance_id} listening on {args.host}:{port}, metrics :{args.metrics_port}"
               + (", registered in the fleet registry" if fleet else ""), flush=True)
-        await serve_until_signalled(server, health, args.grace, on_draining=fleet.leave if fleet else None)
+        failure = await serve_until_signalled(server, health, args.grace, on_draining=fleet.leave if fleet else None,
+                                              fatal=engine.death())
     finally:
         gauges.cancel()
         await server.stop(0)
@@ -281,6 +281,10 @@ async def run_worker(role: str, args: argparse.Namespace) -> None:
         if fleet is not None:
             await fleet.close()
         engine.shutdown()
+    if failure is not None:  # no half-alive worker: exit, and let the supervisor start a fresh one
+        print(f"{role} {instance_id}: the engine stopped ({failure!r}); exiting", file=sys.stderr, flush=True)
+        os._exit(1)  # now: threads the dead engine left (executors, a stuck copy) must not hold the exit
+    return 0
 
 
 def internal_tls(args: argparse.Namespace):

@@ -10,6 +10,12 @@ A placement function (services/cli/placement.py) gives each worker its own envir
 engine flags: its GPU (CUDA_VISIBLE_DEVICES), its threads, its share of a GPU's memory.
 Shutdown is ordered: the router first (no new requests), then decode, then prefill workers,
 then the private Redis.
+
+While it runs, the stack supervises its children (`supervise`, RestartPolicy): one that exits
+is started again, with the same argv and environment (its certificate, ports and secrets),
+after a backoff that doubles with each recent restart; meanwhile the router routes around a
+missing worker (its registry record expires, its GetLoad polls fail). A child restarted
+`crash_loop_restarts` times within `crash_loop_window_s` is in a crash loop: the stack stops.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +62,8 @@ class Child:
     extra_env: dict[str, str] = field(default_factory=dict)  # over the stack's env (its placement)
     health_address: str = ""  # plaintext grpc.health.v1 (--health-port): how the stack checks it
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    restarts: list[float] = field(default_factory=list, repr=False)  # monotonic times of restarts
+    restart_at: float | None = field(default=None, repr=False)  # when a pending restart is due
 
     def start(self, env: dict[str, str] | None) -> None:
         if self.extra_env:
@@ -81,6 +90,28 @@ class Child:
         if self.log_path and self.log_path.exists():
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How `LocalStack.supervise` restarts a child that exited: after `backoff_s`, doubled for
+    each restart of that child within the window (at most `max_backoff_s`). The
+    `crash_loop_restarts`-th restart within `crash_loop_window_s` is not made: a crash loop."""
+
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    crash_loop_restarts: int = 5
+    crash_loop_window_s: float = 120.0
+
+    def recent(self, child: Child, now: float) -> int:
+        return sum(1 for t in child.restarts if now - t < self.crash_loop_window_s)
+
+    def backoff(self, recent: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** recent)
+
+
+class CrashLoop(RuntimeError):
+    """A child kept exiting: the stack gives up (exit 1) rather than restart it forever."""
 
 
 class LocalStack:
@@ -240,21 +271,48 @@ class LocalStack:
                                                                           if self.redis else ""))
         print(f"try: pdserve generate --url {self.router_address} \"What is AI?\"", flush=True)
 
-    def wait(self) -> int:
-        """Block until SIGINT/SIGTERM or a child dies; then stop everything."""
-        stop = []
+    def wait(self, policy: RestartPolicy = RestartPolicy()) -> int:
+        """Supervise until SIGINT/SIGTERM (0) or a crash loop (1); then stop everything."""
+        stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.append(1))
+            signal.signal(sig, lambda *_: stop.set())
         try:
-            while not stop:
-                dead = [c for c in self.children if not c.alive()]
-                if dead:
-                    print(f"pdserve: {dead[0].instance_id} exited ({dead[0].proc.returncode}); stopping", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+            self.supervise(stop, policy)
             return 0
+        except CrashLoop as e:
+            print(f"pdserve: {e}; stopping", file=sys.stderr, flush=True)
+            return 1
         finally:
             self.stop()
+
+    def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), poll_s: float = 0.2) -> None:
+        """Restart children that exit (and the private Redis) until `stop` is set; raises CrashLoop.
+        Runs in any thread (the tests and the soak run it beside their load)."""
+        while not stop.wait(poll_s):
+            if self.redis is not None and not self.redis.alive() and not stop.is_set():
+                print("pdserve: the private redis-server exited; restarting it", file=sys.stderr, flush=True)
+                self.redis.start()
+            for child in self.children:
+                if not stop.is_set():
+                    self._supervise_child(child, policy)
+
+    def _supervise_child(self, child: Child, policy: RestartPolicy) -> None:
+        if child.proc is None or child.alive():
+            return
+        now = time.monotonic()
+        if child.restart_at is None:
+            recent = policy.recent(child, now)
+            if recent + 1 >= policy.crash_loop_restarts:
+                raise CrashLoop(f"{child.instance_id} exited ({child.proc.returncode}) after {recent} restarts "
+                                f"within {policy.crash_loop_window_s:.0f}s")
+            child.restart_at = now + policy.backoff(recent)
+            print(f"pdserve: {child.instance_id} exited ({child.proc.returncode}); restarting in "
+                  f"{child.restart_at - now:.1f}s", file=sys.stderr, flush=True)
+        elif now >= child.restart_at:
+            child.restart_at = None
+            child.restarts.append(now)
+            child.start(self.env)
+            print(f"pdserve: restarted {child.instance_id} (pid {child.proc.pid})", file=sys.stderr, flush=True)
 
     def stop(self, grace: float = 10.0) -> None:
         for group in ([self.router], self.decodes, self.prefills):

@@ -22,7 +22,7 @@ from services.engine.errors import EngineDeadError, InvalidRequestError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import RequestOutput, SampledToken, build_output
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Request, SequenceStatus
+from services.engine.sequence import Request, Resumed, SequenceStatus
 
 log = logging.getLogger("pdserve.engine")
 
@@ -43,6 +43,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
+        self._death_watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -60,28 +61,34 @@ class AsyncEngine:
         kv_export_from: int | None = None,
         remote_prefill: bool = False,
         kv_by_reference: bool = False,
+        resume: list[Resumed] | None = None,
+        migrated: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request; leaving the loop early (or cancelling) aborts it.
 
         KV transfer (kv_transfer.py): with `kv_export_from`, outputs carry the prompt's KV
         blocks (references with `kv_by_reference`, held until `release_kv`); with
         `remote_prefill`, one output announces `kv_pull_from_block`, after which the caller feeds
-        `put_kv` and then `finish_kv` (or `fail_kv`).
+        `put_kv` and then `finish_kv` (or `fail_kv`). `resume`: sequences begun on another
+        worker (EngineCore.make_request); a `migrated` request skips the admission bound.
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         params = params or SamplingParams()
         # Admission first: a refused request costs no grammar compilation and no tokenizing.
-        ticket = self.admission.reserve(len(prompt) if isinstance(prompt, list) else 0) if self.admission else None
+        admit = self.admission is not None and not migrated
+        ticket = self.admission.reserve(len(prompt) if isinstance(prompt, list) else 0) if admit else None
         try:
             if params.structured_output is not None:
                 # Compiling takes milliseconds to seconds: off the event loop; make_request then hits the cache.
                 await asyncio.to_thread(self.core.compile_grammar, params)
             request = self.core.make_request(
-                prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference
+                prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference, resume
             )
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             with self._lock:
+                if self._dead is not None:  # checked under the lock the dying thread takes: no stream is missed
+                    raise EngineDeadError(f"engine stopped: {self._dead!r}")
                 if request.request_id in self._streams:
                     raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
                 self._streams[request.request_id] = stream
@@ -142,6 +149,23 @@ class AsyncEngine:
             "requests": len(core.requests),
         }
 
+    @property
+    def dead(self) -> BaseException | None:
+        """What stopped the engine loop, or None while it runs."""
+        return self._dead
+
+    def death(self) -> asyncio.Future:
+        """A future of the running loop that resolves with what stopped the engine loop (a worker
+        watches it to go NOT_SERVING and exit; it never resolves while the engine runs)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._dead is None:
+                self._death_watchers.append((loop, future))
+                return future
+        future.set_result(self._dead)
+        return future
+
     def shutdown(self) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
@@ -167,11 +191,14 @@ class AsyncEngine:
                     self.admission.release_started(self._still_waiting)
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine died
             log.exception("engine loop died")
-            self._dead = e
             with self._lock:
-                streams = list(self._streams.values())
+                self._dead = e
+                streams, watchers = list(self._streams.values()), self._death_watchers
+                self._death_watchers = []
             for stream in streams:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(f"engine stopped: {e!r}"))
+            for loop, future in watchers:
+                loop.call_soon_threadsafe(lambda f=future, e=e: f.done() or f.set_result(e))
 
     def _handle(self, command: tuple[str, object]) -> None:
         kind, arg = command

@@ -15,6 +15,14 @@ from services.engine.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GiB = 1 << 30
+# Tokens per step when the user names no budget. A step is the unit a cancel or a deadline waits
+# for, so on the CPU (tens of ms per 100 tokens of a 0.5B model) a long prompt is chunked finely
+# enough that an abort frees its blocks within about a second.
+STEP_TOKENS = {"cpu": 512, "cuda": 2048}
+
+
+def default_step_tokens(device: torch.device) -> int:
+    return STEP_TOKENS.get(device.type, 2048)
 
 
 @dataclass(frozen=True)

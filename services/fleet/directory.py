@@ -28,6 +28,10 @@ class FleetDirectory:
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s  # a lookup slower than this is a miss, not a slow request
         self.records: dict[str, InstanceRecord] = {}
+        # Every record ever read: a Redis that restarted empty forgets instances for a heartbeat
+        # or two, while routers still name them; a peer is then dialled at its last address
+        # (if it is gone, the caller's fallback applies) rather than refused as unknown.
+        self.known: dict[str, InstanceRecord] = {}
         self.up = False
         self.last_refresh: float | None = None  # time.monotonic() of the last successful read
         self._unreadable: set[str] = set()
@@ -55,19 +59,23 @@ class FleetDirectory:
         if not self.up:
             log.info("fleet directory: Redis answers; %d live instances", len(records))
         self.records, self.up, self.last_refresh = records, True, time.monotonic()
+        self.known.update(records)
         return True
 
     async def resolve(self, instance_id: str) -> InstanceRecord | None:
         """The record of `instance_id`: from the snapshot, else read now (it may have just joined)."""
         record = self.records.get(instance_id)
         if record is not None or not self.up:
-            return record
+            return record or self.known.get(instance_id)
         try:
             flat = await asyncio.wait_for(self.redis.hgetall(schema.record_key(instance_id)), self.timeout_s)
         except REDIS_ERRORS as e:
             self._unreachable(e)
-            return None
-        return self._parse(instance_id, [v for item in flat.items() for v in item]) if flat else None
+            return self.known.get(instance_id)
+        record = self._parse(instance_id, [v for item in flat.items() for v in item]) if flat else None
+        if record is not None:
+            self.known[instance_id] = record
+        return record or self.known.get(instance_id)
 
     async def longest_prefixes(
         self, hashes: list[int], records: list[InstanceRecord]

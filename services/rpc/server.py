@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import signal
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,32 @@ async def abort_with(context: grpc.aio.ServicerContext, err: PdserveError) -> No
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
+class InFlight:
+    """The streaming calls a server is running, so a drain can wait for them and end those that
+    outlive its grace period with UNAVAILABLE (a router then retries or migrates them), instead
+    of the CANCELLED that `grpc.aio.Server.stop` would give them."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.expired = False
+
+    async def wait_idle(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.tasks and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    def expire(self) -> int:
+        """Cancel every call still running; each ends with UNAVAILABLE (see `_guarded`)."""
+        self.expired = True
+        for task in self.tasks:
+            task.cancel()
+        return len(self.tasks)
+
+
+# server -> its calls in flight (a weak map: the server object is grpc's, not ours to extend)
+_IN_FLIGHT: weakref.WeakKeyDictionary[grpc.aio.Server, InFlight] = weakref.WeakKeyDictionary()
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Every call, before its handler: the caller's request id (x-request-id) into a contextvar
     for logs; with `api_keys`, `authorization: Bearer KEY` checked (UNAUTHENTICATED otherwise)
@@ -62,6 +89,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, api_keys: ApiKeys | None = None) -> None:
         self.api_keys = api_keys if api_keys else None
+        self.in_flight = InFlight()
 
     async def intercept_service(self, continuation, handler_call_details):
         metadata = handler_call_details.invocation_metadata or ()
@@ -74,7 +102,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if not self.api_keys.check(token if isinstance(token, str) else None):
                 return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required "
                                "(metadata authorization: Bearer KEY)")
-        return _guarded(handler)
+        return _guarded(handler, self.in_flight)
 
 
 def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -88,7 +116,7 @@ def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
     return _same_kind(handler, unary, stream, None)
 
 
-def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _guarded(handler: grpc.RpcMethodHandler, in_flight: InFlight) -> grpc.RpcMethodHandler:
     if handler.request_streaming:  # reflection: grpc decodes, its own handler copes
         return handler
     decode, kind = handler.request_deserializer, "unary_stream" if handler.response_streaming else "unary_unary"
@@ -110,11 +138,19 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     async def stream(raw, context):
         request = await parse(raw, context)
+        task = asyncio.current_task()
+        in_flight.tasks.add(task)
         try:
             async for item in inner(request, context):
                 yield item
+        except asyncio.CancelledError:
+            if in_flight.expired and not context.done():  # the drain's grace ran out (the handler cleaned up)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+            raise
         except Exception as e:  # noqa: BLE001
             await _internal(context, e)
+        finally:
+            in_flight.tasks.discard(task)
 
     return _same_kind(handler, unary, stream, lambda raw: raw)
 
@@ -188,8 +224,10 @@ async def start_server(
     Returns (server, health servicer, bound port); port 0 picks a free port. `options` add to
     (and override) CHANNEL_OPTIONS, e.g. a router's smaller message and metadata limits.
     """
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(security.api_keys)],
+    interceptor = ServiceInterceptor(security.api_keys)
+    server = grpc.aio.server(interceptors=[interceptor],
                              options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()))
+    _IN_FLIGHT[server] = interceptor.in_flight
     for add in adders:
         add(server)
     health_servicer = health.aio.HealthServicer()
@@ -226,22 +264,43 @@ async def serve_until_signalled(
     grace_s: float = 5.0,
     on_stop: Callable[[], None] | None = None,
     on_draining: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Run until SIGINT/SIGTERM, then: readiness NOT_SERVING (and `on_draining`, e.g. leave the
-    fleet registry so routers stop sending work), drain for `grace_s`, stop."""
+    fatal: asyncio.Future | None = None,
+) -> BaseException | None:
+    """Run until SIGINT/SIGTERM, then drain: readiness NOT_SERVING (and `on_draining`, e.g. leave
+    the fleet registry so routers stop sending work), refuse new calls, let the streams in flight
+    finish for up to `grace_s`, end the rest with UNAVAILABLE, stop.
+
+    `fatal` (e.g. the engine's death): when it resolves first, the same without the grace (its
+    streams have already failed), and its result is returned so the process can exit non-zero
+    for its supervisor to restart it; None after a signal."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server_done = asyncio.ensure_future(server.wait_for_termination())
-    await asyncio.wait([server_done, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    log.info("shutting down: draining for up to %.0fs", grace_s)
+    waits = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait())]
+    if fatal is not None:
+        waits.append(fatal)
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    failure = fatal.result() if fatal is not None and fatal.done() and not stop.is_set() else None
+    if failure is not None:  # its streams are failing already: a moment for them to say so, no more
+        log.error("stopping at once: %r", failure)
+        grace_s = min(grace_s, 1.0)
+    else:
+        log.info("shutting down: draining for up to %.0fs", grace_s)
     await health_servicer.enter_graceful_shutdown()
     if on_draining is not None:
         await on_draining()
-    await server.stop(grace_s)
+    stopping = asyncio.ensure_future(server.stop(grace_s + 5.0))  # refuses new calls from now on
+    in_flight = _IN_FLIGHT.get(server)
+    if in_flight is not None:
+        await in_flight.wait_idle(grace_s)
+        left = in_flight.expire()
+        if left:
+            log.warning("drain: %d streams outlived the grace period; ended with UNAVAILABLE", left)
+    await stopping
     if on_stop is not None:
         on_stop()
+    return failure
 
 
 def parse_peers(text: str | None) -> dict[str, str]:
