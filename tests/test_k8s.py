@@ -262,6 +262,17 @@ def test_startup_probes_allow_for_model_loading_and_the_routers_wait(rendering):
         assert budget >= need, f"{rendering}: {role} startupProbe allows {budget}s"
 
 
+def test_termination_grace_covers_the_drain(rendering):
+    """Kubernetes' SIGKILL must not cut a drain short: terminationGracePeriodSeconds exceeds
+    --grace (SIGTERM: readiness off, in-flight requests finish within --grace)."""
+    objects = rendered(rendering)
+    for role in PDSERVE_ROLES:
+        spec = pod_spec(workload(objects, role))
+        (c,) = spec["containers"]
+        args = parse_cli(command_line(c, objects)[1:])
+        assert spec["terminationGracePeriodSeconds"] > args.grace + 5, f"{rendering}: {role}"
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 
