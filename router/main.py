@@ -13,6 +13,7 @@ from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from router.gate import Gate
 from router.http import build_app
 from router.limits import Limits
+from router.migration import MigrationPolicy
 from router.policy import RoutingConfig, make_policy
 from router.registry import RedisRegistry, StaticRegistry
 from router.server import RouterServicer
@@ -57,6 +58,7 @@ async def run_router(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         limits=limits,
         offload_threads=args.tokenizer_workers,
+        migration=MigrationPolicy(args.migration_limit, args.decode_stall_timeout),
     )
     registry.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name

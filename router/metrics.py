@@ -19,6 +19,10 @@ CACHED_TOKENS = Counter("pdserve:routing_cached_tokens",
 LOOKUP_SECONDS = Histogram("pdserve:prefix_index_lookup_seconds", "One prefix-index lookup (all instances)",
                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 
+MIGRATIONS = Counter("pdserve:request_migrations",
+                     "Requests moved to another decode instance after their stream broke (by status) or stalled",
+                     ["reason"])
+
 REDIS_UP = Gauge("pdserve:redis_up", "1 while the router reads the fleet registry from Redis")
 REGISTRY_AGE = Gauge("pdserve:registry_age_seconds", "Seconds since the fleet registry was last read (-1: never)")
 INSTANCES = Gauge("pdserve:registry_instances", "Reachable instances the router routes to", ["role"])

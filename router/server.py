@@ -5,7 +5,8 @@
              -> stream:  routing.RouteSelector: block hashes, prefix index, policy:
                          a decode instance, then a prefill instance or none
                          DecodeWorker.Generate(prompt ids, params, prefill instance id)
-                         (RESOURCE_EXHAUSTED before any token: the next best instance)
+                         (RESOURCE_EXHAUSTED before any token: the next best instance;
+                         a broken or stalled stream: migration.py, another instance resumes it)
                          the decode worker's deltas back, with usage and the disaggregation record
 
 `prepare` and `stream` know nothing of gRPC servicer contexts, so the HTTP front runs
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,11 +35,11 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
 from router.limits import Limits
+from router.migration import Attempts, Broken, MigrationPolicy, Refused
 from router.policy import Route, RoutingPolicy
 from router.registry import StaticRegistry
 from router.routing import RouteSelector
-from services.engine.errors import (InvalidRequestError, NotFoundError, OverloadedError, PdserveError,
-                                    UnavailableError, UpstreamError)
+from services.engine.errors import InvalidRequestError, NotFoundError, OverloadedError, PdserveError, UpstreamError
 from services.engine import structured_output
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
@@ -78,10 +80,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         block_size: int = 16,
         limits: Limits = Limits(),
         offload_threads: int = 2,
+        migration: MigrationPolicy = MigrationPolicy(),
     ) -> None:
         """`directory` is the fleet registry with its prefix index (None: route on load alone);
         `block_size` must be the workers' (the router computes the same block hashes).
-        Prompts are tokenized, and large HTTP bodies parsed, by `offload_threads` threads."""
+        Prompts are tokenized, and large HTTP bodies parsed, by `offload_threads` threads;
+        `migration` bounds how requests move off decode instances that fail them."""
         self.registry = registry
         self.policy = policy
         self.selector = RouteSelector(registry, policy, directory, block_size)
@@ -90,6 +94,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.limits = limits
+        self.migration = migration
         self._pool = ThreadPoolExecutor(max(1, offload_threads), thread_name_prefix="router-offload")
 
     async def offload(self, fn: Callable[..., T], *args) -> T:
@@ -193,67 +198,97 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """Route a prepared request and stream the decode worker's responses back.
 
         Transport-agnostic: the gRPC `Generate` and the HTTP front both run requests through
-        here. A decode instance that refuses the request as overloaded before streaming
-        anything is skipped for the next best one; when every one refuses, OverloadedError
-        (RESOURCE_EXHAUSTED / 429). Raises UnavailableError when no decode instance is
-        available and UpstreamError when the decode worker ends the call with another error
-        status. Closing the iterator early cancels the decode call (decode then aborts, and
-        aborts its prefill call).
+        here. Retries and migration (router/migration.py): a decode instance that refuses the
+        request as overloaded before streaming anything is skipped for the next best one (when
+        every one refuses, OverloadedError: RESOURCE_EXHAUSTED / 429); one whose stream breaks
+        or stalls hands the request, with what it already streamed, to another, and the client's
+        stream goes on (at most `--migration-limit` times). Raises UnavailableError when no
+        decode instance is available and UpstreamError when a decode worker ends the call with
+        another error status, or the last migration failed too. Closing the iterator early
+        cancels the decode call (decode then aborts, and aborts its prefill call).
         """
         timer = metrics.StreamTimer()
-        refused: set[str] = set()
+        attempts = Attempts(self.migration, prepared.params.n)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids, salt = prepared.prompt_token_ids, prepared.params.cache_salt
         while True:
-            route = await self.selector.select(prepared.prompt_token_ids, prepared.params.cache_salt, exclude=refused)
-            if route is None and refused:
-                metrics.ADMISSION_REJECTIONS.labels("router").inc()
-                raise OverloadedError(f"every decode instance is at its admission limit ({len(refused)} tried); "
-                                      "retry later")
+            route = await self.selector.select(ids, salt, exclude=attempts.exclude())
+            if route is None and attempts.failed:
+                route = await self.selector.select(ids, salt, exclude=attempts.fallback_exclude())
             if route is None:
-                raise UnavailableError("no decode instance is available")
+                error = attempts.no_route()
+                if isinstance(error, OverloadedError):
+                    metrics.ADMISSION_REJECTIONS.labels("router").inc()
+                raise error
             try:
-                async for response in self._attempt(prepared, request, route, timeout, timer):
+                async for response in self._attempt(prepared, request, route, deadline, timer, attempts):
                     yield response
                 return
-            except _Refused:
-                refused.add(route.decode.instance_id)
+            except Refused:
+                attempts.refused.add(route.decode.instance_id)
+            except Broken as e:
+                attempts.broke(route.decode.instance_id, e)  # raises once the limit is spent
+                router_metrics.MIGRATIONS.labels(e.code.lower()).inc()
+                log.warning("request %s: %s; migrating it (%d of at most %d) with %d tokens streamed",
+                            prepared.request_id, e, attempts.migrations, self.migration.limit,
+                            attempts.progress.completion_tokens)
 
     async def _attempt(self, prepared: Prepared, request: router_pb2.GenerateRequest, route: Route,
-                       timeout: float | None, timer: metrics.StreamTimer) -> AsyncIterator[common_pb2.GenerateResponse]:
-        """One decode instance's try; raises _Refused if it is overloaded before any response."""
-        request_id, ids = prepared.request_id, prepared.prompt_token_ids
-        decode, prefill = route.decode, route.prefill
-        log.info("request %s (%s): %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)", request_id,
+                       deadline: float | None, timer: metrics.StreamTimer,
+                       attempts: Attempts) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """One decode instance's try. Raises Refused if it is overloaded before any response,
+        Broken if its stream breaks or stalls (the request may migrate)."""
+        ids = prepared.prompt_token_ids
+        # Ids differ per attempt: an instance that failed the request may be tried again.
+        request_id = prepared.request_id if not attempts.migrating else f"{prepared.request_id}-m{attempts.migrations}"
+        resume = attempts.progress.resume()
+        decode, prefill = route.decode, (route.prefill if not resume else None)  # a resumed request prefills on decode
+        log.info("request %s (%s): %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)%s", request_id,
                  prepared.client_request_id or "-", len(ids), decode.instance_id, route.decode_reason,
-                 route.decode_hit_tokens, prefill.instance_id if prefill else "local", route.prefill_reason)
+                 route.decode_hit_tokens, prefill.instance_id if prefill else "local", route.prefill_reason,
+                 f", resuming {len(resume)} sequence(s)" if resume else "")
         decode_request = worker_pb2.DecodeRequest(
             request_id=request_id,
             prompt_token_ids=ids,
             sampling=request.sampling,
             priority=request.priority,
             prefill_instance=prefill.instance_id if prefill else "",
+            migrated=attempts.migrating,
+            resume=resume,
+            heartbeat_ms=self.migration.heartbeat_ms,
         )
         decode.in_flight += 1
         if prefill:
             prefill.in_flight += 1
         started = False
         try:
+            timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = decode.stub.Generate(decode_request, timeout=timeout, metadata=request_metadata(request_id))
             try:
-                async for response in call:
-                    started = True
-                    if timer.tokens(sum(len(c.token_ids) for c in response.outputs)) and prefill:
+                while True:
+                    response = await self._next(call, decode.instance_id)
+                    if response is None:
+                        raise Broken("UNAVAILABLE", f"decode {decode.instance_id} ended the stream unfinished")
+                    if not response.outputs and not response.finished:
+                        continue  # a heartbeat: decode is alive and working on it
+                    if not started:
+                        started = True
+                        attempts.started(decode.instance_id)
+                    if timer.tokens(attempts.progress.add(response)) and prefill:
                         prefill.in_flight -= 1  # prefill's part is done once the first token is out
                         prefill = None
                     if response.finished:
-                        timer.finished([c.finish_reason for c in response.outputs])
-                        router_metrics.PROMPT_TOKENS.inc(response.usage.prompt_tokens)
-                        router_metrics.CACHED_TOKENS.inc(response.disaggregation.decode_cached_tokens)
+                        self._finish(response, timer, attempts)
                     response.request_id = prepared.reply_id
                     yield response
+                    if response.finished:
+                        return
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not started:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not started and not attempts.migrating:
                     log.info("request %s: decode %s is at its admission limit", request_id, decode.instance_id)
-                    raise _Refused() from e
+                    raise Refused() from e
+                if self.migration.migratable(e.code()):
+                    raise Broken(e.code().name, f"decode {decode.instance_id}: {e.code().name} {e.details()}") from e
                 log.warning("request %s: decode %s failed: %s %s", request_id, decode.instance_id, e.code().name,
                             e.details())
                 raise UpstreamError(e.code().name, f"decode {decode.instance_id}: {e.details()}") from e
@@ -263,6 +298,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             decode.in_flight -= 1
             if prefill:
                 prefill.in_flight -= 1
+
+    async def _next(self, call, instance_id: str) -> common_pb2.GenerateResponse | None:
+        """The call's next message (None at its end); Broken after the stall timeout."""
+        try:
+            response = await asyncio.wait_for(call.read(), self.migration.stall_timeout)
+        except asyncio.TimeoutError:
+            raise Broken("STALLED", f"decode {instance_id} sent nothing for {self.migration.stall_timeout:g}s") from None
+        return None if response is grpc.aio.EOF else response
+
+    @staticmethod
+    def _finish(response: common_pb2.GenerateResponse, timer: metrics.StreamTimer, attempts: Attempts) -> None:
+        """The last message: usage and record cover every attempt."""
+        timer.finished([c.finish_reason for c in response.outputs])
+        response.usage.completion_tokens = attempts.progress.completion_tokens
+        response.disaggregation.decode_instances[:] = attempts.used
+        router_metrics.PROMPT_TOKENS.inc(response.usage.prompt_tokens)
+        router_metrics.CACHED_TOKENS.inc(response.disaggregation.decode_cached_tokens)
 
     # ---- RPCs ----------------------------------------------------------------------------
 
@@ -300,10 +352,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _Refused(Exception):
-    """A decode instance answered RESOURCE_EXHAUSTED before streaming anything."""
 
 
 def check_structured_output(constraint) -> None:

@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
             _add_kv_transport_arg(p)
+            _add_kv_timeout_args(p)
         add_model_args(p)
         p.set_defaults(run=lambda args, role=role: _run_async(run_worker(role, args)))
 
@@ -103,6 +104,15 @@ def _add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                    help="how decode receives prompt KV: auto = by reference from a prefill worker on the same GPU "
                    "(CUDA IPC, services/kv/cuda_ipc.py), bytes over gRPC from any other (default); grpc = always bytes")
+
+
+def _add_kv_timeout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stalled prefill peers (services/kv/transport.py)")
+    g.add_argument("--kv-pull-timeout", type=float, default=60.0,
+                   help="seconds a prompt's KV may take to arrive from prefill; then decode computes the rest "
+                   "itself (default 60)")
+    g.add_argument("--kv-progress-timeout", type=float, default=20.0,
+                   help="seconds without a message from prefill before decode gives up on it (default 20)")
 
 
 def _add_bind_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -192,6 +202,14 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                    help="concurrent gRPC calls on one client connection (default 1024)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds an HTTP request may take, and the longest deadline a gRPC one gets (default 600)")
+    g = p.add_argument_group("failures (router/migration.py)")
+    g.add_argument("--migration-limit", type=int, default=3,
+                   help="times a request may move to another decode instance after its stream broke or stalled "
+                   "(default 3; 0 = never)")
+    g.add_argument("--decode-stall-timeout", type=float, default=15.0,
+                   help="seconds without a message from a decode instance (which sends heartbeats meanwhile) "
+                   "before its request moves elsewhere (default 15)")
+    g = p.add_argument_group("limits per request (router/limits.py)")
     g.add_argument("--tokenizer-workers", type=int, default=2,
                    help="threads that tokenize long prompts and parse large bodies off the router's event loop "
                    "(default 2)")
@@ -200,7 +218,8 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
 ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "imbalance_threshold",
                 "imbalance_ratio", "prefill_backlog", "served_model_name", "scheduling_policy", "metrics_without_auth",
                 "tls_cert", "tls_key", "max_request_bytes", "max_seqs_per_request", "max_prompt_chars",
-                "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers")
+                "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
+                "migration_limit", "decode_stall_timeout")
 WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy")
 
 
@@ -335,10 +354,11 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     resolve = prefill_resolver(directory) if directory is not None else None
     device = core.layout.device
     if args.kv_transport == "auto" and device.type == "cuda":
-        transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls)
+        transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls,
+                                       progress_timeout=args.kv_progress_timeout)
     else:
-        transport = GrpcKVTransport(*common, resolve=resolve, tls=tls)
-    return DecodeServicer(engine, instance_id, transport, args.scheduling_policy), \
+        transport = GrpcKVTransport(*common, resolve=resolve, tls=tls, progress_timeout=args.kv_progress_timeout)
+    return DecodeServicer(engine, instance_id, transport, args.scheduling_policy, args.kv_pull_timeout), \
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server, "DecodeWorker"
 
 

@@ -8,8 +8,15 @@ For a request naming a prefill instance:
      block's index and hash are validated against the allocation);
   3. with all blocks and prefill's first token(s) in, the request decodes here.
 Decode computes no prompt token on that path. If the call fails midway (the prefill worker
-died, a block is corrupt), the request prefills what is missing locally and still completes.
-Without a prefill instance, the request simply prefills here.
+died, a block is corrupt) or stalls (no block within the progress timeout, or not done within
+the pull timeout), the call is cancelled, which frees what prefill holds for it, and the
+request prefills what is missing locally and still completes. Without a prefill instance, the
+request simply prefills here.
+
+A migrated request (the router moved it off a decode worker that died or stalled) carries the
+output its sequences already streamed; it prefills locally, prompt and that output, and goes on
+from there (EngineCore.make_request). With `heartbeat_ms`, an empty response goes out whenever
+nothing else did for that long, so the router can tell a stalled worker from a slow request.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import dataclasses
 import logging
 import os
 import uuid
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 import torch
@@ -29,13 +38,15 @@ from services.engine.async_engine import AsyncEngine
 from services.engine.errors import PdserveError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import RequestOutput
-from services.kv.transport import KVTransport, PeerError, PrefillDone
+from services.engine.sequence import Resumed
+from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
 from services.rpc.convert import delta_to_proto, reject_unknown_fields
 from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.decode")
+T = TypeVar("T")
 
 # Test-only: perturb received K after the checksum check, to prove decode uses shipped KV.
 _PERTURB_KV = os.environ.get("PDSERVE_TEST_PERTURB_KV") == "1"
@@ -45,14 +56,18 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
 
     def __init__(self, engine: AsyncEngine, instance_id: str, transport: KVTransport,
-                 scheduling_policy: str = "fcfs") -> None:
+                 scheduling_policy: str = "fcfs", kv_pull_timeout: float | None = None) -> None:
+        """`kv_pull_timeout`: seconds a prompt's KV may take to arrive from prefill before this
+        worker computes the rest itself (None: the request's own deadline)."""
         super().__init__(engine, instance_id, scheduling_policy)
         self.transport = transport
+        self.kv_pull_timeout = kv_pull_timeout
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or uuid.uuid4().hex
         engine_id = self.engine_id(context, request_id)
-        prefill_id = request.prefill_instance
+        resume = [Resumed(r.index, list(r.token_ids), r.text_chars) for r in request.resume] or None
+        prefill_id = request.prefill_instance if resume is None else ""  # a resumed request prefills here
         record = common_pb2.DisaggregationRecord(
             decode_instance=self.instance_id, prefill_instance=prefill_id, remote_prefill=bool(prefill_id)
         )
@@ -62,12 +77,17 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         try:
             reject_unknown_fields(request)
             params = self.check_request(request.prompt_token_ids, request.sampling, request.priority)
-            log.info("request %s: %d prompt tokens, prefill %s", request_id, len(request.prompt_token_ids),
-                     prefill_id or "local")
+            log.info("request %s: %d prompt tokens, prefill %s%s", request_id, len(request.prompt_token_ids),
+                     prefill_id or "local", f", resuming {len(resume)} sequence(s)" if resume else
+                     ", migrated" if request.migrated else "")
             stream = self.engine.generate(
-                list(request.prompt_token_ids), params, engine_id, request.priority, remote_prefill=bool(prefill_id)
+                list(request.prompt_token_ids), params, engine_id, request.priority, remote_prefill=bool(prefill_id),
+                resume=resume, migrated=request.migrated,
             )
-            async for out in stream:
+            async for out in with_heartbeats(stream, request.heartbeat_ms / 1000):
+                if out is None:
+                    yield common_pb2.GenerateResponse(request_id=request_id)
+                    continue
                 if out.kv_pull_from_block is not None:
                     pull = asyncio.create_task(
                         self._pull(engine_id, request, out.kv_pull_from_block, context.time_remaining(), record)
@@ -108,6 +128,8 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
     ) -> None:
         """Fetch the prompt's KV from the prefill peer into the engine; fall back on failure."""
         engine = self.engine
+        if self.kv_pull_timeout is not None:
+            timeout = self.kv_pull_timeout if timeout is None else min(timeout, self.kv_pull_timeout)
         prefill_request = worker_pb2.PrefillRequest(
             request_id=request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -131,9 +153,9 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         except PeerError as e:
             engine.abort(request_id)  # a misconfigured peer is an error, not silently local
             raise e
-        except (KVWireError, grpc.aio.AioRpcError) as e:
+        except (KVWireError, PeerStalled, grpc.aio.AioRpcError) as e:
             reason = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-            engine.fail_kv(request_id, reason)
+            engine.fail_kv(request_id, reason)  # the cancelled call frees what prefill holds for us
         except asyncio.CancelledError:
             engine.fail_kv(request_id, "cancelled")
             raise
@@ -180,3 +202,30 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         metrics.PROMPT_TOKENS.inc(prompt_tokens)
         metrics.PREFIX_HITS.inc(record.decode_cached_tokens)
         metrics.PREFIX_QUERIES.inc(prompt_tokens)
+
+
+async def with_heartbeats(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """`items`, with a None whenever `interval` seconds pass without an item (0: never).
+
+    The pending item is awaited in a task that outlives each wait, so a heartbeat never
+    cancels `items` (cancelling an engine stream aborts its request); closing this iterator does."""
+    if interval <= 0:
+        async for item in items:
+            yield item
+        return
+    source = aiter(items)
+    pending = asyncio.ensure_future(anext(source))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(source))
+    finally:
+        pending.cancel()

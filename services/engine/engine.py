@@ -45,7 +45,7 @@ from services.engine.outputs import SampledToken
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from services.engine.sequence import Request, Sequence
+from services.engine.sequence import Request, Resumed, Sequence
 from services.engine.structured_output import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 
@@ -138,13 +138,15 @@ class EngineCore:
         kv_export_from: int | None = None,
         remote_prefill: bool = False,
         kv_by_reference: bool = False,
+        resume: list[Resumed] | None = None,
     ) -> Request:
         """Validate and tokenize a request without touching engine state (safe from any thread).
 
         `kv_export_from=k` makes a prefill-only request that ships its prompt's KV from block
         k on (prefill worker), as references into the pool with `kv_by_reference`;
         `remote_prefill` makes one whose prompt KV arrives from a peer (decode worker). See
-        kv_transfer.py.
+        kv_transfer.py. `resume` continues sequences another worker began (migration): see
+        `add`.
         """
         token_ids = self._tokenize(prompt)
         vocab = self.layout.vocab_size
@@ -181,7 +183,23 @@ class EngineCore:
                                          by_reference=kv_by_reference)
         if remote_prefill:
             request.kv_import = KVImport()
+        if resume:
+            self._check_resume(request, resume)
+            request.resume = resume
         return request
+
+    def _check_resume(self, request: Request, resume: list[Resumed]) -> None:
+        params, vocab = request.params, self.layout.vocab_size
+        if request.kv_import is not None or request.kv_export is not None:
+            raise InvalidRequestError("a resumed request prefills here: no KV transfer")
+        if len({r.index for r in resume}) != len(resume) or any(not 0 <= r.index < params.n for r in resume):
+            raise InvalidRequestError(f"resumed sequence indices must be distinct and in [0, {params.n})")
+        for r in resume:
+            if any(not 0 <= t < vocab for t in r.token_ids):
+                raise InvalidRequestError(f"resumed token ids must be in [0, {vocab})")
+            if len(r.token_ids) >= params.max_tokens or \
+                    request.num_prompt_tokens + len(r.token_ids) >= self.layout.max_model_len:
+                raise InvalidRequestError(f"resumed sequence {r.index} has no token left to generate")
 
     def compile_grammar(self, params: SamplingParams) -> object:
         """The compiled grammar of a structured-output request (cached; thread safe, so servers
@@ -198,7 +216,11 @@ class EngineCore:
         first = next(self._seq_ids)
         for _ in range(request.params.n - 1):
             next(self._seq_ids)  # reserved for the forked sequences
-        request.seqs = [self._new_seq(request, first, 0)]
+        if request.resume is not None:
+            request.forked = True  # each sequence samples its own tokens from here
+            request.seqs = [self._resumed_seq(request, first + r.index, r) for r in request.resume]
+        else:
+            request.seqs = [self._new_seq(request, first, 0)]
         self.requests[request.request_id] = request
         if request.kv_export is not None:
             self._exports[request.request_id] = request
@@ -414,6 +436,24 @@ class EngineCore:
             seq.detokenizer = self.tokenizer.detokenizer(request.prompt_token_ids, request.params.skip_special_tokens)
         if request.grammar is not None:
             seq.grammar = self.grammars.new_state(request.grammar)
+        return seq
+
+    def _resumed_seq(self, request: Request, seq_id: int, resumed: Resumed) -> Sequence:
+        """A sequence that continues output streamed elsewhere: text, grammar and logprob
+        positions advance through that output as if this engine had sampled it; it recomputes
+        prompt and output (prefix-cache hits first) and samples at the next output position.
+        Nothing of the resumed output is streamed again."""
+        seq = self._new_seq(request, seq_id, resumed.index)
+        seq.token_ids.extend(resumed.token_ids)
+        for token in resumed.token_ids:
+            if seq.logprobs is not None:
+                seq.logprobs.append({})  # streamed already; never sent again
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.step(token)
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                raise InvalidRequestError(f"resumed sequence {resumed.index} does not match its grammar")
+        seq.num_emitted_tokens = len(resumed.token_ids)
+        seq.num_emitted_chars = min(resumed.text_chars, len(seq.text))
         return seq
 
     def _tokenize(self, prompt: Prompt) -> list[int]:

@@ -38,6 +38,16 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """A sequence another worker began (migration): its output so far, and how much of its
+    text the client already has. The engine treats `token_ids` as output, not prompt."""
+
+    index: int
+    token_ids: list[int]
+    text_chars: int = 0
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -54,6 +64,13 @@ class Request:
     kv_import: KVImport | None = None
     # Structured output: the compiled grammar (an xgrammar object) each sequence's state starts from.
     grammar: Any = None
+    # Migration: the sequences that continue here (the others finished elsewhere); None: all n.
+    resume: list[Resumed] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        """How many sequences this request runs here once forked."""
+        return len(self.resume) if self.resume is not None else self.params.n
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,7 +80,7 @@ class Request:
     def finished(self) -> bool:
         # Before the fork only an abort can finish the lone sequence of an n > 1 request.
         done = all(s.finished for s in self.seqs)
-        return done and (len(self.seqs) == self.params.n or self.seqs[0].finish_reason == "abort")
+        return done and (len(self.seqs) == self.num_seqs or self.seqs[0].finish_reason == "abort")
 
     @property
     def num_cached_tokens(self) -> int:

@@ -5,6 +5,10 @@ prompt, receive its blocks as they are computed, then the first sampled tokens. 
 stream carries the bytes here; on one GPU, cuda_ipc.py's transport carries references over
 the same stream and copies device to device. Addresses come from this worker's own
 configuration (--prefill-peers) or the fleet registry, never from a request.
+
+A peer that is alive but stalled (frozen, or its engine stuck) must not hold a request for as
+long as the client waits: with `progress_timeout`, a pull that receives nothing for that long
+raises PeerStalled and cancels the call (the caller bounds the whole pull with `timeout`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class PeerError(Exception):
         self.code = code
 
 
+class PeerStalled(Exception):
+    """The prefill peer sent nothing within the progress timeout."""
+
+
 @dataclass(frozen=True)
 class PrefillDone:
     first_tokens: list[SampledToken]  # one per sequence, in index order
@@ -52,7 +60,8 @@ class KVTransport(ABC):
         self, peer_id: str, request: worker_pb2.PrefillRequest, timeout: float | None, fence: Fence | None = None
     ) -> AsyncIterator[BlockData | PrefillDone]:
         """Blocks as the peer computes them, then one PrefillDone. Raises PeerError,
-        wire.KVWireError (a corrupt block) or grpc.aio.AioRpcError.
+        wire.KVWireError (a corrupt block), PeerStalled or grpc.aio.AioRpcError
+        (DEADLINE_EXCEEDED after `timeout`).
 
         `fence` returns once every block handed out so far is in the caller's cache. A
         transport whose blocks are views of the peer's memory awaits it before the peer may
@@ -78,10 +87,13 @@ class GrpcKVTransport(KVTransport):
         dtype: torch.dtype,
         resolve: Callable[[str], Awaitable[str | None]] | None = None,
         tls: TLSFiles | None = None,
+        progress_timeout: float | None = None,
     ) -> None:
         """`peers`: static id -> address; `resolve`: the address of any other id (the fleet registry);
-        `tls`: the internal credentials prefill workers require (None: plaintext)."""
+        `tls`: the internal credentials prefill workers require (None: plaintext);
+        `progress_timeout`: the longest wait for the peer's next message (None: no limit)."""
         self.peers = peers
+        self.progress_timeout = progress_timeout
         self.tls = tls
         self.resolve = resolve
         self.instance_id = instance_id
@@ -144,7 +156,13 @@ class GrpcKVTransport(KVTransport):
         """The Prefill call: each block through `decode_block`, then the PrefillDone."""
         call = stub.Prefill(request, timeout=timeout, metadata=request_metadata(request.request_id))
         try:
-            async for response in call:
+            while True:
+                try:
+                    response = await asyncio.wait_for(call.read(), self.progress_timeout)
+                except asyncio.TimeoutError:
+                    raise PeerStalled(f"prefill sent nothing for {self.progress_timeout:g}s") from None
+                if response is grpc.aio.EOF:
+                    return
                 if response.HasField("block"):
                     yield decode_block(response.block)
                 else:

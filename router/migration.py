@@ -1,0 +1,142 @@
+"""Retries and migration: one request's attempts across decode instances.
+
+    attempt on decode-0 ── RESOURCE_EXHAUSTED before any token ──> refused: the next best
+                      │                                             instance (no migration)
+                      ├── the stream broke (UNAVAILABLE: died, reset; INTERNAL; ...) ──┐
+                      └── no message for --decode-stall-timeout (decode heartbeats   ──┤
+                          while it works, so silence means frozen or gone)             │
+    attempt on decode-1 <── migrate: the original prompt + each unfinished sequence's ─┘
+                            streamed output (DecodeRequest.resume), admission bound skipped
+
+The client's stream goes on where it stopped: the new decode instance treats the resumed
+tokens as output (penalties, min_tokens, stop strings, text and seeded draws continue through
+them) and streams only what comes after. A request migrates at most `limit` times (a poison
+request that breaks every decode it reaches fails then, with the last error); instances that
+failed it are avoided while any other is available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import common_pb2, worker_pb2
+from services.engine.errors import OverloadedError, PdserveError, UnavailableError, UpstreamError
+
+# Statuses after which the request may succeed elsewhere. Not: the request's own fault
+# (INVALID_ARGUMENT, FAILED_PRECONDITION, ...), the client's deadline, or a refusal.
+_MIGRATABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                         grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.DATA_LOSS})
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    limit: int = 3  # migrations per request
+    stall_timeout: float = 15.0  # seconds without any message from the decode instance
+
+    @property
+    def heartbeat_ms(self) -> int:
+        """How often decode should speak up while it has nothing to send (a third of the stall
+        timeout: a heartbeat or two may be late before the router gives up)."""
+        return max(1, int(self.stall_timeout * 1000 / 3))
+
+    @staticmethod
+    def migratable(code: grpc.StatusCode) -> bool:
+        return code in _MIGRATABLE
+
+
+class Broken(Exception):
+    """A decode stream broke or stalled; the request may go on elsewhere."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Refused(Exception):
+    """A decode instance answered RESOURCE_EXHAUSTED before streaming anything."""
+
+
+@dataclass
+class _Sequence:
+    token_ids: list[int] = field(default_factory=list)
+    text_chars: int = 0
+    finished: bool = False
+
+
+class Progress:
+    """What the client has received of each sequence, across attempts."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seqs = {i: _Sequence() for i in range(n)}
+
+    def add(self, response: common_pb2.GenerateResponse) -> int:
+        """Record a response on its way to the client; returns how many tokens it carried."""
+        count = 0
+        for delta in response.outputs:
+            seq = self.seqs[delta.index]
+            seq.token_ids.extend(delta.token_ids)
+            seq.text_chars += len(delta.text)
+            seq.finished = seq.finished or bool(delta.finish_reason)
+            count += len(delta.token_ids)
+        return count
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs.values())
+
+    def resume(self) -> list[worker_pb2.ResumedSequence]:
+        """The unfinished sequences to continue; empty while nothing was streamed (a fresh start)."""
+        if not any(s.token_ids or s.text_chars for s in self.seqs.values()):
+            return []
+        return [worker_pb2.ResumedSequence(index=i, token_ids=s.token_ids, text_chars=s.text_chars)
+                for i, s in self.seqs.items() if not s.finished]
+
+
+class Attempts:
+    """One request's tries: which decode instances refused it, which failed it, how often it moved."""
+
+    def __init__(self, policy: MigrationPolicy, n: int) -> None:
+        self.policy = policy
+        self.progress = Progress(n)
+        self.refused: set[str] = set()
+        self.failed: list[str] = []  # in order; an instance may fail a request more than once
+        self.used: list[str] = []  # decode instances that streamed this request, in order
+        self.migrations = 0
+        self._last: Broken | None = None
+
+    @property
+    def migrating(self) -> bool:
+        return self.migrations > 0
+
+    def exclude(self) -> set[str]:
+        return self.refused | set(self.failed)
+
+    def fallback_exclude(self) -> set[str]:
+        """When every instance refused or failed it: try those that failed it again (they may
+        have recovered), never those that refused it."""
+        return self.refused
+
+    def started(self, instance_id: str) -> None:
+        if not self.used or self.used[-1] != instance_id:
+            self.used.append(instance_id)
+
+    def broke(self, instance_id: str, error: Broken) -> None:
+        """Count a migration, or raise the error the client gets once the limit is spent."""
+        self.failed.append(instance_id)
+        self._last = error
+        if self.migrations >= self.policy.limit:
+            raise UpstreamError(error.code, f"{error} (gave up after {self.migrations + 1} attempts; "
+                                            f"--migration-limit {self.policy.limit})")
+        self.migrations += 1
+
+    def no_route(self) -> PdserveError:
+        """The error when no decode instance is left to try."""
+        if self._last is not None:
+            return UpstreamError(self._last.code, f"{self._last}; no other decode instance is available")
+        if self.refused:
+            return OverloadedError(f"every decode instance is at its admission limit ({len(self.refused)} tried); "
+                                   "retry later")
+        return UnavailableError("no decode instance is available")

@@ -1,0 +1,25 @@
+"""Test-only fault injection for the decode workers of tests/test_faults_migration.py, loaded
+through their PYTHONPATH (the product carries no such switch).
+
+A request whose prompt starts with POISON breaks the stream of every decode worker it reaches,
+as a worker crashing under it would (UNAVAILABLE), while the worker's other requests go on.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.decode import server
+from tests.faults.poison import POISON
+
+_generate = server.DecodeServicer.Generate
+
+
+async def _poisoned(self, request, context):
+    if list(request.prompt_token_ids[: len(POISON)]) == POISON:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "poisoned: the worker crashed under this request")
+    async for response in _generate(self, request, context):
+        yield response
+
+
+server.DecodeServicer.Generate = _poisoned
