@@ -53,7 +53,7 @@ class BatchParams:
     grammar_rows: list[int]
     penalty_rows: list[int]
     penalty_index: torch.Tensor | None
-    penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # repetition, frequency, presence [P]
+    penalties: tuple[torch.Tensor | None, ...] | None  # repetition, frequency, presence [P] (None: no row's)
     logprob_rows: list[int]
     logprob_index: torch.Tensor | None
     top_logprobs: int  # the most top-N logprobs a row asks for
@@ -84,9 +84,7 @@ class BatchParams:
             grammar_rows=[r for r, (spec, _) in enumerate(rows) if spec.grammar is not None],
             penalty_rows=penalty_rows,
             penalty_index=to_device(penalty_rows, torch.long, device) if penalty_rows else None,
-            penalties=tuple(to_device([getattr(params[r], name) for r in penalty_rows], torch.float32, device)
-                            for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
-            if penalty_rows else None,
+            penalties=_penalties([params[r] for r in penalty_rows], device) if penalty_rows else None,
             logprob_rows=logprob_rows,
             logprob_index=to_device(logprob_rows, torch.long, device) if logprob_rows else None,
             top_logprobs=max((params[r].logprobs for r in logprob_rows), default=0),
@@ -111,6 +109,12 @@ def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:
     )
 
 
+def _penalties(params: list, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    kinds = (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0))
+    return tuple(to_device([getattr(p, name) for p in params], torch.float32, device)
+                 if any(getattr(p, name) != neutral for p in params) else None for name, neutral in kinds)
+
+
 def _bias(params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     entries = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias]
     if not entries:
@@ -126,7 +130,7 @@ def _banned(p, eos_token_ids: tuple[int, ...], vocab: int) -> list[int]:
 
 
 class OutputCounts:
-    """Output-token counts [P, V] and prompt membership [P, V] of the penalised rows, on the
+    """Output-token counts [P, V] (float32: exact to 2**24) and prompt membership [P, V] of the penalised rows, on the
     device. A row keeps its state while its (spec, seq index) is in every step; a row new to
     the batch (or back after a step away, such as a preempted sequence) is counted from its
     token list, which is then complete: a sequence absent from the previous step has no token
@@ -143,7 +147,7 @@ class OutputCounts:
         if keys == self._keys:
             return
         old = {k: i for i, k in enumerate(self._keys)}
-        counts = torch.zeros(len(rows), vocab, dtype=torch.int32, device=device)
+        counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
         prompt = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
         kept = [(i, old[k]) for i, k in enumerate(keys) if k in old]
         if kept:
@@ -167,11 +171,11 @@ class OutputCounts:
                 parts[is_prompt][0].append(np.full(len(part), row))
                 parts[is_prompt][1].append(part)
         out_rows, out_ids = (to_device(np.concatenate(x), torch.long, counts.device) for x in parts[False])
-        counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=torch.int32), accumulate=True)
+        counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=torch.float32), accumulate=True)
         prompt_rows, prompt_ids = (to_device(np.concatenate(x), torch.long, counts.device) for x in parts[True])
         prompt[prompt_rows, prompt_ids] = True
 
     def add(self, tokens: torch.Tensor) -> None:
         """Count the tokens just drawn ([P], one per penalised row), on the device."""
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)

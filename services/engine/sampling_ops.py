@@ -227,16 +227,21 @@ def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (block * BLOCK + torch.where(ok, pick, last))[:, 0]
 
 
-def penalize(logits: torch.Tensor, counts: torch.Tensor, prompt: torch.Tensor, rep: torch.Tensor,
-             freq: torch.Tensor, pres: torch.Tensor) -> torch.Tensor:
+def penalize(logits: torch.Tensor, counts: torch.Tensor, prompt: torch.Tensor, rep: torch.Tensor | None,
+             freq: torch.Tensor | None, pres: torch.Tensor | None) -> torch.Tensor:
     """Repetition (prompt and output tokens), then frequency and presence (output counts), for
-    rows [P, V] at once; `counts` [P, V] output-token counts, `prompt` [P, V] bool."""
+    rows [P, V] at once; `counts` [P, V] float32 output-token counts, `prompt` [P, V] bool. A
+    penalty no row uses is None."""
     seen_out = counts > 0
-    seen = seen_out | prompt
-    r = rep[:, None]
-    penalized = torch.where(logits > 0, logits / r, logits * r)
-    logits = torch.where(seen, penalized, logits)
-    return logits - freq[:, None] * counts - pres[:, None] * seen_out
+    if rep is not None:
+        r = rep[:, None]
+        penalized = torch.where(logits > 0, logits / r, logits * r)
+        logits = torch.where(seen_out.logical_or(prompt), penalized, logits)
+    if freq is not None:
+        logits = logits - freq[:, None] * counts
+    if pres is not None:
+        logits = logits - torch.where(seen_out, pres[:, None], 0.0)
+    return logits
 
 
 @dataclass
