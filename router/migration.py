@@ -47,11 +47,13 @@ class MigrationPolicy:
 
 
 class Broken(Exception):
-    """A decode stream broke or stalled; the request may go on elsewhere."""
+    """A decode stream broke or stalled; the request may go on elsewhere. `code` is the gRPC
+    status the client gets if it cannot; `reason` labels the migration metric."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.lower()
 
 
 class Refused(Exception):

@@ -228,7 +228,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 attempts.refused.add(route.decode.instance_id)
             except Broken as e:
                 attempts.broke(route.decode.instance_id, e)  # raises once the limit is spent
-                router_metrics.MIGRATIONS.labels(e.code.lower()).inc()
+                router_metrics.MIGRATIONS.labels(e.reason).inc()
                 log.warning("request %s: %s; migrating it (%d of at most %d) with %d tokens streamed",
                             prepared.request_id, e, attempts.migrations, self.migration.limit,
                             attempts.progress.completion_tokens)
@@ -304,7 +304,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             response = await asyncio.wait_for(call.read(), self.migration.stall_timeout)
         except asyncio.TimeoutError:
-            raise Broken("STALLED", f"decode {instance_id} sent nothing for {self.migration.stall_timeout:g}s") from None
+            raise Broken("UNAVAILABLE", f"decode {instance_id} sent nothing for {self.migration.stall_timeout:g}s",
+                         "stalled") from None
         return None if response is grpc.aio.EOF else response
 
     @staticmethod

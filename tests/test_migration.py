@@ -27,7 +27,7 @@ def test_progress_resumes_each_unfinished_sequence_from_what_the_client_has():
 def test_attempts_migrate_up_to_the_limit_then_fail_with_the_last_error():
     attempts = Attempts(MigrationPolicy(limit=2), n=1)
     attempts.broke("decode-0", Broken("UNAVAILABLE", "decode-0: gone"))
-    attempts.broke("decode-1", Broken("STALLED", "decode-1: silent"))
+    attempts.broke("decode-1", Broken("UNAVAILABLE", "decode-1: silent", "stalled"))
     assert attempts.migrations == 2 and attempts.exclude() == {"decode-0", "decode-1"}
     with pytest.raises(UpstreamError, match="after 3 attempts") as e:
         attempts.broke("decode-0", Broken("UNAVAILABLE", "decode-0: gone again"))
