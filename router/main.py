@@ -71,14 +71,18 @@ async def run_router(args: argparse.Namespace) -> None:
     tls_files = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if client_tls else {}
     http = _HTTPServer(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", lifespan="off",
                                       h11_max_incomplete_event_size=max(64 << 10, 4 * limits.max_header_bytes),
-                                      **tls_files))
+                                      timeout_graceful_shutdown=args.grace, **tls_files))
     http_task = asyncio.create_task(http.serve())
     scheme = "https" if client_tls else "http"
     print(f"router listening on {args.host}:{port} (gRPC{', TLS' if client_tls else ''}), {scheme}://{args.host}:"
           f"{args.http_port} (/v1, /healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}; "
           f"API keys {len(keys) or 'none (open)'}" + (", fleet registry in Redis" if directory else ""), flush=True)
+
+    async def drain_http() -> None:  # HTTP stops accepting with gRPC; its requests in flight get the grace too
+        http.should_exit = True
+
     try:
-        await serve_until_signalled(server, health, args.grace)
+        await serve_until_signalled(server, health, args.grace, on_draining=drain_http)
     finally:
         http.should_exit = True
         await http_task

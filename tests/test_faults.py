@@ -347,6 +347,12 @@ def _drain_case(stack: LocalStack, child: Child, fault_dir: Path, reference) -> 
         next(too_long)
         calls = [stub.Generate(request(PROMPTS[i], PARAMS), timeout=60) for i in range(STREAMS)]
         firsts = [_tokens([next(call)]) for call in calls]  # every stream is in flight
+        http = concurrent.futures.ThreadPoolExecutor(1).submit(_http_completion, stack) \
+            if child.role == "router" else None
+        if http is not None:  # an HTTP request in flight too (the router drains both ports)
+            decode = decode_stub(stack.decodes[0])
+            wait_until(lambda: decode.GetLoad(worker_pb2.LoadRequest(), timeout=5).requests >= STREAMS + 2,
+                       "the HTTP request is on the decode worker")
         child.proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         results = []
@@ -361,6 +367,8 @@ def _drain_case(stack: LocalStack, child: Child, fault_dir: Path, reference) -> 
         sleep.unlink()
     assert results == ["ok"] * STREAMS
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    if http is not None:
+        assert http.result(timeout=60) == PARAMS.max_tokens
     wait_until(lambda: child.proc.pid != pid and serving(child), f"{child.instance_id} is restarted", timeout=60)
     if child.role != "router":
         stack.wait_registered([child], timeout=30)
@@ -370,6 +378,17 @@ def _drain_case(stack: LocalStack, child: Child, fault_dir: Path, reference) -> 
     assert load.lost == []
     report(f"SIGTERM {child.instance_id}", load, time.monotonic() - stopped_at)
     pools_full(stack)
+
+
+def _http_completion(stack: LocalStack) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/v1/models", timeout=10) as reply:
+        model = json.loads(reply.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": PROMPTS[1], "max_tokens": PARAMS.max_tokens, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    call = urllib.request.Request(f"http://127.0.0.1:{stack.http_port}/v1/completions", data=body,
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(call, timeout=60) as reply:
+        return json.loads(reply.read())["usage"]["completion_tokens"]
 
 
 def test_sigterm_to_a_decode_worker_completes_what_fits_in_the_grace(stack, fault_dir, reference):

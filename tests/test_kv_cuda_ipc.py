@@ -207,8 +207,9 @@ def test_slots_nobody_releases_are_freed_after_the_hold_timeout(cpu_pool_exporte
                                                 sampling=params_to_proto(GREEDY), kv_by_reference=True)
             refs = [r.block async for r in w.prefill.Prefill(request) if r.HasField("block")]
             assert refs and all(b.HasField("pool_block") and not b.data for b in refs)
-            assert w.prefill_engine.core.is_held("orphan")
-            await until(lambda: not w.prefill_engine.core.is_held("orphan"))
+            # The engine knows a request by the caller's certificate name and its id ("-": plaintext).
+            assert w.prefill_engine.core.is_held("-/orphan")
+            await until(lambda: not w.prefill_engine.core.is_held("-/orphan"))
 
     asyncio.run(scenario())
     assert_all_free(prefill_llm)
