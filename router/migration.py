@@ -108,6 +108,7 @@ class Attempts:
         self.used: list[str] = []  # decode instances that streamed this request, in order
         self.migrations = 0
         self._last: Broken | None = None
+        self._cause: Broken | None = None  # the first break that was not just "unreachable"
 
     @property
     def migrating(self) -> bool:
@@ -129,15 +130,25 @@ class Attempts:
         """Count a migration, or raise the error the client gets once the limit is spent."""
         self.failed.append(instance_id)
         self._last = error
+        if self._cause is None and error.code != "UNAVAILABLE":
+            self._cause = error
         if self.migrations >= self.policy.limit:
+            error = self._reported()
             raise UpstreamError(error.code, f"{error} (gave up after {self.migrations + 1} attempts; "
                                             f"--migration-limit {self.policy.limit})")
         self.migrations += 1
 
+    def _reported(self) -> Broken:
+        """What the client is told when the request cannot go on: its own failure (a decode
+        engine that died under it: INTERNAL) rather than the UNAVAILABLE of later tries that
+        found no live instance; else the last error."""
+        return self._cause or self._last
+
     def no_route(self) -> PdserveError:
         """The error when no decode instance is left to try."""
         if self._last is not None:
-            return UpstreamError(self._last.code, f"{self._last}; no other decode instance is available")
+            error = self._reported()
+            return UpstreamError(error.code, f"{error}; no other decode instance is available")
         if self.refused:
             return OverloadedError(f"every decode instance is at its admission limit ({len(self.refused)} tried); "
                                    "retry later")

@@ -43,13 +43,19 @@ STREAMS = 8
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def fault_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine-faults")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, fault_dir):
     s = LocalStack(MODEL, num_prefill=1, num_decode=2, log_dir=tmp_path_factory.mktemp("faults"),
                    router_argv=["--migration-limit", str(MIGRATION_LIMIT), "--decode-stall-timeout", str(STALL_S),
                                 "--prefill-backlog", "64"],
                    decode_argv=["--kv-progress-timeout", "3", "--kv-pull-timeout", "30"])
     for decode in s.decodes:  # the poison (tests/faults/sitecustomize.py) reaches the decode workers only
         decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])
+        decode.extra_env["PDSERVE_FAULT_DIR"] = str(fault_dir)  # engine faults on request (tests/engine_faults)
     s.start(timeout=300)
     yield s
     s.stop()
@@ -292,3 +298,26 @@ def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference
     assert lost(streams, reference) == []
     assert remote_fallbacks(streams) >= 1
     wait_pools_full(decodes)
+
+
+def test_an_engine_step_that_raises_loses_no_stream_with_two_decodes(stack, router, reference, fault_dir):
+    """Last in the file: the worker whose engine failed exits (nothing here restarts it)."""
+    for decode in stack.decodes:  # the one SIGKILLed above comes back first (as its supervisor would bring it)
+        if not decode.alive():
+            decode.start(stack.env)
+    stack.wait_registered(stack.decodes, timeout=120)
+    wait_routable(stack, decodes=2)
+    before = router_metric(stack, "pdserve:request_migrations_total")
+    load = Load(router, workload(5))
+    load.wait_tokens(2, of_streams=STREAMS // 2)
+    victim = busiest(stack.decodes)
+    in_flight = load_of(victim).requests
+    fault_at = time.monotonic()
+    (fault_dir / f"step-raises.{victim.instance_id}").touch()
+    streams = load.join()
+    migrations = router_metric(stack, "pdserve:request_migrations_total") - before
+    report(f"engine step raises ({in_flight} requests on it)", streams, fault_at, migrations)
+    assert lost(streams, reference) == []
+    assert migrations >= 1
+    assert victim.proc.wait(30) == 1  # it went down for its supervisor to restart it
+    wait_pools_full([*stack.prefills, *(d for d in stack.decodes if d.alive())])

@@ -34,6 +34,20 @@ def test_attempts_migrate_up_to_the_limit_then_fail_with_the_last_error():
     assert e.value.grpc_status == "UNAVAILABLE"
 
 
+def test_the_client_is_told_its_requests_own_failure_not_the_retries_that_found_nothing():
+    attempts = Attempts(MigrationPolicy(limit=2), 1)
+    attempts.broke("decode-0", Broken("INTERNAL", "decode-0: the engine failed while running this request"))
+    attempts.broke("decode-0", Broken("UNAVAILABLE", "decode-0: connection refused"))
+    assert attempts.no_route().grpc_status == "INTERNAL"
+    with pytest.raises(UpstreamError) as err:
+        attempts.broke("decode-0", Broken("UNAVAILABLE", "decode-0: connection refused"))
+    assert err.value.grpc_status == "INTERNAL" and "engine failed" in str(err.value)
+    only_unreachable = Attempts(MigrationPolicy(limit=0), 1)
+    with pytest.raises(UpstreamError) as err:
+        only_unreachable.broke("decode-0", Broken("UNAVAILABLE", "decode-0: gone"))
+    assert err.value.grpc_status == "UNAVAILABLE"
+
+
 def test_no_route_says_why():
     assert isinstance(Attempts(MigrationPolicy(), 1).no_route(), UnavailableError)
     refused = Attempts(MigrationPolicy(), 1)

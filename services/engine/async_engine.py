@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from services.engine.admission import Admission, AdmissionLimits
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore, Prompt
-from services.engine.errors import EngineDeadError, InvalidRequestError
+from services.engine.errors import EngineDeadError, EngineFailedError, InvalidRequestError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import RequestOutput, SampledToken, build_output
 from services.engine.sampling_params import SamplingParams
@@ -196,7 +196,9 @@ class AsyncEngine:
                 streams, watchers = list(self._streams.values()), self._death_watchers
                 self._death_watchers = []
             for stream in streams:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(f"engine stopped: {e!r}"))
+                # INTERNAL for the requests it was running (their own failure), UNAVAILABLE for new ones.
+                failed = EngineFailedError("the engine failed while running this request; the worker is restarting")
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failed)
             for loop, future in watchers:
                 loop.call_soon_threadsafe(lambda f=future, e=e: f.done() or f.set_result(e))
 

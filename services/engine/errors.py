@@ -39,6 +39,14 @@ class EngineDeadError(PdserveError):
     http_status = 503
 
 
+class EngineFailedError(PdserveError):
+    """The engine failed while it was running this request (a step raised). The worker is going
+    down; a router moves the request to another instance when one is up."""
+
+    grpc_status = "INTERNAL"
+    http_status = 500
+
+
 class NotFoundError(PdserveError, LookupError):
     """The request names something this deployment does not serve (e.g. an unknown model)."""
 

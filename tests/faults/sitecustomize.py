@@ -3,6 +3,7 @@ through their PYTHONPATH (the product carries no such switch).
 
 A request whose prompt starts with POISON breaks the stream of every decode worker it reaches,
 as a worker crashing under it would (UNAVAILABLE), while the worker's other requests go on.
+It also installs tests/engine_faults (an engine step that raises, when the test asks).
 """
 
 from __future__ import annotations
@@ -23,3 +24,6 @@ async def _poisoned(self, request, context):
 
 
 server.DecodeServicer.Generate = _poisoned
+
+# The engine faults of tests/test_faults.py too (a step that raises, on request through $PDSERVE_FAULT_DIR).
+from tests.engine_faults import sitecustomize as _engine_faults  # noqa: E402,F401
