@@ -66,8 +66,10 @@ class RemoteResult:
 
 
 def _flat(msg) -> dict | None:
-    """A flat message as a dict with every field, numbers kept as numbers."""
-    return None if msg is None else {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+    """A flat message as a dict with every field, numbers kept as numbers (repeated ones as lists)."""
+    if msg is None:
+        return None
+    return {f.name: list(getattr(msg, f.name)) if f.is_repeated else getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
 
 def make_request(prompt: str, params: SamplingParams, chat: bool) -> router_pb2.GenerateRequest:

@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_redis_arg(s, serve=True)
     _add_admission_args(s)
     _add_kv_transport_arg(s)
+    _add_kv_timeout_args(s)
     add_model_args(s)
     s.set_defaults(run=run_serve)
 
