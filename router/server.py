@@ -35,7 +35,7 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
 from router.limits import Limits
-from router.migration import Attempts, Broken, MigrationPolicy, Refused
+from router.migration import Attempts, Broken, MigrationPolicy, Refused, StallWatch
 from router.policy import Route, RoutingPolicy
 from router.registry import StaticRegistry
 from router.routing import RouteSelector
@@ -264,9 +264,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = decode.stub.Generate(decode_request, timeout=timeout, metadata=request_metadata(request_id))
+            watch = StallWatch(call, self.migration.stall_timeout)
             try:
                 while True:
-                    response = await self._next(call, decode.instance_id)
+                    try:
+                        response = await watch.read()
+                    except Broken as e:
+                        raise Broken(e.code, f"decode {decode.instance_id} {e}", e.reason) from None
+                    response = None if response is grpc.aio.EOF else response
                     if response is None:
                         raise Broken("UNAVAILABLE", f"decode {decode.instance_id} ended the stream unfinished")
                     if not response.outputs and not response.finished:
@@ -293,20 +298,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                             e.details())
                 raise UpstreamError(e.code().name, f"decode {decode.instance_id}: {e.details()}") from e
             finally:
+                watch.close()
                 call.cancel()  # a no-op once the call completed; cancels decode when we stop early
         finally:
             decode.in_flight -= 1
             if prefill:
                 prefill.in_flight -= 1
-
-    async def _next(self, call, instance_id: str) -> common_pb2.GenerateResponse | None:
-        """The call's next message (None at its end); Broken after the stall timeout."""
-        try:
-            response = await asyncio.wait_for(call.read(), self.migration.stall_timeout)
-        except asyncio.TimeoutError:
-            raise Broken("UNAVAILABLE", f"decode {instance_id} sent nothing for {self.migration.stall_timeout:g}s",
-                         "stalled") from None
-        return None if response is grpc.aio.EOF else response
 
     @staticmethod
     def _finish(response: common_pb2.GenerateResponse, timer: metrics.StreamTimer, attempts: Attempts) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from pdserve.v1 import common_pb2
-from router.migration import Attempts, Broken, MigrationPolicy, Progress
+from router.migration import Attempts, Broken, MigrationPolicy, Progress, StallWatch
 from services.engine.errors import OverloadedError, UnavailableError, UpstreamError
 
 
@@ -70,3 +72,54 @@ def test_only_failures_of_the_worker_migrate(code, migrates):
 
 def test_heartbeats_come_three_times_per_stall_timeout():
     assert MigrationPolicy(stall_timeout=3.0).heartbeat_ms == 1000
+
+
+class _SilentCall:
+    """A call whose next message never comes, until cancelled (as grpc.aio's read behaves)."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages, self.cancelled = list(messages), False
+        self._pending: asyncio.Future | None = None
+
+    async def read(self):
+        if self.messages:
+            return self.messages.pop(0)
+        self._pending = asyncio.get_running_loop().create_future()
+        return await self._pending
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def test_stall_watch_breaks_a_call_that_goes_silent_and_not_one_that_talks():
+    async def scenario():
+        call = _SilentCall(["a", "b"])
+        watch = StallWatch(call, 0.2)
+        got = [await watch.read(), await watch.read()]
+        await asyncio.sleep(0.5)  # time spent away from the read (a slow client) is not a stall
+        assert not call.cancelled
+        with pytest.raises(Broken) as broken:
+            await watch.read()
+        watch.close()
+        return got, broken.value, call.cancelled
+
+    got, broken, cancelled = asyncio.run(scenario())
+    assert got == ["a", "b"] and cancelled and broken.reason == "stalled" and broken.code == "UNAVAILABLE"
+
+
+def test_a_resumed_requests_cache_hits_past_its_prompt_are_not_prompt_tokens():
+    """Found by the soak: a request that migrates back to a decode worker which cached its prompt
+    and the output it brings along has more cached tokens than prompt tokens; its last message
+    failed (a negative uint) and the request was lost at its very end."""
+    from types import SimpleNamespace
+
+    from services.decode.server import DecodeServicer
+
+    servicer = DecodeServicer.__new__(DecodeServicer)  # _finish reads only `out`
+    out = SimpleNamespace(prompt_token_ids=list(range(20)), kv_import=None, num_cached_tokens=48)
+    response, record = common_pb2.GenerateResponse(), common_pb2.DisaggregationRecord()
+    servicer._finish(response, out, record)
+    assert response.usage.prompt_tokens == 20 and response.usage.cached_tokens == 20
+    assert response.disaggregation.decode_computed_prompt_tokens == 0

@@ -219,18 +219,18 @@ class LocalStack:
         for c in workers:
             c.start(self.env)
             if self.sequential_start:
-                self._wait_healthy([c], timeout)
-        self._wait_healthy(workers, timeout)
+                self.wait_healthy([c], timeout)
+        self.wait_healthy(workers, timeout)
         self.wait_registered(workers, timeout)
         self.router.start(self.env)
-        self._wait_healthy([self.router], timeout)
+        self.wait_healthy([self.router], timeout)
         return self
 
     def restart_router(self, timeout: float = 120.0) -> None:
         """Stop the router and start a fresh one (no memory of earlier routes)."""
         self._stop_group([self.router], 10.0)
         self.router.start(self.env)
-        self._wait_healthy([self.router], timeout)
+        self.wait_healthy([self.router], timeout)
 
     def wait_registered(self, children: list[Child], timeout: float = 60.0) -> None:
         client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2.0)
@@ -248,7 +248,7 @@ class LocalStack:
         finally:
             client.close()
 
-    def _wait_healthy(self, children: list[Child], timeout: float) -> None:
+    def wait_healthy(self, children: list[Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = list(children)
         while pending:

@@ -194,8 +194,10 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 metrics.KV_FALLBACKS.inc()
         else:
             record.remote_prefill = False
-            record.decode_cached_tokens = out.num_cached_tokens
-            record.decode_computed_prompt_tokens = prompt_tokens - out.num_cached_tokens
+            # A resumed request's cache hits may reach into the output it brought along: count the prompt's only.
+            cached = min(out.num_cached_tokens, prompt_tokens)
+            record.decode_cached_tokens = cached
+            record.decode_computed_prompt_tokens = prompt_tokens - cached
         response.usage.prompt_tokens = prompt_tokens
         response.usage.cached_tokens = record.decode_cached_tokens + record.prefill_cached_tokens
         response.disaggregation.CopyFrom(record)
