@@ -1,6 +1,7 @@
 """An engine step that raises (issue #25): every in-flight stream fails at once with
-EngineDeadError (UNAVAILABLE: the router may move it), `death()` resolves so the worker goes
-NOT_SERVING and exits, and new requests fail fast. The fault is a monkeypatched step."""
+EngineFailedError (INTERNAL: the router may move it), `death()` resolves so the worker goes
+NOT_SERVING and exits, and new requests fail fast with EngineDeadError (UNAVAILABLE). The fault
+is a monkeypatched step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import pytest
 
 from services.engine import AsyncEngine, SamplingParams
-from services.engine.errors import EngineDeadError
+from services.engine.errors import EngineDeadError, EngineFailedError
 from tests.conftest import make_llm
 
 PARAMS = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
@@ -39,7 +40,7 @@ def test_a_raising_step_fails_every_stream_resolves_death_and_refuses_new_reques
             try:
                 async for _ in engine.generate(list(range(10 + i, 30 + i)), PARAMS):
                     started.set()
-            except EngineDeadError as e:
+            except (EngineDeadError, EngineFailedError) as e:
                 return type(e).__name__
             return "finished"
 
@@ -53,7 +54,7 @@ def test_a_raising_step_fails_every_stream_resolves_death_and_refuses_new_reques
         return outcomes, cause, loop.time() - t0
 
     outcomes, cause, refused_after = asyncio.run(main())
-    assert outcomes == ["EngineDeadError"] * 8
+    assert outcomes == ["EngineFailedError"] * 8  # their own failure: INTERNAL (the router may migrate them)
     assert isinstance(cause, RuntimeError) and "injected" in str(cause)
-    assert EngineDeadError.grpc_status == "UNAVAILABLE"
+    assert EngineFailedError.grpc_status == "INTERNAL" and EngineDeadError.grpc_status == "UNAVAILABLE"
     print(f"\nnew request refused in {refused_after * 1000:.1f} ms")
