@@ -7,7 +7,8 @@ long recovery took. Waits poll with generous timeouts; no duration is asserted.
 One stack serves the module, faults in this order (each leaves the stack able to serve):
 
     router (--migration-limit 2, --decode-stall-timeout 3) -> decode-0, decode-1 -> prefill-0
-    decode SIGSTOP + SIGCONT | decode SIGKILL | poison | prefill SIGSTOP + SIGCONT | prefill SIGKILL
+    decode SIGSTOP + SIGCONT | decode SIGKILL | poison | prefill SIGSTOP + SIGCONT | prefill SIGKILL |
+    decode SIGTERM (drain) | an engine step that raises
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def stack(tmp_path_factory, fault_dir):
     s = LocalStack(MODEL, num_prefill=1, num_decode=2, log_dir=tmp_path_factory.mktemp("faults"),
                    router_argv=["--migration-limit", str(MIGRATION_LIMIT), "--decode-stall-timeout", str(STALL_S),
                                 "--prefill-backlog", "64"],
-                   decode_argv=["--kv-progress-timeout", "3", "--kv-pull-timeout", "30"])
+                   decode_argv=["--kv-progress-timeout", "3", "--kv-pull-timeout", "30", "--grace", "1"])
     for decode in s.decodes:  # the poison (tests/faults/sitecustomize.py) reaches the decode workers only
         decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])
         decode.extra_env["PDSERVE_FAULT_DIR"] = str(fault_dir)  # engine faults on request (tests/engine_faults)
@@ -307,14 +308,37 @@ def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference
     wait_pools_full(decodes)
 
 
-def test_an_engine_step_that_raises_loses_no_stream_with_two_decodes(stack, router, reference, fault_dir):
-    """Last in the file: the worker whose engine failed exits (nothing here restarts it)."""
-    for worker in [*stack.prefills, *stack.decodes]:  # those SIGKILLed above come back, as a supervisor would bring them
+def bring_back(stack: LocalStack) -> None:
+    """Restart the workers a case killed or stopped, as a supervisor would, and wait until routable."""
+    for worker in [*stack.prefills, *stack.decodes]:
         if not worker.alive():
             worker.start(stack.env)
             stack.wait_healthy([worker], timeout=120)
     stack.wait_registered([*stack.prefills, *stack.decodes], timeout=120)
     wait_routable(stack, decodes=2)
+
+
+def test_sigterm_to_a_decode_worker_under_load_loses_nothing(stack, router, reference):
+    """Drain with two decode instances: streams that fit in the worker's grace finish there, the
+    rest end UNAVAILABLE at the end of the grace and move to the other instance."""
+    bring_back(stack)
+    before = router_metric(stack, "pdserve:request_migrations_total")
+    load = Load(router, workload(6, long=True))
+    load.wait_tokens(2, of_streams=STREAMS // 2)
+    victim = busiest(stack.decodes)
+    in_flight = load_of(victim).requests
+    fault_at = time.monotonic()
+    victim.proc.send_signal(signal.SIGTERM)
+    streams = load.join()
+    migrations = router_metric(stack, "pdserve:request_migrations_total") - before
+    report(f"decode SIGTERM ({in_flight} requests on it)", streams, fault_at, migrations)
+    assert lost(streams, reference) == []
+    assert victim.proc.wait(60) == 0  # a drain is a clean exit
+
+
+def test_an_engine_step_that_raises_loses_no_stream_with_two_decodes(stack, router, reference, fault_dir):
+    """Last in the file: the worker whose engine failed exits (nothing here restarts it)."""
+    bring_back(stack)
     before = router_metric(stack, "pdserve:request_migrations_total")
     load = Load(router, workload(5))
     load.wait_tokens(2, of_streams=STREAMS // 2)
