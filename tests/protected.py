@@ -11,16 +11,16 @@ import http.client
 import json
 import secrets
 import ssl
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.cli.client import RemoteResult
-from services.cli.stack import Child, LocalStack
+from services.cli.stack import LocalStack
 from services.rpc.security import make_server_cert
+from tests.test_services import wait_all_free
 
 MAX_MODEL_LEN = 512
 MAX_SEQS = 2  # running per decode worker
@@ -116,22 +116,8 @@ def stream(channel: grpc.Channel, request: router_pb2.GenerateRequest, metadata=
     return result
 
 
-def worker_load(child: Child) -> worker_pb2.LoadResponse:
-    with child.channel() as channel:
-        stub = worker_pb2_grpc.PrefillWorkerStub if child.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-        return stub(channel).GetLoad(worker_pb2.LoadRequest(), timeout=5)
-
-
 def wait_pools_full(stack: LocalStack, timeout: float = 30.0) -> None:
-    """Every worker holds no request and every KV block is free (cached-but-free counts as free)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        loads = [worker_load(c) for c in [*stack.prefills, *stack.decodes]]
-        if all(load.requests == 0 and load.free_kv_blocks == load.total_kv_blocks for load in loads):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"blocks or requests still held: {loads}")
-        time.sleep(0.05)
+    wait_all_free(stack, timeout)
 
 
 def assert_still_serving(stack: LocalStack, channel: grpc.Channel) -> None:

@@ -25,13 +25,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdserve.v1 import router_pb2, router_pb2_grpc
 from services.cli.client import RemoteResult
 from services.cli.stack import Child, LocalStack
 from services.engine import SamplingParams
 from services.rpc.convert import params_to_proto
 from tests.conftest import make_llm
 from tests.faults.poison import POISON
+from tests.test_services import wait_workers_free, worker_load
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -177,23 +178,6 @@ def router_metric(stack: LocalStack, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
 
 
-def load_of(child: Child) -> worker_pb2.LoadResponse:
-    stub = worker_pb2_grpc.PrefillWorkerStub if child.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-    with child.channel() as channel:
-        return stub(channel).GetLoad(worker_pb2.LoadRequest(), timeout=5)
-
-
-def wait_pools_full(workers: list[Child], timeout: float = 60.0) -> None:
-    """Every worker holds no request and every KV block is free (cached-but-free counts as free)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        loads = [load_of(c) for c in workers]
-        if all(x.requests == 0 and x.free_kv_blocks == x.total_kv_blocks for x in loads):
-            return
-        assert time.monotonic() < deadline, f"blocks or requests still held: {loads}"
-        time.sleep(0.1)
-
-
 def wait_routable(stack: LocalStack, decodes: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while router_metric(stack, 'pdserve:registry_instances{role="decode"}') != decodes:
@@ -202,7 +186,7 @@ def wait_routable(stack: LocalStack, decodes: int, timeout: float = 60.0) -> Non
 
 
 def busiest(decodes: list[Child]) -> Child:
-    return max(decodes, key=lambda c: load_of(c).requests)
+    return max(decodes, key=lambda c: worker_load(c).requests)
 
 
 def report(case: str, streams: list[Stream], fault_at: float, migrations: float) -> None:
@@ -231,27 +215,36 @@ def test_a_frozen_decode_stalls_out_and_its_streams_finish_elsewhere(stack, rout
     assert migrations >= 1
     assert all(victim.instance_id in s.result.disaggregation.decode_instances[:-1]
                for s in streams if len(s.result.disaggregation.decode_instances) > 1)
-    wait_pools_full([*stack.prefills, *stack.decodes])  # the thawed decode aborts what the router cancelled
+    wait_workers_free([*stack.prefills, *stack.decodes], timeout=60)  # the thawed decode aborts what the router cancelled
     wait_routable(stack, 2)
 
 
-def test_a_killed_decode_loses_no_stream(stack, router, reference):
+def fault_on_the_busiest_decode(stack: LocalStack, router, reference, offset: int, what: str, fault,
+                                long: bool = False) -> tuple[Child, list[Stream], float]:
+    """Under a load of STREAMS requests, `fault(victim)` on the decode worker holding the most of
+    them; waits for every stream, reports, asserts none was lost. Returns the victim, the
+    streams and how many migrations the router made."""
     before = router_metric(stack, "pdserve:request_migrations_total")
-    load = Load(router, workload(1))
+    load = Load(router, workload(offset, long=long))
     load.wait_tokens(2, of_streams=STREAMS // 2)
     victim = busiest(stack.decodes)
-    in_flight = load_of(victim).requests
+    in_flight = worker_load(victim).requests
     fault_at = time.monotonic()
-    victim.proc.kill()
+    fault(victim)
     streams = load.join()
     migrations = router_metric(stack, "pdserve:request_migrations_total") - before
-    report(f"decode SIGKILL ({in_flight} requests on it)", streams, fault_at, migrations)
+    report(f"{what} ({in_flight} requests on it)", streams, fault_at, migrations)
     assert lost(streams, reference) == []
+    return victim, streams, migrations
+
+
+def test_a_killed_decode_loses_no_stream(stack, router, reference):
+    victim, streams, migrations = fault_on_the_busiest_decode(stack, router, reference, 1, "decode SIGKILL",
+                                                              lambda victim: victim.proc.kill())
     assert migrations >= 1
     moved = [s for s in streams if len(s.result.disaggregation.decode_instances) > 1]
     assert moved and all(s.result.disaggregation.decode_instances[0] == victim.instance_id for s in moved)
-    assert moved
-    wait_pools_full([*stack.prefills, *(d for d in stack.decodes if d.alive())])
+    wait_workers_free([*stack.prefills, *(d for d in stack.decodes if d.alive())], timeout=60)
 
 
 def test_a_poison_request_fails_after_the_migration_limit_and_others_are_unaffected(stack, router, reference):
@@ -265,7 +258,7 @@ def test_a_poison_request_fails_after_the_migration_limit_and_others_are_unaffec
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"after {MIGRATION_LIMIT + 1} attempts" in failure.value.details()
     assert lost(streams, reference) == []
-    wait_pools_full([*stack.prefills, *(d for d in stack.decodes if d.alive())])
+    wait_workers_free([*stack.prefills, *(d for d in stack.decodes if d.alive())], timeout=60)
 
 
 # ---- prefill workers -----------------------------------------------------------------------
@@ -288,7 +281,7 @@ def test_a_frozen_prefill_times_out_and_decode_computes_the_prompts(stack, route
     report(f"prefill SIGSTOP ({remote_fallbacks(streams)} prompts recomputed by decode)", streams, fault_at, 0)
     assert lost(streams, reference) == []
     assert remote_fallbacks(streams) >= 1
-    wait_pools_full([prefill, *(d for d in stack.decodes if d.alive())])  # prefill's holds are released
+    wait_workers_free([prefill, *(d for d in stack.decodes if d.alive())], timeout=60)  # prefill's holds are released
 
 
 def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference):
@@ -297,7 +290,7 @@ def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference
     prefill.proc.send_signal(signal.SIGSTOP)  # hold every transfer open, then kill it mid-way
     load = Load(router, workload(4, long=True))
     deadline = time.monotonic() + 30
-    while not any(load_of(d).waiting for d in decodes) and time.monotonic() < deadline:
+    while not any(worker_load(d).waiting for d in decodes) and time.monotonic() < deadline:
         time.sleep(0.01)
     fault_at = time.monotonic()
     prefill.proc.kill()
@@ -305,7 +298,7 @@ def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference
     report(f"prefill SIGKILL ({remote_fallbacks(streams)} prompts recomputed by decode)", streams, fault_at, 0)
     assert lost(streams, reference) == []
     assert remote_fallbacks(streams) >= 1
-    wait_pools_full(decodes)
+    wait_workers_free(decodes, timeout=60)
 
 
 def bring_back(stack: LocalStack) -> None:
@@ -322,34 +315,17 @@ def test_sigterm_to_a_decode_worker_under_load_loses_nothing(stack, router, refe
     """Drain with two decode instances: streams that fit in the worker's grace finish there, the
     rest end UNAVAILABLE at the end of the grace and move to the other instance."""
     bring_back(stack)
-    before = router_metric(stack, "pdserve:request_migrations_total")
-    load = Load(router, workload(6, long=True))
-    load.wait_tokens(2, of_streams=STREAMS // 2)
-    victim = busiest(stack.decodes)
-    in_flight = load_of(victim).requests
-    fault_at = time.monotonic()
-    victim.proc.send_signal(signal.SIGTERM)
-    streams = load.join()
-    migrations = router_metric(stack, "pdserve:request_migrations_total") - before
-    report(f"decode SIGTERM ({in_flight} requests on it)", streams, fault_at, migrations)
-    assert lost(streams, reference) == []
+    victim, _, _ = fault_on_the_busiest_decode(stack, router, reference, 6, "decode SIGTERM",
+                                               lambda victim: victim.proc.send_signal(signal.SIGTERM), long=True)
     assert victim.proc.wait(60) == 0  # a drain is a clean exit
 
 
 def test_an_engine_step_that_raises_loses_no_stream_with_two_decodes(stack, router, reference, fault_dir):
     """Last in the file: the worker whose engine failed exits (nothing here restarts it)."""
     bring_back(stack)
-    before = router_metric(stack, "pdserve:request_migrations_total")
-    load = Load(router, workload(5))
-    load.wait_tokens(2, of_streams=STREAMS // 2)
-    victim = busiest(stack.decodes)
-    in_flight = load_of(victim).requests
-    fault_at = time.monotonic()
-    (fault_dir / f"step-raises.{victim.instance_id}").touch()
-    streams = load.join()
-    migrations = router_metric(stack, "pdserve:request_migrations_total") - before
-    report(f"engine step raises ({in_flight} requests on it)", streams, fault_at, migrations)
-    assert lost(streams, reference) == []
+    raise_next_step = lambda victim: (fault_dir / f"step-raises.{victim.instance_id}").touch()  # noqa: E731
+    victim, _, migrations = fault_on_the_busiest_decode(stack, router, reference, 5, "engine step raises",
+                                                        raise_next_step)
     assert migrations >= 1
     assert victim.proc.wait(30) == 1  # it went down for its supervisor to restart it
-    wait_pools_full([*stack.prefills, *(d for d in stack.decodes if d.alive())])
+    wait_workers_free([*stack.prefills, *(d for d in stack.decodes if d.alive())], timeout=60)

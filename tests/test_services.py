@@ -79,17 +79,25 @@ def generate(router, prompt, params: SamplingParams = GREEDY, timeout=60, **kw) 
     return result
 
 
-def wait_all_free(stack: LocalStack, timeout: float = 10.0) -> None:
-    """Every worker holds no request and no KV block (cached-but-free blocks count as free)."""
+def worker_load(child: Child) -> worker_pb2.LoadResponse:
+    return worker_stub(child, child.role).GetLoad(worker_pb2.LoadRequest(), timeout=5)
+
+
+def wait_workers_free(workers: list[Child], timeout: float = 10.0) -> None:
+    """Each of `workers` holds no request and no KV block (cached-but-free blocks count as free)."""
     deadline = time.monotonic() + timeout
     while True:
-        loads = [worker_stub(c, c.role).GetLoad(worker_pb2.LoadRequest(), timeout=5)
-                 for c in [*stack.prefills, *stack.decodes]]
+        loads = [worker_load(c) for c in workers]
         if all(load.requests == 0 and load.free_kv_blocks == load.total_kv_blocks for load in loads):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"blocks or requests still held: {loads}")
         time.sleep(0.05)
+
+
+def wait_all_free(stack: LocalStack, timeout: float = 10.0) -> None:
+    """Every worker of the stack holds no request and no KV block."""
+    wait_workers_free([*stack.prefills, *stack.decodes], timeout)
 
 
 def expected_tokens(reference, prompt, params=GREEDY) -> list[list[int]]:
