@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.cli.placement import Placement, PlacementFn, gpu_per_worker
 from services.fleet import schema
 from services.fleet.redis_server import RedisServer
-from services.rpc.security import TLSFiles, internal_sync_channel, make_internal_certs
+from services.rpc.security import TLSFiles, internal_sync_channel, make_internal_certs, read_key_file
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -192,9 +192,7 @@ class LocalStack:
         from services.cli.serve import router_argv, worker_argv
 
         placement = gpu_per_worker(args.gpus, args.prefill, args.decode) if args.gpus else None
-        keys = list(args.api_key)
-        if args.api_key_file:
-            keys += [k for k in args.api_key_file.read_text().splitlines() if k.strip() and not k.startswith("#")]
+        keys = [*args.api_key, *(read_key_file(args.api_key_file) if args.api_key_file else [])]
         # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,

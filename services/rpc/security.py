@@ -117,9 +117,15 @@ class ApiKeys:
         """--api-key (repeated), the lines of --api-key-file (# comments) and $PDSERVE_API_KEY."""
         gathered = list(keys)
         if key_file is not None:
-            gathered += [line for line in key_file.read_text().splitlines() if not line.lstrip().startswith("#")]
+            gathered += read_key_file(key_file)
         gathered.append(environ.get("PDSERVE_API_KEY", ""))
         return cls(gathered)
+
+
+def read_key_file(path: Path) -> list[str]:
+    """The keys of an --api-key-file: one per line; blank lines and # comments skipped."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 # ---- making certificates --------------------------------------------------------------------------
