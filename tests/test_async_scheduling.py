@@ -222,11 +222,35 @@ def test_plain_decodes_stay_in_flight_and_read_their_input_on_the_device():
 def test_a_step_the_host_must_see_is_read_back_at_once():
     llm = make(async_scheduling=True)
     engine = llm.engine
-    engine.add_request(PROMPTS[1], greedy(6, logprobs=1))
+    engine.add_request(PROMPTS[1], SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=6))  # forks
     engine.step()
     assert not engine.has_step_in_flight
     while engine.has_unfinished():
         engine.step()
+    assert_all_free(llm)
+
+
+def test_logprobs_stay_in_flight_and_match_synchronous_steps():
+    """Logprobs come back with the step's tokens: the step is not read back at once, and the
+    values are those of synchronous steps."""
+    params = [greedy(8, logprobs=3), SamplingParams(temperature=0.7, seed=5, max_tokens=8, ignore_eos=True, logprobs=2)]
+    expected = make(async_scheduling=False).generate(PROMPTS[:2], params)
+    llm = make(async_scheduling=True)
+    engine = llm.engine
+    ids = [engine.add_request(p, sp).request_id for p, sp in zip(PROMPTS[:2], params, strict=True)]
+    engine.step()
+    assert engine.has_step_in_flight
+    done = {}
+    while engine.has_unfinished():
+        done.update({r.request_id: r for r in engine.step() if r.finished})
+    for request_id, reference in zip(ids, expected, strict=True):
+        got, want = done[request_id].seqs[0], reference.outputs[0]
+        assert got.output_token_ids == want.token_ids
+        assert len(got.logprobs) == len(want.logprobs) == 8
+        for ours, theirs in zip(got.logprobs, want.logprobs, strict=True):
+            assert sorted(ours) == sorted(theirs)
+            assert all(abs(ours[t].logprob - theirs[t].logprob) < 1e-4 and ours[t].rank == theirs[t].rank
+                       for t in ours)
     assert_all_free(llm)
 
 

@@ -15,7 +15,7 @@ Step N+1 decodes N's tokens straight from the device (PENDING_TOKEN placeholders
 run when a token is read back, one step late: a sequence that stopped at step N has computed
 one token more in N+1, which is dropped with its blocks (the device runs steps in order, so
 nothing reuses those blocks before N+1 is done). A step whose tokens the host must see before
-planning the next one (SampleSpec.sync: forks, grammars, logprobs, KV export) is
+planning the next one (SampleSpec.sync: forks, grammars, KV export) is
 read back at once, so those requests behave exactly as without async scheduling.
 
 Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thread.

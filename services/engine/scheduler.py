@@ -46,8 +46,9 @@ class SampleSpec:
     token_ids: list[int]  # prompt + output so far; a read-only view (penalties' first step, seeds' positions)
     grammar: GrammarState | None = None  # structured output: the sequence's grammar state, read-only here
     # The host needs this token before the next step is planned: it forks the request, moves
-    # a grammar, returns logprobs, or ends a prefill-only request. Such a step is read back at
-    # once instead of staying in flight. (Penalties count output tokens on the device: no sync.)
+    # a grammar, or ends a prefill-only request. Such a step is read back at once instead of
+    # staying in flight. (Penalties count output tokens on the device, and logprobs travel
+    # back with the step's tokens: neither syncs.)
     sync: bool = False
 
     @property
@@ -310,8 +311,7 @@ class Scheduler:
                     num_prompt_tokens=request.num_prompt_tokens,
                     token_ids=seq.token_ids,
                     grammar=seq.grammar,
-                    sync=(fork or seq.grammar is not None or params.logprobs is not None
-                          or request.kv_export is not None),
+                    sync=fork or seq.grammar is not None or request.kv_export is not None,
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample
