@@ -6,7 +6,11 @@ import argparse
 import logging
 import sys
 
-from services.cli import bench, generate, serve
+from services.engine.openmp import prefer_short_spins
+
+prefer_short_spins()  # before a subcommand loads torch (services/engine/openmp.py says why)
+
+from services.cli import bench, generate, serve  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from services.engine.openmp import prefer_short_spins
+
+prefer_short_spins()  # before anything here imports torch (openmp.py says why)
+
 _EXPORTS = {
     "LLM": "llm",
     "AsyncEngine": "async_engine",
