@@ -1,4 +1,5 @@
-"""The serving benchmark: an open-loop gRPC client with Poisson arrivals at each rate.
+"""The serving benchmark: Poisson arrivals at each rate (open loop) or a fixed number of
+requests in flight (closed loop), from one or several client processes (loadtest/clients.py).
 
     result = run_benchmark("127.0.0.1:50051", make_workload("long-short"), rates=[0.5, 1, 2],
                            duration=60, slo=SLO(ttft_ms=2000, tpot_ms=200))
@@ -12,26 +13,33 @@ prefixes, by design) and its own arrival times; the same seed gives the same req
 stacks measured with the same arguments see identical traffic. All it needs is the router's
 address. After the last arrival it waits for every request to end (each has a deadline of
 `request_timeout` seconds; one that runs out counts as failed with DEADLINE_EXCEEDED).
+
+Closed loop (`concurrencies`): each of C slots sends its next request as soon as its last one
+ends, until `duration` has passed; the way to find the service's saturation throughput
+without an ever-growing queue. `clients=N` deals every level over N client processes; each
+summary lists every client's CPU use (`clients`, `saturated_clients`): a client above 85% of a
+core measured itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
-from loadtest.request import DEFAULT_SAMPLING, SLO, RequestRecord, StreamTimer, to_request
-from loadtest.stats import summarize
-from loadtest.workloads import RequestSpec, Workload, params_of, poisson_arrivals, specs
-from pdserve.v1 import router_pb2_grpc
+from loadtest.clients import (
+    ClientError, ClientPool, Level, Outcome, Target, level_seeds, make_sender, measured_share, warm_up,
+)
+from loadtest.request import DEFAULT_SAMPLING, SLO, RequestRecord
+from loadtest.stats import summarize, tokens_before
+from loadtest.workloads import Workload, params_of, poisson_arrivals
 from services.engine.sampling_params import SamplingParams
-from services.rpc.server import CHANNEL_OPTIONS
+
 
 class BenchmarkError(RuntimeError):
     """The benchmark cannot run (the warm-up request failed)."""
@@ -85,76 +93,85 @@ def run_benchmark(
     warmup: int = 1,
     request_timeout: float = 600.0,
     progress: bool = True,
+    clients: int = 1,
+    concurrencies: list[int] = (),
+    protocol: str = "grpc",
+    model: str = "",
 ) -> BenchResult:
-    """Run every rate (requests/s) for `duration` seconds of arrivals against the router at
-    `url`, after `warmup` unmeasured requests drawn from the workload."""
-    return asyncio.run(benchmark(url, workload, rates, duration, slo, sampling=sampling, seed=seed,
-                                 warmup=warmup, request_timeout=request_timeout, progress=progress))
-
-
-async def benchmark(
-    url: str, workload: Workload, rates: list[float], duration: float, slo: SLO = SLO(), *,
-    sampling: SamplingParams = DEFAULT_SAMPLING, seed: int = 0, warmup: int = 1,
-    request_timeout: float = 600.0, progress: bool = True,
-) -> BenchResult:
-    """`run_benchmark` for callers already inside an event loop."""
-    if not rates or any(r <= 0 for r in rates) or duration <= 0:
-        raise ValueError(f"rates and duration must be > 0, got {rates}, {duration}")
+    """Run every rate (requests/s, open loop), then every concurrency (closed loop), for
+    `duration` seconds of sending each against the router at `url`, after `warmup` unmeasured
+    requests drawn from the workload. `clients` > 1 spreads each level over that many client
+    processes (loadtest/clients.py); each summary says how busy every client was.
+    `protocol` "openai" sends /v1/completions streams to `url` = http://HOST:PORT, naming `model`."""
+    levels = _levels(rates, concurrencies, duration)
+    target = Target(url, protocol, sampling, request_timeout, model)
     config = {
-        "url": url, "workload": workload.name, "workload_params": params_of(workload), "rates": list(rates),
-        "duration_s": duration, "slo": asdict(slo), "seed": seed, "warmup": warmup,
+        "url": url, "protocol": protocol, "workload": workload.name, "workload_params": params_of(workload),
+        "rates": list(rates), "concurrencies": list(concurrencies), "duration_s": duration, "slo": asdict(slo),
+        "seed": seed, "warmup": warmup, "clients": clients,
         "sampling": {k: v for k, v in asdict(sampling).items() if k != "max_tokens"},
     }
+    if clients == 1:
+        results = asyncio.run(_in_process(target, workload, levels, slo, seed, warmup, progress))
+        return BenchResult(config, results)
     results = []
-    async with grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        for spec in itertools.islice(specs(workload, f"warmup:{seed}"), warmup):
-            record = await _one(stub, spec, sampling, 0.0, request_timeout)
-            if not record.ok:
-                raise BenchmarkError(f"warm-up request failed with {record.error}; is a router serving at {url}?")
-        for index, rate in enumerate(rates):
-            requests = specs(workload, f"rate:{seed}:{index}")
-            arrivals = poisson_arrivals(rate, duration, random.Random(f"arrivals:{seed}:{index}"))
-            records, elapsed = await _run_rate(stub, requests, arrivals, sampling, request_timeout,
-                                               _bar(progress, len(arrivals), rate))
-            summary = {"rate": rate, "arrival_rate": round(len(arrivals) / duration, 4),
-                       **summarize(records, elapsed, slo)}
-            results.append(RateResult(rate, summary, records))
+    try:
+        with ClientPool(target, workload, clients, seed, warmup) as pool:
+            for index, level in enumerate(levels):
+                if progress:
+                    print(f"{level.label()}: {clients} client processes, {level.duration:g} s", flush=True)
+                results.append(rate_result(level, pool.run(level, level_seeds(seed, index)), slo))
+    except ClientError as e:
+        raise BenchmarkError(f"{e}; is a router serving at {url}?") from None
     return BenchResult(config, results)
 
 
-async def _run_rate(stub, requests, arrivals: list[float], sampling: SamplingParams, timeout: float,
-                    bar: tqdm) -> tuple[list[RequestRecord], float]:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-
-    async def send(spec: RequestSpec, at: float) -> RequestRecord:
-        record = await _one(stub, spec, sampling, at, timeout)
-        bar.update(1)
-        return record
-
-    tasks = []
-    for spec, at in zip(requests, arrivals):  # requests is endless; arrivals bound it
-        await asyncio.sleep(max(0.0, start + at - loop.time()))
-        tasks.append(asyncio.create_task(send(spec, at)))
-    records = list(await asyncio.gather(*tasks))
-    elapsed = loop.time() - start
-    bar.close()
-    return records, max(elapsed, 1e-9)
+def _levels(rates: list[float], concurrencies: list[int], duration: float) -> list[Level]:
+    if (not rates and not concurrencies) or any(r <= 0 for r in rates) or any(c < 1 for c in concurrencies) \
+            or duration <= 0:
+        raise ValueError(f"rates, concurrencies and duration must be > 0, got {rates}, {concurrencies}, {duration}")
+    return [*(Level(duration, rate=r) for r in rates), *(Level(duration, concurrency=c) for c in concurrencies)]
 
 
-async def _one(stub, spec: RequestSpec, sampling: SamplingParams, at: float, timeout: float) -> RequestRecord:
-    timer = StreamTimer(spec, at)
+async def _in_process(target: Target, workload: Workload, levels: list[Level], slo: SLO, seed: int, warmup: int,
+                      progress: bool) -> list[RateResult]:
+    """One client: this process and its event loop (what `pdserve bench serve` always did)."""
+    sender = make_sender(target)
     try:
-        async for response in stub.Generate(to_request(spec, sampling), timeout=timeout):
-            timer.on_response(response)
-    except grpc.aio.AioRpcError as e:
-        return timer.fail(e.code().name)
-    return timer.finish()
+        try:
+            await warm_up(sender.one, workload, seed, warmup)
+        except ClientError as e:
+            raise BenchmarkError(f"{e}; is a router serving at {target.url}?") from None
+        results = []
+        for index, level in enumerate(levels):
+            total = None if level.closed else len(poisson_arrivals(level.rate, level.duration,
+                                                                    random.Random(level_seeds(seed, index)[1])))
+            bar = tqdm(total=total, desc=level.label() if level.closed else f"rate {level.rate:g}/s", unit="req",
+                       disable=not progress)
+            start = time.monotonic() + 0.01
+            records, end, usage = await measured_share(sender.one, workload, level, level_seeds(seed, index), 0, 1,
+                                                       start, lambda: bar.update(1))
+            bar.close()
+            results.append(rate_result(level, Outcome(records, max(end - start, 1e-9), [usage]), slo))
+        return results
+    finally:
+        await sender.close()
 
 
-def _bar(enabled: bool, total: int, rate: float) -> tqdm:
-    return tqdm(total=total, desc=f"rate {rate:g}/s", unit="req", disable=not enabled)
+def rate_result(level: Level, outcome: Outcome, slo: SLO) -> RateResult:
+    """A level's summary: the usual one (loadtest/stats.py), the level, and the clients' CPU.
+    A closed loop's summary also has its steady throughput: tokens that arrived while the slots
+    were still sending, over `duration` (the drain after it runs at a falling concurrency)."""
+    records, elapsed = outcome.records, outcome.elapsed_s
+    if level.closed:
+        head = {"rate": float(level.concurrency), "concurrency": level.concurrency,
+                "steady_output_throughput": round(tokens_before(records, level.duration) / level.duration, 3)}
+    else:
+        head = {"rate": level.rate, "arrival_rate": round(len(records) / level.duration, 4)}
+    summary = {**head, **summarize(records, elapsed, slo),
+               "clients": [u.to_json() for u in outcome.usage],
+               "saturated_clients": sum(u.saturated for u in outcome.usage)}
+    return RateResult(summary["rate"], summary, records)
 
 
-__all__ = ["BenchResult", "BenchmarkError", "DEFAULT_SAMPLING", "RateResult", "SLO", "benchmark", "run_benchmark"]
+__all__ = ["BenchResult", "BenchmarkError", "DEFAULT_SAMPLING", "RateResult", "SLO", "run_benchmark"]

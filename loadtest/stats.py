@@ -101,8 +101,8 @@ def _kind_summary(records: list[RequestRecord]) -> dict:
 
 
 def table_row(summary: dict, label: str | None = None, kinds: tuple[str, ...] = ()) -> dict:
-    """One printable row of a rate's summary (milliseconds, rounded); `kinds` adds a TTFT p90
-    column per request kind."""
+    """One printable row of a rate's summary (milliseconds, rounded; a closed loop's rate reads
+    c=CONCURRENCY); `kinds` adds a TTFT p90 column per request kind."""
     def ms(d: dict, p: str) -> float | str:
         return "-" if d[p] is None else round(d[p], 1)
 
@@ -111,7 +111,7 @@ def table_row(summary: dict, label: str | None = None, kinds: tuple[str, ...] = 
 
     row = {"system": label} if label is not None else {}
     row |= {
-        "rate": f"{summary['rate']:g}", "done": summary["completed"], "failed": summary["failed"],
+        "rate": f"c={summary['concurrency']}" if "concurrency" in summary else f"{summary['rate']:g}", "done": summary["completed"], "failed": summary["failed"],
         "req/s": round(summary["request_throughput"], 3),
         "goodput": "-" if summary["goodput"] is None else round(summary["goodput"], 3),
         "out tok/s": round(summary["output_throughput"], 1),
@@ -126,3 +126,20 @@ def table_row(summary: dict, label: str | None = None, kinds: tuple[str, ...] = 
     gbps, transfer = summary.get("kv_transfer_gbps"), summary.get("kv_transfer_ms") or {"p50": None}
     row |= {"KV GB/s": "-" if gbps is None else float(f"{gbps:.3g}"), "KV ms p50": ms(transfer, "p50")}
     return row
+
+
+def tokens_before(records: list[RequestRecord], until_s: float) -> float:
+    """Output tokens that arrived within `until_s` of the level's start. A record keeps its
+    send time (arrival_s), TTFT and the gaps between its token-carrying messages, which gives
+    each message's time; its tokens are spread evenly over its messages (one each today)."""
+    total = 0.0
+    for r in records:
+        if r.ttft_s is None or not r.output_tokens:
+            continue
+        per_message = r.output_tokens / (len(r.itl_s) + 1)
+        at = r.arrival_s + r.ttft_s
+        total += per_message * (at <= until_s)
+        for gap in r.itl_s:
+            at += gap
+            total += per_message * (at <= until_s)
+    return total

@@ -361,3 +361,96 @@ def test_bench_routing_keeps_each_tenant_home_under_prefix_and_writes_its_sectio
     assert 0.7 <= prefix_hits <= 0.8 and rr_hits < prefix_hits
     text = record.read_text()
     assert "<!-- bench_routing:begin -->" in text and "| prefix | 3 |" in text and "| round_robin | 3 |" in text
+
+
+# --- several client processes (loadtest/clients.py, `pdserve bench serve --clients N`) -------
+
+def test_clients_deal_requests_round_robin_and_split_closed_loop_slots():
+    from loadtest import clients
+
+    assert [list(clients.share(iter(range(10)), k, 3)) for k in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [clients.slots(7, k, 3) for k in range(3)] == [3, 2, 2]
+    assert [clients.slots(2, k, 3) for k in range(3)] == [1, 1, 0]
+    with pytest.raises(ValueError):
+        clients.Level(10.0, rate=1.0, concurrency=4)
+
+
+def test_steady_tokens_count_the_messages_that_arrived_within_the_window():
+    from loadtest.stats import tokens_before
+
+    # Messages at 1.5, 2.0, 2.5 (2 tokens each) and at 0.5, 3.5 (1 token each); a failure counts nothing.
+    records = [RequestRecord("a", output_tokens=6, arrival_s=1.0, ttft_s=0.5, e2e_s=2.0, itl_s=[0.5, 0.5]),
+               RequestRecord("a", output_tokens=2, arrival_s=0.0, ttft_s=0.5, e2e_s=4.0, itl_s=[3.0]),
+               RequestRecord("a", output_tokens=3, arrival_s=0.0, error="UNAVAILABLE")]
+    assert tokens_before(records, 2.0) == 5.0
+    assert tokens_before(records, 10.0) == 8.0
+
+
+def test_a_client_process_above_85_percent_of_a_core_is_named_as_saturated():
+    from loadtest.clients import ClientUsage
+    from services.cli.bench import client_report
+
+    usage = [ClientUsage(0, cpu_s=4.5, wall_s=10.0), ClientUsage(1, cpu_s=9.0, wall_s=10.0)]
+    assert [u.saturated for u in usage] == [False, True]
+    lines = client_report({"rate": 2.0, "clients": [u.to_json() for u in usage]})
+    assert lines[0] == "rate 2: client CPU #0 45%, #1 90% of a core"
+    assert lines[1:] == ["warning: client process #1 used 90% of a core: it was saturated, so these numbers "
+                         "measure the client; run with more --clients"]
+
+
+def test_process_tree_names_a_childs_children_after_it_and_counts_their_cpu(tmp_path):
+    from loadtest.proc_cpu import MachineCpu, ProcessTree
+
+    child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        for _ in range(100):
+            tree = ProcessTree.snapshot(os.getpid())
+            if any(comm == "sleep" for comm, parent, _ in tree.procs.values() if parent == child.pid):
+                break
+        names = {tree.name(pid, {child.pid: "worker"}) for pid in tree.procs}
+        assert {"worker", "worker/sleep"} <= names
+        assert all(seconds >= 0 for seconds in tree.since(tree).values())
+        assert MachineCpu.read().total > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_bench_serve_spreads_an_open_and_a_closed_loop_over_two_client_processes(stack, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*PDSERVE, "bench", "serve", "--url", stack.router_address, "--workload", "fixed",
+         "--workload-params", "input_len=16,output_len=4", "--rates", "8", "--concurrency", "3", "--duration", "2",
+         "--clients", "2", "--seed", "5", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["clients"] == 2
+    open_loop, closed_loop = (r["summary"] for r in data["rates"])
+    # Two clients send what one would: every arrival of the seeded open loop, once.
+    assert open_loop["requests"] == len(poisson_arrivals(8.0, 2.0, random.Random("arrivals:5:0")))
+    assert closed_loop["concurrency"] == 3 and closed_loop["requests"] >= 3
+    assert closed_loop["steady_output_throughput"] > 0
+    for s in (open_loop, closed_loop):
+        assert s["failed"] == 0 and s["output_tokens"] == 4 * s["completed"]
+        assert [c["index"] for c in s["clients"]] == [0, 1]
+        assert all(0 < c["cpu_s"] and 0 < c["wall_s"] and isinstance(c["saturated"], bool) for c in s["clients"])
+    assert "| c=3 |" in proc.stdout and "c=3: client CPU #0 " in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_client_processes_stream_openai_completions_and_count_every_chunk(stack):
+    import urllib.request
+
+    from loadtest.benchmark import run_benchmark
+
+    http = f"http://127.0.0.1:{stack.http_port}"
+    with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as reply:
+        model = json.load(reply)["data"][0]["id"]
+    result = run_benchmark(http, Fixed(input_len=16, output_len=5), [], 1.5, concurrencies=[2], clients=2,
+                           protocol="openai", model=model, progress=False, seed=3)
+    records, summary = result.rates[0].records, result.rates[0].summary
+    assert summary["failed"] == 0 and len(records) >= 2
+    assert all(r.output_tokens == 5 and r.prompt_tokens == 16 and len(r.itl_s) <= 4 for r in records)
+    assert len(summary["clients"]) == 2

@@ -67,8 +67,9 @@ def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
     from loadtest.workloads import WORKLOADS, describe
 
     srv = bench_sub.add_parser(
-        "serve", help="open-loop serving benchmark against a router: TTFT/TPOT/ITL/e2e, throughput, goodput",
-        description="Poisson arrivals at each rate; writes results.json and PNG plots into --out.\n\n"
+        "serve", help="serving benchmark against a router: TTFT/TPOT/ITL/e2e, throughput, goodput",
+        description="Poisson arrivals at each rate (open loop), or N requests in flight (--concurrency, closed "
+                    "loop), from one or --clients processes; writes results.json and PNG plots into --out.\n\n"
                     "workloads and their parameters (--workload-params KEY=VALUE,...):\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     srv.add_argument("--url", required=True, help="the router's HOST:PORT")
@@ -76,8 +77,13 @@ def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--workload-params", default="", help="workload parameters KEY=VALUE,... (see above)")
     srv.add_argument("--sampling-params", default="",
                      help="sampling overrides KEY=VALUE,... (default greedy, ignore_eos: exact output lengths)")
-    srv.add_argument("--rates", type=_rates, default=[1.0], help="request rates per second, e.g. 1,2,4")
-    srv.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    srv.add_argument("--rates", type=_rates, help="open loop: request rates per second, e.g. 1,2,4 (default 1)")
+    srv.add_argument("--concurrency", type=_counts, default=[],
+                     help="closed loop: requests in flight, e.g. 64,256 (after any --rates; each its own level)")
+    srv.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (sending) per level")
+    srv.add_argument("--clients", type=int, default=1,
+                     help="client processes that share the load (default 1: this process); each reports its CPU "
+                     "use, and one above 85%% of a core is named: then the numbers measure the client")
     srv.add_argument("--slo-ttft-ms", type=float, help="goodput: time-to-first-token bound")
     srv.add_argument("--slo-tpot-ms", type=float, help="goodput: time-per-output-token bound")
     srv.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
@@ -98,6 +104,27 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"concurrencies must be >= 1: {text!r}")
+    return counts
+
+
+def client_report(summary: dict) -> list[str]:
+    """One line on the clients' CPU use of a level, and a warning per saturated client."""
+    usage = summary["clients"]
+    level = f"c={summary['concurrency']}" if "concurrency" in summary else f"rate {summary['rate']:g}"
+    lines = [f"{level}: client CPU " + ", ".join(f"#{u['index']} {u['cpu_fraction']:.0%}" for u in usage)
+             + " of a core"]
+    lines += [f"warning: client process #{u['index']} used {u['cpu_fraction']:.0%} of a core: it was saturated, so "
+              "these numbers measure the client; run with more --clients" for u in usage if u["saturated"]]
+    return lines
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from loadtest.benchmark import BenchmarkError, run_benchmark
     from loadtest.report import markdown_table
@@ -108,17 +135,26 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         workload = make_workload(args.workload, parse_params(args.workload_params))
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-        result = run_benchmark(args.url, workload, args.rates, args.duration, slo,
+        if args.clients < 1:
+            raise ValueError(f"--clients must be >= 1, got {args.clients}")
+        rates = args.rates if args.rates is not None else ([] if args.concurrency else [1.0])
+        result = run_benchmark(args.url, workload, rates, args.duration, slo,
                                sampling=parse_sampling(args.sampling_params), seed=args.seed, warmup=args.warmup,
-                               request_timeout=args.request_timeout, progress=not args.no_progress)
+                               request_timeout=args.request_timeout, progress=not args.no_progress,
+                               clients=args.clients, concurrencies=args.concurrency)
     except (ValueError, BenchmarkError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
     print(markdown_table([table_row(r.summary) for r in result.rates]))
+    for r in result.rates:
+        print("\n".join(client_report(r.summary)))
     if args.out:
         from loadtest.plots import plot_results
 
         path = result.save(args.out)
+        if args.concurrency:  # the plots' x axis is the offered rate, which a closed loop has not
+            print(f"wrote {path} (no plots: closed-loop levels)")
+            return 0
         plots = plot_results({workload.name: result}, args.out)
         print(f"wrote {path} and {', '.join(p.name for p in plots)}")
     return 0

@@ -1,0 +1,299 @@
+"""Measure first (issue #32): the service's streaming throughput at saturation beside the
+offline engine's, and the CPU every process spends per streamed token.
+
+On the CPU, tiny-llama with dummy weights (default), fixed prompts and output lengths:
+  offline  `pdserve bench offline` (LLM.generate, all prompts at once) in its own process
+  gRPC     `pdserve serve --prefill 0 --decode 1`, the router's Generate under a closed loop
+           of --concurrency streams from --clients client processes (loadtest/clients.py)
+  HTTP     the same stack's /v1/completions, stream=true, same load (SSE chunks counted)
+Every process's CPU seconds during a measured window (router, decode worker, their children,
+Redis, each client) come from /proc (loadtest/proc_cpu.py) and are divided by the tokens
+streamed in that window: microseconds of CPU per streamed token (per SSE chunk for HTTP).
+Each process runs --threads torch threads (OMP_NUM_THREADS), the offline engine too: two
+OpenMP pools spinning on two cores would measure contention. Runs are repeated and
+interleaved (offline, gRPC, HTTP, offline, ...); the tables give every run and the medians,
+with the machine's load, since other people's work shares the cores.
+
+    python loadtest/profile_serve.py [--repeats 2] [--write BENCHMARKS.md --label before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.benchmark import rate_result
+from loadtest.clients import ClientPool, Level, Target, level_seeds
+from loadtest.proc_cpu import MachineCpu, ProcessTree
+from loadtest.report import machine, markdown_table, write_section
+from loadtest.request import DEFAULT_SAMPLING, SLO
+from loadtest.workloads import Fixed
+
+KEY = "profile_serve"
+MODEL_ARGS = "--load-format dummy --preset tiny-llama --max-model-len 512"
+
+
+@dataclass
+class Window:
+    """One measured load level on the stack: what the clients saw and what each process used."""
+
+    protocol: str
+    summary: dict
+    tokens: int  # streamed output tokens
+    messages: int  # token-carrying messages (gRPC responses or SSE chunks) the clients received
+    wall_s: float
+    cpu_s: dict[str, float]  # process name -> CPU seconds in the window
+    busy_cores: float  # the whole machine's, ours and everyone else's
+    load1: float
+
+    def per_token_us(self, name: str) -> float:
+        return self.cpu_s.get(name, 0.0) / max(self.tokens, 1) * 1e6
+
+    def per_message_us(self, name: str) -> float:
+        return self.cpu_s.get(name, 0.0) / max(self.messages, 1) * 1e6
+
+    @property
+    def others_cores(self) -> float:
+        """Cores kept busy by processes that are not ours (other people's work on the machine)."""
+        return max(0.0, self.busy_cores - sum(self.cpu_s.values()) / self.wall_s)
+
+    def group(self, prefix: str) -> float:
+        """CPU seconds of every process whose name starts with `prefix` (a role and its children)."""
+        return sum(cpu for name, cpu in self.cpu_s.items() if name.split("/")[0].startswith(prefix))
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("protocol", "tokens", "messages", "wall_s", "cpu_s", "busy_cores",
+                                              "load1")} | {"summary": self.summary}
+
+
+def measure(pool: ClientPool, level: Level, seeds: tuple[str, str], names: dict[int, str], protocol: str) -> Window:
+    """One level through `pool`, with every descendant process's CPU time around it."""
+    load1 = os.getloadavg()[0]
+    tree0, machine0 = ProcessTree.snapshot(os.getpid()), MachineCpu.read()
+    outcome = pool.run(level, seeds)
+    tree1, machine1 = ProcessTree.snapshot(os.getpid()), MachineCpu.read()
+    wall = outcome.elapsed_s
+    cpu: dict[str, float] = {}
+    for pid, seconds in tree1.since(tree0).items():
+        if seconds > 0:
+            name = tree1.name(pid, names)
+            cpu[name] = cpu.get(name, 0.0) + seconds
+    summary = rate_result(level, outcome, SLO()).summary
+    records = [r for r in outcome.records if r.ttft_s is not None]
+    return Window(protocol, summary, sum(r.output_tokens for r in outcome.records),
+                  sum(len(r.itl_s) + 1 for r in records), wall, cpu, machine1.busy_cores(machine0, wall), load1)
+
+
+def offline(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """`pdserve bench offline` on the same workload, model flags and threads; its JSON line."""
+    n, p, o = args.num_prompts, args.prompt_len, args.output_len
+    argv = [sys.executable, "-m", "services.cli.main", "bench", "offline", *shlex.split(args.model_args),
+            "--num-prompts", str(n), "--min-input", str(p), "--max-input", str(p), "--min-output", str(o),
+            "--max-output", str(o), "--json"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench offline failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "load1": os.getloadavg()[0]}
+
+
+def served_model(http_url: str) -> str:
+    with urllib.request.urlopen(f"{http_url}/v1/models", timeout=30) as reply:
+        return json.load(reply)["data"][0]["id"]
+
+
+def run_all(args: argparse.Namespace) -> dict[str, list]:
+    """The stack and both client pools up for the whole run; per repeat offline, gRPC, HTTP."""
+    from services.cli.stack import LocalStack
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    workload = Fixed(input_len=args.prompt_len, output_len=args.output_len)
+    runs: dict[str, list] = {"offline": [], "grpc": [], "openai": []}
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(shlex.split(args.model_args), num_prefill=0, num_decode=1, env=env, log_dir=args.log_dir,
+                       router_argv=shlex.split(args.router_args))
+    with stack:
+        names = {c.proc.pid: c.instance_id for c in stack.children}
+        http_url = f"http://{stack.host}:{stack.http_port}"
+        grpc_target = Target(stack.router_address, "grpc", DEFAULT_SAMPLING)
+        pools = {"grpc": ClientPool(grpc_target, workload, args.clients, warmup=2)}
+        if not args.no_http:
+            http_target = Target(http_url, "openai", DEFAULT_SAMPLING, model=served_model(http_url))
+            pools["openai"] = ClientPool(http_target, workload, args.clients, warmup=2)
+        try:
+            for protocol, pool in pools.items():
+                pool.start()
+                names |= {pid: f"{protocol}-client-{i}" for i, pid in enumerate(pool.pids)}
+            for r in range(args.repeats):
+                runs["offline"].append(offline(args, env))
+                print(f"run {r}: offline {runs['offline'][-1]['output_tokens_per_s']:,.0f} tok/s", flush=True)
+                for i, (protocol, pool) in enumerate(pools.items()):
+                    level = Level(args.duration, concurrency=args.concurrency)
+                    window = measure(pool, level, level_seeds(args.seed, r * 2 + i), names, protocol)
+                    runs[protocol].append(window)
+                    print(f"run {r}: {protocol} {window.summary['steady_output_throughput']:,.0f} tok/s, router "
+                          f"{window.per_token_us('router'):.0f} us/token", flush=True)
+        finally:
+            for pool in pools.values():
+                pool.close()
+    return runs
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _f(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def grpc_rows(runs: dict[str, list]) -> list[dict]:
+    rows = []
+    for i, (off, w) in enumerate(zip(runs["offline"], runs["grpc"], strict=True)):
+        rows.append(_grpc_row(str(i), off["output_tokens_per_s"], w))
+    if len(rows) > 1:
+        rows.append(_median_row(rows))
+    return rows
+
+
+def _grpc_row(label: str, offline_tps: float, w: Window) -> dict:
+    tps = w.summary["steady_output_throughput"]
+    clients = max((u["cpu_fraction"] for u in w.summary["clients"]), default=0.0)
+    return {"run": label, "load 1m": _f(w.load1, 2), "busy cores": _f(w.busy_cores, 2),
+            "others' cores": _f(w.others_cores, 2),
+            "offline tok/s": _f(offline_tps), "serve tok/s": _f(tps), "serve/offline": _f(tps / offline_tps, 2),
+            "TPOT p50 ms": _f(w.summary["tpot_ms"]["p50"] or 0, 1), "tok/msg": _f(w.tokens / max(w.messages, 1), 2),
+            "router µs/tok": _f(w.group("router") / max(w.tokens, 1) * 1e6),
+            "decode µs/tok": _f(w.group("decode") / max(w.tokens, 1) * 1e6),
+            "clients µs/tok": _f(w.group("grpc-client") / max(w.tokens, 1) * 1e6),
+            "busiest client": f"{clients:.0%}", "failed": w.summary["failed"]}
+
+
+def http_rows(runs: dict[str, list]) -> list[dict]:
+    rows = []
+    for i, (off, w) in enumerate(zip(runs["offline"], runs["openai"], strict=False)):
+        tps = w.summary["steady_output_throughput"]
+        clients = max((u["cpu_fraction"] for u in w.summary["clients"]), default=0.0)
+        rows.append({"run": str(i), "load 1m": _f(w.load1, 2), "busy cores": _f(w.busy_cores, 2),
+                     "others' cores": _f(w.others_cores, 2),
+                     "HTTP tok/s": _f(tps), "HTTP/offline": _f(tps / off["output_tokens_per_s"], 2),
+                     "TPOT p50 ms": _f(w.summary["tpot_ms"]["p50"] or 0, 1),
+                     "tok/chunk": _f(w.tokens / max(w.messages, 1), 2),
+                     "router µs/chunk": _f(w.group("router") / max(w.messages, 1) * 1e6),
+                     "decode µs/tok": _f(w.group("decode") / max(w.tokens, 1) * 1e6),
+                     "clients µs/chunk": _f(w.group("openai-client") / max(w.messages, 1) * 1e6),
+                     "busiest client": f"{clients:.0%}", "failed": w.summary["failed"]})
+    if len(rows) > 1:
+        rows.append(_median_row(rows))
+    return rows
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """Column-wise medians of numeric cells (percentages included)."""
+    out = {}
+    for col in rows[0]:
+        cells = [r[col] for r in rows]
+        try:
+            pct = cells[0].endswith("%") if isinstance(cells[0], str) else False
+            values = [float(str(c).rstrip("%").replace(",", "")) for c in cells]
+        except ValueError:
+            out[col] = "median"
+            continue
+        m = _median(values)
+        digits = max((len(str(c).split(".")[1]) if "." in str(c) else 0) for c in cells)
+        out[col] = f"{m:.0f}%" if pct else _f(m, digits)
+    out["run"] = "median"
+    return out
+
+
+def process_rows(runs: dict[str, list]) -> list[dict]:
+    """Per process: median % of a core and CPU per streamed token (gRPC) or per chunk (HTTP)."""
+    names = sorted({n for p in ("grpc", "openai") for w in runs[p] for n in w.cpu_s})
+    rows = []
+    for name in names:
+        row = {"process": name}
+        for protocol, unit in (("grpc", "µs/tok"), ("openai", "µs/chunk")):
+            windows = runs[protocol]
+            if not windows:
+                continue
+            tag = "gRPC" if protocol == "grpc" else "HTTP"
+            row[f"{tag} % of a core"] = f"{_median([w.cpu_s.get(name, 0.0) / w.wall_s for w in windows]):.0%}"
+            per = [w.per_token_us(name) if protocol == "grpc" else w.per_message_us(name) for w in windows]
+            row[f"{tag} {unit}"] = _f(_median(per))
+        if any(v not in ("0%", "0") for k, v in row.items() if k != "process"):
+            rows.append(row)
+    return rows
+
+
+def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
+    setup = (
+        f"Machine: {machine()}; {os.cpu_count()} cores shared with other sessions (load average and the whole "
+        f"machine's busy cores per run below). Model flags `{args.model_args}`, {args.threads} torch thread(s) per "
+        f"process (OMP_NUM_THREADS), {args.prompt_len}-token prompts (random ids), {args.output_len} output tokens, "
+        f"greedy, ignore_eos. Offline: `pdserve bench offline` with {args.num_prompts} prompts at once. Serve: "
+        f"`pdserve serve --prefill 0 --decode 1` (router flags `{args.router_args}`), closed loop of "
+        f"{args.concurrency} streams for {args.duration:g} s from {args.clients} client process(es); serve tok/s "
+        "counts tokens that arrived while the loop was sending, over that time. CPU: each process's utime+stime "
+        "(/proc) during the window over the tokens streamed in it. Runs interleaved: offline, gRPC, HTTP, repeat. "
+        f"Command: `python loadtest/profile_serve.py --repeats {args.repeats} --concurrency {args.concurrency} "
+        f"--duration {args.duration:g} --clients {args.clients}`" + (f" ({args.label})." if args.label else ".")
+    )
+    parts = [setup, "gRPC (`Generate`):", tables["grpc"]]
+    if "openai" in tables:
+        parts += ["OpenAI HTTP (`/v1/completions`, stream=true; one SSE chunk per token-carrying message):",
+                  tables["openai"]]
+    parts += ["Per process, medians over the runs:", tables["process"]]
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=256, help="closed-loop streams (gRPC and HTTP)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of sending per measured window")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--num-prompts", type=int, default=256, help="offline: prompts submitted at once")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--model-args", default=MODEL_ARGS)
+    parser.add_argument("--router-args", default="", help="extra router flags, e.g. '--router-workers 2'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-http", action="store_true", help="skip the OpenAI HTTP path")
+    parser.add_argument("--log-dir", type=Path)
+    parser.add_argument("--out", type=Path, help="write every run's numbers as JSON here")
+    parser.add_argument("--label", default="", help="names the measured tree (e.g. before, after); with --write "
+                        "the section key becomes profile_serve_LABEL")
+    parser.add_argument("--write", type=Path, help="record the tables in this markdown file (BENCHMARKS.md)")
+    args = parser.parse_args()
+
+    started = time.time()
+    runs = run_all(args)
+    tables = {"grpc": markdown_table(grpc_rows(runs)), "process": markdown_table(process_rows(runs))}
+    if runs["openai"]:
+        tables["openai"] = markdown_table(http_rows(runs))
+    for name, table in tables.items():
+        print(f"\n{name}:\n{table}")
+    print(f"\n{time.time() - started:.0f} s in all")
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                        "offline": runs["offline"],
+                                        **{p: [w.to_json() for w in runs[p]] for p in ("grpc", "openai")}}, indent=1))
+    if args.write:
+        key = f"{KEY}_{args.label}" if args.label else KEY
+        title = "Where the CPU goes at saturation: serve vs the offline engine on the CPU (issue #32)"
+        write_section(args.write, key, title + (f", {args.label}" if args.label else ""), section(args, tables))
+
+
+if __name__ == "__main__":
+    main()
