@@ -3,9 +3,11 @@ API under /v1 (openai_api.py), behind the gate (gate.py: header caps, API keys, 
 
 from __future__ import annotations
 
+import os
 import threading
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,8 +33,10 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, 
             body["redis"] = "up" if redis_up else "down"
         return JSONResponse(body, status_code=200 if decodes else 503)
 
+    scraped = _metrics_registry()
+
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scraped), media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/healthz", healthz), Route("/health", healthz), Route("/ping", healthz), Route("/metrics", metrics)]
     if servicer is not None:
@@ -43,3 +47,13 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, 
         # xgrammar takes seconds to import: not on the first constrained request's time.
         threading.Thread(target=structured_output.preload, name="xgrammar-import", daemon=True).start()
     return gate.wrap(Starlette(routes=routes))
+
+
+def _metrics_registry() -> CollectorRegistry:
+    """This process's metrics, or, under --router-workers (PROMETHEUS_MULTIPROC_DIR set), every
+    worker's merged: a scrape reaches one worker, and must not show only that one's counts."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry

@@ -6,17 +6,20 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 
 import uvicorn
 
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from router import metrics as router_metrics
 from router.gate import Gate
 from router.http import build_app
 from router.limits import Limits
 from router.migration import MigrationPolicy
 from router.policy import RoutingConfig, make_policy
 from router.registry import RedisRegistry, StaticRegistry
-from router.server import RouterServicer
+from router.server import Prepared, RouterServicer
+from router.workers import WorkerSlot, reuse_port_socket, watch_parent
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
 from services.fleet.directory import FleetDirectory
 from services.fleet.schema import connect
@@ -34,10 +37,13 @@ class _HTTPServer(uvicorn.Server):
         yield
 
 
-async def run_router(args: argparse.Namespace) -> None:
+async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -> None:
+    """One router process until SIGINT/SIGTERM: the only one, or worker `slot` of a group
+    (router/workers.py), which shares its ports with the others (SO_REUSEPORT)."""
     from services.engine import loader
     from services.engine.tokenizer import Tokenizer
 
+    watch = asyncio.create_task(watch_parent(slot.parent_pid)) if slot is not None else None
     keys = ApiKeys.gather(args.api_key, args.api_key_file)
     client_tls = _client_tls(args)
     limits = Limits(args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars, args.max_header_bytes,
@@ -47,7 +53,7 @@ async def run_router(args: argparse.Namespace) -> None:
                             args.cache_dir, weights=False)
     tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
     hello = await registry.handshake_any("decode", timeout=args.startup_timeout)
-    servicer = RouterServicer(
+    servicer = _CountingServicer(
         registry,
         make_policy(args.routing_policy, routing_config(args)),
         tokenizer,
@@ -62,21 +68,19 @@ async def run_router(args: argparse.Namespace) -> None:
     )
     registry.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+    # A worker shares the port with its group; a single router refuses a port someone else listens on.
+    reuse_port = [("grpc.so_reuseport", int(slot is not None))]
     server, health, port = await start_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s)], [name], args.host, args.port,
-        ServerSecurity(client_tls, api_keys=keys), limits.grpc_options(),
+        ServerSecurity(client_tls, api_keys=keys), [*limits.grpc_options(), *reuse_port],
     )
     health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
     app = build_app(registry, servicer, Gate(keys, limits, metrics_open=args.metrics_without_auth))
-    tls_files = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if client_tls else {}
-    http = _HTTPServer(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", lifespan="off",
-                                      h11_max_incomplete_event_size=max(64 << 10, 4 * limits.max_header_bytes),
-                                      timeout_graceful_shutdown=args.grace, **tls_files))
-    http_task = asyncio.create_task(http.serve())
-    scheme = "https" if client_tls else "http"
-    print(f"router listening on {args.host}:{port} (gRPC{', TLS' if client_tls else ''}), {scheme}://{args.host}:"
-          f"{args.http_port} (/v1, /healthz, /metrics); model {servicer.model_name}; routing {args.routing_policy}; "
-          f"API keys {len(keys) or 'none (open)'}" + (", fleet registry in Redis" if directory else ""), flush=True)
+    http = _http_server(app, args, limits, client_tls is not None)
+    sockets = [reuse_port_socket(args.host, args.http_port)] if slot is not None else None
+    http_task = asyncio.create_task(http.serve(sockets=sockets))
+    print(_banner(args, port, servicer.model_name, len(keys), client_tls is not None, directory is not None, slot),
+          flush=True)
 
     async def drain_http() -> None:  # HTTP stops accepting with gRPC; its requests in flight get the grace too
         http.should_exit = True
@@ -92,6 +96,33 @@ async def run_router(args: argparse.Namespace) -> None:
         await registry.close()
         if directory is not None:
             await directory.redis.aclose()
+        if watch is not None:
+            watch.cancel()
+
+
+class _CountingServicer(RouterServicer):
+    """The router's servicer, counting the requests this process takes (gRPC and HTTP both
+    prepare each one here): with --router-workers, how the kernel spread the connections."""
+
+    async def prepare(self, *args, **kwargs) -> Prepared:
+        router_metrics.PROCESS_REQUESTS.inc()
+        return await super().prepare(*args, **kwargs)
+
+
+def _banner(args: argparse.Namespace, port: int, model: str, keys: int, tls: bool, fleet: bool,
+            slot: WorkerSlot | None) -> str:
+    scheme = "https" if tls else "http"
+    return (f"router listening on {args.host}:{port} (gRPC{', TLS' if tls else ''}), {scheme}://{args.host}:"
+            f"{args.http_port} (/v1, /healthz, /metrics); model {model}; routing {args.routing_policy}; "
+            f"API keys {keys or 'none (open)'}" + (", fleet registry in Redis" if fleet else "")
+            + (f"; worker {slot.index + 1} of {slot.count}, pid {os.getpid()}" if slot else ""))
+
+
+def _http_server(app, args: argparse.Namespace, limits: Limits, tls: bool) -> _HTTPServer:
+    tls_files = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if tls else {}
+    return _HTTPServer(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", lifespan="off",
+                                      h11_max_incomplete_event_size=max(64 << 10, 4 * limits.max_header_bytes),
+                                      timeout_graceful_shutdown=args.grace, **tls_files))
 
 
 def routing_config(args: argparse.Namespace) -> RoutingConfig:

@@ -139,6 +139,7 @@ def test_servicemonitor_scrapes_the_router_and_worker_metrics_ports():
     {"decode": {"autoscaling": {"metric": "gpu"}}},
     {"replicas": 3},  # a typo of a nested key lands at the top level
     {"router": {"healthPort": 0}},
+    {"router": {"workers": 0}},
     {"engine": {"schedulingPolicy": "lifo"}},
     {"engine": {"maxQueuedRequests": 0}},
     {"auth": {"existingSecret": "Not_A_Secret_Name"}},
@@ -590,6 +591,13 @@ def test_admission_settings_and_router_limits_reach_the_cli_as_exact_values():
     assert (args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars) == (16 << 20, 64, 100000)
     assert (args.max_header_bytes, args.max_header_count, args.max_concurrent_streams) == (32768, 50, 256)
     assert (args.request_timeout, args.tokenizer_workers) == (120.0, 2)
+
+
+def test_router_workers_reach_the_cli_and_default_to_one_process():
+    for objects, workers in ((rendered("chart-default"), 1), (rendered("kustomize-gpu"), 1),
+                             (render_chart({"router": {"workers": 4}}), 4)):
+        (c,) = pod_spec(workload(objects, "router"))["containers"]
+        assert parse_cli(command_line(c, objects)[1:]).router_workers == workers
 
 
 def test_unset_admission_settings_and_limits_leave_the_clis_defaults(rendering):

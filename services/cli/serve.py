@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--prefill-peers", default="", help="static prefill instances: ID=HOST:PORT,...")
     r.add_argument("--decode-peers", default="", help="static decode instances: ID=HOST:PORT,... (needed without --redis)")
     add_model_args(r)
-    r.set_defaults(run=lambda args: _run_async(_router(args)))
+    r.set_defaults(run=_router_command)
 
     s = sub.add_parser("serve", help="router + prefill + decode workers as local processes")
     s.add_argument("--host", default="127.0.0.1", help="where the router listens (default 127.0.0.1)")
@@ -160,6 +160,10 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port: /metrics, /healthz (default 8000)")
     p.add_argument("--served-model-name", help="model name clients see (default: derived from --model)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a decode worker")
+    p.add_argument("--router-workers", type=_positive_int, default=1, metavar="N",
+                   help="router processes sharing the gRPC, HTTP and health ports (SO_REUSEPORT; the kernel spreads "
+                   "client connections over them), supervised by a parent; /metrics sums them (default 1: one "
+                   "process, no parent) (router/workers.py)")
     _add_client_security_args(p)
     _add_limit_args(p)
     g = p.add_argument_group("routing (router/policy.py)")
@@ -220,7 +224,7 @@ ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "i
                 "imbalance_ratio", "prefill_backlog", "served_model_name", "scheduling_policy", "metrics_without_auth",
                 "tls_cert", "tls_key", "max_request_bytes", "max_seqs_per_request", "max_prompt_chars",
                 "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
-                "migration_limit", "decode_stall_timeout")
+                "migration_limit", "decode_stall_timeout", "router_workers")
 WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy")
 
 
@@ -253,12 +257,32 @@ def _run_async(coro) -> int:
     return uvloop.run(coro) or 0
 
 
-async def _router(args: argparse.Namespace) -> None:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _router_command(args: argparse.Namespace) -> int:
+    if args.router_workers > 1:
+        from router.workers import run_router_workers
+
+        return run_router_workers(args)
+    return run_router_process(args)
+
+
+def run_router_process(args: argparse.Namespace, slot=None) -> int:
+    """One router process: the only one, or worker `slot` (router/workers.py WorkerSlot) of a group."""
+    return _run_async(_router(args, slot))
+
+
+async def _router(args: argparse.Namespace, slot) -> None:
     from router.main import run_router
     from services.rpc.server import configure_logging
 
-    configure_logging(args.log_level, "router")
-    await run_router(args)
+    configure_logging(args.log_level, "router" if slot is None else f"router-{slot.index}")
+    await run_router(args, slot)
 
 
 async def run_worker(role: str, args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ prefix caches, the router and decode workers find each other through the registr
 A placement function (services/cli/placement.py) gives each worker its own environment and
 engine flags: its GPU (CUDA_VISIBLE_DEVICES), its threads, its share of a GPU's memory.
 Shutdown is ordered: the router first (no new requests), then decode, then prefill workers,
-then the private Redis.
+then the private Redis. With `--router-workers N` the router child is the parent of N router
+processes on the same ports (router/workers.py): it supervises them itself, and the stack sees
+one router.
 
 While it runs, the stack supervises its children (`supervise`, RestartPolicy): one that exits
 is started again, with the same argv and environment (its certificate, ports and secrets),
@@ -103,8 +105,9 @@ class RestartPolicy:
     crash_loop_restarts: int = 5
     crash_loop_window_s: float = 120.0
 
-    def recent(self, child: Child, now: float) -> int:
-        return sum(1 for t in child.restarts if now - t < self.crash_loop_window_s)
+    def recent(self, restarts: list[float], now: float) -> int:
+        """How many of `restarts` (monotonic times) fall within the crash-loop window."""
+        return sum(1 for t in restarts if now - t < self.crash_loop_window_s)
 
     def backoff(self, recent: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** recent)
@@ -197,7 +200,8 @@ class LocalStack:
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
                    decode_argv=["--kv-transport", args.kv_transport, "--kv-pull-timeout", str(args.kv_pull_timeout),
-                                "--kv-progress-timeout", str(args.kv_progress_timeout)],
+                                "--kv-progress-timeout", str(args.kv_progress_timeout),
+                                "--stream-interval", str(args.stream_interval)],
                    worker_argv=worker_argv(args), api_keys=keys)
 
     @property
@@ -301,7 +305,7 @@ class LocalStack:
             return
         now = time.monotonic()
         if child.restart_at is None:
-            recent = policy.recent(child, now)
+            recent = policy.recent(child.restarts, now)
             if recent + 1 >= policy.crash_loop_restarts:
                 raise CrashLoop(f"{child.instance_id} exited ({child.proc.returncode}) after {recent} restarts "
                                 f"within {policy.crash_loop_window_s:.0f}s")
