@@ -18,6 +18,7 @@ failed it are avoided while any other is available.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -53,8 +54,10 @@ class StallWatch:
     instead of a timeout around every read (asyncio.wait_for makes a task per message: ~50 us
     each on a token's path)."""
 
-    def __init__(self, call, stall_s: float) -> None:
-        self.call, self.stall_s = call, stall_s
+    def __init__(self, call, stall_s: float, idle: Callable[[], bool] | None = None) -> None:
+        """`idle`: while it says True, silence is no stall (a shared stream with no request open:
+        its worker has nothing to say)."""
+        self.call, self.stall_s, self.idle = call, stall_s, idle
         self.loop = asyncio.get_running_loop()
         self.waiting_since: float | None = None
         self.stalled = False
@@ -73,6 +76,8 @@ class StallWatch:
             self.waiting_since = None
 
     def _check(self) -> None:
+        if self.idle is not None and self.idle() and self.waiting_since is not None:
+            self.waiting_since = self.loop.time()
         since = self.waiting_since
         if since is not None and self.loop.time() - since >= self.stall_s:
             self.stalled = True

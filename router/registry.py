@@ -23,6 +23,7 @@ import grpc
 
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from router import metrics
+from router.decode_stream import DecodeStream
 from services.fleet.directory import FleetDirectory
 from services.fleet.schema import InstanceRecord, hash_mismatch, stop_if_cancelled
 from services.rpc.security import TLSFiles, internal_channel
@@ -44,6 +45,7 @@ class Instance:
     healthy: bool = True
     last_ok: float = 0.0
     record: InstanceRecord | None = None  # its fleet registration (None: a static peer, not indexed)
+    stream: DecodeStream | None = field(default=None, repr=False)  # decode: this router's shared stream, made on use
 
     @property
     def queue(self) -> int:

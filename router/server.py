@@ -4,7 +4,8 @@
                          never on the event loop): INVALID_ARGUMENT before any work
              -> stream:  routing.RouteSelector: block hashes, prefix index, policy:
                          a decode instance, then a prefill instance or none
-                         DecodeWorker.Generate(prompt ids, params, prefill instance id)
+                         DecodeWorker.GenerateStream, one per decode instance shared by
+                         all requests (decode_stream.py): start(prompt ids, params, prefill id)
                          (RESOURCE_EXHAUSTED before any token: the next best instance;
                          a broken or stalled stream: migration.py, another instance resumes it)
                          the decode worker's deltas back, with usage and the disaggregation record
@@ -13,10 +14,11 @@
 requests through the same two calls; errors are typed (services/engine/errors.py) and mapped
 to a status once, at each edge.
 
-Deadlines propagate to the decode call (at most --request-timeout); a client cancel cancels
-it (decode then aborts, and aborts its prefill call). Every request gets a fresh id of the
-router's, which travels in x-request-id metadata; an id the client chose is only logged and
-echoed in replies, so clients can neither collide nor name each other's requests.
+Deadlines travel with each request to the decode worker (at most --request-timeout); a client
+cancel sends a cancel for its request (decode then aborts it, and aborts its prefill call).
+Every request gets a fresh id of the router's, which the workers know it by; an id the client
+chose is only logged and echoed in replies, so clients can neither collide nor name each
+other's requests.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ import grpc
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
 from router.limits import Limits
-from router.migration import Attempts, Broken, MigrationPolicy, Refused, StallWatch
+from router.decode_stream import DecodeStream, StreamError
+from router.migration import Attempts, Broken, MigrationPolicy, Refused
 from router.policy import Route, RoutingPolicy
-from router.registry import StaticRegistry
+from router.registry import Instance, StaticRegistry
 from router.routing import RouteSelector
 from services.engine.errors import InvalidRequestError, NotFoundError, OverloadedError, PdserveError, UpstreamError
 from services.engine import structured_output
@@ -46,7 +49,7 @@ from services.engine.tokenizer import Tokenizer
 from services.fleet.directory import FleetDirectory
 from services.rpc import metrics
 from services.rpc.convert import params_from_proto, reject_unknown_fields
-from services.rpc.server import abort_with, request_id_var, request_metadata
+from services.rpc.server import abort_with, request_id_var
 
 log = logging.getLogger("pdserve.router")
 T = TypeVar("T")
@@ -263,19 +266,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         started = False
         try:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-            call = decode.stub.Generate(decode_request, timeout=timeout, metadata=request_metadata(request_id))
-            watch = StallWatch(call, self.migration.stall_timeout)
+            stream = self._decode_stream(decode).start(decode_request, timeout)
             try:
                 while True:
                     try:
-                        response = await watch.read()
+                        response = await stream.read()
                     except Broken as e:
                         raise Broken(e.code, f"decode {decode.instance_id} {e}", e.reason) from None
-                    response = None if response is grpc.aio.EOF else response
-                    if response is None:
-                        raise Broken("UNAVAILABLE", f"decode {decode.instance_id} ended the stream unfinished")
                     if not response.outputs and not response.finished:
-                        continue  # a heartbeat: decode is alive and working on it
+                        continue  # nothing new (heartbeats travel as empty frames: none expected)
                     if not started:
                         started = True
                         attempts.started(decode.instance_id)
@@ -288,7 +287,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     yield response
                     if response.finished:
                         return
-            except grpc.aio.AioRpcError as e:
+            except StreamError as e:
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not started and not attempts.migrating:
                     log.info("request %s: decode %s is at its admission limit", request_id, decode.instance_id)
                     raise Refused() from e
@@ -298,12 +297,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                             e.details())
                 raise UpstreamError(e.code().name, f"decode {decode.instance_id}: {e.details()}") from e
             finally:
-                watch.close()
-                call.cancel()  # a no-op once the call completed; cancels decode when we stop early
+                stream.close()  # a no-op once the request ended; cancels it on decode when we stop early
         finally:
             decode.in_flight -= 1
             if prefill:
                 prefill.in_flight -= 1
+
+    def _decode_stream(self, decode: Instance) -> DecodeStream:
+        """This router's shared stream to `decode` (router/decode_stream.py), made on first use."""
+        if decode.stream is None:
+            decode.stream = DecodeStream(decode.stub, self.migration.stall_timeout)
+        return decode.stream
 
     @staticmethod
     def _finish(response: common_pb2.GenerateResponse, timer: metrics.StreamTimer, attempts: Attempts) -> None:

@@ -239,6 +239,8 @@ def _worker_calls(channel: grpc.Channel, role: str):
              "Abort": lambda: stub.Abort(worker_pb2.AbortRequest(request_id="x"), timeout=5)}
     if role == "decode":
         calls["Generate"] = lambda: list(stub.Generate(worker_pb2.DecodeRequest(prompt_token_ids=SHORT), timeout=5))
+        calls["GenerateStream"] = lambda: list(stub.GenerateStream(iter([worker_pb2.DecodeCall(cancel="x")]),
+                                                                   timeout=5))
     else:
         calls["Prefill"] = lambda: list(stub.Prefill(worker_pb2.PrefillRequest(prompt_token_ids=SHORT), timeout=5))
         calls["ReleaseKV"] = lambda: stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="x"), timeout=5)

@@ -109,6 +109,22 @@ def test_stall_watch_breaks_a_call_that_goes_silent_and_not_one_that_talks():
     assert got == ["a", "b"] and cancelled and broken.reason == "stalled" and broken.code == "UNAVAILABLE"
 
 
+def test_stall_watch_counts_no_silence_while_its_shared_stream_has_no_request_open():
+    async def scenario():
+        call, idle = _SilentCall([]), [True]
+        watch = StallWatch(call, 0.2, idle=lambda: idle[0])
+        read = asyncio.ensure_future(watch.read())
+        await asyncio.sleep(0.5)
+        quiet_while_idle = not call.cancelled
+        idle[0] = False  # a request opened: silence from now on is a stall
+        with pytest.raises(Broken):
+            await read
+        watch.close()
+        return quiet_while_idle, call.cancelled
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
 def test_a_resumed_requests_cache_hits_past_its_prompt_are_not_prompt_tokens():
     """Found by the soak: a request that migrates back to a decode worker which cached its prompt
     and the output it brings along has more cached tokens than prompt tokens; its last message

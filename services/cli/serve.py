@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
             _add_kv_transport_arg(p)
             _add_kv_timeout_args(p)
+            _add_stream_interval_arg(p)
         add_model_args(p)
         p.set_defaults(run=lambda args, role=role: _run_async(run_worker(role, args)))
 
@@ -67,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_admission_args(s)
     _add_kv_transport_arg(s)
     _add_kv_timeout_args(s)
+    _add_stream_interval_arg(s)
     add_model_args(s)
     s.set_defaults(run=run_serve)
 
@@ -114,6 +116,12 @@ def _add_kv_timeout_args(p: argparse.ArgumentParser) -> None:
                    "itself (default 60)")
     g.add_argument("--kv-progress-timeout", type=float, default=20.0,
                    help="seconds without a message from prefill before decode gives up on it (default 20)")
+
+
+def _add_stream_interval_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="decode sends a request's tokens every N tokens (its first and last at once): fewer "
+                   "messages for a little latency, as vLLM and SGLang coalesce them (default 1)")
 
 
 def _add_bind_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -383,7 +391,8 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
                                        progress_timeout=args.kv_progress_timeout)
     else:
         transport = GrpcKVTransport(*common, resolve=resolve, tls=tls, progress_timeout=args.kv_progress_timeout)
-    return DecodeServicer(engine, instance_id, transport, args.scheduling_policy, args.kv_pull_timeout), \
+    return DecodeServicer(engine, instance_id, transport, args.scheduling_policy, args.kv_pull_timeout,
+                          args.stream_interval), \
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server, "DecodeWorker"
 
 

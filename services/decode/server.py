@@ -17,6 +17,10 @@ A migrated request (the router moved it off a decode worker that died or stalled
 output its sequences already streamed; it prefills locally, prompt and that output, and goes on
 from there (EngineCore.make_request). With `heartbeat_ms`, an empty response goes out whenever
 nothing else did for that long, so the router can tell a stalled worker from a slow request.
+
+Two RPCs run the same per-request logic (`DecodeServicer.responses`): Generate, one call per
+request (peers, grpcurl, tests), and GenerateStream, one call per router carrying all its
+requests, whose tokens go out in one frame per step (services/decode/mux.py; the router uses it).
 """
 
 from __future__ import annotations
@@ -35,14 +39,15 @@ import torch
 
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
-from services.engine.errors import PdserveError
+from services.engine.errors import OverloadedError, PdserveError
 from services.engine.kv_transfer import BlockData
-from services.engine.outputs import RequestOutput
+from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sequence import Resumed
 from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
 from services.rpc.convert import delta_to_proto, reject_unknown_fields
+from services.rpc.server import status_of
 from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.decode")
@@ -56,16 +61,46 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
 
     def __init__(self, engine: AsyncEngine, instance_id: str, transport: KVTransport,
-                 scheduling_policy: str = "fcfs", kv_pull_timeout: float | None = None) -> None:
+                 scheduling_policy: str = "fcfs", kv_pull_timeout: float | None = None,
+                 stream_interval: int = 1) -> None:
         """`kv_pull_timeout`: seconds a prompt's KV may take to arrive from prefill before this
-        worker computes the rest itself (None: the request's own deadline)."""
+        worker computes the rest itself (None: the request's own deadline). `stream_interval`:
+        send a request's tokens every this many (its first and last at once), as vLLM and
+        SGLang coalesce them: fewer messages for a little latency."""
         super().__init__(engine, instance_id, scheduling_policy)
         self.transport = transport
         self.kv_pull_timeout = kv_pull_timeout
+        self.stream_interval = max(1, stream_interval)
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or uuid.uuid4().hex
-        engine_id = self.engine_id(context, request_id)
+        responses = self.responses(request, request_id, self.engine_id(context, request_id),
+                                   context.time_remaining(), request.heartbeat_ms / 1000)
+        try:
+            async for response in responses:
+                yield response
+        except Exception as e:  # noqa: BLE001 - mapped below, or re-raised for the interceptor
+            status = failure_status(e)
+            if status is None:
+                raise
+            await context.abort(*status)
+
+    async def GenerateStream(self, calls: AsyncIterator[worker_pb2.DecodeCall], context: grpc.aio.ServicerContext):
+        """Many requests over one stream (services/decode/mux.py): each runs `responses`, as Generate does."""
+        from services.decode.mux import DecodeMux  # the mux imports this module
+
+        mux = DecodeMux(self, context)
+        async with contextlib.aclosing(mux.frames(calls)) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def responses(self, request: worker_pb2.DecodeRequest, request_id: str, engine_id: str,
+                        timeout: float | None, heartbeat_s: float) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """One request's responses, the logic behind both Generate and GenerateStream: checks,
+        the KV pull from prefill, decoding, and the finish record. Tokens go out every
+        `stream_interval` tokens (the first and the last at once); with `heartbeat_s`, an empty
+        response whenever nothing else went out for that long. Raises what `failure_status` maps.
+        `timeout`: the caller's time left (bounds the KV pull); the caller enforces it."""
         resume = [Resumed(r.index, list(r.token_ids), r.text_chars) for r in request.resume] or None
         prefill_id = request.prefill_instance if resume is None else ""  # a resumed request prefills here
         record = common_pb2.DisaggregationRecord(
@@ -74,6 +109,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         pull: asyncio.Task | None = None
         timer = metrics.StreamTimer()
         completion_tokens = 0
+        held = _Held(self.stream_interval)
         try:
             reject_unknown_fields(request)
             params = self.check_request(request.prompt_token_ids, request.sampling, request.priority)
@@ -84,13 +120,13 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 list(request.prompt_token_ids), params, engine_id, request.priority, remote_prefill=bool(prefill_id),
                 resume=resume, migrated=request.migrated,
             )
-            async for out in with_heartbeats(stream, request.heartbeat_ms / 1000):
+            async for out in with_heartbeats(stream, heartbeat_s):
                 if out is None:
                     yield common_pb2.GenerateResponse(request_id=request_id)
                     continue
                 if out.kv_pull_from_block is not None:
                     pull = asyncio.create_task(
-                        self._pull(engine_id, request, out.kv_pull_from_block, context.time_remaining(), record)
+                        self._pull(engine_id, request, out.kv_pull_from_block, timeout, record)
                     )
                 if not out.outputs and not out.finished:
                     continue
@@ -98,21 +134,17 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                     raise pull.exception()  # the peer refused us: an error, not an aborted stream
                 new_tokens = sum(len(c.token_ids) for c in out.outputs)
                 completion_tokens += new_tokens
-                timer.tokens(new_tokens)
-                response = common_pb2.GenerateResponse(
-                    request_id=request_id, outputs=[delta_to_proto(c) for c in out.outputs], finished=out.finished
-                )
+                first = timer.tokens(new_tokens)
+                response = held.add(request_id, out.outputs, new_tokens)
                 if out.finished:
                     self._finish(response, out, record)
+                    response.finished = True
                     response.usage.completion_tokens = completion_tokens
                     timer.finished([c.finish_reason for c in out.outputs])
+                elif not first and held.waiting():
+                    continue
+                held.reset()
                 yield response
-        except PeerError as e:
-            await context.abort(e.code, str(e))
-        except PdserveError as e:
-            await self.refuse(context, e)
-        except RecursionError:  # a grammar nested too deeply to compile
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply")
         finally:
             timer.aborted()  # a no-op when the request finished
             if pull is not None and not pull.done():
@@ -204,6 +236,56 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         metrics.PROMPT_TOKENS.inc(prompt_tokens)
         metrics.PREFIX_HITS.inc(record.decode_cached_tokens)
         metrics.PREFIX_QUERIES.inc(prompt_tokens)
+
+
+def failure_status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a request's call ends with for `e`; None for an unexpected error (INTERNAL,
+    logged). One mapping for Generate and GenerateStream: the router reads both alike."""
+    if isinstance(e, PeerError):
+        return e.code, str(e)
+    if isinstance(e, PdserveError):
+        if isinstance(e, OverloadedError):
+            metrics.ADMISSION_REJECTIONS.labels("worker").inc()
+        return status_of(e), str(e)
+    if isinstance(e, RecursionError):  # a grammar nested too deeply to compile
+        return grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply"
+    return None
+
+
+class _Held:
+    """A request's tokens not sent yet (--stream-interval), merged into one response."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.response: common_pb2.GenerateResponse | None = None
+        self.tokens = 0
+
+    def add(self, request_id: str, outputs: list[CompletionOutput], count: int) -> common_pb2.GenerateResponse:
+        """Hold `outputs` (a step's deltas, `count` tokens); returns everything held."""
+        self.tokens += count
+        if self.response is None:
+            self.response = common_pb2.GenerateResponse(request_id=request_id,
+                                                        outputs=[delta_to_proto(c) for c in outputs])
+            return self.response
+        held = {d.index: d for d in self.response.outputs}
+        for c in outputs:
+            delta = held.get(c.index)
+            if delta is None:
+                self.response.outputs.append(delta_to_proto(c))
+                continue
+            more = delta_to_proto(c)
+            delta.token_ids.extend(more.token_ids)
+            delta.text += more.text
+            delta.logprobs.extend(more.logprobs)
+            delta.finish_reason, delta.stop_reason = more.finish_reason, more.stop_reason
+        return self.response
+
+    def waiting(self) -> bool:
+        """Fewer tokens held than the interval: keep holding."""
+        return self.tokens < self.interval
+
+    def reset(self) -> None:
+        self.response, self.tokens = None, 0
 
 
 async def with_heartbeats(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:

@@ -185,8 +185,7 @@ class AsyncEngine:
                     self._handle(self._inbox.get_nowait())
                 if self._stopping:
                     break
-                for request in core.step():
-                    self._publish(request)
+                self._publish_step(core.step())
                 if self.admission is not None:
                     self.admission.release_started(self._still_waiting)
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine died
@@ -243,8 +242,27 @@ class AsyncEngine:
     def _publish(self, request: Request) -> None:
         self._send(request.request_id, build_output(request, delta=True))
 
+    def _publish_step(self, requests: list[Request]) -> None:
+        """A step's deltas, handed to each event loop in one callback: the loop wakes once per
+        step, not once per request, and the streams all wake in the same loop iteration, so a
+        GenerateStream carries the whole step in one frame (services/decode/mux.py)."""
+        outputs = [(request.request_id, build_output(request, delta=True)) for request in requests]
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        with self._lock:
+            for request_id, item in outputs:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+
     def _send(self, request_id: str, item: object) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream_queue, item in batch:
+        stream_queue.put_nowait(item)

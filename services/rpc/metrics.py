@@ -37,6 +37,10 @@ ADMISSION_REJECTIONS = Counter("pdserve:admission_rejections",
                                "Requests refused as overloaded: by a worker's full waiting queue (where=worker), "
                                "or to the client once every decode instance refused (where=router)", ["where"])
 
+STREAM_FRAMES = Counter("pdserve:stream_frames", "Frames a decode worker sent on GenerateStream, each with "
+                        "many requests' responses (heartbeats not counted)")
+STREAM_RESPONSES = Counter("pdserve:stream_responses", "Responses a decode worker sent inside GenerateStream frames")
+
 
 def serve_metrics(host: str, port: int) -> None:
     """Expose this process's metrics on http://host:port/metrics (a daemon thread)."""

@@ -78,6 +78,9 @@ class InFlight:
 
 # server -> its calls in flight (a weak map: the server object is grpc's, not ours to extend)
 _IN_FLIGHT: weakref.WeakKeyDictionary[grpc.aio.Server, InFlight] = weakref.WeakKeyDictionary()
+# The server's InFlight, for handlers that run many requests in one call (the decode worker's
+# GenerateStream): they add each request's task, so a drain waits for and expires requests.
+in_flight_var: contextvars.ContextVar[InFlight | None] = contextvars.ContextVar("in_flight", default=None)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -94,6 +97,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         metadata = handler_call_details.invocation_metadata or ()
         request_id_var.set(next((v for k, v in metadata if k == REQUEST_ID_KEY), "-"))
+        in_flight_var.set(self.in_flight)
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
