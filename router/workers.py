@@ -236,4 +236,8 @@ def _worker_main(args: argparse.Namespace, slot: WorkerSlot) -> None:
     """A spawned worker's entry point: one whole router."""
     from services.cli.serve import run_router_process
 
+    # Ctrl-C reaches the whole process group: the parent turns it into SIGTERM for each worker,
+    # so a worker still starting up stops without a KeyboardInterrupt traceback (the drain
+    # installs its own SIGINT handler once serving).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(run_router_process(args, slot))
