@@ -166,6 +166,16 @@ def test_every_worker_gets_the_parents_security_flags_and_one_concrete_port_each
     assert (worker.api_key, str(worker.api_key_file), worker.internal_tls) == (["k1"], "/keys", "/internal")
 
 
+def test_pdserve_serve_passes_router_workers_to_its_router():
+    args = build_parser().parse_args(["serve", "--router-workers", "3", "--redis", "redis://127.0.0.1:1/0"])
+    stack = LocalStack.from_args(args)
+    try:
+        router_args = build_parser().parse_args(stack.router.argv[stack.router.argv.index("--log-level"):])
+        assert router_args.command == "router" and router_args.router_workers == 3
+    finally:
+        stack.stop()
+
+
 # ---- a stack whose router has two workers ------------------------------------------------------------
 
 
