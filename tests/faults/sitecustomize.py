@@ -8,22 +8,21 @@ It also installs tests/engine_faults (an engine step that raises, when the test 
 
 from __future__ import annotations
 
-import grpc
-
 from services.decode import server
+from services.engine.errors import UnavailableError
 from tests.faults.poison import POISON
 
-_generate = server.DecodeServicer.Generate
+_responses = server.DecodeServicer.responses  # behind both Generate and GenerateStream
 
 
-async def _poisoned(self, request, context):
+async def _poisoned(self, request, *args):
     if list(request.prompt_token_ids[: len(POISON)]) == POISON:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "poisoned: the worker crashed under this request")
-    async for response in _generate(self, request, context):
+        raise UnavailableError("poisoned: the worker crashed under this request")
+    async for response in _responses(self, request, *args):
         yield response
 
 
-server.DecodeServicer.Generate = _poisoned
+server.DecodeServicer.responses = _poisoned
 
 # The engine faults of tests/test_faults.py too (a step that raises, on request through $PDSERVE_FAULT_DIR).
 from tests.engine_faults import sitecustomize as _engine_faults  # noqa: E402,F401
