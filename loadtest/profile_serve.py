@@ -160,18 +160,20 @@ def _f(x: float, digits: int = 0) -> str:
 def grpc_rows(runs: dict[str, list]) -> list[dict]:
     rows = []
     for i, (off, w) in enumerate(zip(runs["offline"], runs["grpc"], strict=True)):
-        rows.append(_grpc_row(str(i), off["output_tokens_per_s"], w))
+        cpu_us = off.get("cpu_s", float("nan")) / off["output_tokens"] * 1e6
+        rows.append(_grpc_row(str(i), off["output_tokens_per_s"], cpu_us, w))
     if len(rows) > 1:
         rows.append(_median_row(rows))
     return rows
 
 
-def _grpc_row(label: str, offline_tps: float, w: Window) -> dict:
+def _grpc_row(label: str, offline_tps: float, offline_cpu_us: float, w: Window) -> dict:
     tps = w.summary["steady_output_throughput"]
     clients = max((u["cpu_fraction"] for u in w.summary["clients"]), default=0.0)
     return {"run": label, "load 1m": _f(w.load1, 2), "busy cores": _f(w.busy_cores, 2),
             "others' cores": _f(w.others_cores, 2),
             "offline tok/s": _f(offline_tps), "serve tok/s": _f(tps), "serve/offline": _f(tps / offline_tps, 2),
+            "offline µs/tok": _f(offline_cpu_us), "serve µs/tok": _f(sum(w.cpu_s.values()) / max(w.tokens, 1) * 1e6),
             "TPOT p50 ms": _f(w.summary["tpot_ms"]["p50"] or 0, 1), "tok/msg": _f(w.tokens / max(w.messages, 1), 2),
             "router µs/tok": _f(w.group("router") / max(w.tokens, 1) * 1e6),
             "decode µs/tok": _f(w.group("decode") / max(w.tokens, 1) * 1e6),
@@ -241,12 +243,16 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
         f"machine's busy cores per run below). Model flags `{args.model_args}`, {args.threads} torch thread(s) per "
         f"process (OMP_NUM_THREADS), {args.prompt_len}-token prompts (random ids), {args.output_len} output tokens, "
         f"greedy, ignore_eos. Offline: `pdserve bench offline` with {args.num_prompts} prompts at once. Serve: "
-        f"`pdserve serve --prefill 0 --decode 1` (router flags `{args.router_args}`), closed loop of "
+        f"`pdserve serve --prefill 0 --decode 1{' ' + args.router_args if args.router_args else ''}`, closed loop of "
         f"{args.concurrency} streams for {args.duration:g} s from {args.clients} client process(es); serve tok/s "
         "counts tokens that arrived while the loop was sending, over that time. CPU: each process's utime+stime "
-        "(/proc) during the window over the tokens streamed in it. Runs interleaved: offline, gRPC, HTTP, repeat. "
+        "(/proc) during the window over the tokens streamed in it; `serve µs/tok` sums every process (router, "
+        "decode, Redis, clients), `offline µs/tok` is the offline engine's process over its run. CPU per token "
+        "is what a noisy machine disturbs least; tok/s depends on what the other sessions left us. "
+        "Runs interleaved: offline, gRPC, HTTP, repeat. "
         f"Command: `python loadtest/profile_serve.py --repeats {args.repeats} --concurrency {args.concurrency} "
-        f"--duration {args.duration:g} --clients {args.clients}`" + (f" ({args.label})." if args.label else ".")
+        f"--duration {args.duration:g} --clients {args.clients}"
+        + (f" --router-args '{args.router_args}'" if args.router_args else "") + "`" + (f" ({args.label})." if args.label else ".")
     )
     parts = [setup, "gRPC (`Generate`):", tables["grpc"]]
     if "openai" in tables:
@@ -254,6 +260,22 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
                   tables["openai"]]
     parts += ["Per process, medians over the runs:", tables["process"]]
     return parts
+
+
+MEASURED = ("repeats", "concurrency", "duration", "clients", "num_prompts", "prompt_len", "output_len", "threads",
+            "model_args", "router_args", "seed", "no_http")
+
+
+def load(path: Path, parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
+    """An earlier run's windows from its --out JSON; `args` takes that run's measured settings
+    (and its label, unless one is given)."""
+    data = json.loads(path.read_text())
+    for action in parser._actions:
+        saved = data["args"].get(action.dest)
+        if saved is not None and (action.dest in MEASURED or (action.dest == "label" and not args.label)):
+            value = saved in (True, "True") if action.dest == "no_http" else saved
+            setattr(args, action.dest, action.type(value) if action.type and isinstance(value, str) else value)
+    return {"offline": data["offline"], **{p: [Window(**w) for w in data[p]] for p in ("grpc", "openai")}}
 
 
 def main() -> None:
@@ -275,10 +297,12 @@ def main() -> None:
     parser.add_argument("--label", default="", help="names the measured tree (e.g. before, after); with --write "
                         "the section key becomes profile_serve_LABEL")
     parser.add_argument("--write", type=Path, help="record the tables in this markdown file (BENCHMARKS.md)")
+    parser.add_argument("--from", dest="saved", type=Path,
+                        help="measure nothing: print (and --write) the tables of an earlier run's --out JSON")
     args = parser.parse_args()
 
     started = time.time()
-    runs = run_all(args)
+    runs = load(args.saved, parser, args) if args.saved else run_all(args)
     tables = {"grpc": markdown_table(grpc_rows(runs)), "process": markdown_table(process_rows(runs))}
     if runs["openai"]:
         tables["openai"] = markdown_table(http_rows(runs))
@@ -286,7 +310,8 @@ def main() -> None:
         print(f"\n{name}:\n{table}")
     print(f"\n{time.time() - started:.0f} s in all")
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+        args.out.write_text(json.dumps({"args": {k: v if isinstance(v, (int, float, str)) else str(v)
+                                                 for k, v in vars(args).items()},
                                         "offline": runs["offline"],
                                         **{p: [w.to_json() for w in runs[p]] for p in ("grpc", "openai")}}, indent=1))
     if args.write:
