@@ -365,6 +365,13 @@ def test_bench_routing_keeps_each_tenant_home_under_prefix_and_writes_its_sectio
 
 # --- several client processes (loadtest/clients.py, `pdserve bench serve --clients N`) -------
 
+def wait_all_free(stack, timeout: float) -> None:
+    """Every worker holds no request and no KV block (imported late: test_services loads the engine)."""
+    from tests.test_services import wait_all_free as wait
+
+    wait(stack, timeout)
+
+
 def test_clients_deal_requests_round_robin_and_split_closed_loop_slots():
     from loadtest import clients
 
@@ -437,6 +444,7 @@ def test_bench_serve_spreads_an_open_and_a_closed_loop_over_two_client_processes
         assert [c["index"] for c in s["clients"]] == [0, 1]
         assert all(0 < c["cpu_s"] and 0 < c["wall_s"] and isinstance(c["saturated"], bool) for c in s["clients"])
     assert "| c=3 |" in proc.stdout and "c=3: client CPU #0 " in proc.stdout
+    wait_all_free(stack, timeout=30)
 
 
 @pytest.mark.slow
@@ -454,3 +462,4 @@ def test_two_client_processes_stream_openai_completions_and_count_every_chunk(st
     assert summary["failed"] == 0 and len(records) >= 2
     assert all(r.output_tokens == 5 and r.prompt_tokens == 16 and len(r.itl_s) <= 4 for r in records)
     assert len(summary["clients"]) == 2
+    wait_all_free(stack, timeout=30)
