@@ -448,18 +448,17 @@ def test_bench_serve_spreads_an_open_and_a_closed_loop_over_two_client_processes
 
 
 @pytest.mark.slow
-def test_two_client_processes_stream_openai_completions_and_count_every_chunk(stack):
-    import urllib.request
-
-    from loadtest.benchmark import run_benchmark
-
-    http = f"http://127.0.0.1:{stack.http_port}"
-    with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as reply:
-        model = json.load(reply)["data"][0]["id"]
-    result = run_benchmark(http, Fixed(input_len=16, output_len=5), [], 1.5, concurrencies=[2], clients=2,
-                           protocol="openai", model=model, progress=False, seed=3)
-    records, summary = result.rates[0].records, result.rates[0].summary
-    assert summary["failed"] == 0 and len(records) >= 2
-    assert all(r.output_tokens == 5 and r.prompt_tokens == 16 and len(r.itl_s) <= 4 for r in records)
+def test_two_client_processes_stream_openai_completions_and_count_every_chunk(stack, tmp_path):
+    proc = subprocess.run(
+        [*PDSERVE, "bench", "serve", "--protocol", "openai", "--url", f"127.0.0.1:{stack.http_port}", "--workload",
+         "fixed", "--workload-params", "input_len=16,output_len=5", "--concurrency", "2", "--duration", "1.5",
+         "--clients", "2", "--seed", "3", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    records, summary = data["rates"][0]["requests"], data["rates"][0]["summary"]
+    assert data["config"]["protocol"] == "openai" and summary["failed"] == 0 and len(records) >= 2
+    # usage.completion_tokens of the last chunk; at most one token-carrying chunk per token.
+    assert all(r["output_tokens"] == 5 and r["prompt_tokens"] == 16 and len(r["itl_s"]) <= 4 for r in records)
     assert len(summary["clients"]) == 2
     wait_all_free(stack, timeout=30)

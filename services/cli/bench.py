@@ -72,7 +72,10 @@ def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
                     "loop), from one or --clients processes; writes results.json and PNG plots into --out.\n\n"
                     "workloads and their parameters (--workload-params KEY=VALUE,...):\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    srv.add_argument("--url", required=True, help="the router's HOST:PORT")
+    srv.add_argument("--url", required=True, help="the router's HOST:PORT (gRPC) or its HTTP port (openai)")
+    srv.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
+                     help="grpc: the router's Generate; openai: /v1/completions with stream=true (SSE)")
+    srv.add_argument("--model", help="openai: the model name in request bodies (default: the first of /v1/models)")
     srv.add_argument("--workload", choices=list(WORKLOADS), default="sharegpt-like")
     srv.add_argument("--workload-params", default="", help="workload parameters KEY=VALUE,... (see above)")
     srv.add_argument("--sampling-params", default="",
@@ -114,6 +117,24 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _target(args: argparse.Namespace) -> tuple[str, str]:
+    """The URL to send to and, for openai, the model to name (asked from /v1/models if not given)."""
+    if args.protocol == "grpc":
+        return args.url, ""
+    url = args.url if "://" in args.url else f"http://{args.url}"
+    if args.model:
+        return url, args.model
+    import urllib.request
+
+    from loadtest.benchmark import BenchmarkError
+
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as reply:
+            return url, json.load(reply)["data"][0]["id"]
+    except (OSError, ValueError, LookupError) as e:
+        raise BenchmarkError(f"no model from {url}/v1/models ({e}); is a router serving HTTP there?") from None
+
+
 def client_report(summary: dict) -> list[str]:
     """One line on the clients' CPU use of a level, and a warning per saturated client."""
     usage = summary["clients"]
@@ -138,10 +159,12 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.clients < 1:
             raise ValueError(f"--clients must be >= 1, got {args.clients}")
         rates = args.rates if args.rates is not None else ([] if args.concurrency else [1.0])
-        result = run_benchmark(args.url, workload, rates, args.duration, slo,
+        url, model = _target(args)
+        result = run_benchmark(url, workload, rates, args.duration, slo,
                                sampling=parse_sampling(args.sampling_params), seed=args.seed, warmup=args.warmup,
                                request_timeout=args.request_timeout, progress=not args.no_progress,
-                               clients=args.clients, concurrencies=args.concurrency)
+                               clients=args.clients, concurrencies=args.concurrency, protocol=args.protocol,
+                               model=model)
     except (ValueError, BenchmarkError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
