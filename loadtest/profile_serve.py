@@ -39,6 +39,7 @@ from loadtest.request import DEFAULT_SAMPLING, SLO
 from loadtest.workloads import Fixed
 
 KEY = "profile_serve"
+HOOK = Path(__file__).resolve().parent / "cprofile_hook"
 MODEL_ARGS = "--load-format dummy --preset tiny-llama --max-model-len 512"
 
 
@@ -120,7 +121,12 @@ def run_all(args: argparse.Namespace) -> dict[str, list]:
     runs: dict[str, list] = {"offline": [], "grpc": [], "openai": []}
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(shlex.split(args.model_args), num_prefill=0, num_decode=1, env=env, log_dir=args.log_dir,
+    stack_env = env
+    if args.profile:  # the stack's processes load loadtest/cprofile_hook/sitecustomize.py
+        args.profile.mkdir(parents=True, exist_ok=True)
+        path = os.pathsep.join(filter(None, [str(HOOK), env.get("PYTHONPATH")]))
+        stack_env = {**env, "PYTHONPATH": path, "PDSERVE_CPROFILE_DIR": str(args.profile.resolve())}
+    stack = LocalStack(shlex.split(args.model_args), num_prefill=0, num_decode=1, env=stack_env, log_dir=args.log_dir,
                        router_argv=shlex.split(args.router_args))
     with stack:
         names = {c.proc.pid: c.instance_id for c in stack.children}
@@ -278,7 +284,22 @@ def load(path: Path, parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return {"offline": data["offline"], **{p: [Window(**w) for w in data[p]] for p in ("grpc", "openai")}}
 
 
-def main() -> None:
+def profile_report(profile_dir: Path, top: int = 15) -> str:
+    """Each profiled process's `top` functions by own time (cProfile's tottime)."""
+    import io
+    import pstats
+
+    parts = []
+    for path in sorted(profile_dir.glob("*.prof")):
+        out = io.StringIO()
+        stats = pstats.Stats(str(path), stream=out)
+        stats.strip_dirs().sort_stats("tottime").print_stats(top)
+        body = out.getvalue()
+        parts.append(f"{path.stem}:\n{body[body.index('   ncalls'):].rstrip()}" if "   ncalls" in body else path.stem)
+    return "\n\n".join(parts)
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=256, help="closed-loop streams (gRPC and HTTP)")
@@ -297,18 +318,45 @@ def main() -> None:
     parser.add_argument("--label", default="", help="names the measured tree (e.g. before, after); with --write "
                         "the section key becomes profile_serve_LABEL")
     parser.add_argument("--write", type=Path, help="record the tables in this markdown file (BENCHMARKS.md)")
+    parser.add_argument("--profile", type=Path, help="cProfile the router's and the decode worker's main threads "
+                        "into this directory and print their top functions (slows them: not for the tables)")
     parser.add_argument("--from", dest="saved", type=Path,
                         help="measure nothing: print (and --write) the tables of an earlier run's --out JSON")
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> None:
+    p = parser()
+    args = p.parse_args()
     started = time.time()
-    runs = load(args.saved, parser, args) if args.saved else run_all(args)
+    runs = load(args.saved, p, args) if args.saved else run_all(args)
     tables = {"grpc": markdown_table(grpc_rows(runs)), "process": markdown_table(process_rows(runs))}
     if runs["openai"]:
         tables["openai"] = markdown_table(http_rows(runs))
     for name, table in tables.items():
         print(f"\n{name}:\n{table}")
     print(f"\n{time.time() - started:.0f} s in all")
+    if args.profile:
+        write_profile(args)
+        return
+    record(args, runs, tables)
+
+
+def write_profile(args: argparse.Namespace) -> None:
+    """Print the profiles (and with --write, record them in their own section)."""
+    report = profile_report(args.profile)
+    print(f"\ncProfile, top functions by own time:\n{report}")
+    if args.write:
+        key = f"{KEY}_cprofile" + (f"_{args.label}" if args.label else "")
+        note = ("The same run under cProfile (`--profile`; main threads only: the router's event loop and the "
+                "decode worker's gRPC front, not its engine thread), top functions by own time over the "
+                "whole run, both protocols. cProfile slows what it watches; read the shares, not the times.")
+        write_section(args.write, key, "Where the router's and decode front's CPU goes (cProfile, issue #32)"
+                      + (f", {args.label}" if args.label else ""), [note, f"```\n{report}\n```"])
+
+
+def record(args: argparse.Namespace, runs: dict[str, list], tables: dict[str, str]) -> None:
+    """--out: every run's numbers as JSON; --write: the section."""
     if args.out:
         args.out.write_text(json.dumps({"args": {k: v if isinstance(v, (int, float, str)) else str(v)
                                                  for k, v in vars(args).items()},
