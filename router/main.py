@@ -40,15 +40,16 @@ class _HTTPServer(uvicorn.Server):
 async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -> None:
     """One router process until SIGINT/SIGTERM: the only one, or worker `slot` of a group
     (router/workers.py), which shares its ports with the others (SO_REUSEPORT)."""
-    from services.engine import loader
-    from services.engine.tokenizer import Tokenizer
-
     watch = asyncio.create_task(watch_parent(slot.parent_pid)) if slot is not None else None
     keys = ApiKeys.gather(args.api_key, args.api_key_file)
     client_tls = _client_tls(args)
     limits = Limits(args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars, args.max_header_bytes,
                     args.max_header_count, args.max_concurrent_streams, args.request_timeout, args.scheduling_policy)
     directory, registry = _registry(args, internal_tls(args))
+    # After the cheap checks: the loader imports torch (seconds), which a bad flag need not wait for.
+    from services.engine import loader
+    from services.engine.tokenizer import Tokenizer
+
     source = loader.resolve(args.model, args.load_format, args.preset, args.dummy_seed, args.tokenizer,
                             args.cache_dir, weights=False)
     tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
@@ -81,6 +82,8 @@ async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -
     http_task = asyncio.create_task(http.serve(sockets=sockets))
     print(_banner(args, port, servicer.model_name, len(keys), client_tls is not None, directory is not None, slot),
           flush=True)
+    if slot is not None:
+        slot.mark_serving()
 
     async def drain_http() -> None:  # HTTP stops accepting with gRPC; its requests in flight get the grace too
         http.should_exit = True

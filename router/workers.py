@@ -22,7 +22,8 @@ counter never goes back), gauges by their mode (router/metrics.py), and
 pdserve:router_process_requests once per live worker (label pid) to show the spread.
 
 Supervision: a worker that exits is started again after RestartPolicy's backoff (the others
-keep serving meanwhile); a crash loop stops the group, exit 1. SIGTERM or SIGINT to the parent
+keep serving meanwhile); a crash loop stops the group, exit 1, and so does a worker whose
+first start ends before it served (a bad flag or file fails every worker alike). SIGTERM or SIGINT to the parent
 goes to every worker, and each drains as a single router does (health NOT_SERVING, gRPC and HTTP
 stop accepting, --grace for the requests in flight). A worker whose parent is gone drains too.
 The health port is shared like the others: a probe gets whichever worker the kernel picks.
@@ -43,8 +44,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from services.cli.stack import CrashLoop, RestartPolicy
 
@@ -56,11 +58,22 @@ STOP_MARGIN_S = 10.0  # beyond --grace: a worker's gRPC stop and HTTP shutdown a
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """Which worker of a group a router process is (run_router without one: the only router)."""
+    """Which worker of a group a router process is (run_router without one: the only router).
+    `serving`: a multiprocessing Event the worker sets once it listens."""
 
     index: int
     count: int
     parent_pid: int
+    serving: Any = field(default=None, compare=False)
+
+    def mark_serving(self) -> None:
+        if self.serving is not None:
+            self.serving.set()
+
+
+class StartupFailed(CrashLoop):
+    """A worker's first start ended before it served (a bad flag, file or model): as a single
+    router would, the group exits at once, with no restarts that would fail the same way."""
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -135,6 +148,7 @@ class RouterGroup:
             self.stop(self.args.grace + STOP_MARGIN_S)
 
     def _start(self, worker: _Worker) -> None:
+        worker.slot = replace(worker.slot, serving=self.context.Event())
         worker.process = self.context.Process(target=_worker_main, args=(self.args, worker.slot),
                                               name=f"router-{worker.slot.index}")
         worker.process.start()
@@ -148,6 +162,8 @@ class RouterGroup:
         if worker.restart_at is None:
             recent = self.policy.recent(worker.restarts, now)
             name = f"router worker {worker.slot.index} (pid {worker.process.pid})"
+            if not worker.restarts and not worker.slot.serving.is_set():
+                raise StartupFailed(f"{name} exited ({worker.process.exitcode}) before it served")
             if recent + 1 >= self.policy.crash_loop_restarts:
                 raise CrashLoop(f"{name} exited ({worker.process.exitcode}) after {recent} restarts "
                                 f"within {self.policy.crash_loop_window_s:.0f}s")

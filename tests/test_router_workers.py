@@ -15,6 +15,8 @@ import pickle
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -174,6 +176,16 @@ def test_pdserve_serve_passes_router_workers_to_its_router():
         assert router_args.command == "router" and router_args.router_workers == 3
     finally:
         stack.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_group_without_restarts(tmp_path):
+    missing = tmp_path / "missing.pem"
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "router", "--router-workers", "2", "--port", "0",
+                           "--http-port", "0", "--tls-cert", str(missing), "--tls-key", str(missing),
+                           "--decode-peers", "decode-0=127.0.0.1:1", *MODEL],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "before it served; stopping" in proc.stderr and "restarting" not in proc.stderr
 
 
 # ---- a stack whose router has two workers ------------------------------------------------------------
