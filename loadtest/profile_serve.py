@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,9 @@ def run_all(args: argparse.Namespace) -> dict[str, list]:
             for protocol, pool in pools.items():
                 pool.start()
                 names |= {pid: f"{protocol}-client-{i}" for i, pid in enumerate(pool.pids)}
+            if args.profile:  # warm: the stack's profilers start now (cprofile_hook)
+                for child in stack.children:
+                    child.proc.send_signal(signal.SIGUSR1)
             for r in range(args.repeats):
                 runs["offline"].append(offline(args, env))
                 print(f"run {r}: offline {runs['offline'][-1]['output_tokens_per_s']:,.0f} tok/s", flush=True)
@@ -348,9 +352,10 @@ def write_profile(args: argparse.Namespace) -> None:
     print(f"\ncProfile, top functions by own time:\n{report}")
     if args.write:
         key = f"{KEY}_cprofile" + (f"_{args.label}" if args.label else "")
-        note = ("The same run under cProfile (`--profile`; main threads only: the router's event loop and the "
-                "decode worker's gRPC front, not its engine thread), top functions by own time over the "
-                "whole run, both protocols. cProfile slows what it watches; read the shares, not the times.")
+        note = ("A run under cProfile (`--profile`; main threads only: the router's event loop and the decode "
+                "worker's gRPC front, not its engine thread; the thread's CPU clock, from warm-up to the end, both "
+                "protocols), top functions by own CPU time. cProfile slows what it watches; read the shares, not "
+                "the times.")
         write_section(args.write, key, "Where the router's and decode front's CPU goes (cProfile, issue #32)"
                       + (f", {args.label}" if args.label else ""), [note, f"```\n{report}\n```"])
 
