@@ -218,6 +218,7 @@ def _median_row(rows: list[dict]) -> dict:
         try:
             pct = cells[0].endswith("%") if isinstance(cells[0], str) else False
             values = [float(str(c).rstrip("%").replace(",", "")) for c in cells]
+            values = [v for v in values if v == v]  # a run that lacks a number (nan) has no say
         except ValueError:
             out[col] = "median"
             continue
@@ -276,16 +277,30 @@ MEASURED = ("repeats", "concurrency", "duration", "clients", "num_prompts", "pro
             "model_args", "router_args", "seed", "no_http")
 
 
-def load(path: Path, parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
-    """An earlier run's windows from its --out JSON; `args` takes that run's measured settings
-    (and its label, unless one is given)."""
-    data = json.loads(path.read_text())
+def load(paths: list[Path], parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
+    """Earlier runs' windows from their --out JSON, in order (runs of one tree interleaved with
+    another's come together here); `args` takes the first run's measured settings (and its
+    label, unless one is given) and the repeats of all of them."""
+    runs: dict[str, list] = {"offline": [], "grpc": [], "openai": []}
+    for path in reversed(paths):
+        data = json.loads(path.read_text())
+        runs = {k: [*part, *runs[k]] for k, part in _windows(data).items()}
+    _restore(parser, args, json.loads(paths[0].read_text())["args"])
+    args.repeats = len(runs["offline"])
+    return runs
+
+
+def _windows(data: dict) -> dict[str, list]:
+    return {"offline": data["offline"], **{p: [Window(**w) for w in data[p]] for p in ("grpc", "openai")}}
+
+
+def _restore(parser: argparse.ArgumentParser, args: argparse.Namespace, saved_args: dict) -> None:
+    data = {"args": saved_args}
     for action in parser._actions:
         saved = data["args"].get(action.dest)
         if saved is not None and (action.dest in MEASURED or (action.dest == "label" and not args.label)):
             value = saved in (True, "True") if action.dest == "no_http" else saved
             setattr(args, action.dest, action.type(value) if action.type and isinstance(value, str) else value)
-    return {"offline": data["offline"], **{p: [Window(**w) for w in data[p]] for p in ("grpc", "openai")}}
 
 
 def profile_report(profile_dir: Path, top: int = 15) -> str:
@@ -324,8 +339,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--write", type=Path, help="record the tables in this markdown file (BENCHMARKS.md)")
     parser.add_argument("--profile", type=Path, help="cProfile the router's and the decode worker's main threads "
                         "into this directory and print their top functions (slows them: not for the tables)")
-    parser.add_argument("--from", dest="saved", type=Path,
-                        help="measure nothing: print (and --write) the tables of an earlier run's --out JSON")
+    parser.add_argument("--from", dest="saved", type=Path, action="append",
+                        help="measure nothing: print (and --write) the tables of earlier runs' --out JSON "
+                        "(repeatable: their runs together)")
     return parser
 
 
