@@ -85,10 +85,13 @@ def measure(pool: ClientPool, level: Level, seeds: tuple[str, str], names: dict[
     tree1, machine1 = ProcessTree.snapshot(os.getpid()), MachineCpu.read()
     wall = outcome.elapsed_s
     cpu: dict[str, float] = {}
-    for pid, seconds in tree1.since(tree0).items():
-        if seconds > 0:
-            name = tree1.name(pid, names)
-            cpu[name] = cpu.get(name, 0.0) + seconds
+    for pid, seconds in sorted(tree1.since(tree0).items()):
+        name = key = tree1.name(pid, names)
+        same = 1
+        while key in cpu:  # processes of one name (router workers) get a row each, in pid order
+            same += 1
+            key = f"{name}-{same}"
+        cpu[key] = seconds
     summary = rate_result(level, outcome, SLO()).summary
     records = [r for r in outcome.records if r.ttft_s is not None]
     return Window(protocol, summary, sum(r.output_tokens for r in outcome.records),
@@ -152,7 +155,7 @@ def run_all(args: argparse.Namespace) -> dict[str, list]:
                     window = measure(pool, level, level_seeds(args.seed, r * 2 + i), names, protocol)
                     runs[protocol].append(window)
                     print(f"run {r}: {protocol} {window.summary['steady_output_throughput']:,.0f} tok/s, router "
-                          f"{window.per_token_us('router'):.0f} us/token", flush=True)
+                          f"{window.group('router') / max(window.tokens, 1) * 1e6:.0f} us/token", flush=True)
         finally:
             for pool in pools.values():
                 pool.close()
