@@ -24,13 +24,16 @@ def reshape_and_cache_ref(
 ) -> None:
     """Write each non-padding token's K and V (cast to the cache dtype) into its slot."""
     check_cache_args(key, value, k_cache, v_cache, slot_mapping)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
+    # Padding exists only in fixed-shape (CUDA-graph) steps; on the CPU, where this function
+    # is the engine's own path, skipping the boolean mask saves three gathers per layer.
+    if not (slot_mapping.is_cpu and bool((slot_mapping >= 0).all())):
+        keep = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     # Advanced indexing, not a flat view: works for any cache strides.
-    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+    k_cache[blocks, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, offsets] = value.to(v_cache.dtype)
 
 
 def check_cache_args(

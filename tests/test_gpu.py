@@ -204,3 +204,14 @@ def test_batch1_norm_linear_fuses_on_cuda_and_matches_the_unfused_path(monkeypat
             want, want_res = linear_mod.norm_linear(x, r, norm, w, b, silu_mul)
         torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
         assert torch.equal(res, want_res)
+
+
+def test_kv_pool_is_stored_head_major_on_the_gpu():
+    """On a GPU, each block's tokens of one KV head lie side by side in memory: what decode
+    attention reads per program (one KV head of a sequence) is one run per page."""
+    pool = make_llm("tiny-llama", device="cuda", num_kv_blocks=64).engine.runner.kv_cache
+    layers, kv, blocks, block_size, heads, dim = pool.shape
+    assert kv == 2 and pool.storage_offset() == 0
+    assert pool.stride()[3:] == (dim, block_size * dim, 1)
+    assert pool.stride()[:3] == (kv * blocks * block_size * heads * dim, blocks * block_size * heads * dim,
+                                 block_size * heads * dim)

@@ -78,21 +78,19 @@ class ModelRunner:
         self.block_size = layout.block_size
         self.num_kv_heads = model_config.num_kv_heads
         # One tensor for the whole pool, indexed (layers, K/V, blocks, block_size, kv_heads,
-        # head_dim) but stored head-major inside each block: a block's tokens of one KV head
-        # are block_size * head_dim contiguous elements, so decode attention, which reads one
-        # KV head per program, reads whole runs instead of head_dim-wide pieces a token row
-        # apart (H200: 1-4 points more of the copy bandwidth, BENCHMARKS.md). Every kernel and
-        # copy takes the strides, so nothing else sees the difference.
-        self.kv_cache = torch.zeros(
-            model_config.num_layers,
-            2,
-            layout.num_kv_blocks,
-            model_config.num_kv_heads,
-            layout.block_size,
-            model_config.head_dim,
-            dtype=layout.dtype,
-            device=self.device,
-        ).transpose(3, 4)
+        # head_dim). On a GPU it is stored head-major inside each block: a block's tokens of one
+        # KV head are block_size * head_dim contiguous elements, so decode attention, which reads
+        # one KV head per program, reads whole runs instead of head_dim-wide pieces a token row
+        # apart (H200: 1-4 points more of the copy bandwidth, BENCHMARKS.md). On the CPU it is
+        # stored as indexed: the torch backend gathers whole blocks (index_select), which is a
+        # plain copy only in that order. Every kernel and copy takes the strides, so nothing
+        # else sees the difference.
+        head_major = self.device.type == "cuda"
+        inner = ((model_config.num_kv_heads, layout.block_size) if head_major
+                 else (layout.block_size, model_config.num_kv_heads))
+        pool = torch.zeros(model_config.num_layers, 2, layout.num_kv_blocks, *inner, model_config.head_dim,
+                           dtype=layout.dtype, device=self.device)
+        self.kv_cache = pool.transpose(3, 4) if head_major else pool
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         max_blocks = -(-layout.max_model_len // layout.block_size)
         self.tables = BlockTableRows(max_rows, max_blocks, self.device)
