@@ -131,7 +131,7 @@ def run_all(args: argparse.Namespace) -> dict[str, list]:
         path = os.pathsep.join(filter(None, [str(HOOK), env.get("PYTHONPATH")]))
         stack_env = {**env, "PYTHONPATH": path, "PDSERVE_CPROFILE_DIR": str(args.profile.resolve())}
     stack = LocalStack(shlex.split(args.model_args), num_prefill=0, num_decode=1, env=stack_env, log_dir=args.log_dir,
-                       router_argv=shlex.split(args.router_args))
+                       router_argv=shlex.split(args.router_args), decode_argv=shlex.split(args.decode_args))
     with stack:
         names = {c.proc.pid: c.instance_id for c in stack.children}
         http_url = f"http://{stack.host}:{stack.http_port}"
@@ -257,7 +257,8 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
         f"machine's busy cores per run below). Model flags `{args.model_args}`, {args.threads} torch thread(s) per "
         f"process (OMP_NUM_THREADS), {args.prompt_len}-token prompts (random ids), {args.output_len} output tokens, "
         f"greedy, ignore_eos. Offline: `pdserve bench offline` with {args.num_prompts} prompts at once. Serve: "
-        f"`pdserve serve --prefill 0 --decode 1{' ' + args.router_args if args.router_args else ''}`, closed loop of "
+        f"`pdserve serve --prefill 0 --decode 1{' ' + args.router_args if args.router_args else ''}`"
+        f"{f' (decode worker: `{args.decode_args}`)' if args.decode_args else ''}, closed loop of "
         f"{args.concurrency} streams for {args.duration:g} s from {args.clients} client process(es); serve tok/s "
         "counts tokens that arrived while the loop was sending, over that time. CPU: each process's utime+stime "
         "(/proc) during the window over the tokens streamed in it; `serve µs/tok` sums every process (router, "
@@ -266,7 +267,8 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
         "Runs interleaved: offline, gRPC, HTTP, repeat. "
         f"Command: `python loadtest/profile_serve.py --repeats {args.repeats} --concurrency {args.concurrency} "
         f"--duration {args.duration:g} --clients {args.clients}"
-        + (f" --router-args '{args.router_args}'" if args.router_args else "") + "`" + (f" ({args.label})." if args.label else ".")
+        + (f" --router-args '{args.router_args}'" if args.router_args else "")
+        + (f" --decode-args '{args.decode_args}'" if args.decode_args else "") + "`" + (f" ({args.label})." if args.label else ".")
     )
     parts = [setup, "gRPC (`Generate`):", tables["grpc"]]
     if "openai" in tables:
@@ -277,7 +279,7 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
 
 
 MEASURED = ("repeats", "concurrency", "duration", "clients", "num_prompts", "prompt_len", "output_len", "threads",
-            "model_args", "router_args", "seed", "no_http")
+            "model_args", "router_args", "decode_args", "seed", "no_http")
 
 
 def load(paths: list[Path], parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
@@ -333,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--model-args", default=MODEL_ARGS)
     parser.add_argument("--router-args", default="", help="extra router flags, e.g. '--router-workers 2'")
+    parser.add_argument("--decode-args", default="", help="extra decode worker flags, e.g. '--stream-interval 4'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-http", action="store_true", help="skip the OpenAI HTTP path")
     parser.add_argument("--log-dir", type=Path)
