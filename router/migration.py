@@ -120,12 +120,13 @@ class Progress:
     def add(self, response: common_pb2.GenerateResponse) -> int:
         """Record a response on its way to the client; returns how many tokens it carried."""
         count = 0
-        for delta in response.outputs:
-            seq = self.seqs[delta.index]
-            seq.token_ids.extend(delta.token_ids)
+        for delta in response.outputs:  # on every token's path: each protobuf field read once
+            seq, ids = self.seqs[delta.index], delta.token_ids
+            seq.token_ids += ids
             seq.text_chars += len(delta.text)
-            seq.finished = seq.finished or bool(delta.finish_reason)
-            count += len(delta.token_ids)
+            if delta.finish_reason:
+                seq.finished = True
+            count += len(ids)
         return count
 
     @property

@@ -213,35 +213,43 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         timer = metrics.StreamTimer()
         attempts = Attempts(self.migration, prepared.params.n)
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                route = await self._route(prepared, attempts)
+                try:
+                    async for response in self._attempt(prepared, request, route, deadline, timer, attempts):
+                        yield response
+                    return
+                except Refused:
+                    attempts.refused.add(route.decode.instance_id)
+                except Broken as e:
+                    attempts.broke(route.decode.instance_id, e)  # raises once the limit is spent
+                    router_metrics.MIGRATIONS.labels(e.reason).inc()
+                    log.warning("request %s: %s; migrating it (%d of at most %d) with %d tokens streamed",
+                                prepared.request_id, e, attempts.migrations, self.migration.limit,
+                                attempts.progress.completion_tokens)
+        finally:
+            timer.flush()  # the inter-token gaps into the histogram, however the stream ended
+
+    async def _route(self, prepared: Prepared, attempts: Attempts) -> Route:
+        """The next instances to try; raises the error for the client when none is left."""
         ids, salt = prepared.prompt_token_ids, prepared.params.cache_salt
-        while True:
-            route = await self.selector.select(ids, salt, exclude=attempts.exclude())
-            if route is None and attempts.failed:
-                route = await self.selector.select(ids, salt, exclude=attempts.fallback_exclude())
-            if route is None:
-                error = attempts.no_route()
-                if isinstance(error, OverloadedError):
-                    metrics.ADMISSION_REJECTIONS.labels("router").inc()
-                raise error
-            try:
-                async for response in self._attempt(prepared, request, route, deadline, timer, attempts):
-                    yield response
-                return
-            except Refused:
-                attempts.refused.add(route.decode.instance_id)
-            except Broken as e:
-                attempts.broke(route.decode.instance_id, e)  # raises once the limit is spent
-                router_metrics.MIGRATIONS.labels(e.reason).inc()
-                log.warning("request %s: %s; migrating it (%d of at most %d) with %d tokens streamed",
-                            prepared.request_id, e, attempts.migrations, self.migration.limit,
-                            attempts.progress.completion_tokens)
+        route = await self.selector.select(ids, salt, exclude=attempts.exclude())
+        if route is None and attempts.failed:
+            route = await self.selector.select(ids, salt, exclude=attempts.fallback_exclude())
+        if route is None:
+            error = attempts.no_route()
+            if isinstance(error, OverloadedError):
+                metrics.ADMISSION_REJECTIONS.labels("router").inc()
+            raise error
+        return route
 
     async def _attempt(self, prepared: Prepared, request: router_pb2.GenerateRequest, route: Route,
                        deadline: float | None, timer: metrics.StreamTimer,
                        attempts: Attempts) -> AsyncIterator[common_pb2.GenerateResponse]:
         """One decode instance's try. Raises Refused if it is overloaded before any response,
         Broken if its stream breaks or stalls (the request may migrate)."""
-        ids = prepared.prompt_token_ids
+        ids, progress = prepared.prompt_token_ids, attempts.progress
         # Ids differ per attempt: an instance that failed the request may be tried again.
         request_id = prepared.request_id if not attempts.migrating else f"{prepared.request_id}-m{attempts.migrations}"
         resume = attempts.progress.resume()
@@ -264,6 +272,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if prefill:
             prefill.in_flight += 1
         started = False
+        # Decode's replies carry the id it knows the request by: the reply id unless the client
+        # chose its own or the request migrated (only then is a rewrite per response needed).
+        rename = bool(prepared.client_request_id) or attempts.migrating
+        reply_id = prepared.reply_id
         try:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             stream = self._decode_stream(decode).start(decode_request, timeout)
@@ -273,19 +285,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         response = await stream.read()
                     except Broken as e:
                         raise Broken(e.code, f"decode {decode.instance_id} {e}", e.reason) from None
-                    if not response.outputs and not response.finished:
+                    finished = response.finished
+                    if not finished and not response.outputs:
                         continue  # nothing new (heartbeats travel as empty frames: none expected)
                     if not started:
                         started = True
                         attempts.started(decode.instance_id)
-                    if timer.tokens(attempts.progress.add(response)) and prefill:
+                    if timer.tokens(progress.add(response)) and prefill:
                         prefill.in_flight -= 1  # prefill's part is done once the first token is out
                         prefill = None
-                    if response.finished:
+                    if finished:
                         self._finish(response, timer, attempts)
-                    response.request_id = prepared.reply_id
+                    if rename:
+                        response.request_id = reply_id
                     yield response
-                    if response.finished:
+                    if finished:
                         return
             except StreamError as e:
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not started and not attempts.migrating:

@@ -7,6 +7,7 @@ Each process exposes its own registry over HTTP (`/metrics`); the router serves 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -49,13 +50,21 @@ def serve_metrics(host: str, port: int) -> None:
 
 
 class StreamTimer:
-    """TTFT, inter-token latency and e2e latency of one streamed request, into the histograms."""
+    """TTFT, inter-token latency and e2e latency of one streamed request, into the histograms.
+
+    Inter-token gaps (one per `tokens` call: per message on the router, per engine output on
+    a decode worker) are bucketed here and added to ITL when the stream ends (`flush`, also
+    by `finished` and `aborted`): a Histogram.observe per message took a lock, and in
+    prometheus multiprocess mode (router workers) an mmap write, on every token's path. The
+    histogram means what it did; its samples arrive when each request ends instead of live."""
 
     def __init__(self) -> None:
         self.start = self.last = time.monotonic()
         self.first: float | None = None
         self.count = 0
         self.done = False
+        self._gaps = [0] * (len(_ITL) + 1)  # per ITL bucket, +Inf last
+        self._gaps_sum = 0.0
 
     def tokens(self, count: int) -> bool:
         """Record a message carrying `count` new tokens; True if it carried the first ones."""
@@ -63,17 +72,26 @@ class StreamTimer:
             return False
         self.count += count
         now = time.monotonic()
-        first = self.first is None
-        if first:
-            self.first = now
+        if self.first is None:
+            self.first = self.last = now
             TTFT.observe(now - self.start)
-        else:
-            ITL.observe(now - self.last)
+            return True
+        gap = now - self.last
         self.last = now
-        return first
+        self._gaps[bisect_left(_ITL, gap)] += 1  # Histogram.observe's bucket: the first bound >= gap
+        self._gaps_sum += gap
+        return False
+
+    def flush(self) -> None:
+        """The gaps seen so far into ITL (idempotent: each gap is added once)."""
+        if any(self._gaps):
+            observe_bucketed(ITL, self._gaps, self._gaps_sum)
+            self._gaps = [0] * len(self._gaps)
+            self._gaps_sum = 0.0
 
     def finished(self, finish_reasons: list[str]) -> None:
         self.done = True
+        self.flush()
         E2E.observe(time.monotonic() - self.start)
         GENERATION_TOKENS.inc(self.count)
         for reason in finish_reasons:
@@ -83,7 +101,23 @@ class StreamTimer:
     def aborted(self) -> None:
         """The stream ended before the request finished (the caller cancelled or left): counted,
         as vLLM does, as finish reason "abort", with the tokens it got."""
+        self.flush()
         if not self.done:
             self.done = True
             GENERATION_TOKENS.inc(self.count)
             REQUESTS.labels("abort").inc()
+
+
+def observe_bucketed(histogram: Histogram, counts: list[int], total: float) -> None:
+    """Observations already sorted into `histogram`'s buckets (counts[i] fell in bucket i, +Inf
+    last; `total` their sum), added with one update per bucket used. prometheus_client has no
+    bulk observe: this writes what its Histogram.observe writes (per-bucket counts, the sum), so
+    a scrape, single process or multiprocess, reads the same (tests/test_stream_metrics.py
+    checks it against observe)."""
+    buckets = histogram._buckets  # noqa: SLF001 - see above
+    if len(counts) != len(buckets):
+        raise ValueError(f"{len(counts)} counts for {len(buckets)} buckets")
+    for bucket, count in zip(buckets, counts):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(total)  # noqa: SLF001
