@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import grpc
+
 from pdserve.v1 import router_pb2, worker_pb2_grpc
 from router.migration import MigrationPolicy
 from router.policy import RoutingConfig, make_policy
@@ -63,12 +65,14 @@ def core(decode_llm):
 
 
 @contextlib.asynccontextmanager
-async def served(core, stream_interval: int = 1, migration: MigrationPolicy = MigrationPolicy()):
-    """A decode worker on `core` (the workers' server plumbing) and an in-process router in front of it."""
+async def served(core, stream_interval: int = 1, migration: MigrationPolicy = MigrationPolicy(),
+                 older: bool = False):
+    """A decode worker on `core` (the workers' server plumbing) and an in-process router in front of it;
+    `older`: a worker of a version before GenerateStream (grpc answers that method UNIMPLEMENTED)."""
     engine = AsyncEngine(core=core)
     servicer = DecodeServicer(engine, "d", transport=None, stream_interval=stream_interval)
-    server, _, port = await start_server([lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s)],
-                                         ["pdserve.v1.DecodeWorker"], "127.0.0.1", 0)
+    add = add_without_generate_stream if older else worker_pb2_grpc.add_DecodeWorkerServicer_to_server
+    server, _, port = await start_server([lambda s: add(servicer, s)], ["pdserve.v1.DecodeWorker"], "127.0.0.1", 0)
     registry = StaticRegistry({}, {"d": f"127.0.0.1:{port}"})
     router = RouterServicer(registry, make_policy("least_loaded", RoutingConfig()), None, "tiny", 512, 256,
                             migration=migration)
@@ -79,6 +83,16 @@ async def served(core, stream_interval: int = 1, migration: MigrationPolicy = Mi
         await server.stop(0)
         router.close()
         engine.shutdown()
+
+
+def add_without_generate_stream(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
+    """The DecodeWorker service as an older worker registers it: every method but GenerateStream."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    capture = SimpleNamespace(add_generic_rpc_handlers=lambda _: None,
+                              add_registered_method_handlers=lambda _, h: handlers.update(h))
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, capture)
+    del handlers["GenerateStream"]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pdserve.v1.DecodeWorker", handlers),))
 
 
 def prepared(ids: list[int], params: SamplingParams, request_id: str) -> tuple[Prepared, router_pb2.GenerateRequest]:
@@ -214,3 +228,27 @@ def test_a_stream_that_goes_silent_breaks_every_request_on_it_and_frees_their_bl
     results = asyncio.run(scenario())
     assert all(isinstance(r, UpstreamError) and r.grpc_status == "UNAVAILABLE" for r in results), results
     assert all("sent nothing" in str(r) for r in results), results
+
+
+def test_a_worker_without_generate_stream_gets_a_generate_call_per_request(core, reference):
+    """A rolling upgrade: a router meets a decode worker that predates GenerateStream. The
+    requests started on the stream before its UNIMPLEMENTED came back go on Generate calls, as
+    do later ones; cancel and deadlines still end them and free their blocks."""
+    async def scenario():
+        async with served(core, older=True) as s:
+            frames, _ = counters()
+            first = await asyncio.gather(*(tokens_of(s.router, prompt(i), request_id=f"r{i}") for i in range(8)))
+            later = await tokens_of(s.router, prompt(8), request_id="r8")
+            long = s.router.stream(*prepared(prompt(9), LONG_RUN, "long"), 120.0)
+            await anext(long)
+            await long.aclose()
+            with pytest.raises(UpstreamError) as error:
+                await tokens_of(s.router, prompt(10), LONG_RUN, "slow", timeout=0.05)
+            await all_free(s.engine)
+            (instance,) = s.registry.decodes()
+            return first, later, counters()[0] - frames, instance.stream.per_request, error.value
+
+    first, later, frames, per_request, error = asyncio.run(scenario())
+    assert first == reference[:8] and later == reference[8]
+    assert frames == 0 and per_request
+    assert error.grpc_status == "DEADLINE_EXCEEDED"
