@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from pdserve.v1 import common_pb2, router_pb2
 from router import openai_protocol as protocol
-from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage
+from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage, sse
 from router.server import RouterServicer
 from services.engine.errors import InvalidRequestError, PdserveError
 
@@ -153,28 +153,29 @@ class OpenAIServer:
     async def _events(self, first: tuple[int, common_pb2.GenerateResponse] | None,
                       merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
                       body: protocol.SamplingFields) -> AsyncIterator[str]:
-        n, states, usage = body.n, {}, Usage()
+        n, states, usage, include_usage = body.n, {}, Usage(), body.include_usage
         if fmt.kind == "chat":
             for index in range(n):
-                yield _event(fmt.chunk([fmt.role_choice(index)], body.include_usage))
+                yield sse(fmt.chunk([fmt.role_choice(index)], body.include_usage))
         try:
             item: tuple[int, common_pb2.GenerateResponse] | None = first
             while item is not None:
                 prompt_index, response = item
                 for delta in response.outputs:
                     index = prompt_index * n + delta.index
-                    state = states.setdefault(index, ChoiceState(index))
-                    fmt.apply(state, delta)
-                    choice = fmt.delta_choice(state, delta, n)
-                    if choice is not None:
-                        yield _event(fmt.chunk([choice], body.include_usage))
+                    state = states.get(index)
+                    if state is None:
+                        state = states[index] = ChoiceState(index)
+                    event = fmt.delta_event(state, delta, n, include_usage)
+                    if event is not None:
+                        yield event
                 if response.finished:
                     usage.add(response.usage)
                 item = await anext(merged, None)
             if body.include_usage:
-                yield _event(fmt.usage_chunk(usage))
+                yield sse(fmt.usage_chunk(usage))
         except PdserveError as e:
-            yield _event(error_body(e))
+            yield sse(error_body(e))
         finally:
             await merged.aclose()
         yield "data: [DONE]\n\n"
@@ -296,5 +297,3 @@ def _validation_error(e: ValidationError) -> JSONResponse:
     return error_response(err, loc.split(".")[0] if loc else None)
 
 
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"

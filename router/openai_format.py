@@ -10,6 +10,7 @@ are each token decoded alone ("token_id:N" for a model without a tokenizer).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from services.engine.tokenizer import Tokenizer
 
 # JSON has no -inf: the floor OpenAI-compatible servers report instead.
 _MIN_LOGPROB = -9999.0
+# One encoder: json.dumps with separators builds a JSONEncoder per call (per SSE chunk).
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def sse(body: dict[str, Any]) -> str:
+    """One server-sent event carrying `body` as compact JSON."""
+    return f"data: {_JSON.encode(body)}\n\n"
 
 
 @dataclass
@@ -86,6 +94,7 @@ class ResponseFormat:
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.stop_token_ids = set(stop_token_ids)
         self.echo = echo  # completions with echo: each prompt's text, per prompt index
+        self._templates: dict[bool, tuple[str, str, str]] = {}  # include_usage -> a text chunk's parts
 
     # ---- accumulating ------------------------------------------------------------------------
 
@@ -136,6 +145,35 @@ class ResponseFormat:
     def role_choice(self, index: int) -> dict[str, Any]:
         """Chat streams open every choice with the assistant's role."""
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta_event(self, state: ChoiceState, delta: common_pb2.CompletionDelta, n: int,
+                    include_usage: bool) -> str | None:
+        """One delta's SSE event, or None if it adds nothing. Streaming keeps in `state` only what
+        chunks need (finish, started, the logprobs text offset), not the text or tokens so far.
+        The common chunk, text alone, is filled into a template made once per response: the same
+        bytes as sse(chunk(...)) for a fraction of the CPU (issue #32)."""
+        if delta.finish_reason:
+            state.finish_reason = delta.finish_reason
+            state.stop_reason = self._stop_reason(delta.stop_reason)
+        elif self.top_logprobs is None and (state.started or not self.echo):
+            if not delta.text:
+                return None
+            state.started = True
+            head, mid, tail = self._templates.get(include_usage) or self._template(include_usage)
+            return f"{head}{state.index}{mid}{_JSON.encode(delta.text)}{tail}"
+        choice = self.delta_choice(state, delta, n)
+        return None if choice is None else sse(self.chunk([choice], include_usage))
+
+    def _template(self, include_usage: bool) -> tuple[str, str, str]:
+        """A text chunk as sse(chunk([delta_choice(...)])) renders it, split around index and text."""
+        marker = -987654321
+        choice = {"index": marker, "text": "\0"} if self.kind == "completion" else \
+            {"index": marker, "delta": {"content": "\0"}}
+        event = sse(self.chunk([{**choice, "logprobs": None, "finish_reason": None}], include_usage))
+        head, _, rest = event.partition(str(marker))
+        mid, _, tail = rest.partition(_JSON.encode("\0"))
+        self._templates[include_usage] = head, mid, tail
+        return head, mid, tail
 
     def delta_choice(self, state: ChoiceState, delta: common_pb2.CompletionDelta, n: int) -> dict[str, Any] | None:
         """The chunk choice of one delta (already applied to `state`), or None if it adds nothing."""
