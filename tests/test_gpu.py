@@ -82,14 +82,14 @@ def test_prefill_and_decode_on_one_gpu_ship_kv_by_reference(tmp_path, transport,
     import concurrent.futures
 
     from services.cli.stack import LocalStack
-    from tests.test_services import GREEDY, generate, wait_all_free
+    from tests.test_services import GREEDY, generate, kv_faults, wait_all_free
 
     model = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512", "--dtype", "float32",
              "--num-kv-blocks", "512"]
     reference = make_llm("tiny-llama", dtype="float32", num_kv_blocks=512)
     prompts = [list(range(2000 + 50 * i, 2150 + 50 * i)) for i in range(6)]  # 150 tokens: prefilled remotely
     expected = [o.outputs[0].token_ids for o in reference.generate(prompts, GREEDY)]
-    env = {**os.environ, "PDSERVE_TEST_PERTURB_KV": "1"} if perturb else None
+    env = {**os.environ, **kv_faults("PDSERVE_TEST_PERTURB_KV")} if perturb else None
     with LocalStack(model, 1, 1, log_dir=tmp_path, env=env, decode_argv=["--kv-transport", transport]) as stack:
         import grpc
 

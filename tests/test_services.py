@@ -279,6 +279,12 @@ def test_handshake_with_a_mismatched_identity_is_failed_precondition(stack):
 # ---- faults: extra processes beside the shared stack --------------------------------------------
 
 
+def kv_faults(name: str) -> dict[str, str]:
+    """The environment that turns on one of tests/kv_faults' faults in a spawned worker."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {"PYTHONPATH": os.pathsep.join([os.path.join(root, "tests", "kv_faults"), root]), name: "1"}
+
+
 def spawn(tmp_path, role: str, extra: list[str], env: dict | None = None, model=MODEL) -> Child:
     port = free_port()
     child = Child(role, f"{role}-x{port}", f"127.0.0.1:{port}", 0,
@@ -327,7 +333,7 @@ def as_stack_peer(stack: LocalStack) -> list[str]:
 def test_decode_really_uses_the_shipped_kv(stack, tmp_path, reference):
     peers = f"prefill-0={stack.prefills[0].address}"
     perturbing = spawn(tmp_path, "decode", ["--prefill-peers", peers, *as_stack_peer(stack)],
-                       env={"PDSERVE_TEST_PERTURB_KV": "1"})
+                       env=kv_faults("PDSERVE_TEST_PERTURB_KV"))
     try:
         wait_serving(perturbing)
         other = list(range(3000, 3150))  # not in this worker's prefix cache
@@ -454,7 +460,7 @@ def test_colocated_stack_without_prefill_workers_prefills_on_decode(tmp_path, re
 
 
 def test_corrupted_blocks_are_detected_and_the_request_recomputes_locally(tmp_path, reference):
-    corrupting = spawn(tmp_path, "prefill", [], env={"PDSERVE_TEST_CORRUPT_KV": "1"})
+    corrupting = spawn(tmp_path, "prefill", [], env=kv_faults("PDSERVE_TEST_CORRUPT_KV"))
     decode = spawn(tmp_path, "decode", ["--prefill-peers", f"bad={corrupting.address}"])
     try:
         wait_serving(corrupting)

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
-import torch
 
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
@@ -52,9 +49,6 @@ from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.decode")
 T = TypeVar("T")
-
-# Test-only: perturb received K after the checksum check, to prove decode uses shipped KV.
-_PERTURB_KV = os.environ.get("PDSERVE_TEST_PERTURB_KV") == "1"
 
 
 class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
@@ -196,12 +190,6 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
             engine.fail_kv(request_id, "internal error (logged)")
 
     def _receive(self, request_id: str, block: BlockData, record: common_pb2.DisaggregationRecord) -> None:
-        if _PERTURB_KV:  # noise (std 5), not a constant: softmax ignores a shift common to all keys
-            tensor = block.tensor.clone()  # a by-reference block is a view of the peer's cache
-            k = tensor[:, 0]
-            noise = torch.randn(k.shape, generator=torch.Generator().manual_seed(block.block_index))
-            k.add_((5 * noise).to(k.device, k.dtype))
-            block = dataclasses.replace(block, tensor=tensor)
         record.kv_blocks_shipped += 1
         record.kv_bytes_shipped += block.nbytes
         metrics.KV_BLOCKS_SHIPPED.labels("received").inc()

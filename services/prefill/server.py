@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import grpc
 
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
-from services.engine.async_engine import AsyncEngine
 from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
 from services.kv import cuda_ipc, wire
 from services.rpc import metrics
@@ -30,9 +28,6 @@ from services.rpc.server import abort_with
 from services.rpc.worker import WorkerServicerBase
 
 log = logging.getLogger("pdserve.prefill")
-
-# Test-only: flip one byte of every shipped block after its checksum, to prove corruption is caught.
-_CORRUPT_KV = os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1"
 
 KV_HOLD_TIMEOUT_S = 60.0  # blocks shipped by reference are freed this long after the stream, at the latest
 
@@ -95,8 +90,6 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                         nbytes = self._block_bytes(block.num_tokens)
                     else:
                         msg = wire.encode(block)
-                        if _CORRUPT_KV:
-                            msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]
                         nbytes = len(msg.data)
                     metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
                     metrics.KV_BYTES_SHIPPED.labels("sent").inc(nbytes)

@@ -1,0 +1,43 @@
+"""Test-only KV faults, loaded through a spawned worker's PYTHONPATH (tests/test_services.py,
+tests/test_gpu.py); the product carries no such switch. In that worker's environment:
+
+PDSERVE_TEST_PERTURB_KV=1  decode adds noise to the K of every block it receives, after the
+                           checksum check: output then differs iff decode really uses shipped KV.
+PDSERVE_TEST_CORRUPT_KV=1  prefill flips one byte of every block it ships by bytes, after the
+                           checksum: decode must detect it and recompute locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+if os.environ.get("PDSERVE_TEST_PERTURB_KV") == "1":
+    import torch
+
+    from services.decode import server as _decode
+
+    _receive = _decode.DecodeServicer._receive
+
+    def _perturbed(self, request_id, block, record):
+        # Noise (std 5), not a constant: softmax ignores a shift common to all keys. A clone,
+        # since a by-reference block is a view of the peer's cache.
+        tensor = block.tensor.clone()
+        k = tensor[:, 0]
+        noise = torch.randn(k.shape, generator=torch.Generator().manual_seed(block.block_index))
+        k.add_((5 * noise).to(k.device, k.dtype))
+        return _receive(self, request_id, dataclasses.replace(block, tensor=tensor), record)
+
+    _decode.DecodeServicer._receive = _perturbed
+
+if os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1":
+    from services.kv import wire as _wire
+
+    _encode = _wire.encode
+
+    def _corrupted(block):
+        msg = _encode(block)
+        msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]
+        return msg
+
+    _wire.encode = _corrupted
