@@ -93,6 +93,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_keys: ApiKeys | None = None) -> None:
         self.api_keys = api_keys if api_keys else None
         self.in_flight = InFlight()
+        # grpc hands back the same handler object per method: wrap each once, not once per call
+        self._guarded: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         metadata = handler_call_details.invocation_metadata or ()
@@ -106,7 +108,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if not self.api_keys.check(token if isinstance(token, str) else None):
                 return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required "
                                "(metadata authorization: Bearer KEY)")
-        return _guarded(handler, self.in_flight)
+        guarded = self._guarded.get(handler)
+        if guarded is None:
+            guarded = _guarded(handler, self.in_flight)
+            if len(self._guarded) < 1024:  # a bound, should some server make handlers per call
+                self._guarded[handler] = guarded
+        return guarded
 
 
 def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
