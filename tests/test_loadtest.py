@@ -462,3 +462,35 @@ def test_two_client_processes_stream_openai_completions_and_count_every_chunk(st
     assert all(r["output_tokens"] == 5 and r["prompt_tokens"] == 16 and len(r["itl_s"]) <= 4 for r in records)
     assert len(summary["clients"]) == 2
     wait_all_free(stack, timeout=30)
+
+
+def test_profile_serve_tables_cpu_per_streamed_token_per_process_and_their_medians(tmp_path):
+    """loadtest/profile_serve.py --from: an earlier run's numbers give exact tables and a section."""
+    from loadtest import profile_serve
+
+    def window(protocol: str, router_s: float, tps: float) -> dict:
+        summary = {"steady_output_throughput": tps, "tpot_ms": {"p50": 50.0}, "failed": 0,
+                   "clients": [{"cpu_fraction": 0.5}, {"cpu_fraction": 0.9}]}
+        cpu = {"router": router_s, "decode-0": 4.0, f"{protocol}-client-0": 0.5, f"{protocol}-client-1": 0.5}
+        return {"protocol": protocol, "summary": summary, "tokens": 10_000, "messages": 5_000, "wall_s": 10.0,
+                "cpu_s": cpu, "busy_cores": 2.0, "load1": 3.0}
+
+    saved = {"args": {"repeats": 2, "concurrency": 8, "duration": 10.0, "clients": 2, "label": "x"},
+             "offline": [{"output_tokens": 1000, "output_tokens_per_s": 2000.0, "cpu_s": 0.3}] * 2,
+             "grpc": [window("grpc", 1.0, 1000.0), window("grpc", 2.0, 1500.0)],
+             "openai": [window("openai", 1.0, 800.0), window("openai", 1.0, 800.0)]}
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    report = tmp_path / "B.md"
+    sys_argv = ["profile_serve", "--from", str(tmp_path / "run.json"), "--write", str(report)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", sys_argv)
+        profile_serve.main()
+    text = report.read_text()
+    assert "<!-- profile_serve_x:begin -->" in text and "closed loop of 8 streams for 10 s from 2" in text
+    # Run 0: router 1 s over 10,000 tokens = 100 µs/token; decode 400; the clients 100 together; 2 cores busy,
+    # ours 0.6 of them, so others' 1.4; the busiest client at 90% of a core.
+    assert "| 0 | 3.00 | 2.00 | 1.40 | 2,000 | 1,000 | 0.50 | 300 | 600 | 50.0 | 2.00 | 100 | 400 | 100 | 90% | 0 |" in text
+    assert "| median | 3.00 | 2.00 | 1.35 | 2,000 | 1,250 | 0.62 | 300 | 650 | 50.0 | 2.00 | 150 | 400 | 100 | 90% | 0 |" in text
+    # SSE: per chunk (5,000 of them): the router 200 µs; decode still per token.
+    assert "| 0 | 3.00 | 2.00 | 1.40 | 800 | 0.40 | 50.0 | 2.00 | 200 | 400 | 200 | 90% | 0 |" in text
+    assert "| router | 15% | 150 | 10% | 200 |" in text
