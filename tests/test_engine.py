@@ -276,3 +276,21 @@ def test_decode_launch_settings_follow_programs_per_sm(monkeypatch):
         (82, 8): (4, 1024, 128), (83, 8): (4, 512, 64), (256, 3): (4, 512, 64), (256, 8): (4, 512, 64),
     }
     assert cuda_graphs.decode_splits(64, 8, torch.device("cpu")) == (1, 64, 64)
+
+
+def test_the_cpu_engine_picks_one_matmul_form_and_both_forms_agree(monkeypatch):
+    """layers/linear.py: few-row CPU products as x @ W^T or (W @ x^T)^T, whichever this CPU
+    runs faster over the given weights; both give the same numbers."""
+    import torch
+
+    from services.engine.layers import linear
+
+    monkeypatch.setattr(linear, "_cpu_transposed", linear._cpu_transposed)
+    w, x = torch.randn(96, 64), torch.randn(16, 64)
+    outputs = []
+    for transposed in (True, False):
+        linear._cpu_transposed = transposed
+        outputs.append(linear.linear(x, w))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    chosen = linear.choose_cpu_orientation([w, torch.randn(32, 96)], rounds=2)
+    assert linear._cpu_transposed is chosen

@@ -15,6 +15,7 @@ gather on the device.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +26,14 @@ from services.engine.attention import AttentionBackend, AttentionContext, Attent
 from services.engine.block_table import BlockTableRows
 from services.engine.config import EngineLayout
 from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_splits
+from services.engine.layers import linear
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import SampledToken
 from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
 from services.engine.sequence import PENDING_TOKEN
+
+log = logging.getLogger("pdserve.engine")
 
 
 @dataclass
@@ -77,6 +81,9 @@ class ModelRunner:
         self.device = layout.device
         self.block_size = layout.block_size
         self.num_kv_heads = model_config.num_kv_heads
+        if self.device.type == "cpu":  # which matmul form this CPU runs faster (layers/linear.py)
+            weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+            log.info("few-row CPU matmuls as (W @ x^T)^T: %s", linear.choose_cpu_orientation(weights))
         # One tensor for the whole pool, indexed (layers, K/V, blocks, block_size, kv_heads,
         # head_dim). On a GPU it is stored head-major inside each block: a block's tokens of one
         # KV head are block_size * head_dim contiguous elements, so decode attention, which reads

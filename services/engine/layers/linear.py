@@ -1,9 +1,11 @@
 """Linear layer whose matmul orientation is chosen for the CPU.
 
-On the CPU, MKL's sgemm computes y = x @ W^T for a few rows of x markedly faster as
+On some CPUs, MKL's sgemm computes y = x @ W^T for a few rows of x markedly faster as
 (W @ x^T)^T: about 2x for one decoder layer and up to 3x for the LM head at 4-32 rows on the
-2-core AVX2 machine (loadtest/bench_offline_vs_hf.py records the end-to-end effect). From a
-few hundred rows on, and on GPUs, the plain form is as fast or faster.
+2-core AMD EPYC machine of 2026-11-25; on the 2-core Intel Xeon of 2026-12-05 the plain form
+was faster (the default model's decode steps: 12% less end to end). So the CPU engine times
+both over its own weights once at start-up (`choose_cpu_orientation`) and keeps the faster.
+From a few hundred rows on, and on GPUs, the plain form is as fast or faster.
 
 On a GPU, a single row (batch-1 decode) goes to the Triton GEMV (kernels/gemv.py), faster
 than cuBLAS's GEMMs for weights up to ~16 MB; larger ones (LM heads, big MLPs) stay on
@@ -15,12 +17,14 @@ projections (and SwiGLU's SiLU-and-mul behind gate_up) into the same launch
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _FEW_ROWS = 128
+_cpu_transposed = True  # few-row CPU products as (W @ x^T)^T; set by choose_cpu_orientation
 _GEMV_MAX_BYTES = 16 << 20  # H200, cold weights: GEMV ahead at 12.6 MB (Llama-1B qkv), cuBLAS from 34 MB
 FUSE_NORM_GEMV = os.environ.get("PDSERVE_FUSE_NORM_GEMV", "1") != "0"  # read when a forward runs (or is captured)
 
@@ -32,7 +36,7 @@ def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) -> (T, out) = x @ weight^T + bias."""
-    if x.is_cpu and x.dim() == 2 and 1 < x.shape[0] <= _FEW_ROWS:
+    if _cpu_transposed and x.is_cpu and x.dim() == 2 and 1 < x.shape[0] <= _FEW_ROWS:
         y = torch.mm(weight, x.t()).t().contiguous()
         return y if bias is None else y + bias
     if _takes_gemv(x, weight):
@@ -70,6 +74,30 @@ def norm_linear(
         return silu_and_mul(y), residual
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up, residual
+
+
+def choose_cpu_orientation(weights: list[torch.Tensor], rows: int = 16, rounds: int = 3) -> bool:
+    """Time a few-row product with each of `weights` in both forms, interleaved, best of
+    `rounds` passes each, and keep the faster form for every later CPU call; returns whether
+    the transposed form won. A pass over the model's own weights reads them from memory as a
+    decode step does (one weight timed alone stays in cache and favours another form)."""
+    global _cpu_transposed
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def one_pass(transposed: bool) -> float:
+        start = time.perf_counter()
+        for w in weights:
+            x = inputs[w.shape[1]]
+            torch.mm(w, x.t()).t().contiguous() if transposed else F.linear(x, w)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        plain, transposed = [], []
+        for _ in range(rounds):
+            plain.append(one_pass(False))
+            transposed.append(one_pass(True))
+    _cpu_transposed = min(transposed) < min(plain)
+    return _cpu_transposed
 
 
 class Linear(nn.Linear):
