@@ -21,9 +21,11 @@ REQUESTS = Counter("pdserve:request_success", "Finished requests", ["finished_re
 PROMPT_TOKENS = Counter("pdserve:prompt_tokens", "Prompt tokens of finished requests")
 GENERATION_TOKENS = Counter("pdserve:generation_tokens", "Generated tokens of finished requests")
 
-RUNNING = Gauge("pdserve:num_requests_running", "Sequences in the running batch")
-WAITING = Gauge("pdserve:num_requests_waiting", "Sequences waiting (incl. for remote KV)")
-KV_USAGE = Gauge("pdserve:kv_cache_usage_perc", "Fraction of KV blocks held by sequences")
+# Workers set these; a router with --router-workers (prometheus_client's multiprocess mode)
+# defines them too, by importing this module: "livesum" keeps it at one series, not one per pid.
+RUNNING = Gauge("pdserve:num_requests_running", "Sequences in the running batch", multiprocess_mode="livesum")
+WAITING = Gauge("pdserve:num_requests_waiting", "Sequences waiting (incl. for remote KV)", multiprocess_mode="livesum")
+KV_USAGE = Gauge("pdserve:kv_cache_usage_perc", "Fraction of KV blocks held by sequences", multiprocess_mode="livesum")
 PREEMPTIONS = Counter("pdserve:num_preemptions", "Sequences preempted (recomputed later)")
 PREFIX_HITS = Counter("pdserve:prefix_cache_hits", "Prompt tokens served from the prefix cache")
 PREFIX_QUERIES = Counter("pdserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
