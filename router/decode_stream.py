@@ -144,21 +144,8 @@ class _Mux:
             yield await self.outgoing.get()
 
     async def _read(self) -> None:
-        error: Exception
         try:
-            while True:
-                frame = await self.watch.read()
-                if frame is grpc.aio.EOF:
-                    error = StreamError(grpc.StatusCode.UNAVAILABLE, "ended the stream with requests unfinished")
-                    break
-                self.sent = None  # the worker speaks GenerateStream
-                self._dispatch(frame)
-        except Broken as e:  # stalled
-            error = e
-        except grpc.aio.AioRpcError as e:
-            error = StreamError(e.code(), e.details() or "the stream broke")
-        except asyncio.CancelledError:
-            error = StreamError(grpc.StatusCode.UNAVAILABLE, "the router closed the stream")
+            error = await _pump(self.watch, self._dispatch, "stream", "ended the stream with requests unfinished")
         finally:
             self.alive = False
             self.watch.close()
@@ -173,6 +160,7 @@ class _Mux:
             stream.put(error)
 
     def _dispatch(self, frame: worker_pb2.DecodeFrame) -> None:
+        self.sent = None  # the worker speaks GenerateStream
         requests = self.requests
         for response in frame.responses:
             stream = requests.get(response.request_id)
@@ -182,6 +170,26 @@ class _Mux:
             stream = requests.get(error.request_id)
             if stream is not None:
                 stream.put(StreamError(_status(error.code), error.details))
+
+
+async def _pump(watch: StallWatch, deliver: Callable[[object], None], noun: str, eof: str,
+                until: Callable[[], bool] = lambda: False) -> Exception | None:
+    """Hand `watch`'s messages to `deliver` until `until()` or the call ends; returns what ended
+    it, as its requests' error (None: `until`). Both readers, the shared stream's and a single
+    request's Generate call, end their requests the same way."""
+    try:
+        while not until():
+            message = await watch.read()
+            if message is grpc.aio.EOF:
+                return StreamError(grpc.StatusCode.UNAVAILABLE, eof)
+            deliver(message)
+        return None
+    except Broken as e:  # stalled
+        return e
+    except grpc.aio.AioRpcError as e:
+        return StreamError(e.code(), e.details() or f"the {noun} broke")
+    except asyncio.CancelledError:
+        return StreamError(grpc.StatusCode.UNAVAILABLE, f"the router closed the {noun}")
 
 
 async def _unimplemented(stub, error: StreamError) -> bool:
@@ -230,20 +238,9 @@ class _Single:
         self.call.cancel()
 
     async def _read(self) -> None:
-        error: Exception | None = None
         try:
-            while not self.stream.ended:
-                response = await self.watch.read()
-                if response is grpc.aio.EOF:
-                    error = StreamError(grpc.StatusCode.UNAVAILABLE, "ended the call before the request finished")
-                    break
-                self.stream.put(response)
-        except Broken as e:
-            error = e
-        except grpc.aio.AioRpcError as e:
-            error = StreamError(e.code(), e.details() or "the call broke")
-        except asyncio.CancelledError:
-            error = StreamError(grpc.StatusCode.UNAVAILABLE, "the router closed the call")
+            error = await _pump(self.watch, self.stream.put, "call", "ended the call before the request finished",
+                                until=lambda: self.stream.ended)
         finally:
             self.watch.close()
         if error is not None and not self.stream.ended:
