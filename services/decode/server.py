@@ -36,7 +36,7 @@ import grpc
 
 from pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.async_engine import AsyncEngine
-from services.engine.errors import OverloadedError, PdserveError
+from services.engine.errors import PdserveError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sequence import Resumed
@@ -44,8 +44,7 @@ from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDo
 from services.kv.wire import KVWireError
 from services.rpc import metrics
 from services.rpc.convert import delta_to_proto, reject_unknown_fields
-from services.rpc.server import status_of
-from services.rpc.worker import WorkerServicerBase
+from services.rpc.worker import WorkerServicerBase, refusal
 
 log = logging.getLogger("pdserve.decode")
 T = TypeVar("T")
@@ -232,9 +231,7 @@ def failure_status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(e, PeerError):
         return e.code, str(e)
     if isinstance(e, PdserveError):
-        if isinstance(e, OverloadedError):
-            metrics.ADMISSION_REJECTIONS.labels("worker").inc()
-        return status_of(e), str(e)
+        return refusal(e)
     if isinstance(e, RecursionError):  # a grammar nested too deeply to compile
         return grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply"
     return None

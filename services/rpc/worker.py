@@ -18,7 +18,7 @@ from services.engine.sampling_params import SamplingParams
 from services.rpc import metrics
 from services.rpc.convert import params_from_proto
 from services.rpc.security import peer_of
-from services.rpc.server import abort_with
+from services.rpc.server import status_of
 
 if TYPE_CHECKING:
     from services.engine.async_engine import AsyncEngine
@@ -50,6 +50,13 @@ def identity_mismatch(ours: worker_pb2.ModelIdentity, theirs: worker_pb2.ModelId
         if getattr(ours, field.name) != getattr(theirs, field.name)
     ]
     return "; ".join(diffs) or None
+
+
+def refusal(err: PdserveError) -> tuple[grpc.StatusCode, str]:
+    """The status a worker call ends with for `err`, counting admission refusals."""
+    if isinstance(err, OverloadedError):
+        metrics.ADMISSION_REJECTIONS.labels("worker").inc()
+    return status_of(err), str(err)
 
 
 class WorkerServicerBase:
@@ -88,9 +95,7 @@ class WorkerServicerBase:
 
     async def refuse(self, context: grpc.aio.ServicerContext, err: PdserveError) -> None:
         """End a call with `err`'s status, counting admission refusals."""
-        if isinstance(err, OverloadedError):
-            metrics.ADMISSION_REJECTIONS.labels("worker").inc()
-        await abort_with(context, err)
+        await context.abort(*refusal(err))
 
     async def Handshake(self, request: worker_pb2.HandshakeRequest, context) -> worker_pb2.HandshakeResponse:
         if request.HasField("identity"):
