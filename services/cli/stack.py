@@ -47,10 +47,20 @@ from services.fleet.redis_server import RedisServer
 from services.rpc.security import TLSFiles, internal_sync_channel, make_internal_certs, read_key_file
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before by this process: the kernel may offer a
+    closed probe's port again, and two children given one port would collide (a router refuses
+    a gRPC port another process listens on)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
