@@ -36,7 +36,7 @@ from loadtest.benchmark import rate_result
 from loadtest.clients import ClientPool, Level, Target, level_seeds
 from loadtest.proc_cpu import MachineCpu, ProcessTree
 from loadtest.report import machine, markdown_table, write_section
-from loadtest.request import DEFAULT_SAMPLING, SLO
+from loadtest.request import SLO, parse_sampling
 from loadtest.workloads import Fixed
 
 KEY = "profile_serve"
@@ -101,9 +101,11 @@ def measure(pool: ClientPool, level: Level, seeds: tuple[str, str], names: dict[
 def offline(args: argparse.Namespace, env: dict[str, str]) -> dict:
     """`pdserve bench offline` on the same workload, model flags and threads; its JSON line."""
     n, p, o = args.num_prompts, args.prompt_len, args.output_len
+    s = parse_sampling(args.sampling_params)
     argv = [sys.executable, "-m", "services.cli.main", "bench", "offline", *shlex.split(args.model_args),
             "--num-prompts", str(n), "--min-input", str(p), "--max-input", str(p), "--min-output", str(o),
-            "--max-output", str(o), "--json"]
+            "--max-output", str(o), "--temperature", str(s.temperature), "--top-p", str(s.top_p),
+            "--top-k", str(s.top_k), "--json"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"bench offline failed:\n{proc.stderr[-3000:]}")
@@ -135,10 +137,11 @@ def run_all(args: argparse.Namespace) -> dict[str, list]:
     with stack:
         names = {c.proc.pid: c.instance_id for c in stack.children}
         http_url = f"http://{stack.host}:{stack.http_port}"
-        grpc_target = Target(stack.router_address, "grpc", DEFAULT_SAMPLING)
+        sampling = parse_sampling(args.sampling_params)
+        grpc_target = Target(stack.router_address, "grpc", sampling)
         pools = {"grpc": ClientPool(grpc_target, workload, args.clients, warmup=2)}
         if not args.no_http:
-            http_target = Target(http_url, "openai", DEFAULT_SAMPLING, model=served_model(http_url))
+            http_target = Target(http_url, "openai", sampling, model=served_model(http_url))
             pools["openai"] = ClientPool(http_target, workload, args.clients, warmup=2)
         try:
             for protocol, pool in pools.items():
@@ -256,7 +259,8 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
         f"Machine: {machine()}; {os.cpu_count()} cores shared with other sessions (load average and the whole "
         f"machine's busy cores per run below). Model flags `{args.model_args}`, {args.threads} torch thread(s) per "
         f"process (OMP_NUM_THREADS), {args.prompt_len}-token prompts (random ids), {args.output_len} output tokens, "
-        f"greedy, ignore_eos. Offline: `pdserve bench offline` with {args.num_prompts} prompts at once. Serve: "
+        f"{args.sampling_params or 'greedy'}, ignore_eos. Offline: `pdserve bench offline` with {args.num_prompts} "
+        "prompts at once. Serve: "
         f"`pdserve serve --prefill 0 --decode 1{' ' + args.router_args if args.router_args else ''}`"
         f"{f' (decode worker: `{args.decode_args}`)' if args.decode_args else ''}, closed loop of "
         f"{args.concurrency} streams for {args.duration:g} s from {args.clients} client process(es); serve tok/s "
@@ -268,7 +272,8 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
         f"Command: `python loadtest/profile_serve.py --repeats {args.repeats} --concurrency {args.concurrency} "
         f"--duration {args.duration:g} --clients {args.clients}"
         + (f" --router-args '{args.router_args}'" if args.router_args else "")
-        + (f" --decode-args '{args.decode_args}'" if args.decode_args else "") + "`" + (f" ({args.label})." if args.label else ".")
+        + (f" --decode-args '{args.decode_args}'" if args.decode_args else "")
+        + (f" --sampling-params {args.sampling_params}" if args.sampling_params else "") + "`" + (f" ({args.label})." if args.label else ".")
     )
     parts = [setup, "gRPC (`Generate`):", tables["grpc"]]
     if "openai" in tables:
@@ -279,7 +284,7 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
 
 
 MEASURED = ("repeats", "concurrency", "duration", "clients", "num_prompts", "prompt_len", "output_len", "threads",
-            "model_args", "router_args", "decode_args", "seed", "no_http")
+            "model_args", "router_args", "decode_args", "seed", "no_http", "sampling_params")
 
 
 def load(paths: list[Path], parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
@@ -337,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-args", default="", help="extra router flags, e.g. '--router-workers 2'")
     parser.add_argument("--decode-args", default="", help="extra decode worker flags, e.g. '--stream-interval 4'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampling-params", default="",
+                        help="KEY=VALUE,... for offline and serve alike, e.g. temperature=0.6 (default greedy); "
+                             "only temperature, top_p and top_k reach the offline run")
     parser.add_argument("--no-http", action="store_true", help="skip the OpenAI HTTP path")
     parser.add_argument("--log-dir", type=Path)
     parser.add_argument("--out", type=Path, help="write every run's numbers as JSON here")
