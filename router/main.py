@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import os
+from pathlib import Path
 
 import uvicorn
 
@@ -19,6 +20,7 @@ from router.limits import Limits
 from router.migration import MigrationPolicy
 from router.policy import RoutingConfig, make_policy
 from router.registry import RedisRegistry, StaticRegistry
+from router.tool_calls import ToolConfig
 from router.server import Prepared, RouterServicer
 from router.workers import WorkerSlot, reuse_port_socket, watch_parent
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
@@ -29,6 +31,8 @@ from services.rpc.security import ApiKeys, TLSFiles
 from services.rpc.server import ServerSecurity, parse_peers, serve_until_signalled, start_health_server, start_server
 
 log = logging.getLogger("pdserve.router")
+
+DEFAULT_MODEL_CHAT_TEMPLATE = Path(__file__).parent / "chat_templates" / "smollm2_tools.jinja"
 
 
 class _HTTPServer(uvicorn.Server):
@@ -47,6 +51,8 @@ async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -
     limits = Limits(args.max_request_bytes, args.max_seqs_per_request, args.max_prompt_chars, args.max_header_bytes,
                     args.max_header_count, args.max_concurrent_streams, args.request_timeout, args.scheduling_policy)
     directory, registry = _registry(args, internal_tls(args))
+    tools = ToolConfig(args.enable_auto_tool_choice, args.tool_call_parser)
+    chat_template = _chat_template(args)
     # After the cheap checks: the loader imports torch (seconds), which a bad flag need not wait for.
     from services.engine import loader
     from services.engine.tokenizer import Tokenizer
@@ -67,6 +73,8 @@ async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -
         limits=limits,
         offload_threads=args.tokenizer_workers,
         migration=MigrationPolicy(args.migration_limit, args.decode_stall_timeout),
+        tools=tools,
+        chat_template=chat_template,
     )
     registry.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -131,6 +139,18 @@ def _http_server(app, args: argparse.Namespace, limits: Limits, tls: bool) -> _H
     return _HTTPServer(uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", lifespan="off",
                                       h11_max_incomplete_event_size=max(64 << 10, 4 * limits.max_header_bytes),
                                       timeout_graceful_shutdown=args.grace, **tls_files))
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    """--chat-template's text; for the default model, pdserve's tool-capable version of its own
+    template (SmolLM2's ignores tools and cannot render a tool call)."""
+    path = args.chat_template
+    if path is None and args.model is None and args.load_format == "auto":
+        path = DEFAULT_MODEL_CHAT_TEMPLATE
+    try:
+        return path.read_text() if path is not None else None
+    except OSError as e:
+        raise SystemExit(f"pdserve router: cannot read --chat-template {path}: {e}") from None
 
 
 def routing_config(args: argparse.Namespace) -> RoutingConfig:

@@ -122,6 +122,7 @@ class OpenAIServer:
             servicer.limits.check_sequences(len(requests), body.n)
             given = body.requested_max_tokens is not None
             prepared = [await servicer.prepare(r, max_tokens_given=given) for r in requests]
+            fmt.tools = prepared[0].tools if fmt.kind == "chat" else None
             timeout = servicer.limits.request_timeout
             streams = [servicer.stream(p, r, timeout) for p, r in zip(prepared, requests, strict=True)]
             merged = merge(streams)

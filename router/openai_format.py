@@ -4,6 +4,9 @@
     streaming: one chunk per sequence delta (chat: a first chunk per choice with the role),
                then, with stream_options.include_usage, a chunk with no choices and the usage
 
+Chat with tools (router/tool_calls.py): the text goes through the request's tool-call parser,
+so calls come out as `tool_calls` (streamed as OpenAI's tool-call deltas) and the rest as content.
+
 Logprobs come from the raw model distribution (see services/engine/sampler.py). Token strings
 are each token decoded alone ("token_id:N" for a model without a tokenizer).
 """
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.v1 import common_pb2
+from router.tool_calls import ToolPlan
+from router.tool_parsers import CallStart, Content, Event, ToolCall, ToolParser, parse
 from services.engine.tokenizer import Tokenizer
 
 # JSON has no -inf: the floor OpenAI-compatible servers report instead.
@@ -42,6 +47,7 @@ class ChoiceState:
     stop_reason: str | int | None = None
     text_offset: int = 0  # completions logprobs: characters before the next token
     started: bool = False  # streaming: something was sent for this choice
+    tool_parser: ToolParser | None = None  # streaming chat with tools: reads calls out of the text
 
 
 @dataclass
@@ -94,6 +100,7 @@ class ResponseFormat:
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.stop_token_ids = set(stop_token_ids)
         self.echo = echo  # completions with echo: each prompt's text, per prompt index
+        self.tools: ToolPlan | None = None  # chat with tools: set once the request is prepared
         self._templates: dict[bool, tuple[str, str, str]] = {}  # include_usage -> a text chunk's parts
 
     # ---- accumulating ------------------------------------------------------------------------
@@ -125,8 +132,17 @@ class ResponseFormat:
             text = (self.echo[c.index // n] if self.echo else "") + c.text
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason}
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish_reason = c.finish_reason
+        parser = self.tools.parser() if self.tools else None
+        if parser is not None:
+            content, calls = parse(parser, c.text)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [_call_body(t) for t in calls]
+            finish_reason = self.tools.finish_reason(c.finish_reason or "", bool(calls)) or None
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": c.stop_reason}
 
     # ---- streaming -----------------------------------------------------------------------------
 
@@ -152,6 +168,8 @@ class ResponseFormat:
         chunks need (finish, started, the logprobs text offset), not the text or tokens so far.
         The common chunk, text alone, is filled into a template made once per response: the same
         bytes as sse(chunk(...)) for a fraction of the CPU (issue #32)."""
+        if self.tools is not None and self.tools.parser_kind:
+            return self._tool_events(state, delta, include_usage)
         if delta.finish_reason:
             state.finish_reason = delta.finish_reason
             state.stop_reason = self._stop_reason(delta.stop_reason)
@@ -191,6 +209,29 @@ class ResponseFormat:
         state.started = True
         return {"index": state.index, "delta": {"content": text} if text else {}, "logprobs": logprobs, **finish}
 
+    def _tool_events(self, state: ChoiceState, delta: common_pb2.CompletionDelta, include_usage: bool) -> str | None:
+        """A chat delta with tools: its text through the tool parser, as content and tool-call
+        chunks (a call's id and name first, then its argument fragments), then the finish."""
+        if state.tool_parser is None:
+            state.tool_parser = self.tools.parser()
+        parser = state.tool_parser
+        events = parser.feed(delta.text)
+        if delta.finish_reason:
+            events += parser.finish()
+        deltas = [_event_delta(e) for e in events]
+        logprobs = self._logprobs(state, list(delta.token_ids), list(delta.logprobs))
+        if logprobs is not None and not deltas and delta.token_ids:
+            deltas.append({})  # the tokens' logprobs still go out
+        choices = [{"index": state.index, "delta": d, "logprobs": logprobs if i == 0 else None, "finish_reason": None}
+                   for i, d in enumerate(deltas)]
+        if delta.finish_reason:
+            state.finish_reason = self.tools.finish_reason(delta.finish_reason, parser.calls > 0)
+            state.stop_reason = self._stop_reason(delta.stop_reason)
+            choices.append({"index": state.index, "delta": {}, "logprobs": None,
+                            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+        state.started = state.started or bool(choices)
+        return "".join(sse(self.chunk([c], include_usage)) for c in choices) or None
+
     # ---- logprobs -------------------------------------------------------------------------------
 
     def _logprobs(self, state: ChoiceState, token_ids: list[int],
@@ -219,6 +260,20 @@ class ResponseFormat:
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def _event_delta(event: Event) -> dict[str, Any]:
+    """One tool-parser event as a chat chunk's delta."""
+    if isinstance(event, Content):
+        return {"content": event.text}
+    if isinstance(event, CallStart):
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+
+
+def _call_body(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _by_rank(position: common_pb2.PositionLogprobs) -> list[common_pb2.TokenLogprob]:

@@ -9,6 +9,9 @@ ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in
 priority, cache_salt, and structured output as guided_json / guided_regex / guided_grammar /
 guided_choice beside `response_format`. Unknown fields are an error, as at OpenAI.
 
+Chat tool calling (`tools`, `tool_choice`, `parallel_tool_calls`, and assistant `tool_calls` /
+`tool` messages sent back) travels on the ChatMessages; router/tool_calls.py checks and plans it.
+
 max_tokens left unset means "until the context is full", as at OpenAI and in vLLM.
 """
 
@@ -106,12 +109,50 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made, as clients send it back."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # Clients send back what they received (tool_calls, refusal, ...): ignore what we do not use.
+    # Clients send back what they received (refusal, audio, ...): ignore what we do not use.
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted: required and named calls are always held to the schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -119,9 +160,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted, unused without tools
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     store: bool | None = None  # accepted, unused
     metadata: dict[str, str] | None = None  # accepted, unused
 
@@ -210,13 +251,12 @@ def completion_requests(body: CompletionRequest, request_id: str, max_model_len:
 
 def chat_request(body: ChatCompletionRequest, request_id: str, max_model_len: int) -> router_pb2.GenerateRequest:
     """The GenerateRequest of a /v1/chat/completions body (the router renders the chat template)."""
-    if body.tools and body.tool_choice != "none":
-        raise InvalidRequestError("tool calling is not supported by this server")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs=true")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_of(body, max_model_len, logprobs)
     chat = router_pb2.ChatMessages(messages=[_chat_message(m) for m in body.messages])
+    _tools(body, chat)
     return router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling, priority=body.priority,
                                       model=body.model)
 
@@ -224,7 +264,24 @@ def chat_request(body: ChatCompletionRequest, request_id: str, max_model_len: in
 def _chat_message(m: ChatMessage) -> router_pb2.ChatMessage:
     content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or ())
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-    return router_pb2.ChatMessage(role="system" if m.role == "developer" else m.role, content=content)
+    calls = [common_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+             for c in m.tool_calls or ()]
+    return router_pb2.ChatMessage(role="system" if m.role == "developer" else m.role, content=content,
+                                  tool_calls=calls, tool_call_id=m.tool_call_id or "", name=m.name or "")
+
+
+def _tools(body: ChatCompletionRequest, chat: router_pb2.ChatMessages) -> None:
+    """tools, tool_choice and parallel_tool_calls onto the chat (the router checks them)."""
+    for tool in body.tools or ():
+        f = tool.function
+        parameters = json.dumps(f.parameters) if f.parameters is not None else ""
+        chat.tools.add(name=f.name, description=f.description or "", parameters=parameters)
+    if isinstance(body.tool_choice, NamedToolChoice):
+        chat.tool_choice.function = body.tool_choice.function.name
+    elif body.tool_choice is not None:
+        chat.tool_choice.mode = body.tool_choice
+    if body.parallel_tool_calls is not None and body.tools:  # without tools, as at OpenAI: no effect
+        chat.parallel_tool_calls = body.parallel_tool_calls
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

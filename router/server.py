@@ -41,7 +41,9 @@ from router.decode_stream import DecodeStream, StreamError
 from router.migration import Attempts, Broken, MigrationPolicy, Refused
 from router.policy import Route, RoutingPolicy
 from router.registry import Instance, StaticRegistry
+from router import tool_calls
 from router.routing import RouteSelector
+from router.tool_calls import ToolConfig, ToolPlan
 from services.engine.errors import InvalidRequestError, NotFoundError, OverloadedError, PdserveError, UpstreamError
 from services.engine import structured_output
 from services.engine.sampling_params import SamplingParams
@@ -64,6 +66,7 @@ class Prepared:
     prompt_token_ids: list[int]
     params: SamplingParams
     client_request_id: str = ""
+    tools: ToolPlan | None = None  # a chat with tools: how to read calls out of the output
 
     @property
     def reply_id(self) -> str:
@@ -84,11 +87,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         limits: Limits = Limits(),
         offload_threads: int = 2,
         migration: MigrationPolicy = MigrationPolicy(),
+        tools: ToolConfig = ToolConfig(),
+        chat_template: str | None = None,
     ) -> None:
         """`directory` is the fleet registry with its prefix index (None: route on load alone);
         `block_size` must be the workers' (the router computes the same block hashes).
         Prompts are tokenized, and large HTTP bodies parsed, by `offload_threads` threads;
-        `migration` bounds how requests move off decode instances that fail them."""
+        `migration` bounds how requests move off decode instances that fail them; `tools`
+        and `chat_template` (Jinja text; None: the model's own) are how chats are rendered and
+        tool calls read (router/tool_calls.py)."""
         self.registry = registry
         self.policy = policy
         self.selector = RouteSelector(registry, policy, directory, block_size)
@@ -98,6 +105,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.vocab_size = vocab_size
         self.limits = limits
         self.migration = migration
+        self.tools = tools
+        self.chat_template = chat_template
         self._pool = ThreadPoolExecutor(max(1, offload_threads), thread_name_prefix="router-offload")
 
     async def offload(self, fn: Callable[..., T], *args) -> T:
@@ -115,8 +124,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             return
         if kind == "text":
             chars = len(request.text)
-        elif kind == "chat":
-            chars = sum(len(m.content) + len(m.role) for m in request.chat.messages)
+        elif kind == "chat":  # tools and calls are rendered into the prompt too
+            chat = request.chat
+            chars = sum(len(m.content) + len(m.role) + sum(len(c.arguments) + len(c.name) for c in m.tool_calls)
+                        for m in chat.messages) + sum(len(t.parameters) + len(t.description) for t in chat.tools)
         else:
             raise InvalidRequestError("a prompt (text, token_ids or chat) is required")
         cap = self.limits.prompt_chars(self.max_model_len)
@@ -124,7 +135,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise InvalidRequestError(f"the prompt has {chars} characters; at most {cap} are accepted "
                                       f"(this model's context is {self.max_model_len} tokens)")
 
-    def prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
+    def prompt_ids(self, request: router_pb2.GenerateRequest, tools: ToolPlan | None = None) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if self.tokenizer is None:
@@ -133,10 +144,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         elif kind == "chat":
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: chat prompts need one")
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = tool_calls.template_messages(request.chat)
             if not messages:
                 raise InvalidRequestError("chat has no messages")
-            ids = self.tokenizer.apply_chat_template(messages)
+            ids = self.tokenizer.apply_chat_template(messages, tools.tools if tools else None, self.chat_template)
         else:
             ids = list(request.token_ids.ids)
         if not ids:
@@ -179,19 +190,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         silent truncation); one it did not give is clamped to the context by the engine.
         `max_tokens_given`: whether the client gave it (default: whether the message sets it)."""
         params = self.check(request)
+        tools = tool_calls.plan(request.chat, self.tools) if request.WhichOneof("prompt") == "chat" else None
+        if tools is not None and tools.constraint is not None:
+            if params.structured_output is not None:
+                raise InvalidRequestError(f'tool_choice "{tools.mode}" constrains the output itself: it cannot be '
+                                          "combined with response_format or guided_* fields")
+            if self.tokenizer is None:
+                raise InvalidRequestError(f'tool_choice "{tools.mode}" needs structured output, which needs a '
+                                          "tokenizer; this model has none")
+            request.sampling.structured_output.CopyFrom(tools.constraint)  # decode gets the request's sampling
+            params = params_from_proto(request.sampling)
         if params.structured_output is not None:
             await self.offload(check_structured_output, params.structured_output)  # the workers compile it
         if request.WhichOneof("prompt") == "token_ids":
             ids = self.prompt_ids(request)
         else:  # tokenizers and chat templates run on the offload threads, whatever the prompt's length
-            ids = await self.offload(self.prompt_ids, request)
+            ids = await self.offload(self.prompt_ids, request, tools)
         given = request.sampling.HasField("max_tokens") if max_tokens_given is None else max_tokens_given
         if given and len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's context is {self.max_model_len} tokens, but {len(ids) + params.max_tokens} were "
                 f"requested ({len(ids)} in the prompt, {params.max_tokens} to generate): lower max_tokens or "
                 "shorten the prompt")
-        return Prepared(uuid.uuid4().hex, ids, params, request.request_id)
+        return Prepared(uuid.uuid4().hex, ids, params, request.request_id, tools)
 
     # ---- routing and streaming ------------------------------------------------------------
 
@@ -342,8 +363,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request_id_var.set(prepared.request_id)
         remaining = context.time_remaining()
         timeout = self.limits.request_timeout if remaining is None else min(remaining, self.limits.request_timeout)
+        stream = self.stream(prepared, request, timeout)
+        if prepared.tools is not None and prepared.tools.parser_kind:
+            stream = tool_calls.with_tool_calls(stream, prepared.tools)
         try:
-            async for response in self.stream(prepared, request, timeout):
+            async for response in stream:
                 yield response
         except PdserveError as e:
             await abort_with(context, e)

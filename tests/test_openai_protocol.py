@@ -87,7 +87,6 @@ def test_chat_messages_keep_roles_join_text_parts_and_send_developer_as_system()
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: protocol.chat_request(chat(tools=[{"type": "function"}]), "c", MAX_LEN), "tool calling"),
         (lambda: protocol.chat_request(chat(top_logprobs=2), "c", MAX_LEN), "needs logprobs=true"),
         (lambda: protocol.completion_requests(completion(seed=-1), "c", MAX_LEN), "seed=-1 is out of range"),
         (lambda: protocol.completion_requests(completion(suffix="x"), "c", MAX_LEN), "suffix"),

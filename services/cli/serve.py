@@ -18,6 +18,7 @@ log = logging.getLogger("pdserve.worker")
 
 DEFAULT_HOST = os.environ.get("POD_IP") or "127.0.0.1"
 ROUTING_POLICIES = ("prefix", "round_robin", "least_loaded")  # router/policy.py (not imported: it loads grpc)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # router/tool_parsers.py AUTO_PARSERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -174,6 +175,7 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
                    "process, no parent) (router/workers.py)")
     _add_client_security_args(p)
     _add_limit_args(p)
+    _add_chat_args(p)
     g = p.add_argument_group("routing (router/policy.py)")
     g.add_argument("--routing-policy", choices=ROUTING_POLICIES, default="prefix",
                    help="prefix: cached tokens minus a load penalty (default); round_robin; least_loaded")
@@ -187,6 +189,27 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imbalance-ratio", type=float, default=1.5, help="... and this many times as many (default 1.5)")
     g.add_argument("--prefill-backlog", type=int, default=16,
                    help="prefill locally when the chosen prefill instance has this many requests queued (default 16)")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("chat and tool calling (router/tool_calls.py)")
+    g.add_argument("--chat-template", type=Path,
+                   help="a Jinja chat template file for /v1/chat/completions and gRPC chat prompts (default: the "
+                   "model's own; for the default model, pdserve's tool-capable version of it)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto", the default with tools); '
+                   "needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                   help="how calls are read from the model's text: hermes (<tool_call>{json}</tool_call>) or "
+                   'llama3_json ({"name": ..., "parameters": ...})')
+
+
+def check_chat_args(args: argparse.Namespace) -> None:
+    """Start-up errors for the chat flags (before any process starts)."""
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("pdserve: --enable-auto-tool-choice needs --tool-call-parser")
+    if args.chat_template is not None and not args.chat_template.is_file():
+        raise SystemExit(f"pdserve: --chat-template {args.chat_template} is not a file")
 
 
 def _add_client_security_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +255,8 @@ ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "i
                 "imbalance_ratio", "prefill_backlog", "served_model_name", "scheduling_policy", "metrics_without_auth",
                 "tls_cert", "tls_key", "max_request_bytes", "max_seqs_per_request", "max_prompt_chars",
                 "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
-                "migration_limit", "decode_stall_timeout", "router_workers")
+                "migration_limit", "decode_stall_timeout", "router_workers", "chat_template", "enable_auto_tool_choice",
+                "tool_call_parser")
 WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy")
 
 
@@ -273,6 +297,7 @@ def _positive_int(text: str) -> int:
 
 
 def _router_command(args: argparse.Namespace) -> int:
+    check_chat_args(args)
     if args.router_workers > 1:
         from router.workers import run_router_workers
 
@@ -407,6 +432,7 @@ def _advertised_host(args: argparse.Namespace) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     from services.cli.stack import LocalStack
 
+    check_chat_args(args)
     with LocalStack.from_args(args) as stack:
         stack.print_summary()
         return stack.wait()

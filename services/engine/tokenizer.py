@@ -52,10 +52,18 @@ class Tokenizer:
         """Token ids exactly as `tokenizer(text)` gives them (special tokens as the model adds them)."""
         return list(self.hf(text).input_ids)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self.hf.chat_template:
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            chat_template: str | None = None) -> list[int]:
+        """The chat rendered by `chat_template` (Jinja text; default: the model's own), which
+        also receives `tools` (transformers' form), tokenized."""
+        if not (chat_template or self.hf.chat_template):
             raise InvalidRequestError("this model's tokenizer has no chat template")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.hf.apply_chat_template(messages, tools=tools or None, chat_template=chat_template,
+                                               tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - Jinja's errors, or the template's own raise_exception: the chat's
+            # shape is what a trusted template trips on (jinja2 is no declared dependency of ours to name them)
+            raise InvalidRequestError(f"the chat template cannot render this chat: {e}") from e
         # The template already holds the special tokens (BOS and role markers).
         return list(self.hf(text, add_special_tokens=False).input_ids)
 
