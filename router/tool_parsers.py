@@ -132,6 +132,9 @@ class _ObjectScanner:
         elif expect == "value":
             self._value_start = i
             if self._key in self.argument_keys:
+                if c not in '{"':
+                    self._fail(i)  # arguments are an object (or one as a JSON string)
+                    return True
                 self.args_start = i
             if c == '"':
                 self._in_string, self._string_start = True, i
@@ -193,7 +196,9 @@ class _Call:
         if s.error and not self.started:
             return []
         events: list[Event] = []
-        if not self.started and s.name is not None:
+        # Started once the arguments have begun as they should (or the object ended without them),
+        # so that a call malformed that early is still plain content when streamed.
+        if not self.started and s.name is not None and (s.args_start is not None or s.end is not None):
             self.started = True
             events.append(CallStart(self.index, new_call_id(), s.name))
         if not self.started or s.args_start is None:
