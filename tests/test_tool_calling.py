@@ -1,10 +1,11 @@
 """Tool calling (issue #27): the parsers, the router's plan of a request's tools, the default
-model's chat template, and the official `openai` client (and gRPC) against a live stack on the
-default model with `--enable-auto-tool-choice --tool-call-parser hermes`.
+model's chat template, and the official `openai` client (and gRPC) against one live stack with
+`--enable-auto-tool-choice --tool-call-parser hermes --chat-template <the default model's>`.
 
-SmolLM2-135M does not call tools on its own: `auto` is driven end to end by a guided_regex that
-makes the model write Hermes markup, which the parser must turn into calls. `required` and named
-calls are forced by the schema the router builds, and must validate on every sample.
+The stack runs a tiny dummy model (the default model's vocabulary), which calls no tool on its
+own: `auto` is driven end to end by a guided_regex that makes it write Hermes markup, which the
+parser must turn into calls. `required` and named calls are forced by the schema the router
+builds, and must validate on every sample.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router import tool_calls
+from router.main import DEFAULT_MODEL_CHAT_TEMPLATE
 from router.tool_calls import ToolConfig
 from router.tool_parsers import AUTO_PARSERS, collect, make_parser, parse
 from services.cli.serve import TOOL_CALL_PARSERS
@@ -27,7 +29,7 @@ from services.cli.stack import LocalStack
 from services.engine.errors import InvalidRequestError
 from tests.test_services import wait_all_free
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = "tiny-llama"
 
 
 class Weather(BaseModel):
@@ -189,8 +191,6 @@ def test_required_builds_an_array_schema_of_the_functions_and_named_the_function
 
 
 def test_a_multi_turn_chat_with_a_tool_result_renders_through_the_default_template(default_tokenizer):
-    from router.main import DEFAULT_MODEL_CHAT_TEMPLATE
-
     chat = chat_with(TOOLS)
     chat.messages.add(role="assistant", tool_calls=[common_pb2.ToolCall(id="call_1", name="get_weather",
                                                                         arguments='{"city": "Paris"}')])
@@ -206,8 +206,6 @@ def test_a_multi_turn_chat_with_a_tool_result_renders_through_the_default_templa
 
 
 def test_the_default_template_renders_a_chat_without_tools_as_the_models_own(default_tokenizer):
-    from router.main import DEFAULT_MODEL_CHAT_TEMPLATE
-
     for messages in (ASK, [{"role": "system", "content": "Be brief."}, *ASK]):
         assert default_tokenizer.apply_chat_template(messages, None, DEFAULT_MODEL_CHAT_TEMPLATE.read_text()) == \
             default_tokenizer.apply_chat_template(messages)
@@ -230,9 +228,12 @@ HERMES_REGEX = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments":
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    # Tool calling lives in the router: decode prefilling locally (no prefill worker) starts sooner.
-    s = LocalStack(["--max-model-len", "1024", "--grace", "1"], num_prefill=0, log_dir=tmp_path_factory.mktemp("tools"),
-                   router_argv=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    # Tool calling lives in the router: one decode worker (prefilling locally) on a tiny dummy
+    # model with the default model's tokenizer, so --chat-template names the default's template.
+    s = LocalStack(["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "1024", "--grace", "1"],
+                   num_prefill=0, log_dir=tmp_path_factory.mktemp("tools"),
+                   router_argv=["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--chat-template",
+                                str(DEFAULT_MODEL_CHAT_TEMPLATE)])
     s.start(timeout=600)
     yield s
     s.stop()
