@@ -181,8 +181,9 @@ class _ObjectScanner:
 
 
 class _Call:
-    """One call's events from its scanner: the start once the name is known, then argument
-    fragments (a JSON-string `arguments` value is sent whole, decoded, once complete)."""
+    """One call's events from its scanner: the start once the name is known and the arguments
+    have begun, then argument fragments (a JSON-string `arguments` value is sent whole,
+    decoded, once complete)."""
 
     def __init__(self, index: int, argument_keys: tuple[str, ...]) -> None:
         self.index = index

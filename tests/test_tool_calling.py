@@ -24,7 +24,8 @@ from router import tool_calls
 from router.main import DEFAULT_MODEL_CHAT_TEMPLATE
 from router.tool_calls import ToolConfig
 from router.tool_parsers import AUTO_PARSERS, collect, make_parser, parse
-from services.cli.serve import TOOL_CALL_PARSERS
+from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage
+from services.cli.serve import TOOL_CALL_PARSERS, check_chat_args
 from services.cli.stack import LocalStack
 from services.engine.errors import InvalidRequestError
 from tests.test_services import wait_all_free
@@ -141,6 +142,46 @@ def test_an_unknown_parser_name_stops_start_up():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "mistral"])
+
+
+def test_streamed_tool_chunks_carry_each_tokens_logprobs_once_and_the_finish_last():
+    plan = tool_calls.plan(chat_with(TOOLS), AUTO)
+    f = ResponseFormat("chat", "id", "m", TokenStrings(None), 0, [])
+    f.tools = plan
+    state = ChoiceState(0)
+
+    def delta(text, token, **kw):
+        position = common_pb2.PositionLogprobs(entries=[common_pb2.TokenLogprob(token_id=token, logprob=-1.0, rank=1)])
+        return common_pb2.CompletionDelta(text=text, token_ids=[token], logprobs=[position], **kw)
+
+    texts = ["Hi <tool", '_call>{"name": "get_time", "arguments": {"tim', 'ezone": "UTC"}}</tool_call>']
+    chunks = []
+    for i, text in enumerate(texts):
+        last = i == len(texts) - 1
+        event = f.delta_event(state, delta(text, i, **({"finish_reason": "stop"} if last else {})), 1, False)
+        chunks += [json.loads(e) for e in event.removeprefix("data: ").split("\n\ndata: ") if e.strip()]
+    choices = [c["choices"][0] for c in chunks]
+    assert [len(c["logprobs"]["content"]) for c in choices if c["logprobs"]] == [1, 1, 1]
+    assert choices[0]["delta"] == {"content": "Hi "}
+    assert choices[1]["delta"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": ""}
+    arguments = "".join(c["delta"]["tool_calls"][0]["function"]["arguments"] for c in choices[2:-1])
+    assert arguments == '{"timezone": "UTC"}'
+    assert (choices[-1]["delta"], choices[-1]["finish_reason"]) == ({}, "tool_calls")
+    assert all(c["finish_reason"] is None for c in choices[:-1])
+    whole = f.response([ChoiceState(0, text="".join(texts), finish_reason="stop")], Usage(), 1)["choices"][0]
+    assert whole["message"]["content"] == "Hi" and whole["finish_reason"] == "tool_calls"
+    assert [c["function"] for c in whole["message"]["tool_calls"]] == [{"name": "get_time", "arguments": arguments}]
+
+
+def test_enabling_auto_tool_choice_without_a_parser_stops_start_up(tmp_path):
+    from services.cli.main import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit, match="needs --tool-call-parser"):
+        check_chat_args(parser.parse_args(["serve", "--enable-auto-tool-choice"]))
+    with pytest.raises(SystemExit, match="is not a file"):
+        check_chat_args(parser.parse_args(["router", "--chat-template", str(tmp_path / "missing.jinja")]))
+    check_chat_args(parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]))
 
 
 # ---- the router's plan ------------------------------------------------------------------------------
