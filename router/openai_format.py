@@ -134,10 +134,8 @@ class ResponseFormat:
                     "stop_reason": c.stop_reason}
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish_reason = c.finish_reason
-        parser = self.tools.parser() if self.tools else None
-        if parser is not None:
-            content, calls = parse(parser, c.text)
-            message = {"role": "assistant", "content": content}
+        if self.tools is not None and self.tools.parser_kind:
+            message["content"], calls = parse(self.tools.parser(), c.text)
             if calls:
                 message["tool_calls"] = [_call_body(t) for t in calls]
             finish_reason = self.tools.finish_reason(c.finish_reason or "", bool(calls)) or None

@@ -192,14 +192,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         params = self.check(request)
         tools = tool_calls.plan(request.chat, self.tools) if request.WhichOneof("prompt") == "chat" else None
         if tools is not None and tools.constraint is not None:
-            if params.structured_output is not None:
-                raise InvalidRequestError(f'tool_choice "{tools.mode}" constrains the output itself: it cannot be '
-                                          "combined with response_format or guided_* fields")
-            if self.tokenizer is None:
-                raise InvalidRequestError(f'tool_choice "{tools.mode}" needs structured output, which needs a '
-                                          "tokenizer; this model has none")
-            request.sampling.structured_output.CopyFrom(tools.constraint)  # decode gets the request's sampling
-            params = params_from_proto(request.sampling)
+            params = self._force_tool_call(request, params, tools)
         if params.structured_output is not None:
             await self.offload(check_structured_output, params.structured_output)  # the workers compile it
         if request.WhichOneof("prompt") == "token_ids":
@@ -213,6 +206,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"requested ({len(ids)} in the prompt, {params.max_tokens} to generate): lower max_tokens or "
                 "shorten the prompt")
         return Prepared(uuid.uuid4().hex, ids, params, request.request_id, tools)
+
+    def _force_tool_call(self, request: router_pb2.GenerateRequest, params: SamplingParams,
+                         tools: ToolPlan) -> SamplingParams:
+        """required / named tool_choice: the call's schema becomes the request's constraint (on
+        the message too: decode samples with the request's own sampling params)."""
+        if params.structured_output is not None:
+            raise InvalidRequestError(f'tool_choice "{tools.mode}" constrains the output itself: it cannot be '
+                                      "combined with response_format or guided_* fields")
+        if self.tokenizer is None:
+            raise InvalidRequestError(f'tool_choice "{tools.mode}" needs structured output, which needs a '
+                                      "tokenizer; this model has none")
+        request.sampling.structured_output.CopyFrom(tools.constraint)
+        return params_from_proto(request.sampling)
 
     # ---- routing and streaming ------------------------------------------------------------
 
