@@ -402,3 +402,22 @@ def test_an_invalid_schema_over_grpc_is_invalid_argument_before_any_work(router,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid json schema" in err.value.details()
     wait_all_free(stack)
 
+
+
+def test_the_default_model_makes_a_valid_required_call_through_its_shipped_tool_template(client, stack):
+    """Tool calling on a server started without tool flags: required and named calls still work
+    (structured output), auto is refused as vLLM refuses it. Details: tests/test_tool_calling.py."""
+    tools = [{"type": "function", "function": {"name": "file_ticket", "description": "File a support ticket",
+                                               "parameters": Ticket.model_json_schema()}}]
+    messages = [{"role": "user", "content": "The login page rejects my password. Please file a ticket."}]
+    got = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required", n=3,
+                                         temperature=1.0, seed=5, max_tokens=100, parallel_tool_calls=False)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert got.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the default template shows the tools
+    for c in got.choices:
+        [call] = c.message.tool_calls
+        assert (c.finish_reason, call.function.name) == ("tool_calls", "file_ticket")
+        Ticket.model_validate_json(call.function.arguments, strict=True)
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
+        client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=4)
+    wait_all_free(stack)

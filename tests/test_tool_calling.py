@@ -416,11 +416,11 @@ def test_a_conversation_with_a_tool_result_renders_and_runs(client, stack):
 
 @pytest.mark.slow
 def test_grpc_chat_with_tools_returns_the_calls_on_the_finishing_delta(stack):
-    def generate(choice: router_pb2.ToolChoice) -> list[common_pb2.CompletionDelta]:
+    def generate(choice: router_pb2.ToolChoice, **sampling) -> list[common_pb2.CompletionDelta]:
         chat = chat_with(TOOLS, tool_choice=choice)
         chat.messages[0].content = ASK[0]["content"]
-        request = router_pb2.GenerateRequest(chat=chat, sampling=common_pb2.SamplingParams(max_tokens=80,
-                                                                                              temperature=0.8))
+        sampling = common_pb2.SamplingParams(max_tokens=80, temperature=0.8, **sampling)
+        request = router_pb2.GenerateRequest(chat=chat, sampling=sampling)
         with grpc.insecure_channel(stack.router_address) as channel:
             responses = list(router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120))
         return [d for r in responses for d in r.outputs]
@@ -434,6 +434,12 @@ def test_grpc_chat_with_tools_returns_the_calls_on_the_finishing_delta(stack):
         for c in last.tool_calls:
             assert_valid_call(c.name, c.arguments)
         assert choice.function in ("", last.tool_calls[0].name)
+    # auto: the text streams with its markup; the finishing delta has the parsed call.
+    deltas = generate(router_pb2.ToolChoice(mode="auto"),
+                      structured_output=common_pb2.StructuredOutput(regex=HERMES_REGEX))
+    assert "".join(d.text for d in deltas).startswith("Checking.\n<tool_call>\n{")
+    assert deltas[-1].finish_reason == "tool_calls" and [c.name for c in deltas[-1].tool_calls] == ["get_weather"]
+    assert_valid_call("get_weather", deltas[-1].tool_calls[0].arguments)
     with pytest.raises(grpc.RpcError) as err:
         generate(router_pb2.ToolChoice(function="get_stock"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
