@@ -101,7 +101,9 @@ class _ObjectScanner:
             elif c == '"':
                 self._in_string = False
                 if self._depth == 1 and self._expect == "key":
-                    self._key, self._expect = json.loads(self.text[self._string_start:i + 1]), "colon"
+                    self._key, self._expect = _string(self.text[self._string_start:i + 1]), "colon"
+                    if self._key is None:
+                        self._fail(i)
                 elif self._depth == 1:
                     self._value_end(i + 1)
             return True
@@ -158,9 +160,11 @@ class _ObjectScanner:
         self._expect = "after"
         if self._key in self.argument_keys:
             self.args_end = end
+            if self.args_is_string and _string(self.text[self._value_start:end]) is None:
+                self._fail(end)
         elif self._key == "name":
-            name = json.loads(self.text[self._value_start:end]) if self.text[self._value_start] == '"' else None
-            if not isinstance(name, str) or not name:
+            name = _string(self.text[self._value_start:end])
+            if not name:
                 self._fail(end)
             else:
                 self.name = name
@@ -207,9 +211,9 @@ class _Call:
                 events.append(Arguments(self.index, "{}"))
             return events
         if s.args_is_string:
-            if s.args_end is not None and self._sent == 0:
+            if s.args_end is not None and self._sent == 0 and not s.error:
                 self._sent = s.args_end - s.args_start
-                events.append(Arguments(self.index, json.loads(s.text[s.args_start:s.args_end])))
+                events.append(Arguments(self.index, _string(s.text[s.args_start:s.args_end]) or ""))
             return events
         stop = s.args_end if s.args_end is not None else len(s.text)
         piece = s.text[s.args_start + self._sent:stop]
@@ -358,12 +362,11 @@ class JsonCallsParser(ToolParser):
             self._buffer, self._call = call.leftover, None
 
     def finish(self) -> list[Event]:
-        if self._mode == "undecided":
-            return self._as_content()
+        if self._mode == "content":
+            return []
         if self._call is not None:  # cut off inside a call
             self.broken = True
-            return [] if self.calls else self._as_content()
-        return []
+        return [] if self.calls else self._as_content()  # nothing sent yet: all of it is content
 
     def _broken(self, rest: str) -> list[Event]:
         self.broken = True
@@ -433,6 +436,15 @@ def collect(events: list[Event]) -> tuple[str, list[ToolCall]]:
         else:
             calls[event.index].arguments += event.text
     return "".join(content), calls
+
+
+def _string(text: str) -> str | None:
+    """A JSON string literal's value; None if `text` is not one (a bad escape, a raw newline)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 from typing import Literal
 
 import grpc
@@ -90,6 +91,10 @@ def test_hermes_in_fragments_gives_what_the_whole_text_gives(size):
     '<tool_call>{"arguments": {"a": 1}}</tool_call>',  # no name
     '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',  # arguments not an object
     '<tool_call>{"name": "f", "argu',  # cut off
+    '<tool_call>{"na\\qme": "f", "arguments": {}}</tool_call>',  # bad escapes: in a key,
+    '<tool_call>{"name": "f\\q", "arguments": {}}</tool_call>',  # in the name,
+    '<tool_call>{"name": "f", "arguments": "{\\q}"}</tool_call>',  # in arguments sent as a string
+    '<tool_call>{"name": "f\n", "arguments": {}}</tool_call>',  # a raw newline in a string
 ])
 def test_malformed_hermes_markup_is_plain_content(text):
     assert parse(make_parser("hermes"), text) == (text, [])
@@ -100,6 +105,34 @@ def test_streamed_malformed_hermes_markup_comes_out_as_the_same_text(text):
     for size in (1, 4):
         content, calls, _ = fragments("hermes", text, size)
         assert (content, calls) == (text, [])
+
+
+def test_random_calls_and_text_in_random_fragments_parse_as_the_whole_text_does():
+    rng = random.Random(1)
+
+    def value(depth=0):
+        if depth > 2 or rng.random() < 0.3:
+            return rng.choice([1, -2.5, 'x"}{\\n', True, None, "é😀", "</tool_call>"])
+        if rng.random() < 0.5:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["a", "b}", 'c"', "name"]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(300):
+        calls = [(rng.choice(["f", "g_1", "h.x"]), {k: value() for k in rng.sample("pqr", rng.randint(0, 2))})
+                 for _ in range(rng.randint(0, 3))]
+        text = ""
+        for name, args in calls:
+            space = rng.choice(["", " ", "\n"])
+            body = json.dumps({"name": name, "arguments": args}, ensure_ascii=rng.random() < 0.5,
+                              separators=rng.choice([(",", ":"), (", ", ": ")]))
+            text += rng.choice(["", "text ", "a < b ", "\n"]) + f"<tool_call>{space}{body}{space}</tool_call>"
+        text += rng.choice(["", " bye", " <tool"])
+        content, whole = parse(make_parser("hermes"), text)
+        assert [(c.name, json.loads(c.arguments)) for c in whole] == calls
+        size = rng.randint(1, 8)
+        streamed_content, streamed_calls, broken = fragments("hermes", text, size)
+        assert not broken and streamed_calls == [(c.name, c.arguments) for c in whole]
+        assert streamed_content.strip() == (content or "") if calls else streamed_content == content == text
 
 
 def test_text_without_markup_is_content_and_a_partial_tag_is_held_back_until_it_is_not_one():
