@@ -4,7 +4,8 @@ template receives, the constraint that forces a call, and the parser that reads 
     tool_choice  output                                     read by
     none         text (the template still shows the tools)  -
     auto         text, maybe with calls in the model's      --tool-call-parser (needs
-                 markup                                      --enable-auto-tool-choice, as in vLLM)
+                 markup                                      --enable-auto-tool-choice, as in vLLM);
+                                                             parallel_tool_calls=false: the first only
     required     constrained: [{"name", "parameters"}, ...]  the "required" parser
     named        constrained: the function's arguments      the "named" parser
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.v1 import common_pb2, router_pb2
-from router.tool_parsers import AUTO_PARSERS, ToolParser, make_parser, parse
+from router.tool_parsers import AUTO_PARSERS, FirstCallOnly, ToolParser, make_parser, parse
 from services.engine.errors import InvalidRequestError
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
@@ -51,10 +52,14 @@ class ToolPlan:
     parser_kind: str | None  # a make_parser kind; None: the output is text only
     function: str | None = None  # named: the function
     constraint: common_pb2.StructuredOutput | None = None
+    single: bool = False  # parallel_tool_calls=false
 
     def parser(self) -> ToolParser | None:
         """A fresh parser for one sequence's output."""
-        return make_parser(self.parser_kind, self.function) if self.parser_kind else None
+        if not self.parser_kind:
+            return None
+        parser = make_parser(self.parser_kind, self.function)
+        return FirstCallOnly(parser) if self.single and self.mode == "auto" else parser
 
     def finish_reason(self, reason: str, called: bool) -> str:
         """As at OpenAI: "tool_calls" when auto made calls or required ended well; a named call
@@ -83,20 +88,20 @@ def plan(chat: router_pb2.ChatMessages, config: ToolConfig) -> ToolPlan | None:
         return None
     schemas = _parameters(chat.tools)
     tools = [_template_tool(t, schemas[t.name]) for t in chat.tools]
+    single = chat.HasField("parallel_tool_calls") and not chat.parallel_tool_calls
     if mode == "auto" and not config.auto:
         raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                   "to be set on the server")
     if mode == "none":
         return ToolPlan(mode, tools, None)
     if mode == "auto":
-        return ToolPlan(mode, tools, config.parser)
+        return ToolPlan(mode, tools, config.parser, single=single)
     if mode == "named":
         name = chat.tool_choice.function
         if name not in schemas:
             raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not among the tools")
         constraint = common_pb2.StructuredOutput(json_schema=json.dumps(schemas[name]))
         return ToolPlan(mode, tools, "named", name, constraint)
-    single = chat.HasField("parallel_tool_calls") and not chat.parallel_tool_calls
     constraint = common_pb2.StructuredOutput(json_schema=json.dumps(required_schema(schemas, single)))
     return ToolPlan(mode, tools, "required", None, constraint)
 

@@ -400,6 +400,25 @@ class NamedParser(ToolParser):
         return [] if self.calls else self.feed("")
 
 
+class FirstCallOnly(ToolParser):
+    """parallel_tool_calls=false under auto: of the calls a model writes, the first one only
+    (the text around them stays content)."""
+
+    def __init__(self, inner: ToolParser) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def feed(self, text: str) -> list[Event]:
+        return self._keep(self._inner.feed(text))
+
+    def finish(self) -> list[Event]:
+        return self._keep(self._inner.finish())
+
+    def _keep(self, events: list[Event]) -> list[Event]:
+        self.broken, self.calls = self._inner.broken, min(self._inner.calls, 1)
+        return [e for e in events if isinstance(e, Content) or e.index == 0]
+
+
 def make_parser(kind: str, function: str | None = None) -> ToolParser:
     """A parser for one sequence: an auto parser's name, "required", or "named" (of `function`)."""
     if kind == "hermes":

@@ -252,6 +252,15 @@ def test_tool_choice_none_without_tools_is_plain_chat_and_with_tools_renders_the
     assert [t["function"]["name"] for t in plan.tools] == ["get_weather", "get_time"]
 
 
+def test_auto_with_parallel_tool_calls_false_returns_the_first_call_only():
+    plan = tool_calls.plan(chat_with(TOOLS, parallel_tool_calls=False), AUTO)
+    content, calls = parse(plan.parser(), HERMES)
+    assert (content, [(c.name, c.arguments) for c in calls]) == ("Let me look.", HERMES_CALLS[:1])
+    parser = plan.parser()
+    events = [e for i in range(0, len(HERMES), 4) for e in parser.feed(HERMES[i:i + 4])] + parser.finish()
+    assert [(c.name, c.arguments) for c in collect(events)[1]] == HERMES_CALLS[:1] and parser.calls == 1
+
+
 def test_required_builds_an_array_schema_of_the_functions_and_named_the_functions_own():
     plan = tool_calls.plan(chat_with(TOOLS, tool_choice=router_pb2.ToolChoice(mode="required"),
                                      parallel_tool_calls=False), AUTO)
