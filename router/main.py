@@ -20,8 +20,8 @@ from router.limits import Limits
 from router.migration import MigrationPolicy
 from router.policy import RoutingConfig, make_policy
 from router.registry import RedisRegistry, StaticRegistry
-from router.tool_calls import ToolConfig
 from router.server import Prepared, RouterServicer
+from router.tool_calls import ToolConfig
 from router.workers import WorkerSlot, reuse_port_socket, watch_parent
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED
 from services.fleet.directory import FleetDirectory

@@ -1,7 +1,9 @@
 """The router's gRPC service: validate, tokenize once, route, stream back.
 
-    Generate -> prepare: bounds and params (limits.py), then tokenize (on offload threads,
-                         never on the event loop): INVALID_ARGUMENT before any work
+    Generate -> prepare: bounds and params (limits.py), a chat's tools (tool_calls.py: a
+                         required or named call becomes the request's constraint), then
+                         tokenize (chat template with the tools; on offload threads, never
+                         on the event loop): INVALID_ARGUMENT before any work
              -> stream:  routing.RouteSelector: block hashes, prefix index, policy:
                          a decode instance, then a prefill instance or none
                          DecodeWorker.GenerateStream, one per decode instance shared by
@@ -9,6 +11,7 @@
                          (RESOURCE_EXHAUSTED before any token: the next best instance;
                          a broken or stalled stream: migration.py, another instance resumes it)
                          the decode worker's deltas back, with usage and the disaggregation record
+                         (a chat with tools: the parsed calls on each sequence's finishing delta)
 
 `prepare` and `stream` know nothing of gRPC servicer contexts, so the HTTP front runs
 requests through the same two calls; errors are typed (services/engine/errors.py) and mapped
@@ -36,12 +39,12 @@ import grpc
 
 from pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
+from router import tool_calls
 from router.limits import Limits
 from router.decode_stream import DecodeStream, StreamError
 from router.migration import Attempts, Broken, MigrationPolicy, Refused
 from router.policy import Route, RoutingPolicy
 from router.registry import Instance, StaticRegistry
-from router import tool_calls
 from router.routing import RouteSelector
 from router.tool_calls import ToolConfig, ToolPlan
 from services.engine.errors import InvalidRequestError, NotFoundError, OverloadedError, PdserveError, UpstreamError
