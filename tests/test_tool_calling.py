@@ -26,7 +26,7 @@ from router.main import DEFAULT_MODEL_CHAT_TEMPLATE
 from router.tool_calls import ToolConfig
 from router.tool_parsers import AUTO_PARSERS, collect, make_parser, parse
 from router.openai_format import ChoiceState, ResponseFormat, TokenStrings, Usage
-from services.cli.serve import TOOL_CALL_PARSERS, check_chat_args
+from services.cli.serve import TOOL_CALL_PARSERS, check_chat_args, router_argv
 from services.cli.stack import LocalStack
 from services.engine.errors import InvalidRequestError
 from tests.test_services import wait_all_free
@@ -206,7 +206,7 @@ def test_streamed_tool_chunks_carry_each_tokens_logprobs_once_and_the_finish_las
     assert [c["function"] for c in whole["message"]["tool_calls"]] == [{"name": "get_time", "arguments": arguments}]
 
 
-def test_enabling_auto_tool_choice_without_a_parser_stops_start_up(tmp_path):
+def test_chat_flags_are_checked_at_start_up_and_reach_the_router(tmp_path):
     from services.cli.main import build_parser
 
     parser = build_parser()
@@ -214,7 +214,12 @@ def test_enabling_auto_tool_choice_without_a_parser_stops_start_up(tmp_path):
         check_chat_args(parser.parse_args(["serve", "--enable-auto-tool-choice"]))
     with pytest.raises(SystemExit, match="is not a file"):
         check_chat_args(parser.parse_args(["router", "--chat-template", str(tmp_path / "missing.jinja")]))
-    check_chat_args(parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]))
+    args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                              "--chat-template", str(DEFAULT_MODEL_CHAT_TEMPLATE)])
+    check_chat_args(args)
+    argv = router_argv(args)  # `pdserve serve` hands them to its router
+    assert argv[argv.index("--tool-call-parser") + 1] == "llama3_json" and "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--chat-template") + 1] == str(DEFAULT_MODEL_CHAT_TEMPLATE)
 
 
 # ---- the router's plan ------------------------------------------------------------------------------
