@@ -17,16 +17,16 @@ stream cannot take back what it sent: there, the rest of a broken call becomes c
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
+
+from router.tool_call_scanner import WHITESPACE, ObjectScanner, json_string
 
 # Mirrored in services/cli/serve.py (which must not import the router); a test keeps them equal.
 AUTO_PARSERS = ("hermes", "llama3_json")
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
-_WHITESPACE = " \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -61,129 +61,6 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class _ObjectScanner:
-    """Follows one JSON object `{"name": ..., "arguments": ...}` as its text arrives: the name
-    once its string is complete, where the arguments value starts and ends, where the object
-    ends. Structure is checked as it goes (an error as soon as the text cannot be such an
-    object); the finished object is checked by json.loads."""
-
-    def __init__(self, argument_keys: tuple[str, ...]) -> None:
-        self.argument_keys = argument_keys
-        self.text = ""
-        self.name: str | None = None
-        self.args_start: int | None = None
-        self.args_end: int | None = None
-        self.end: int | None = None  # just past the closing brace
-        self.error = False
-        self.error_at = 0  # where the text stopped making sense
-        self._depth = 0
-        self._expect = "open"  # at depth 1: key, colon, value, scalar, after
-        self._in_string = self._escape = False
-        self._key: str | None = None
-        self._value_start = 0
-        self._string_start = 0
-
-    def feed(self, text: str) -> None:
-        start = len(self.text)
-        self.text += text
-        i = start
-        while i < len(self.text) and self.end is None and not self.error:
-            if self._step(self.text[i], i):
-                i += 1
-
-    def _step(self, c: str, i: int) -> bool:
-        """Consume character `c` at `i`; False: look at it again in the new state."""
-        if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._in_string = False
-                if self._depth == 1 and self._expect == "key":
-                    self._key, self._expect = _string(self.text[self._string_start:i + 1]), "colon"
-                    if self._key is None:
-                        self._fail(i)
-                elif self._depth == 1:
-                    self._value_end(i + 1)
-            return True
-        if self._depth > 1:
-            if c == '"':
-                self._in_string = True
-            elif c in "{[":
-                self._depth += 1
-            elif c in "}]":
-                self._depth -= 1
-                if self._depth == 1:
-                    self._value_end(i + 1)
-            return True
-        if self._expect == "scalar":
-            if c in _WHITESPACE or c in ",}":
-                self._value_end(i)
-                return False
-            return True
-        if c in _WHITESPACE:
-            return True
-        expect = self._expect
-        if expect == "open" and c == "{":
-            self._depth, self._expect = 1, "key"
-        elif expect == "key" and c == '"':
-            self._in_string, self._string_start = True, i
-        elif expect == "colon" and c == ":":
-            self._expect = "value"
-        elif expect == "value":
-            self._value_start = i
-            if self._key in self.argument_keys:
-                if c not in '{"':
-                    self._fail(i)  # arguments are an object (or one as a JSON string)
-                    return True
-                self.args_start = i
-            if c == '"':
-                self._in_string, self._string_start = True, i
-            elif c in "{[":
-                self._depth = 2
-            else:
-                self._expect = "scalar"
-        elif expect == "after" and c == ",":
-            self._expect = "key"
-        elif expect in ("after", "key") and c == "}":
-            self._depth, self.end = 0, i + 1
-            self._check()
-        else:
-            self._fail(i)
-        return True
-
-    def _fail(self, at: int) -> None:
-        self.error, self.error_at, self.end = True, at, None
-
-    def _value_end(self, end: int) -> None:
-        self._expect = "after"
-        if self._key in self.argument_keys:
-            self.args_end = end
-            if self.args_is_string and _string(self.text[self._value_start:end]) is None:
-                self._fail(end)
-        elif self._key == "name":
-            name = _string(self.text[self._value_start:end])
-            if not name:
-                self._fail(end)
-            else:
-                self.name = name
-
-    def _check(self) -> None:
-        try:
-            obj = json.loads(self.text[:self.end])
-        except ValueError:
-            self._fail(self.end)
-            return
-        args = next((obj[k] for k in self.argument_keys if k in obj), {})
-        if not isinstance(obj.get("name"), str) or not isinstance(args, dict | str):
-            self._fail(self.end)
-
-    @property
-    def args_is_string(self) -> bool:
-        return self.args_start is not None and self.text[self.args_start] == '"'
-
-
 class _Call:
     """One call's events from its scanner: the start once the name is known and the arguments
     have begun, then argument fragments (a JSON-string `arguments` value is sent whole,
@@ -191,7 +68,7 @@ class _Call:
 
     def __init__(self, index: int, argument_keys: tuple[str, ...]) -> None:
         self.index = index
-        self.scan = _ObjectScanner(argument_keys)
+        self.scan = ObjectScanner(argument_keys)
         self.started = False
         self._sent = 0  # characters of the arguments value sent
 
@@ -213,7 +90,7 @@ class _Call:
         if s.args_is_string:
             if s.args_end is not None and self._sent == 0 and not s.error:
                 self._sent = s.args_end - s.args_start
-                events.append(Arguments(self.index, _string(s.text[s.args_start:s.args_end]) or ""))
+                events.append(Arguments(self.index, json_string(s.text[s.args_start:s.args_end]) or ""))
             return events
         stop = s.args_end if s.args_end is not None else len(s.text)
         piece = s.text[s.args_start + self._sent:stop]
@@ -275,7 +152,7 @@ class HermesParser(ToolParser):
                 else:
                     self._buffer, self._call, self._closing = call.leftover, None, True
             elif self._closing:
-                rest = self._buffer.lstrip(_WHITESPACE)
+                rest = self._buffer.lstrip(WHITESPACE)
                 if _CLOSE.startswith(rest):
                     break  # nothing yet, or the closing tag in part
                 self._buffer = rest[len(_CLOSE):] if rest.startswith(_CLOSE) else rest
@@ -321,7 +198,7 @@ class JsonCallsParser(ToolParser):
 
     def __init__(self, separators: str, detect: bool) -> None:
         super().__init__()
-        self._separators = separators + _WHITESPACE
+        self._separators = separators + WHITESPACE
         self._mode = "undecided" if detect else "calls"
         self._buffer = ""
         self._raw = ""  # everything fed, for an output that turns out not to be calls
@@ -333,7 +210,7 @@ class JsonCallsParser(ToolParser):
             return [Content(text)] if text else []
         self._buffer += text
         if self._mode == "undecided":
-            head = self._buffer.lstrip(_WHITESPACE)
+            head = self._buffer.lstrip(WHITESPACE)
             if not head or _PYTHON_TAG.startswith(head):
                 return []
             if not (head.startswith(_PYTHON_TAG) or head.startswith("{")):
@@ -455,15 +332,6 @@ def collect(events: list[Event]) -> tuple[str, list[ToolCall]]:
         else:
             calls[event.index].arguments += event.text
     return "".join(content), calls
-
-
-def _string(text: str) -> str | None:
-    """A JSON string literal's value; None if `text` is not one (a bad escape, a raw newline)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _partial_suffix(text: str, tag: str) -> int:
