@@ -105,7 +105,7 @@ def offline(args: argparse.Namespace, env: dict[str, str]) -> dict:
     argv = [sys.executable, "-m", "services.cli.main", "bench", "offline", *shlex.split(args.model_args),
             "--num-prompts", str(n), "--min-input", str(p), "--max-input", str(p), "--min-output", str(o),
             "--max-output", str(o), "--temperature", str(s.temperature), "--top-p", str(s.top_p),
-            "--top-k", str(s.top_k), "--json"]
+            "--top-k", str(s.top_k), *shlex.split(args.offline_args), "--json"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"bench offline failed:\n{proc.stderr[-3000:]}")
@@ -284,7 +284,7 @@ def section(args: argparse.Namespace, tables: dict[str, str]) -> list[str]:
 
 
 MEASURED = ("repeats", "concurrency", "duration", "clients", "num_prompts", "prompt_len", "output_len", "threads",
-            "model_args", "router_args", "decode_args", "seed", "no_http", "sampling_params")
+            "model_args", "router_args", "decode_args", "seed", "no_http", "sampling_params", "offline_args")
 
 
 def load(paths: list[Path], parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
@@ -342,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-args", default="", help="extra router flags, e.g. '--router-workers 2'")
     parser.add_argument("--decode-args", default="", help="extra decode worker flags, e.g. '--stream-interval 4'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--offline-args", default="",
+                        help="extra flags for the offline run only, e.g. '--gpu-memory-utilization 0.85' on a GPU "
+                             "the stack shares")
     parser.add_argument("--sampling-params", default="",
                         help="KEY=VALUE,... for offline and serve alike, e.g. temperature=0.6 (default greedy); "
                              "only temperature, top_p and top_k reach the offline run")
