@@ -165,6 +165,10 @@ class EngineCore:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        if params.allowed_token_ids is not None and params.allowed_token_ids[-1] >= vocab:
+            raise InvalidRequestError(f"allowed_token_ids must be in [0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise InvalidRequestError("bad_words need a tokenizer; this model has none")
         if not isinstance(priority, int):
             raise InvalidRequestError("priority must be an integer")
         request = Request(
@@ -176,6 +180,8 @@ class EngineCore:
         )
         if params.structured_output is not None:
             request.grammar = self.compile_grammar(params)
+        if params.bad_words:
+            request.bad_words = tuple(ids for word in params.bad_words for ids in self.tokenizer.bad_word_ids(word))
         if kv_export_from is not None:
             if not 0 <= kv_export_from * self.config.block_size < len(token_ids):
                 raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")

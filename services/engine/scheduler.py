@@ -45,6 +45,7 @@ class SampleSpec:
     num_prompt_tokens: int
     token_ids: list[int]  # prompt + output so far; a read-only view (penalties' first step, seeds' positions)
     grammar: GrammarState | None = None  # structured output: the sequence's grammar state, read-only here
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete (SamplingParams.bad_words)
     # The host needs this token before the next step is planned: it forks the request, moves
     # a grammar, or ends a prefill-only request. Such a step is read back at once instead of
     # staying in flight. (Penalties count output tokens on the device, and logprobs travel
@@ -311,7 +312,10 @@ class Scheduler:
                     num_prompt_tokens=request.num_prompt_tokens,
                     token_ids=seq.token_ids,
                     grammar=seq.grammar,
-                    sync=fork or seq.grammar is not None or request.kv_export is not None,
+                    bad_words=request.bad_words,
+                    # A bad word of several tokens is banned by the tokens before it: the host must have them.
+                    sync=fork or seq.grammar is not None or request.kv_export is not None
+                    or any(len(w) > 1 for w in request.bad_words),
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample

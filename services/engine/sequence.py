@@ -64,6 +64,8 @@ class Request:
     kv_import: KVImport | None = None
     # Structured output: the compiled grammar (an xgrammar object) each sequence's state starts from.
     grammar: Any = None
+    # bad_words as token sequences (SamplingParams.bad_words, tokenized by the engine).
+    bad_words: tuple[tuple[int, ...], ...] = ()
     # Migration: the sequences that continue here (the others finished elsewhere); None: all n.
     resume: list[Resumed] | None = None
 

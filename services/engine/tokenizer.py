@@ -52,6 +52,11 @@ class Tokenizer:
         """Token ids exactly as `tokenizer(text)` gives them (special tokens as the model adds them)."""
         return list(self.hf(text).input_ids)
 
+    def bad_word_ids(self, word: str) -> list[tuple[int, ...]]:
+        """The token sequences a bad word can take in generated text: alone and after a space."""
+        forms = {tuple(self.hf(text, add_special_tokens=False).input_ids) for text in (word.lstrip(), " " + word.lstrip())}
+        return sorted(ids for ids in forms if ids)
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.hf.chat_template:
             raise InvalidRequestError("this model's tokenizer has no chat template")

@@ -43,12 +43,15 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     kwargs = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
     structured = structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None
     return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-                          logit_bias=dict(msg.logit_bias), structured_output=structured, **kwargs)
+                          logit_bias=dict(msg.logit_bias), structured_output=structured,
+                          allowed_token_ids=tuple(msg.allowed_token_ids) or None, bad_words=tuple(msg.bad_words),
+                          **kwargs)
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-                                    logit_bias=dict(params.logit_bias))
+                                    logit_bias=dict(params.logit_bias), allowed_token_ids=params.allowed_token_ids or (),
+                                    bad_words=list(params.bad_words))
     defaults = SamplingParams()
     for name in _SCALARS:
         value = getattr(params, name)
