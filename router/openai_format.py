@@ -93,7 +93,7 @@ class ResponseFormat:
         self.tokens = tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.stop_token_ids = set(stop_token_ids)
-        self.echo = echo  # completions with echo: each prompt's text, per prompt index
+        self.echo = echo  # with echo: each prompt's text (completions), the last message's (chat)
         self._templates: dict[bool, tuple[str, str, str]] = {}  # include_usage -> a text chunk's parts
 
     # ---- accumulating ------------------------------------------------------------------------
@@ -125,7 +125,8 @@ class ResponseFormat:
             text = (self.echo[c.index // n] if self.echo else "") + c.text
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason}
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
+        text = (self.echo[0] if self.echo else "") + c.text  # chat echo: the assistant's last message
+        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
     # ---- streaming -----------------------------------------------------------------------------
@@ -147,22 +148,28 @@ class ResponseFormat:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def delta_event(self, state: ChoiceState, delta: common_pb2.CompletionDelta, n: int,
-                    include_usage: bool) -> str | None:
+                    include_usage: bool, usage: Usage | None = None) -> str | None:
         """One delta's SSE event, or None if it adds nothing. Streaming keeps in `state` only what
         chunks need (finish, started, the logprobs text offset), not the text or tokens so far.
         The common chunk, text alone, is filled into a template made once per response: the same
-        bytes as sse(chunk(...)) for a fraction of the CPU (issue #32)."""
+        bytes as sse(chunk(...)) for a fraction of the CPU (issue #32). `usage`: the usage so far,
+        carried by the chunk (continuous usage stats)."""
         if delta.finish_reason:
             state.finish_reason = delta.finish_reason
             state.stop_reason = self._stop_reason(delta.stop_reason)
-        elif self.top_logprobs is None and (state.started or not self.echo):
+        elif self.top_logprobs is None and usage is None and (state.started or not self.echo):
             if not delta.text:
                 return None
             state.started = True
             head, mid, tail = self._templates.get(include_usage) or self._template(include_usage)
             return f"{head}{state.index}{mid}{_JSON.encode(delta.text)}{tail}"
         choice = self.delta_choice(state, delta, n)
-        return None if choice is None else sse(self.chunk([choice], include_usage))
+        if choice is None:
+            return None
+        chunk = self.chunk([choice], include_usage)
+        if usage is not None:
+            chunk["usage"] = usage.body()
+        return sse(chunk)
 
     def _template(self, include_usage: bool) -> tuple[str, str, str]:
         """A text chunk as sse(chunk([delta_choice(...)])) renders it, split around index and text."""
@@ -188,6 +195,8 @@ class ResponseFormat:
                 text = self.echo[state.index // n] + text
             state.started = True
             return {"index": state.index, "text": text, "logprobs": logprobs, **finish}
+        if self.echo and not state.started:
+            text = self.echo[0] + text
         state.started = True
         return {"index": state.index, "delta": {"content": text} if text else {}, "logprobs": logprobs, **finish}
 
