@@ -143,7 +143,7 @@ class OpenAIServer:
             choices, usage = await until_disconnected(request, self._collect(merged, fmt, body.n))
             return JSONResponse(fmt.response(choices, usage, body.n), headers=headers)
         except ValidationError as e:
-            return _validation_error(e)
+            return validation_error(e)
         except PdserveError as e:
             return error_response(e)
         except ClientDisconnected:
@@ -286,13 +286,13 @@ def request_id_of(request: Request) -> str:
 
 def _build(raw: bytes, model: type[BaseModel], make) -> tuple[Any, list[router_pb2.GenerateRequest], ResponseFormat]:
     """Body bytes -> the validated body, its GenerateRequests and their response format."""
-    body = _parse(raw, model)
+    body = parse_body(raw, model)
     protocol.screen(body)
     requests, fmt = make(body)
     return body, requests, fmt
 
 
-def _parse(raw: bytes, model: type[BaseModel]) -> Any:
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except RecursionError as e:
@@ -315,7 +315,7 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0][:200]
 
 
-def _validation_error(e: ValidationError) -> JSONResponse:
+def validation_error(e: ValidationError) -> JSONResponse:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     err = InvalidRequestError(f"{loc}: {first['msg']}" if loc else first["msg"])

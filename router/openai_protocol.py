@@ -70,28 +70,28 @@ _BACKENDS = {"auto", "xgrammar"}
 _warned: set[str] = set()
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields: screen() refuses or ignores them
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # usage (so far) on every chunk
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(RequestBody):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(_Body):
+class SamplingFields(RequestBody):
     """What completions and chat completions share."""
 
     model: str
@@ -157,7 +157,7 @@ class CompletionRequest(SamplingFields):
     default_max_tokens: ClassVar[int | None] = COMPLETION_MAX_TOKENS
 
 
-class TextPart(_Body):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
@@ -211,7 +211,7 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, An
         yield prefix + name, value
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, _Body):
+        if isinstance(value, RequestBody):
             yield from unknown_fields(value, f"{prefix}{name}.")
 
 
@@ -311,7 +311,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str, max_model_len: in
         raise InvalidRequestError("top_logprobs needs logprobs=true")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_of(body, max_model_len, logprobs)
-    chat = router_pb2.ChatMessages(messages=[_chat_message(m) for m in body.messages])
+    chat = router_pb2.ChatMessages(messages=[chat_message(m) for m in body.messages])
     msg = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling, priority=body.priority,
                                      model=body.model)
     _truncate(msg, body, max_model_len)
@@ -322,7 +322,7 @@ def chat_echo(body: ChatCompletionRequest) -> str | None:
     """With echo, the text the reply starts with: the last message's, if it is the assistant's (vLLM's rule)."""
     if not body.echo or not body.messages or body.messages[-1].role != "assistant":
         return None
-    return _chat_message(body.messages[-1]).content
+    return chat_message(body.messages[-1]).content
 
 
 def _truncate(msg: router_pb2.GenerateRequest, body: SamplingFields, max_model_len: int) -> None:
@@ -336,7 +336,7 @@ def _truncate(msg: router_pb2.GenerateRequest, body: SamplingFields, max_model_l
     msg.truncate_prompt_tokens = keep
 
 
-def _chat_message(m: ChatMessage) -> router_pb2.ChatMessage:
+def chat_message(m: ChatMessage) -> router_pb2.ChatMessage:
     content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or ())
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     return router_pb2.ChatMessage(role="system" if m.role == "developer" else m.role, content=content)

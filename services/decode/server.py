@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -133,6 +134,9 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                     self._finish(response, out, record)
                     response.finished = True
                     response.usage.completion_tokens = completion_tokens
+                    if out.times is not None:
+                        metrics.observe_request(out.times, time.monotonic(), len(out.prompt_token_ids),
+                                                completion_tokens)
                     timer.finished([c.finish_reason for c in out.outputs])
                 elif not first and held.waiting():
                     continue

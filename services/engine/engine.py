@@ -62,6 +62,7 @@ class EngineCore:
             config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
         )
         cfg = self.model_config = ModelConfig.from_hf(source.hf_config)
+        self.model_name = source.name  # what clients call it unless the server is told otherwise
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)

@@ -23,6 +23,8 @@ can plan step N+1 while step N runs (async scheduling):
 from __future__ import annotations
 
 import bisect
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -92,6 +94,12 @@ class SchedulerConfig:
     max_model_len: int | None = None  # a sequence this long samples no more (None: no limit)
 
 
+def _seated(request: Request) -> None:
+    """The request leaves the waiting queue for the first time (its queue time ends)."""
+    if request.scheduled_time is None:
+        request.scheduled_time = time.monotonic()
+
+
 def plain_sequence(request: Request, seq_id: int, index: int) -> Sequence:
     return Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
 
@@ -115,6 +123,9 @@ class Scheduler:
         self._live: dict[int, Sequence] = {}  # seq_id -> every unfinished sequence
         self._released: list[int] = []  # seq ids finished or preempted since the last plan
         self.num_preemptions = 0
+        # Tokens of each step, for the iteration_tokens histogram (drained by the worker's
+        # metrics task; bounded, so an engine without one keeps no history).
+        self.step_tokens: deque[int] = deque(maxlen=4096)
 
     # ---- queue management ----------------------------------------------------------------
 
@@ -234,11 +245,14 @@ class Scheduler:
                 seq.num_prefix_hit_tokens = num_hit
             seq.num_computed_tokens += num_hit
             self.waiting.pop(0)
+            _seated(seq.request)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
 
+        if scheduled:
+            self.step_tokens.append(self.config.max_num_batched_tokens - budget)
         released, self._released = tuple(self._released), []
         return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
 
@@ -346,6 +360,7 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_prefix_hit_tokens = num_hit
         seq.request.kv_import.mark_allocated(len(hits), len(seq.block_table))
         self.waiting.pop(0)
+        _seated(seq.request)
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.awaiting_kv.append(seq)
         self._new_kv_pulls.append(seq)

@@ -56,6 +56,8 @@ class Request:
     priority: int = 0
     arrival_order: int = 0  # FCFS tie-break within a priority, assigned by the engine
     arrival_time: float = 0.0
+    scheduled_time: float | None = None  # first left the waiting queue (time.monotonic)
+    first_token_time: float | None = None  # first output token handed out
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     # KV transfer (services/engine/kv_transfer.py): a prefill-only request ships its prompt's
