@@ -69,7 +69,7 @@ def grpc_text(router, prompt: str, params: SamplingParams, chat: bool = False) -
 
 def decode_blocks_received(stack) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.decodes[0].metrics_port}/metrics").read().decode()
-    found = re.search(r'pdserve:kv_blocks_shipped_total\{direction="received"\} ([\d.e+]+)', text)
+    found = re.search(r'pdserve:kv_blocks_shipped_total\{direction="received"[^}]*\} ([\d.e+]+)', text)
     return int(float(found.group(1))) if found else 0
 
 
