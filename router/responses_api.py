@@ -9,7 +9,8 @@ response.in_progress, response.output_item.added, response.content_part.added,
 response.output_text.delta (one per decode delta), response.output_text.done,
 response.content_part.done, response.output_item.done, then response.completed (or
 response.incomplete when max_output_tokens cut it short). Nothing is stored: a request with
-previous_response_id, or asking for tools, is refused with a 400 naming the field.
+previous_response_id, asking for tools or for a text.format other than text, is refused with
+a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ResponsesRequest(protocol.RequestBody):
     stream: bool = False
     previous_response_id: str | None = None
     tools: list[dict[str, Any]] | None = None
+    text: dict[str, Any] | None = None  # only {"format": {"type": "text"}}
     store: bool | None = None  # accepted: nothing is stored either way
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -103,6 +105,10 @@ def _chat_body(body: ResponsesRequest) -> protocol.ChatCompletionRequest:
                                   "send the whole conversation as input")
     if body.tools:
         raise InvalidRequestError("tools are not supported on /v1/responses; use /v1/chat/completions")
+    fmt = (body.text or {}).get("format") or {"type": "text"}
+    if not isinstance(fmt, dict) or fmt.get("type") != "text":
+        raise InvalidRequestError("text.format other than text is not supported on /v1/responses; "
+                                  "use response_format on /v1/chat/completions")
     messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})

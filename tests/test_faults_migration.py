@@ -176,7 +176,7 @@ def router_metric(stack: LocalStack, name: str) -> float:
     """The sum of a router metric over its labels (`name` may fix some: 'x{k="v"}'; model_name need not be listed)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/metrics", timeout=5).read().decode()
     base, _, labels = name.partition("{")
-    selector = rf"\{{{re.escape(labels[:-1])}(?:,[^}}]*)?\}}" if labels else r"(?:\{[^}]*\})?"
+    selector = rf"\{{(?=[^}}]*{re.escape(labels[:-1])})[^}}]*\}}" if labels else r"(?:\{[^}]*\})?"
     return sum(float(v) for v in re.findall(rf"^{re.escape(base)}{selector} (\S+)$", text, re.MULTILINE))
 
 

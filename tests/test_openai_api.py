@@ -69,7 +69,7 @@ def grpc_text(router, prompt: str, params: SamplingParams, chat: bool = False) -
 
 def decode_blocks_received(stack) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.decodes[0].metrics_port}/metrics").read().decode()
-    found = re.search(r'pdserve:kv_blocks_shipped_total\{direction="received"[^}]*\} ([\d.e+]+)', text)
+    found = re.search(r'pdserve:kv_blocks_shipped_total\{[^}]*\bdirection="received"[^}]*\} ([\d.e+]+)', text)
     return int(float(found.group(1))) if found else 0
 
 
@@ -605,9 +605,11 @@ def test_a_streamed_response_sends_the_events_in_order_and_adds_up(client):
     assert events[-1].response.usage.output_tokens == 16
 
 
-def test_a_response_continuing_a_stored_one_is_refused(client):
+def test_what_a_response_cannot_honour_is_refused_naming_it(client):
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=MODEL, input="and then?", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError, match="text.format"):
+        client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
 
 
 # ---- metrics -------------------------------------------------------------------------------------
