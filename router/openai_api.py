@@ -140,8 +140,8 @@ class OpenAIServer:
                 prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
                 return StreamingResponse(self._events(first, merged, fmt, body, prompt_tokens),
                                          media_type="text/event-stream", headers=headers)
-            choices, usage = await until_disconnected(request, self._collect(merged, fmt, body.n))
-            return JSONResponse(fmt.response(choices, usage, body.n), headers=headers)
+            choices, usage, prompt_logprobs = await until_disconnected(request, self._collect(merged, fmt, body.n))
+            return JSONResponse(fmt.response(choices, usage, body.n, prompt_logprobs), headers=headers)
         except ValidationError as e:
             return validation_error(e)
         except PdserveError as e:
@@ -150,16 +150,20 @@ class OpenAIServer:
             return Response(status_code=499)  # nobody reads it; the request is already cancelled
 
     async def _collect(self, merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
-                       n: int) -> tuple[list[ChoiceState], Usage]:
+                       n: int) -> tuple[list[ChoiceState], Usage, dict[int, list[common_pb2.PositionLogprobs]]]:
+        """The choices, the usage and each prompt's prompt_logprobs (prompt index -> per position)."""
         states: dict[int, ChoiceState] = {}
         usage = Usage()
+        prompt_logprobs: dict[int, list[common_pb2.PositionLogprobs]] = {}
         async for prompt_index, response in merged:
+            if response.prompt_logprobs:
+                prompt_logprobs[prompt_index] = list(response.prompt_logprobs)
             for delta in response.outputs:
                 index = prompt_index * n + delta.index
                 fmt.apply(states.setdefault(index, ChoiceState(index)), delta)
             if response.finished:
                 usage.add(response.usage)
-        return [states[i] for i in sorted(states)], usage
+        return [states[i] for i in sorted(states)], usage, prompt_logprobs
 
     async def _events(self, first: tuple[int, common_pb2.GenerateResponse] | None,
                       merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,

@@ -113,11 +113,28 @@ class ResponseFormat:
 
     # ---- whole responses -------------------------------------------------------------------
 
-    def response(self, choices: list[ChoiceState], usage: Usage, n: int) -> dict[str, Any]:
+    def response(self, choices: list[ChoiceState], usage: Usage, n: int,
+                 prompt_logprobs: dict[int, list[common_pb2.PositionLogprobs]] | None = None) -> dict[str, Any]:
+        """The whole body; `prompt_logprobs` (prompt index -> per position), as vLLM returns
+        them: per choice on completions, once for the body on chat."""
         body = self._envelope("text_completion" if self.kind == "completion" else "chat.completion")
         body["choices"] = [self._full_choice(c, n) for c in choices]
+        if prompt_logprobs:
+            shaped = {i: [self._prompt_entry(p) for p in positions] for i, positions in prompt_logprobs.items()}
+            if self.kind == "completion":
+                for choice in body["choices"]:
+                    choice["prompt_logprobs"] = shaped.get(choice["index"] // n)
+            else:
+                body["prompt_logprobs"] = shaped.get(0)
         body["usage"] = usage.body()
         return body
+
+    def _prompt_entry(self, position: common_pb2.PositionLogprobs) -> dict[str, Any] | None:
+        """vLLM's shape: {token id: {logprob, rank, decoded_token}}; None for the first token."""
+        if not position.entries:
+            return None
+        return {str(e.token_id): {"logprob": _finite(e.logprob), "rank": e.rank, "decoded_token": self.tokens(e.token_id)}
+                for e in position.entries}
 
     def _full_choice(self, c: ChoiceState, n: int) -> dict[str, Any]:
         logprobs = self._logprobs(c, c.token_ids, c.logprobs)

@@ -40,7 +40,7 @@ COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as at OpenAI a
 # Sampling fields whose names and meaning are the same in the body and in common.proto.
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "seed", "min_tokens", "ignore_eos", "skip_special_tokens",
-              "include_stop_str_in_output", "cache_salt")
+              "include_stop_str_in_output", "cache_salt", "prompt_logprobs")
 
 # Fields this server does not implement whose loss would change the answer: field -> (is it
 # in use?, why it is refused). Anything else unknown is ignored with a warning.
@@ -48,7 +48,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (bool, "beam search is not supported"),
     "best_of": (lambda v: v not in (None, 1), "best_of other than n is not supported"),
     "length_penalty": (lambda v: v not in (None, 1, 1.0), "length_penalty applies to beam search, which is not supported"),
-    "prompt_logprobs": (lambda v: v is not None, "prompt logprobs are not computed by this server"),
     "logits_processors": (bool, "custom logits processors are not supported"),
     "return_tokens_as_token_ids": (bool, "tokens are returned as text"),
     "add_special_tokens": (lambda v: v is not None and v is not True, "the prompt is tokenized with special tokens"),
@@ -130,6 +129,8 @@ class SamplingFields(RequestBody):
     # special tokens without spaces either way.
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: to the context
+    # Top-N logprobs of every prompt token (non-streamed responses; the prompt prefills on decode).
+    prompt_logprobs: int | None = None
 
     default_max_tokens: ClassVar[int | None] = None  # None: until the context is full
 
@@ -246,6 +247,8 @@ def sampling_of(body: SamplingFields, max_model_len: int, logprobs: int | None) 
         msg.allowed_token_ids.extend(_uint(t, "allowed_token_ids") for t in body.allowed_token_ids)
     for token, bias in (body.logit_bias or {}).items():
         msg.logit_bias[_uint(token, "logit_bias")] = bias
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError("prompt_logprobs are returned in non-streamed responses only")
     constraint = structured_output_of(body)
     if constraint is not None:
         msg.structured_output.CopyFrom(constraint)

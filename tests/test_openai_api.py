@@ -639,3 +639,30 @@ def test_every_process_keeps_pdserve_names_with_model_name_under_prometheus_acce
                  "iteration_tokens_total"):
         assert re.search(rf"^pdserve:{name}_count{{[^}}]*}} [1-9]", decode, re.M), name
     assert re.search(r'^pdserve:cache_config_info\{[^}]*block_size="16"[^}]*\} 1\.0', decode, re.M)
+
+
+# ---- prompt_logprobs -----------------------------------------------------------------------------
+
+
+def test_prompt_logprobs_score_every_prompt_token_on_both_apis(client, router, stack):
+    prompt = "The history of the printing press begins in Mainz. " * 6  # long enough for remote prefill
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, n=2,
+                                    extra_body={"prompt_logprobs": 1})
+    ids = token_ids(stack, prompt)
+    for choice in got.choices:
+        entries = choice.prompt_logprobs
+        assert len(entries) == len(ids) == got.usage.prompt_tokens and entries[0] is None
+        assert all(str(t) in e and e[str(t)]["rank"] >= 1 for t, e in zip(ids[1:], entries[1:], strict=True))
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    assert len(chat.prompt_logprobs) == chat.usage.prompt_tokens
+    # gRPC: the prompt is computed where its logprobs are, on decode, even where it would prefill remotely.
+    request = router_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(max_tokens=2,
+                                                                                         prompt_logprobs=2))
+    responses = list(router.Generate(request, timeout=120))
+    scored = [r for r in responses if r.prompt_logprobs]
+    assert len(scored) == 1 and len(scored[0].prompt_logprobs) == len(ids)
+    assert not responses[-1].disaggregation.remote_prefill
+    assert [e.token_id for e in scored[0].prompt_logprobs[5].entries if e.token_id == ids[5]] == [ids[5]]
+    with pytest.raises(openai.BadRequestError, match="non-streamed"):
+        client.completions.create(model=MODEL, prompt="x", stream=True, extra_body={"prompt_logprobs": 1})
+    wait_all_free(stack)

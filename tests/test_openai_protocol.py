@@ -120,7 +120,7 @@ def test_unknown_fields_are_ignored_with_one_warning_per_name(caplog):
     assert msg.text == "hi"
 
 
-@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("prompt_logprobs", 1), ("best_of", 3),
+@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("best_of", 3),
                                           ("add_generation_prompt", False), ("chat_template", "{{x}}"),
                                           ("logits_processors", ["a.b"])])
 def test_refused_fields_in_use_are_bad_requests_naming_the_field(field, value):
@@ -128,7 +128,7 @@ def test_refused_fields_in_use_are_bad_requests_naming_the_field(field, value):
         protocol.screen(chat(**{field: value}))
 
 
-@pytest.mark.parametrize("field, value", [("use_beam_search", False), ("prompt_logprobs", None), ("best_of", 1),
+@pytest.mark.parametrize("field, value", [("use_beam_search", False), ("best_of", 1),
                                           ("add_generation_prompt", True), ("length_penalty", 1.0)])
 def test_refused_fields_at_their_neutral_value_pass(field, value):
     protocol.screen(chat(**{field: value}))

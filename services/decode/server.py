@@ -44,7 +44,7 @@ from services.engine.sequence import Resumed
 from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
-from services.rpc.convert import delta_to_proto, reject_unknown_fields
+from services.rpc.convert import delta_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
 from services.rpc.worker import WorkerServicerBase, refusal
 
 log = logging.getLogger("pdserve.decode")
@@ -130,6 +130,8 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 completion_tokens += new_tokens
                 first = timer.tokens(new_tokens)
                 response = held.add(request_id, out.outputs, new_tokens)
+                if out.prompt_logprobs is not None:
+                    response.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
                 if out.finished:
                     self._finish(response, out, record)
                     response.finished = True

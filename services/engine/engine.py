@@ -181,6 +181,8 @@ class EngineCore:
         )
         if params.structured_output is not None:
             request.grammar = self.compile_grammar(params)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(token_ids)
         if params.bad_words:
             request.bad_words = tuple(ids for word in params.bad_words for ids in self.tokenizer.bad_word_ids(word))
         if kv_export_from is not None:
@@ -188,7 +190,7 @@ class EngineCore:
                 raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")
             request.kv_export = KVExport(skip_blocks=kv_export_from, next_block=kv_export_from,
                                          by_reference=kv_by_reference)
-        if remote_prefill:
+        if remote_prefill and params.prompt_logprobs is None:  # prompt_logprobs: the prompt is computed here
             request.kv_import = KVImport()
         if resume:
             self._check_resume(request, resume)
@@ -284,6 +286,10 @@ class EngineCore:
         return list(changed.values())
 
     def _read_back(self, plan: StepPlan, launched: LaunchedStep, changed: dict[int, Request]) -> None:
+        for seq_id, (first, entries) in launched.prompt_logprobs().items():  # before update may end the request
+            seq = self.scheduler.live(seq_id)
+            if seq is not None:
+                seq.request.prompt_logprobs[first : first + len(entries)] = entries
         for request in self.scheduler.update(plan, launched.result(), self._on_token):
             changed[id(request)] = request
 

@@ -52,6 +52,9 @@ class RequestOutput:
     # (the value is how many leading blocks this worker already holds).
     kv_pull_from_block: int | None = None
     kv_import: KVImport | None = None
+    # prompt_logprobs: one entry per prompt token (the first None), on the first output with
+    # tokens (and on every whole, non-delta output).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Once finished: (arrival, first scheduled, first token) in time.monotonic (None: never got there).
     times: tuple[float, float | None, float | None] | None = None
 
@@ -95,6 +98,10 @@ def build_output(request: Request, delta: bool) -> RequestOutput:
         num_cached_tokens=request.num_cached_tokens,
         kv_import=request.kv_import,
     )
+    if request.prompt_logprobs is not None and (not delta or (
+            not request.prompt_logprobs_sent and any(c.token_ids for c in outputs))):
+        out.prompt_logprobs = request.prompt_logprobs
+        request.prompt_logprobs_sent = True
     if out.finished:
         out.times = (request.arrival_time, request.scheduled_time, request.first_token_time)
     if request.kv_export is not None and request.kv_export.ready:

@@ -119,6 +119,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Number of most likely tokens (from the model's raw distribution) to return per position.
     logprobs: int | None = None
+    # The same for every prompt position after the first (the prompt token's logprob, its rank
+    # and the top N). Such a request reads nothing from the prefix cache: cached positions have no logits.
+    prompt_logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
     # Salted into the first block hash: requests with different salts never share cached KV.
@@ -199,6 +202,10 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.stop and not self.detokenize:
             raise bad("stop strings need detokenize=True")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:

@@ -69,6 +69,8 @@ class ScheduledSeq:
     # mirrors tables incrementally and recognises a reallocated table by its identity.
     block_table: list[int]
     sample: SampleSpec | None  # set when the step brings the sequence up to date
+    # prompt_logprobs: (top N, the prompt tokens this step's positions predict, in order), or None.
+    prompt_logprobs: tuple[int, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int | None = None  # a sequence this long samples no more (None: no limit)
+
+
+def _prompt_targets(seq: Sequence, start: int, num_new: int) -> tuple[int, list[int]] | None:
+    """prompt_logprobs: the prompt tokens that positions start .. start+num_new-1 predict."""
+    request = seq.request
+    top = request.params.prompt_logprobs
+    if top is None or request.forked or start + 1 >= request.num_prompt_tokens:
+        return None
+    return top, request.prompt_token_ids[start + 1 : min(start + num_new + 1, request.num_prompt_tokens)]
 
 
 def _seated(request: Request) -> None:
@@ -184,6 +195,10 @@ class Scheduler:
         seq.num_computed_tokens = num_valid_tokens
         self.block_manager.cache_computed_blocks(seq)
 
+    def live(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence `seq_id`, if any."""
+        return self._live.get(seq_id)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -230,7 +245,9 @@ class Scheduler:
             seated = len(self.running) + len(self.awaiting_kv)
             if seated + width > self.config.max_num_seqs and seated:
                 break
-            hits = self.block_manager.get_cached_prefix(seq) if not seq.block_table else []
+            # prompt_logprobs need every prompt position's logits: a cached block has none.
+            hits = self.block_manager.get_cached_prefix(seq) \
+                if not seq.block_table and seq.request.params.prompt_logprobs is None else []
             num_hit = len(hits) * self.block_manager.block_size
             if seq.request.kv_import is not None and seq.request.kv_import.state == "pending":
                 if not self._admit_for_remote_kv(seq, hits):
@@ -333,7 +350,8 @@ class Scheduler:
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample
-        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample)
+        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample,
+                            _prompt_targets(seq, start, num_new))
 
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """Create the n-1 siblings of `parent`, sharing its blocks; returns all n in index order."""

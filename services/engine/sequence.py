@@ -66,6 +66,10 @@ class Request:
     kv_import: KVImport | None = None
     # Structured output: the compiled grammar (an xgrammar object) each sequence's state starts from.
     grammar: Any = None
+    # prompt_logprobs: one entry per prompt position (None until computed; the first stays None),
+    # handed out once (prompt_logprobs_sent).
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
+    prompt_logprobs_sent: bool = False
     # bad_words as token sequences (SamplingParams.bad_words, tokenized by the engine).
     bad_words: tuple[tuple[int, ...], ...] = ()
     # Migration: the sequences that continue here (the others finished elsewhere); None: all n.

@@ -13,7 +13,7 @@ from services.engine.sampling_params import SamplingParams, StructuredOutputPara
 _SCALARS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-    "include_stop_str_in_output", "skip_special_tokens", "cache_salt",
+    "include_stop_str_in_output", "skip_special_tokens", "cache_salt", "prompt_logprobs",
 )
 
 
@@ -82,6 +82,11 @@ def logprobs_to_proto(position: dict[int, Logprob]) -> common_pb2.PositionLogpro
     return common_pb2.PositionLogprobs(
         entries=[common_pb2.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank) for t, lp in position.items()]
     )
+
+
+def prompt_logprobs_to_proto(entries: list[dict[int, Logprob] | None]) -> list[common_pb2.PositionLogprobs]:
+    """One PositionLogprobs per prompt token; empty where there is none (the first)."""
+    return [common_pb2.PositionLogprobs() if e is None else logprobs_to_proto(e) for e in entries]
 
 
 def logprobs_from_proto(msg: common_pb2.PositionLogprobs) -> dict[int, Logprob]:
