@@ -6,8 +6,8 @@ lengths) happen there, with the engine's semantics, not twice.
 
 Beyond OpenAI's fields, vLLM's extras are accepted: top_k, min_p, repetition_penalty,
 ignore_eos, min_tokens, stop_token_ids, allowed_token_ids, bad_words, skip_special_tokens,
-spaces_between_special_tokens, include_stop_str_in_output, truncate_prompt_tokens, priority,
-cache_salt, chat `echo`, and structured output as guided_json / guided_regex / guided_grammar
+spaces_between_special_tokens, include_stop_str_in_output, truncate_prompt_tokens,
+prompt_logprobs, priority, cache_salt, chat `echo`, and structured output as guided_json / guided_regex / guided_grammar
 (EBNF, or Lark rewritten into it) / guided_choice beside `response_format`.
 
 Field policy (vLLM's): a field this server does not know is accepted and ignored, with a

@@ -428,18 +428,20 @@ def token_ids(stack, text: str) -> list[int]:
     return http(stack, "POST", "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"]
 
 
-def test_an_unknown_field_is_ignored_and_the_answer_unchanged(client):
+def test_an_unknown_field_is_ignored_and_the_answer_unchanged(client, stack):
     kw = dict(model=MODEL, prompt="What is AI?", max_tokens=8, temperature=0)
     plain = client.completions.create(**kw).choices[0].text
     assert client.completions.create(**kw, extra_body={"frobnicate": 1, "mm_processor_kwargs": {}}).choices[0].text == plain
+    wait_all_free(stack)
 
 
-def test_completions_default_to_16_tokens(client):
+def test_completions_default_to_16_tokens(client, stack):
     got = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True})
     assert got.usage.completion_tokens == 16 and got.choices[0].finish_reason == "length"
+    wait_all_free(stack)
 
 
-def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client):
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, stack):
     chunks = list(client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
@@ -449,6 +451,7 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client):
     completion = [u.completion_tokens for u in usages]
     assert completion == sorted(completion) and completion[-1] == 12
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == usages[0].prompt_tokens + 12
+    wait_all_free(stack)
 
 
 def test_allowed_token_ids_limit_every_generated_token(client, stack):
@@ -456,46 +459,52 @@ def test_allowed_token_ids_limit_every_generated_token(client, stack):
     got = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=6, temperature=1.0, seed=1,
                                     extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
     assert re.fullmatch(r"( yes| no){6}", got.choices[0].text)
+    wait_all_free(stack)
 
 
-def test_a_bad_word_is_never_generated(client):
+def test_a_bad_word_is_never_generated(client, stack):
     kw = dict(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
     assert "Paris" in client.chat.completions.create(**kw).choices[0].message.content
     banned = client.chat.completions.create(**kw, extra_body={"bad_words": ["Paris"]}).choices[0].message.content
     assert banned and "Paris" not in banned
+    wait_all_free(stack)
 
 
-def test_chat_echo_starts_the_reply_with_the_assistants_last_message(client):
+def test_chat_echo_starts_the_reply_with_the_assistants_last_message(client, stack):
     messages = [*QUESTION, {"role": "assistant", "content": "The capital"}]
     kw = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, extra_body={"echo": True})
     whole = client.chat.completions.create(**kw).choices[0].message.content
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
                        if c.choices)
     assert whole.startswith("The capital") and len(whole) > len("The capital") and streamed == whole
+    wait_all_free(stack)
 
 
-def test_a_lark_grammar_and_guided_decoding_backend_constrain_the_output(client):
+def test_a_lark_grammar_and_guided_decoding_backend_constrain_the_output(client, stack):
     lark = '?start: answer\nanswer: "yes" | "no" | "maybe" [" not"]'
     got = client.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=8, temperature=1.0, n=4, seed=2,
                                     extra_body={"guided_grammar": lark, "guided_decoding_backend": "xgrammar"})
     assert all(c.text in ("yes", "no", "maybe", "maybe not") for c in got.choices)
     with pytest.raises(openai.BadRequestError, match="Lark form.*regex terminals"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_grammar": "start: /a+/"})
+    wait_all_free(stack)
 
 
-def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client):
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, stack):
     got = client.completions.create(model=MODEL, prompt="hello " * 1100, max_tokens=2, temperature=0,
                                     extra_body={"truncate_prompt_tokens": 10})
     assert got.usage.prompt_tokens == 10
+    wait_all_free(stack)
 
 
-def test_include_stop_str_and_special_token_flags(client):
+def test_include_stop_str_and_special_token_flags(client, stack):
     kw = dict(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 6"])
     cut = client.completions.create(**kw).choices[0].text
     kept = client.completions.create(**kw, extra_body={"include_stop_str_in_output": True,
                                                        "skip_special_tokens": False,
                                                        "spaces_between_special_tokens": False}).choices[0].text
     assert kept == cut + " 6"
+    wait_all_free(stack)
 
 
 # ---- request ids ---------------------------------------------------------------------------------
@@ -574,12 +583,13 @@ def test_invocations_route_by_body_shape(stack):
     status, response, _ = http(stack, "POST", "/invocations", {"model": MODEL, "input": "Hi", "max_output_tokens": 4})
     assert status == 200 and response["object"] == "response"
     assert http(stack, "POST", "/invocations", {"model": MODEL})[0] == 400
+    wait_all_free(stack)
 
 
 # ---- the Responses API ---------------------------------------------------------------------------
 
 
-def test_a_response_answers_like_the_chat_path(client):
+def test_a_response_answers_like_the_chat_path(client, stack):
     got = client.responses.create(model=MODEL, input="What is the capital of France?", instructions="Be brief.",
                                   max_output_tokens=24, temperature=0)
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *QUESTION],
@@ -587,9 +597,10 @@ def test_a_response_answers_like_the_chat_path(client):
     assert got.output_text == chat.choices[0].message.content and got.output_text
     assert got.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
     assert (got.usage.input_tokens, got.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    wait_all_free(stack)
 
 
-def test_a_streamed_response_sends_the_events_in_order_and_adds_up(client):
+def test_a_streamed_response_sends_the_events_in_order_and_adds_up(client, stack):
     kw = dict(model=MODEL, input=[{"role": "user", "content": "Tell me a story."}], max_output_tokens=16, temperature=0)
     whole = client.responses.create(**kw)
     events = list(client.responses.create(**kw, stream=True))
@@ -603,6 +614,7 @@ def test_a_streamed_response_sends_the_events_in_order_and_adds_up(client):
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == whole.output_text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == 16
+    wait_all_free(stack)
 
 
 def test_what_a_response_cannot_honour_is_refused_naming_it(client):
