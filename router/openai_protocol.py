@@ -129,7 +129,7 @@ class SamplingFields(RequestBody):
     # special tokens without spaces either way.
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: to the context
-    # Top-N logprobs of every prompt token (non-streamed responses; the prompt prefills on decode).
+    # Top-N logprobs of every prompt token (non-streamed responses).
     prompt_logprobs: int | None = None
 
     default_max_tokens: ClassVar[int | None] = None  # None: until the context is full

@@ -279,9 +279,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # Ids differ per attempt: an instance that failed the request may be tried again.
         request_id = prepared.request_id if not attempts.migrating else f"{prepared.request_id}-m{attempts.migrations}"
         resume = attempts.progress.resume()
-        # A resumed request prefills on decode, as does one asking for prompt_logprobs (computed where the prompt is).
-        local = bool(resume) or prepared.params.prompt_logprobs is not None
-        decode, prefill = route.decode, (route.prefill if not local else None)
+        decode, prefill = route.decode, (route.prefill if not resume else None)  # a resumed request prefills on decode
         log.info("request %s (%s): %d prompt tokens -> decode %s (%s, %d cached), prefill %s (%s)%s", request_id,
                  prepared.client_request_id or "-", len(ids), decode.instance_id, route.decode_reason,
                  route.decode_hit_tokens, prefill.instance_id if prefill else "local", route.prefill_reason,

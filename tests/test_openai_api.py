@@ -657,24 +657,34 @@ def test_every_process_keeps_pdserve_names_with_model_name_under_prometheus_acce
 
 
 def test_prompt_logprobs_score_every_prompt_token_on_both_apis(client, router, stack):
-    prompt = "The history of the printing press begins in Mainz. " * 6  # long enough for remote prefill
+    prompt = "The history of the printing press begins in Mainz, around the year 1450. " * 8
+    ids = token_ids(stack, prompt)
+
+    def scored() -> tuple[list[common_pb2.PositionLogprobs], bool]:
+        request = router_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(max_tokens=2,
+                                                                                             prompt_logprobs=2))
+        responses = list(router.Generate(request, timeout=120))
+        with_them = [r for r in responses if r.prompt_logprobs]
+        assert len(with_them) == 1 and len(with_them[0].prompt_logprobs) == len(ids)
+        return list(with_them[0].prompt_logprobs), responses[-1].disaggregation
+
+    remote, record = scored()  # a new prompt: prefilled remotely, its logprobs come with prefill's result
+    assert record.remote_prefill and record.decode_computed_prompt_tokens == 0  # no fallback to local
+    local, record = scored()  # decode now holds the prompt: prefilled there (reading no cached block)
+    assert not record.remote_prefill and record.decode_computed_prompt_tokens == len(ids)
+    assert not remote[0].entries and not local[0].entries
+    for token, a, b in zip(ids[1:], remote[1:], local[1:], strict=True):
+        (x,) = [e.logprob for e in a.entries if e.token_id == token]
+        (y,) = [e.logprob for e in b.entries if e.token_id == token]
+        assert x == pytest.approx(y, abs=1e-4)
     got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, n=2,
                                     extra_body={"prompt_logprobs": 1})
-    ids = token_ids(stack, prompt)
     for choice in got.choices:
         entries = choice.prompt_logprobs
-        assert len(entries) == len(ids) == got.usage.prompt_tokens and entries[0] is None
+        assert len(entries) == got.usage.prompt_tokens == len(ids) and entries[0] is None
         assert all(str(t) in e and e[str(t)]["rank"] >= 1 for t, e in zip(ids[1:], entries[1:], strict=True))
     chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, extra_body={"prompt_logprobs": 0})
     assert len(chat.prompt_logprobs) == chat.usage.prompt_tokens
-    # gRPC: the prompt is computed where its logprobs are, on decode, even where it would prefill remotely.
-    request = router_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(max_tokens=2,
-                                                                                         prompt_logprobs=2))
-    responses = list(router.Generate(request, timeout=120))
-    scored = [r for r in responses if r.prompt_logprobs]
-    assert len(scored) == 1 and len(scored[0].prompt_logprobs) == len(ids)
-    assert not responses[-1].disaggregation.remote_prefill
-    assert [e.token_id for e in scored[0].prompt_logprobs[5].entries if e.token_id == ids[5]] == [ids[5]]
     with pytest.raises(openai.BadRequestError, match="non-streamed"):
         client.completions.create(model=MODEL, prompt="x", stream=True, extra_body={"prompt_logprobs": 1})
     wait_all_free(stack)

@@ -177,7 +177,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 async for item in items:
                     record.kv_transport = self.transport.kind_for(peer)
                     if isinstance(item, PrefillDone):
-                        engine.finish_kv(request_id, item.first_tokens, item.cached_tokens)
+                        engine.finish_kv(request_id, item.first_tokens, item.cached_tokens, item.prompt_logprobs)
                         return
                     self._receive(request_id, item, record)
             engine.fail_kv(request_id, "prefill stream ended without its result")

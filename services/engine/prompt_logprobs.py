@@ -7,7 +7,9 @@ the logits of the positions before them, computed while the prompt is prefilled.
 Values are those of the raw model distribution, like the sampled tokens' logprobs: the token's
 logprob, its rank (1 + how many tokens are strictly more likely) and the top N. The first
 prompt token has none (nothing predicts it). A request that asks reads nothing from the prefix
-cache (scheduler.py): a cached position has no logits.
+cache (scheduler.py): a cached position has no logits. A prefill worker computes them for a
+remotely prefilled request and sends them in its PrefillResult; decode checks them
+(EngineCore.finish_kv) and, if the transfer fails, computes the whole prompt itself.
 """
 
 from __future__ import annotations

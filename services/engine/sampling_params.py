@@ -120,7 +120,8 @@ class SamplingParams:
     # Number of most likely tokens (from the model's raw distribution) to return per position.
     logprobs: int | None = None
     # The same for every prompt position after the first (the prompt token's logprob, its rank
-    # and the top N). Such a request reads nothing from the prefix cache: cached positions have no logits.
+    # and the top N), computed where the prompt is (services/engine/prompt_logprobs.py). Such a
+    # request reads nothing from the prefix cache: cached positions have no logits.
     prompt_logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
