@@ -133,8 +133,8 @@ class ResponseFormat:
         """vLLM's shape: {token id: {logprob, rank, decoded_token}}; None for the first token."""
         if not position.entries:
             return None
-        return {str(e.token_id): {"logprob": _finite(e.logprob), "rank": e.rank, "decoded_token": self.tokens(e.token_id)}
-                for e in position.entries}
+        return {str(e.token_id): {"logprob": _finite(e.logprob), "rank": e.rank,
+                                  "decoded_token": self.tokens(e.token_id)} for e in position.entries}
 
     def _full_choice(self, c: ChoiceState, n: int) -> dict[str, Any]:
         logprobs = self._logprobs(c, c.token_ids, c.logprobs)

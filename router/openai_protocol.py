@@ -47,7 +47,8 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (bool, "beam search is not supported"),
     "best_of": (lambda v: v not in (None, 1), "best_of other than n is not supported"),
-    "length_penalty": (lambda v: v not in (None, 1, 1.0), "length_penalty applies to beam search, which is not supported"),
+    "length_penalty": (lambda v: v not in (None, 1, 1.0),
+                       "length_penalty applies to beam search, which is not supported"),
     "logits_processors": (bool, "custom logits processors are not supported"),
     "return_tokens_as_token_ids": (bool, "tokens are returned as text"),
     "add_special_tokens": (lambda v: v is not None and v is not True, "the prompt is tokenized with special tokens"),

@@ -27,8 +27,8 @@ from starlette.routing import Route
 
 from pdserve.v1 import common_pb2
 from router import openai_protocol as protocol
-from router.openai_api import (INLINE_BODY_BYTES, REQUEST_ID_HEADER, ClientDisconnected, error_body, error_response, merge, parse_body,
-                               request_id_of, until_disconnected, validation_error)
+from router.openai_api import (INLINE_BODY_BYTES, REQUEST_ID_HEADER, ClientDisconnected, error_body, error_response,
+                               merge, parse_body, request_id_of, until_disconnected, validation_error)
 from router.openai_format import Usage, sse
 from router.server import RouterServicer
 from services.engine.errors import InvalidRequestError, PdserveError
