@@ -1,12 +1,13 @@
-"""The router's HTTP port: /healthz (also /health, /ping), /metrics and the OpenAI-compatible
-API under /v1 (openai_api.py), behind the gate (gate.py: header caps, API keys, body cap)."""
+"""The router's HTTP port, behind the gate (gate.py: header caps, API keys, body cap):
+/healthz (also /health, /ping: 200 ready, 503 not), /metrics, the OpenAI-compatible API under
+/v1 (openai_api.py, responses_api.py) and vLLM's other endpoints (vllm_api.py)."""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from starlette.routing import Route
 from router.gate import Gate
 from router.registry import StaticRegistry
 from router.server import RouterServicer
+from services.rpc.metrics import exposition
 
 
 def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, gate: Gate = Gate()):
@@ -36,14 +38,19 @@ def build_app(registry: StaticRegistry, servicer: RouterServicer | None = None, 
     scraped = _metrics_registry()
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(scraped), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = exposition(scraped)
+        return Response(body, headers={"Content-Type": content_type})
 
-    routes = [Route("/healthz", healthz), Route("/health", healthz), Route("/ping", healthz), Route("/metrics", metrics)]
+    routes = [Route("/healthz", healthz), Route("/health", healthz), Route("/ping", healthz, methods=["GET", "POST"]),
+              Route("/metrics", metrics)]
     if servicer is not None:
         from router.openai_api import OpenAIServer
+        from router.responses_api import ResponsesServer
+        from router.vllm_api import VllmServer
         from services.engine import structured_output
 
-        routes += OpenAIServer(servicer).routes()
+        openai, responses = OpenAIServer(servicer), ResponsesServer(servicer)
+        routes += openai.routes() + responses.routes() + VllmServer(openai, responses).routes()
         # xgrammar takes seconds to import: not on the first constrained request's time.
         threading.Thread(target=structured_output.preload, name="xgrammar-import", daemon=True).start()
     return gate.wrap(Starlette(routes=routes))

@@ -14,6 +14,7 @@ import uvicorn
 
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from router import metrics as router_metrics
+from services.rpc import metrics
 from router.gate import Gate
 from router.http import build_app
 from router.limits import Limits
@@ -85,6 +86,7 @@ async def run_router(args: argparse.Namespace, slot: WorkerSlot | None = None) -
         ServerSecurity(client_tls, api_keys=keys), [*limits.grpc_options(), *reuse_port],
     )
     health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
+    metrics.set_model_name(servicer.model_name)
     app = build_app(registry, servicer, Gate(keys, limits, metrics_open=args.metrics_without_auth))
     http = _http_server(app, args, limits, client_tls is not None)
     sockets = [reuse_port_socket(args.host, args.http_port)] if slot is not None else None

@@ -42,6 +42,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conf
 
 INLINE_BODY_BYTES = 64 << 10  # smaller bodies are parsed on the event loop (well under a millisecond)
 RETRY_AFTER_S = 1  # an overloaded worker's queue turns over within seconds
+REQUEST_ID_HEADER = "x-request-id"
 
 
 class ClientDisconnected(Exception):
@@ -62,7 +63,8 @@ def error_body(err: PdserveError, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": str(err), "type": kind, "param": param, "code": err.grpc_status.lower()}}
 
 
-_FIELDS = set(protocol.CompletionRequest.model_fields) | set(protocol.ChatCompletionRequest.model_fields)
+_FIELDS = (set(protocol.CompletionRequest.model_fields) | set(protocol.ChatCompletionRequest.model_fields)
+           | set(protocol.REFUSED))
 
 
 class OpenAIServer:
@@ -93,19 +95,25 @@ class OpenAIServer:
         return JSONResponse(self._model_card())
 
     async def completions(self, request: Request) -> Response:
+        client_id = request_id_of(request)
+
         def make(body: protocol.CompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
             rid = f"cmpl-{uuid.uuid4().hex}"
-            requests = protocol.completion_requests(body, rid, self.servicer.max_model_len)
+            requests = protocol.completion_requests(body, client_id or rid, self.servicer.max_model_len)
             echo = [self._prompt_text(r) for r in requests] if body.echo else None
             return requests, self._format("completion", rid, body, body.logprobs, echo)
 
         return await self._handle(request, protocol.CompletionRequest, make)
 
     async def chat_completions(self, request: Request) -> Response:
+        client_id = request_id_of(request)
+
         def make(body: protocol.ChatCompletionRequest) -> tuple[list[router_pb2.GenerateRequest], ResponseFormat]:
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             top = (body.top_logprobs or 0) if body.logprobs else None
-            return [protocol.chat_request(body, rid, self.servicer.max_model_len)], self._format("chat", rid, body, top)
+            echo = protocol.chat_echo(body)
+            return ([protocol.chat_request(body, client_id or rid, self.servicer.max_model_len)],
+                    self._format("chat", rid, body, top, None if echo is None else [echo]))
 
         return await self._handle(request, protocol.ChatCompletionRequest, make)
 
@@ -126,38 +134,51 @@ class OpenAIServer:
             timeout = servicer.limits.request_timeout
             streams = [servicer.stream(p, r, timeout) for p, r in zip(prepared, requests, strict=True)]
             merged = merge(streams)
+            headers = {REQUEST_ID_HEADER: request_id_of(request) or fmt.id}
             if body.stream:
                 # Headers wait for the first tokens, so that early errors keep their HTTP status.
                 first = await until_disconnected(request, anext(merged, None))
-                return StreamingResponse(self._events(first, merged, fmt, body), media_type="text/event-stream")
-            choices, usage = await until_disconnected(request, self._collect(merged, fmt, body.n))
-            return JSONResponse(fmt.response(choices, usage, body.n))
+                prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
+                return StreamingResponse(self._events(first, merged, fmt, body, prompt_tokens),
+                                         media_type="text/event-stream", headers=headers)
+            choices, usage, prompt_logprobs = await until_disconnected(request, self._collect(merged, fmt, body.n))
+            return JSONResponse(fmt.response(choices, usage, body.n, prompt_logprobs), headers=headers)
         except ValidationError as e:
-            return _validation_error(e)
+            return validation_error(e)
         except PdserveError as e:
             return error_response(e)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; the request is already cancelled
 
     async def _collect(self, merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
-                       n: int) -> tuple[list[ChoiceState], Usage]:
+                       n: int) -> tuple[list[ChoiceState], Usage, dict[int, list[common_pb2.PositionLogprobs]]]:
+        """The choices, the usage and each prompt's prompt_logprobs (prompt index -> per position)."""
         states: dict[int, ChoiceState] = {}
         usage = Usage()
+        prompt_logprobs: dict[int, list[common_pb2.PositionLogprobs]] = {}
         async for prompt_index, response in merged:
+            if response.prompt_logprobs:
+                prompt_logprobs[prompt_index] = list(response.prompt_logprobs)
             for delta in response.outputs:
                 index = prompt_index * n + delta.index
                 fmt.apply(states.setdefault(index, ChoiceState(index)), delta)
             if response.finished:
                 usage.add(response.usage)
-        return [states[i] for i in sorted(states)], usage
+        return [states[i] for i in sorted(states)], usage, prompt_logprobs
 
     async def _events(self, first: tuple[int, common_pb2.GenerateResponse] | None,
                       merged: AsyncIterator[tuple[int, common_pb2.GenerateResponse]], fmt: ResponseFormat,
-                      body: protocol.SamplingFields) -> AsyncIterator[str]:
+                      body: protocol.SamplingFields, prompt_tokens: int) -> AsyncIterator[str]:
+        """The SSE events; with stream_options.continuous_usage_stats every chunk carries the
+        usage so far (the prompt's tokens, the completion tokens streamed until then)."""
         n, states, usage, include_usage = body.n, {}, Usage(), body.include_usage
+        running = Usage(prompt_tokens=prompt_tokens) if body.continuous_usage else None
         if fmt.kind == "chat":
             for index in range(n):
-                yield sse(fmt.chunk([fmt.role_choice(index)], body.include_usage))
+                chunk = fmt.chunk([fmt.role_choice(index)], body.include_usage)
+                if running is not None:
+                    chunk["usage"] = running.body()
+                yield sse(chunk)
         try:
             item: tuple[int, common_pb2.GenerateResponse] | None = first
             while item is not None:
@@ -167,7 +188,9 @@ class OpenAIServer:
                     state = states.get(index)
                     if state is None:
                         state = states[index] = ChoiceState(index)
-                    event = fmt.delta_event(state, delta, n, include_usage)
+                    if running is not None:
+                        running.completion_tokens += len(delta.token_ids)
+                    event = fmt.delta_event(state, delta, n, include_usage, running)
                     if event is not None:
                         yield event
                 if response.finished:
@@ -261,14 +284,20 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
+def request_id_of(request: Request) -> str:
+    """The client's x-request-id header ("" if none); RouterServicer.prepare checks it."""
+    return request.headers.get(REQUEST_ID_HEADER, "")
+
+
 def _build(raw: bytes, model: type[BaseModel], make) -> tuple[Any, list[router_pb2.GenerateRequest], ResponseFormat]:
     """Body bytes -> the validated body, its GenerateRequests and their response format."""
-    body = _parse(raw, model)
+    body = parse_body(raw, model)
+    protocol.screen(body)
     requests, fmt = make(body)
     return body, requests, fmt
 
 
-def _parse(raw: bytes, model: type[BaseModel]) -> Any:
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except RecursionError as e:
@@ -291,7 +320,7 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0][:200]
 
 
-def _validation_error(e: ValidationError) -> JSONResponse:
+def validation_error(e: ValidationError) -> JSONResponse:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     err = InvalidRequestError(f"{loc}: {first['msg']}" if loc else first["msg"])

@@ -99,7 +99,7 @@ class ResponseFormat:
         self.tokens = tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.stop_token_ids = set(stop_token_ids)
-        self.echo = echo  # completions with echo: each prompt's text, per prompt index
+        self.echo = echo  # with echo: each prompt's text (completions), the last message's (chat)
         self.tools: ToolPlan | None = None  # chat with tools: set once the request is prepared
         self._templates: dict[bool, tuple[str, str, str]] = {}  # include_usage -> a text chunk's parts
 
@@ -120,11 +120,28 @@ class ResponseFormat:
 
     # ---- whole responses -------------------------------------------------------------------
 
-    def response(self, choices: list[ChoiceState], usage: Usage, n: int) -> dict[str, Any]:
+    def response(self, choices: list[ChoiceState], usage: Usage, n: int,
+                 prompt_logprobs: dict[int, list[common_pb2.PositionLogprobs]] | None = None) -> dict[str, Any]:
+        """The whole body; `prompt_logprobs` (prompt index -> per position), as vLLM returns
+        them: per choice on completions, once for the body on chat."""
         body = self._envelope("text_completion" if self.kind == "completion" else "chat.completion")
         body["choices"] = [self._full_choice(c, n) for c in choices]
+        if prompt_logprobs:
+            shaped = {i: [self._prompt_entry(p) for p in positions] for i, positions in prompt_logprobs.items()}
+            if self.kind == "completion":
+                for choice in body["choices"]:
+                    choice["prompt_logprobs"] = shaped.get(choice["index"] // n)
+            else:
+                body["prompt_logprobs"] = shaped.get(0)
         body["usage"] = usage.body()
         return body
+
+    def _prompt_entry(self, position: common_pb2.PositionLogprobs) -> dict[str, Any] | None:
+        """vLLM's shape: {token id: {logprob, rank, decoded_token}}; None for the first token."""
+        if not position.entries:
+            return None
+        return {str(e.token_id): {"logprob": _finite(e.logprob), "rank": e.rank,
+                                  "decoded_token": self.tokens(e.token_id)} for e in position.entries}
 
     def _full_choice(self, c: ChoiceState, n: int) -> dict[str, Any]:
         logprobs = self._logprobs(c, c.token_ids, c.logprobs)
@@ -132,10 +149,12 @@ class ResponseFormat:
             text = (self.echo[c.index // n] if self.echo else "") + c.text
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason}
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        text = (self.echo[0] if self.echo else "") + c.text  # chat echo: the assistant's last message
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         finish_reason = c.finish_reason
         if self.tools is not None and self.tools.parser_kind:
-            message["content"], calls = parse(self.tools.parser(), c.text)
+            content, calls = parse(self.tools.parser(), c.text)
+            message["content"] = (self.echo[0] if self.echo else "") + content if content is not None else None
             if calls:
                 message["tool_calls"] = [_call_body(t) for t in calls]
             finish_reason = self.tools.finish_reason(c.finish_reason or "", bool(calls)) or None
@@ -161,24 +180,30 @@ class ResponseFormat:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def delta_event(self, state: ChoiceState, delta: common_pb2.CompletionDelta, n: int,
-                    include_usage: bool) -> str | None:
+                    include_usage: bool, usage: Usage | None = None) -> str | None:
         """One delta's SSE event, or None if it adds nothing. Streaming keeps in `state` only what
         chunks need (finish, started, the logprobs text offset), not the text or tokens so far.
         The common chunk, text alone, is filled into a template made once per response: the same
-        bytes as sse(chunk(...)) for a fraction of the CPU (issue #32)."""
+        bytes as sse(chunk(...)) for a fraction of the CPU (issue #32). `usage`: the usage so far,
+        carried by the chunk (continuous usage stats)."""
         if self.tools is not None and self.tools.parser_kind:
             return self._tool_events(state, delta, include_usage)
         if delta.finish_reason:
             state.finish_reason = delta.finish_reason
             state.stop_reason = self._stop_reason(delta.stop_reason)
-        elif self.top_logprobs is None and (state.started or not self.echo):
+        elif self.top_logprobs is None and usage is None and (state.started or not self.echo):
             if not delta.text:
                 return None
             state.started = True
             head, mid, tail = self._templates.get(include_usage) or self._template(include_usage)
             return f"{head}{state.index}{mid}{_JSON.encode(delta.text)}{tail}"
         choice = self.delta_choice(state, delta, n)
-        return None if choice is None else sse(self.chunk([choice], include_usage))
+        if choice is None:
+            return None
+        chunk = self.chunk([choice], include_usage)
+        if usage is not None:
+            chunk["usage"] = usage.body()
+        return sse(chunk)
 
     def _template(self, include_usage: bool) -> tuple[str, str, str]:
         """A text chunk as sse(chunk([delta_choice(...)])) renders it, split around index and text."""
@@ -204,6 +229,8 @@ class ResponseFormat:
                 text = self.echo[state.index // n] + text
             state.started = True
             return {"index": state.index, "text": text, "logprobs": logprobs, **finish}
+        if self.echo and not state.started:
+            text = self.echo[0] + text
         state.started = True
         return {"index": state.index, "delta": {"content": text} if text else {}, "logprobs": logprobs, **finish}
 

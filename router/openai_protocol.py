@@ -5,56 +5,96 @@ the same `RouterServicer.prepare` / `stream` as the gRPC Generate; value checks 
 lengths) happen there, with the engine's semantics, not twice.
 
 Beyond OpenAI's fields, vLLM's extras are accepted: top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output,
-priority, cache_salt, and structured output as guided_json / guided_regex / guided_grammar /
-guided_choice beside `response_format`. Unknown fields are an error, as at OpenAI.
+ignore_eos, min_tokens, stop_token_ids, allowed_token_ids, bad_words, skip_special_tokens,
+spaces_between_special_tokens, include_stop_str_in_output, truncate_prompt_tokens,
+prompt_logprobs, priority, cache_salt, chat `echo`, and structured output as guided_json / guided_regex / guided_grammar
+(EBNF, or Lark rewritten into it) / guided_choice beside `response_format`.
 
 Chat tool calling (`tools`, `tool_choice`, `parallel_tool_calls`, and assistant `tool_calls` /
 `tool` messages sent back) travels on the ChatMessages; router/tool_calls.py checks and plans it.
 
-max_tokens left unset means "until the context is full", as at OpenAI and in vLLM.
+Field policy (vLLM's): a field this server does not know is accepted and ignored, with a
+warning logged once per field name, except those in REFUSED, whose silent loss would change
+the answer: they are a 400 naming the field. (gRPC stays strict: its clients are generated.)
+
+max_tokens left unset: 16 for completions (OpenAI's and vLLM's default, clamped to the
+context), "until the context is full" for chat completions.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.v1 import common_pb2, router_pb2
+from router.lark_grammar import is_lark, lark_to_ebnf
 from services.engine.errors import InvalidRequestError
 from services.engine.sampling_params import MAX_N
 
+log = logging.getLogger("pdserve.router")
+
 MAX_PROMPTS = MAX_N  # prompts in one /v1/completions body
+COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as at OpenAI and in vLLM
 
 # Sampling fields whose names and meaning are the same in the body and in common.proto.
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "seed", "min_tokens", "ignore_eos", "skip_special_tokens",
-              "include_stop_str_in_output", "cache_salt")
+              "include_stop_str_in_output", "cache_salt", "prompt_logprobs")
+
+# Fields this server does not implement whose loss would change the answer: field -> (is it
+# in use?, why it is refused). Anything else unknown is ignored with a warning.
+REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "use_beam_search": (bool, "beam search is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of other than n is not supported"),
+    "length_penalty": (lambda v: v not in (None, 1, 1.0),
+                       "length_penalty applies to beam search, which is not supported"),
+    "logits_processors": (bool, "custom logits processors are not supported"),
+    "return_tokens_as_token_ids": (bool, "tokens are returned as text"),
+    "add_special_tokens": (lambda v: v is not None and v is not True, "the prompt is tokenized with special tokens"),
+    "add_generation_prompt": (lambda v: v is False, "the chat template always adds the generation prompt"),
+    "continue_final_message": (bool, "continuing the final message is not supported"),
+    "chat_template": (lambda v: v is not None, "a per-request chat template is not supported"),
+    "chat_template_kwargs": (bool, "chat template arguments are not supported"),
+    "documents": (bool, "documents for the chat template are not supported"),
+    "guided_whitespace_pattern": (lambda v: v is not None, "a JSON whitespace pattern is not supported"),
+    "structural_tag": (lambda v: v is not None, "structural tags are not supported"),
+    "structured_outputs": (bool, "use guided_json / guided_regex / guided_grammar / guided_choice or response_format"),
+    "functions": (bool, "the legacy functions field is not supported"),
+    "function_call": (lambda v: v is not None, "the legacy function_call field is not supported"),
+    "modalities": (lambda v: v is not None and list(v) != ["text"], "only text output is supported"),
+    "audio": (lambda v: v is not None, "audio output is not supported"),
+}
+# guided_decoding_backend values served as asked: xgrammar serves every constraint here.
+_BACKENDS = {"auto", "xgrammar"}
+_warned: set[str] = set()
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields: screen() refuses or ignores them
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage (so far) on every chunk
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(RequestBody):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(_Body):
+class SamplingFields(RequestBody):
     """What completions and chat completions share."""
 
     model: str
@@ -86,10 +126,26 @@ class SamplingFields(_Body):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
+    guided_decoding_backend: str | None = None  # accepted; xgrammar serves every constraint
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # No effect: the tokenizers this server loads are fast ones, which (in vLLM too) join
+    # special tokens without spaces either way.
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: to the context
+    # Top-N logprobs of every prompt token (non-streamed responses).
+    prompt_logprobs: int | None = None
+
+    default_max_tokens: ClassVar[int | None] = None  # None: until the context is full
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """As in vLLM, continuous_usage_stats takes effect with include_usage."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -103,8 +159,10 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    default_max_tokens: ClassVar[int | None] = COMPLETION_MAX_TOKENS
 
-class TextPart(_Body):
+
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
@@ -125,8 +183,8 @@ class MessageToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    # Clients send back what they received (refusal, audio, ...): ignore what we do not use.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send back what they received (tool_calls, refusal, ...): ignore what we do not use.
+    model_config = ConfigDict(extra="ignore")  # silently: screen() does not look inside messages
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -134,23 +192,23 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # tool
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(RequestBody):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # accepted: required and named calls are always held to the schema
 
 
-class Tool(_Body):
+class Tool(RequestBody):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Body):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(RequestBody):
     type: Literal["function"]
     function: NamedFunction
 
@@ -165,19 +223,51 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     store: bool | None = None  # accepted, unused
     metadata: dict[str, str] | None = None  # accepted, unused
+    echo: bool = False  # the reply starts with the last message's content, if it is the assistant's
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+# ---- the field policy ----------------------------------------------------------------------------
+
+
+def screen(body: BaseModel) -> None:
+    """Refuse a REFUSED field in use (400 naming it); log, once per name, the unknown ones ignored."""
+    for name, value in unknown_fields(body):
+        refused = REFUSED.get(name.rsplit(".", 1)[-1])
+        if refused is not None and refused[0](value):
+            raise InvalidRequestError(f"{name}={json.dumps(value)[:80]} is not supported: {refused[1]}")
+        if refused is None and name not in _warned:
+            _warned.add(name)
+            log.warning("request field %r is not known to this server: ignored (logged once per field name)", name)
+    backend = getattr(body, "guided_decoding_backend", None)
+    if backend is not None and backend.split(":")[0] not in _BACKENDS and "guided_decoding_backend" not in _warned:
+        _warned.add("guided_decoding_backend")
+        log.warning("guided_decoding_backend=%r asked for: xgrammar serves every constraint here", backend)
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every field the body's models do not declare."""
+    for name, value in (model.model_extra or {}).items():
+        yield prefix + name, value
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, RequestBody):
+            yield from unknown_fields(value, f"{prefix}{name}.")
+
+
 # ---- translation -------------------------------------------------------------------------------
 
 
 def sampling_of(body: SamplingFields, max_model_len: int, logprobs: int | None) -> common_pb2.SamplingParams:
-    """The body's sampling fields on the wire. Without max_tokens, generation may run to the
-    end of the context (`max_model_len`; the engine stops there with finish_reason "length")."""
-    max_tokens = body.requested_max_tokens if body.requested_max_tokens is not None else max_model_len
+    """The body's sampling fields on the wire. Without max_tokens: the endpoint's default, or
+    to the end of the context (`max_model_len`; the engine stops there with finish_reason
+    "length"); the router clamps an unrequested max_tokens to the context (RouterServicer.prepare)."""
+    max_tokens = body.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = body.default_max_tokens or max_model_len
     msg = common_pb2.SamplingParams()
     for name in _SAME_NAME:
         value = getattr(body, name)
@@ -192,8 +282,15 @@ def sampling_of(body: SamplingFields, max_model_len: int, logprobs: int | None) 
     if body.stop is not None:
         msg.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     msg.stop_token_ids.extend(_uint(t, "stop_token_ids") for t in body.stop_token_ids or ())
+    msg.bad_words.extend(body.bad_words or ())
+    if body.allowed_token_ids is not None:
+        if not body.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids must list at least one token id")
+        msg.allowed_token_ids.extend(_uint(t, "allowed_token_ids") for t in body.allowed_token_ids)
     for token, bias in (body.logit_bias or {}).items():
         msg.logit_bias[_uint(token, "logit_bias")] = bias
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError("prompt_logprobs are returned in non-streamed responses only")
     constraint = structured_output_of(body)
     if constraint is not None:
         msg.structured_output.CopyFrom(constraint)
@@ -216,7 +313,8 @@ def structured_output_of(body: SamplingFields) -> common_pb2.StructuredOutput | 
     if body.guided_regex is not None:
         given.append(("guided_regex", common_pb2.StructuredOutput(regex=body.guided_regex)))
     if body.guided_grammar is not None:
-        given.append(("guided_grammar", common_pb2.StructuredOutput(grammar=body.guided_grammar)))
+        grammar = lark_to_ebnf(body.guided_grammar) if is_lark(body.guided_grammar) else body.guided_grammar
+        given.append(("guided_grammar", common_pb2.StructuredOutput(grammar=grammar)))
     if body.guided_choice is not None:
         choices = common_pb2.Choices(choices=body.guided_choice)
         given.append(("guided_choice", common_pb2.StructuredOutput(choice=choices)))
@@ -241,6 +339,7 @@ def completion_requests(body: CompletionRequest, request_id: str, max_model_len:
     for i, prompt in enumerate(prompts):
         rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         msg = router_pb2.GenerateRequest(request_id=rid, sampling=sampling, priority=body.priority, model=body.model)
+        _truncate(msg, body, max_model_len)
         if isinstance(prompt, str):
             msg.text = prompt
         else:
@@ -255,13 +354,33 @@ def chat_request(body: ChatCompletionRequest, request_id: str, max_model_len: in
         raise InvalidRequestError("top_logprobs needs logprobs=true")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_of(body, max_model_len, logprobs)
-    chat = router_pb2.ChatMessages(messages=[_chat_message(m) for m in body.messages])
+    chat = router_pb2.ChatMessages(messages=[chat_message(m) for m in body.messages])
     _tools(body, chat)
-    return router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling, priority=body.priority,
-                                      model=body.model)
+    msg = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling, priority=body.priority,
+                                     model=body.model)
+    _truncate(msg, body, max_model_len)
+    return msg
 
 
-def _chat_message(m: ChatMessage) -> router_pb2.ChatMessage:
+def chat_echo(body: ChatCompletionRequest) -> str | None:
+    """With echo, the text the reply starts with: the last message's, if it is the assistant's (vLLM's rule)."""
+    if not body.echo or not body.messages or body.messages[-1].role != "assistant":
+        return None
+    return chat_message(body.messages[-1]).content
+
+
+def _truncate(msg: router_pb2.GenerateRequest, body: SamplingFields, max_model_len: int) -> None:
+    """truncate_prompt_tokens: keep the prompt's last N tokens; -1 keeps as many as leave one to generate."""
+    if body.truncate_prompt_tokens is None:
+        return
+    keep = max_model_len - 1 if body.truncate_prompt_tokens == -1 else body.truncate_prompt_tokens
+    if not 0 < keep < max_model_len:
+        raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}), "
+                                  f"got {body.truncate_prompt_tokens}")
+    msg.truncate_prompt_tokens = keep
+
+
+def chat_message(m: ChatMessage) -> router_pb2.ChatMessage:
     content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or ())
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     calls = [common_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)

@@ -19,15 +19,18 @@ to a status once, at each edge.
 
 Deadlines travel with each request to the decode worker (at most --request-timeout); a client
 cancel sends a cancel for its request (decode then aborts it, and aborts its prefill call).
-Every request gets a fresh id of the router's, which the workers know it by; an id the client
-chose is only logged and echoed in replies, so clients can neither collide nor name each
-other's requests.
+Request ids: the id the client chose (GenerateRequest.request_id, or x-request-id metadata;
+over HTTP the x-request-id header) is echoed in replies (responses' request_id, x-request-id
+initial metadata / HTTP header) and prefixes the id the workers know the request by,
+"<client id>-<fresh uuid4 hex>": every log line on the router, decode and prefill names it, and
+two clients choosing the same id still get distinct requests, neither able to name the other's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -54,10 +57,23 @@ from services.engine.tokenizer import Tokenizer
 from services.fleet.directory import FleetDirectory
 from services.rpc import metrics
 from services.rpc.convert import params_from_proto, reject_unknown_fields
-from services.rpc.server import abort_with, request_id_var
+from services.rpc.server import REQUEST_ID_KEY, abort_with, request_id_var
 
 log = logging.getLogger("pdserve.router")
 T = TypeVar("T")
+
+MAX_CLIENT_ID_CHARS = 128
+_CLIENT_ID = re.compile(r"[!-~]+")  # printable ASCII without spaces: safe in logs and gRPC metadata
+
+
+def internal_request_id(client_id: str) -> str:
+    """The id the workers know a request by: unique, prefixed by the client's (checked) id."""
+    if not client_id:
+        return uuid.uuid4().hex
+    if len(client_id) > MAX_CLIENT_ID_CHARS or not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidRequestError(f"request_id (x-request-id) must be 1 to {MAX_CLIENT_ID_CHARS} printable ASCII "
+                                  "characters without spaces")
+    return f"{client_id}-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             ids = self.tokenizer.apply_chat_template(messages, tools.tools if tools else None, self.chat_template)
         else:
             ids = list(request.token_ids.ids)
+        if request.HasField("truncate_prompt_tokens"):
+            ids = ids[-request.truncate_prompt_tokens:]
         if not ids:
             raise InvalidRequestError("prompt is empty")
         if max(ids) >= self.vocab_size:
@@ -174,12 +192,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         reject_unknown_fields(request)
         self.check_model(request.model)
         self.limits.check_priority(request.priority)
+        if request.HasField("truncate_prompt_tokens") and not 0 < request.truncate_prompt_tokens < self.max_model_len:
+            raise InvalidRequestError(f"truncate_prompt_tokens must be in [1, {self.max_model_len}), "
+                                      f"got {request.truncate_prompt_tokens}")
         params = params_from_proto(request.sampling)
         self.limits.check_sequences(1, params.n)
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         if any(t >= self.vocab_size for t, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if params.allowed_token_ids is not None and params.allowed_token_ids[-1] >= self.vocab_size:
+            raise InvalidRequestError(f"allowed_token_ids must be in [0, {self.vocab_size})")
+        if params.bad_words and self.tokenizer is None:
+            raise InvalidRequestError("bad_words need a tokenizer; this model has none")
         if params.structured_output is not None and self.tokenizer is None:
             raise InvalidRequestError("structured output needs a tokenizer; this model has none")
         self.check_prompt_size(request)
@@ -196,6 +221,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         tools = tool_calls.plan(request.chat, self.tools) if request.WhichOneof("prompt") == "chat" else None
         if tools is not None and tools.constraint is not None:
             params = self._force_tool_call(request, params, tools)
+        request_id = internal_request_id(request.request_id)
         if params.structured_output is not None:
             await self.offload(check_structured_output, params.structured_output)  # the workers compile it
         if request.WhichOneof("prompt") == "token_ids":
@@ -208,7 +234,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"this model's context is {self.max_model_len} tokens, but {len(ids) + params.max_tokens} were "
                 f"requested ({len(ids)} in the prompt, {params.max_tokens} to generate): lower max_tokens or "
                 "shorten the prompt")
-        return Prepared(uuid.uuid4().hex, ids, params, request.request_id, tools)
+        return Prepared(request_id, ids, params, request.request_id, tools)
 
     def _force_tool_call(self, request: router_pb2.GenerateRequest, params: SamplingParams,
                          tools: ToolPlan) -> SamplingParams:
@@ -365,11 +391,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if not request.request_id:  # the id in the message wins over the metadata's
+            request.request_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), "")
         try:
             prepared = await self.prepare(request)
         except PdserveError as e:
             await abort_with(context, e)
         request_id_var.set(prepared.request_id)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, prepared.reply_id),))
         remaining = context.time_remaining()
         timeout = self.limits.request_timeout if remaining is None else min(remaining, self.limits.request_timeout)
         stream = self.stream(prepared, request, timeout)

@@ -56,7 +56,7 @@ def stack(tmp_path_factory, fault_dir):
                                 "--prefill-backlog", "64"],
                    decode_argv=["--kv-progress-timeout", "3", "--kv-pull-timeout", "30", "--grace", "1"])
     for decode in s.decodes:  # the poison (tests/faults/sitecustomize.py) reaches the decode workers only
-        decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])
+        decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT / "protos"), str(ROOT)])
         decode.extra_env["PDSERVE_FAULT_DIR"] = str(fault_dir)  # engine faults on request (tests/engine_faults)
     s.start(timeout=300)
     yield s
@@ -173,9 +173,11 @@ def recovery(streams: list[Stream], fault_at: float) -> float:
 
 
 def router_metric(stack: LocalStack, name: str) -> float:
-    """The sum of a router metric over its labels."""
+    """The sum of a router metric over its labels (`name` may fix some: 'x{k="v"}'; model_name need not be listed)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/metrics", timeout=5).read().decode()
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
+    base, _, labels = name.partition("{")
+    selector = rf"\{{(?=[^}}]*{re.escape(labels[:-1])})[^}}]*\}}" if labels else r"(?:\{[^}]*\})?"
+    return sum(float(v) for v in re.findall(rf"^{re.escape(base)}{selector} (\S+)$", text, re.MULTILINE))
 
 
 def wait_routable(stack: LocalStack, decodes: int, timeout: float = 60.0) -> None:

@@ -53,7 +53,9 @@ from tests.k8s_manifests import (
 KUBE_VERSION = "1.30"
 EXTERNAL_REDIS = "redis://redis.infra.svc:6380/2"
 EXTERNAL = {"redis": {"external": {"url": EXTERNAL_REDIS}}}
-EVERYTHING_ON = {"metrics": {"serviceMonitor": {"enabled": True}, "podAnnotations": True},
+EVERYTHING_ON = {"metrics": {"serviceMonitor": {"enabled": True}, "podAnnotations": True,
+                             "grafanaDashboard": {"enabled": True}},
+                 "model": {"servedModelName": "smol"},
                  "router": {"autoscaling": {"enabled": True}},
                  "prefill": {"autoscaling": {"enabled": True, "metric": "cpu"}},
                  "decode": {"autoscaling": {"enabled": True, "metric": "queue"}}}
@@ -418,6 +420,35 @@ def test_metrics_without_auth_and_an_existing_key_secret():
     (router,) = pod_spec(workload(objects, "router"))["containers"]
     assert parse_cli(command_line(router, objects)[1:]).metrics_without_auth is True
     assert "authorization" not in _endpoints(objects)["http"]
+
+
+def test_the_grafana_dashboard_queries_only_metrics_pdserve_exports():
+    import prometheus_client
+
+    import router.metrics  # noqa: F401 - registers the router's metrics
+    import services.fleet.member  # noqa: F401 - and the workers' fleet metrics
+    import services.rpc.metrics  # noqa: F401
+
+    objects = rendered("chart-everything-on")
+    (cm,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["pdserve.json"])
+    used = set(re.findall(r"pdserve:[a-z0-9_]+", " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported = {f.name + s for f in prometheus_client.REGISTRY.collect() for s in suffixes.get(f.type, ("",))}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"] for p in dashboard["panels"])
+    for shown in ("first token", "Inter-token", "End-to-end", "Queue", "KV cache usage", "Prefix cache hit",
+                  "KV shipped", "Admission"):
+        assert shown in titles, shown
+    assert not [o for o in rendered("chart-default") if o["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_workers_label_their_metrics_with_the_served_model_name():
+    objects = rendered("chart-everything-on")
+    for role in ("router", *PDSERVE_ROLES):
+        (c,) = pod_spec(workload(objects, role))["containers"]
+        assert parse_cli(command_line(c, objects)[1:]).served_model_name == "smol", role
 
 
 def test_every_pdserve_process_gets_internal_tls_from_the_mounted_secret(rendering):

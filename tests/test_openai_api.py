@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import urllib.error
 import urllib.request
 from typing import Annotated, Literal
 
@@ -35,7 +36,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = LocalStack(["--max-model-len", str(MAX_MODEL_LEN), "--grace", "1"], log_dir=tmp_path_factory.mktemp("openai"))
+    # INFO: every process logs each request's id (test_a_clients_request_id_is_returned_and_logged_on_every_process).
+    s = LocalStack(["--max-model-len", str(MAX_MODEL_LEN), "--grace", "1"], log_dir=tmp_path_factory.mktemp("openai"),
+                   log_level="INFO")
     s.start(timeout=600)
     yield s
     s.stop()
@@ -66,7 +69,7 @@ def grpc_text(router, prompt: str, params: SamplingParams, chat: bool = False) -
 
 def decode_blocks_received(stack) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.decodes[0].metrics_port}/metrics").read().decode()
-    found = re.search(r'pdserve:kv_blocks_shipped_total\{direction="received"\} ([\d.e+]+)', text)
+    found = re.search(r'pdserve:kv_blocks_shipped_total\{[^}]*\bdirection="received"[^}]*\} ([\d.e+]+)', text)
     return int(float(found.group(1))) if found else 0
 
 
@@ -222,7 +225,8 @@ def test_logit_bias_forces_a_token_as_on_the_grpc_path(client, router):
         (dict(extra_body={"guided_regex": "[a-"}), openai.BadRequestError, "invalid regex"),
         (dict(extra_body={"guided_json": {"type": "frobnicate"}}), openai.BadRequestError, "invalid json schema"),
         (dict(extra_body={"guided_regex": "a", "guided_choice": ["a"]}), openai.BadRequestError, "only one of"),
-        (dict(extra_body={"frobnicate": 1}), openai.BadRequestError, "frobnicate"),
+        (dict(extra_body={"use_beam_search": True}), openai.BadRequestError, "use_beam_search=true is not supported"),
+        (dict(extra_body={"allowed_token_ids": [99999999]}), openai.BadRequestError, "allowed_token_ids"),
         (dict(logit_bias={"99999999": 1}), openai.BadRequestError, "logit_bias"),
     ],
 )
@@ -420,4 +424,284 @@ def test_the_default_model_makes_a_valid_required_call_through_its_shipped_tool_
         Ticket.model_validate_json(call.function.arguments, strict=True)
     with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
         client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=4)
+# ---- vLLM's request fields (issue #27) -------------------------------------------------------------
+
+
+def http(stack, method: str, path: str, body: dict | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict, dict[str, str]]:
+    """(status, JSON body, headers) of a plain HTTP call to the router."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.http_port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), {k.lower(): v for k, v in e.headers.items()}
+
+
+def token_ids(stack, text: str) -> list[int]:
+    return http(stack, "POST", "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"]
+
+
+def test_an_unknown_field_is_ignored_and_the_answer_unchanged(client, stack):
+    kw = dict(model=MODEL, prompt="What is AI?", max_tokens=8, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    ignored = client.completions.create(**kw, extra_body={"frobnicate": 1, "mm_processor_kwargs": {}})
+    assert ignored.choices[0].text == plain
+    wait_all_free(stack)
+
+
+def test_completions_default_to_16_tokens(client, stack):
+    got = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 16 and got.choices[0].finish_reason == "length"
+    wait_all_free(stack)
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, stack):
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    usages = [c.usage for c in chunks]
+    assert all(u is not None for u in usages)
+    assert len({u.prompt_tokens for u in usages}) == 1
+    completion = [u.completion_tokens for u in usages]
+    assert completion == sorted(completion) and completion[-1] == 12
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == usages[0].prompt_tokens + 12
+    wait_all_free(stack)
+
+
+def test_allowed_token_ids_limit_every_generated_token(client, stack):
+    allowed = token_ids(stack, " yes") + token_ids(stack, " no")
+    got = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=6, temperature=1.0, seed=1,
+                                    extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    assert re.fullmatch(r"( yes| no){6}", got.choices[0].text)
+    wait_all_free(stack)
+
+
+def test_a_bad_word_is_never_generated(client, stack):
+    kw = dict(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in client.chat.completions.create(**kw).choices[0].message.content
+    banned = client.chat.completions.create(**kw, extra_body={"bad_words": ["Paris"]}).choices[0].message.content
+    assert banned and "Paris" not in banned
+    wait_all_free(stack)
+
+
+def test_chat_echo_starts_the_reply_with_the_assistants_last_message(client, stack):
+    messages = [*QUESTION, {"role": "assistant", "content": "The capital"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, extra_body={"echo": True})
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert whole.startswith("The capital") and len(whole) > len("The capital") and streamed == whole
+    wait_all_free(stack)
+
+
+def test_a_lark_grammar_and_guided_decoding_backend_constrain_the_output(client, stack):
+    lark = '?start: answer\nanswer: "yes" | "no" | "maybe" [" not"]'
+    got = client.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=8, temperature=1.0, n=4, seed=2,
+                                    extra_body={"guided_grammar": lark, "guided_decoding_backend": "xgrammar"})
+    assert all(c.text in ("yes", "no", "maybe", "maybe not") for c in got.choices)
+    with pytest.raises(openai.BadRequestError, match="Lark form.*regex terminals"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_grammar": "start: /a+/"})
+    wait_all_free(stack)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, stack):
+    got = client.completions.create(model=MODEL, prompt="hello " * 1100, max_tokens=2, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 10})
+    assert got.usage.prompt_tokens == 10
+    wait_all_free(stack)
+
+
+def test_include_stop_str_and_special_token_flags(client, stack):
+    kw = dict(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=[" 6"])
+    cut = client.completions.create(**kw).choices[0].text
+    kept = client.completions.create(**kw, extra_body={"include_stop_str_in_output": True,
+                                                       "skip_special_tokens": False,
+                                                       "spaces_between_special_tokens": False}).choices[0].text
+    assert kept == cut + " 6"
+    wait_all_free(stack)
+
+
+# ---- request ids ---------------------------------------------------------------------------------
+
+
+def test_a_clients_request_id_is_returned_and_logged_on_every_process(client, stack, router):
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="What is AI?", max_tokens=4,
+                                                      extra_headers={"x-request-id": "trace-abc-123"})
+    assert raw.headers["x-request-id"] == "trace-abc-123" and raw.parse().choices[0].text
+    streamed = client.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=2,
+                                                                stream=True, extra_headers={"x-request-id": "trace-s"})
+    assert streamed.headers["x-request-id"] == "trace-s"
+    list(streamed.parse())
+    responses = router.Generate(router_pb2.GenerateRequest(text="What is AI?", sampling=common_pb2.SamplingParams(
+        max_tokens=2)), metadata=(("x-request-id", "trace-grpc"),), timeout=120)
+    assert dict(responses.initial_metadata())["x-request-id"] == "trace-grpc"
+    assert all(r.request_id == "trace-grpc" for r in responses)
+    for child in (stack.router, stack.decodes[0]):
+        assert re.search(r"trace-abc-123-[0-9a-f]{32}", child.log_path.read_text()), child.role
+    http(stack, "POST", "/v1/completions", {"model": MODEL, "prompt": "Trace ids across workers. " * 20, "max_tokens": 2},
+         {"x-request-id": "trace-remote"})  # long enough to prefill remotely
+    assert re.search(r"trace-remote-[0-9a-f]{32}", stack.prefills[0].log_path.read_text())
+
+
+def test_the_same_request_id_from_two_clients_gives_two_requests(client, stack):
+    def run(seed: int) -> str:
+        return client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=1.0,
+                                         seed=seed, extra_headers={"x-request-id": "same"}).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(run, [1, 2, 1, 2]))
+    assert texts[0] == texts[2] != texts[1] == texts[3]
+    status, body, _ = http(stack, "POST", "/v1/completions", {"model": MODEL, "prompt": "x"}, {"x-request-id": "a b"})
+    assert status == 400 and "x-request-id" in body["error"]["message"]
+    wait_all_free(stack)
+
+
+# ---- vLLM's endpoints ----------------------------------------------------------------------------
+
+
+def test_health_ping_and_version(stack):
+    assert http(stack, "GET", "/health")[0] == 200
+    assert http(stack, "GET", "/ping")[0] == 200 and http(stack, "POST", "/ping")[0] == 200
+    status, body, _ = http(stack, "GET", "/version")
+    assert status == 200 and re.match(r"\d+\.\d+", body["version"])
+
+
+def test_tokenize_and_detokenize_round_trip(stack, router):
+    status, body, _ = http(stack, "POST", "/tokenize", {"model": MODEL, "prompt": "What is AI?",
+                                                        "return_token_strs": True})
+    grpc_ids = list(router.Tokenize(router_pb2.TokenizeRequest(text="What is AI?"), timeout=30).token_ids)
+    assert status == 200 and body["tokens"] == grpc_ids and body["count"] == len(grpc_ids)
+    assert body["max_model_len"] == MAX_MODEL_LEN and len(body["token_strs"]) == len(grpc_ids)
+    assert http(stack, "POST", "/detokenize", {"tokens": body["tokens"]})[1] == {"prompt": "What is AI?"}
+    chat = http(stack, "POST", "/tokenize", {"messages": QUESTION})[1]
+    assert chat["count"] > len(token_ids(stack, QUESTION[0]["content"]))  # the template's tokens too
+    assert http(stack, "POST", "/detokenize", {"tokens": [10**9]})[0] == 400
+    assert http(stack, "POST", "/tokenize", {"model": "gpt-17", "prompt": "x"})[0] == 404
+
+
+def test_tokenizer_info_describes_the_tokenizer(stack):
+    status, body, _ = http(stack, "GET", "/tokenizer_info")
+    assert status == 200 and body["eos_token"] and body["chat_template"] and body["tokenizer_class"]
+
+
+def test_embeddings_are_refused_naming_generative_models(client):
+    with pytest.raises(openai.BadRequestError, match="serves generative models"):
+        client.embeddings.create(model=MODEL, input="hi")
+
+
+def test_invocations_route_by_body_shape(stack):
+    status, chat, _ = http(stack, "POST", "/invocations", {"model": MODEL, "messages": QUESTION, "max_tokens": 4})
+    assert status == 200 and chat["object"] == "chat.completion"
+    status, completion, _ = http(stack, "POST", "/invocations", {"model": MODEL, "prompt": "Hi", "max_tokens": 4})
+    assert status == 200 and completion["object"] == "text_completion"
+    status, response, _ = http(stack, "POST", "/invocations", {"model": MODEL, "input": "Hi", "max_output_tokens": 4})
+    assert status == 200 and response["object"] == "response"
+    assert http(stack, "POST", "/invocations", {"model": MODEL})[0] == 400
+    wait_all_free(stack)
+
+
+# ---- the Responses API ---------------------------------------------------------------------------
+
+
+def test_a_response_answers_like_the_chat_path(client, stack):
+    got = client.responses.create(model=MODEL, input="What is the capital of France?", instructions="Be brief.",
+                                  max_output_tokens=24, temperature=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *QUESTION],
+                                          max_tokens=24, temperature=0)
+    assert got.output_text == chat.choices[0].message.content and got.output_text
+    assert got.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    wait_all_free(stack)
+
+
+def test_a_streamed_response_sends_the_events_in_order_and_adds_up(client, stack):
+    kw = dict(model=MODEL, input=[{"role": "user", "content": "Tell me a story."}], max_output_tokens=16, temperature=0)
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == 16
+    wait_all_free(stack)
+
+
+def test_what_a_response_cannot_honour_is_refused_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model=MODEL, input="and then?", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError, match="text.format"):
+        client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def scrape(port: int) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return r.read().decode()
+
+
+def test_every_process_keeps_pdserve_names_with_model_name_under_prometheus_accept_header(client, stack):
+    client.completions.create(model=MODEL, prompt="What is AI?", max_tokens=4)
+    for child in stack.children:
+        text = scrape(child.metrics_port)
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        ours = [line for line in samples if line.startswith("pdserve")]
+        assert ours and all(line.startswith("pdserve:") for line in ours), child.role
+        assert all(f'model_name="{MODEL}"' in line for line in ours), child.role
+    decode = scrape(stack.decodes[0].metrics_port)
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "iteration_tokens_total"):
+        assert re.search(rf"^pdserve:{name}_count{{[^}}]*}} [1-9]", decode, re.M), name
+    assert re.search(r'^pdserve:cache_config_info\{[^}]*block_size="16"[^}]*\} 1\.0', decode, re.M)
+
+
+# ---- prompt_logprobs -----------------------------------------------------------------------------
+
+
+def test_prompt_logprobs_score_every_prompt_token_on_both_apis(client, router, stack):
+    prompt = "The history of the printing press begins in Mainz, around the year 1450. " * 8
+    ids = token_ids(stack, prompt)
+
+    def scored() -> tuple[list[common_pb2.PositionLogprobs], bool]:
+        request = router_pb2.GenerateRequest(text=prompt, sampling=common_pb2.SamplingParams(max_tokens=2,
+                                                                                             prompt_logprobs=2))
+        responses = list(router.Generate(request, timeout=120))
+        with_them = [r for r in responses if r.prompt_logprobs]
+        assert len(with_them) == 1 and len(with_them[0].prompt_logprobs) == len(ids)
+        return list(with_them[0].prompt_logprobs), responses[-1].disaggregation
+
+    remote, record = scored()  # a new prompt: prefilled remotely, its logprobs come with prefill's result
+    assert record.remote_prefill and record.decode_computed_prompt_tokens == 0  # no fallback to local
+    local, record = scored()  # decode now holds the prompt: prefilled there (reading no cached block)
+    assert not record.remote_prefill and record.decode_computed_prompt_tokens == len(ids)
+    assert not remote[0].entries and not local[0].entries
+    for token, a, b in zip(ids[1:], remote[1:], local[1:], strict=True):
+        (x,) = [e.logprob for e in a.entries if e.token_id == token]
+        (y,) = [e.logprob for e in b.entries if e.token_id == token]
+        assert x == pytest.approx(y, abs=1e-4)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, n=2,
+                                    extra_body={"prompt_logprobs": 1})
+    for choice in got.choices:
+        entries = choice.prompt_logprobs
+        assert len(entries) == got.usage.prompt_tokens == len(ids) and entries[0] is None
+        assert all(str(t) in e and e[str(t)]["rank"] >= 1 for t, e in zip(ids[1:], entries[1:], strict=True))
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    assert len(chat.prompt_logprobs) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="non-streamed"):
+        client.completions.create(model=MODEL, prompt="x", stream=True, extra_body={"prompt_logprobs": 1})
     wait_all_free(stack)

@@ -36,9 +36,10 @@ def test_sampling_fields_reach_the_wire_with_their_values():
     assert not s.HasField("presence_penalty") and not s.HasField("structured_output")
 
 
-def test_max_tokens_defaults_to_the_context_length_and_max_completion_tokens_wins():
+def test_max_tokens_defaults_to_16_for_completions_the_context_for_chat_and_max_completion_tokens_wins():
     (msg,) = protocol.completion_requests(completion(), "c", MAX_LEN)
-    assert msg.sampling.max_tokens == MAX_LEN
+    assert msg.sampling.max_tokens == 16
+    assert protocol.chat_request(chat(), "c", MAX_LEN).sampling.max_tokens == MAX_LEN
     assert protocol.chat_request(chat(max_tokens=9, max_completion_tokens=4), "c", MAX_LEN).sampling.max_tokens == 4
 
 
@@ -100,11 +101,69 @@ def test_requests_the_server_cannot_honour_are_bad_requests(make, message):
         make()
 
 
-def test_unknown_fields_and_wrong_types_fail_validation():
-    with pytest.raises(ValidationError, match="frobnicate"):
-        completion(frobnicate=1)
+def test_wrong_types_fail_validation():
     with pytest.raises(ValidationError, match="logit_bias"):
         completion(logit_bias={"not-a-token": 1})
+
+
+def test_unknown_fields_are_ignored_with_one_warning_per_name(caplog):
+    protocol._warned.discard("frobnicate")
+    protocol._warned.discard("stream_options.later")
+    body = completion(frobnicate=1, stream_options={"include_usage": True, "later": 2})
+    with caplog.at_level("WARNING", logger="pdserve.router"):
+        protocol.screen(body)
+        protocol.screen(completion(frobnicate=2))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "'frobnicate'" in warned[0] and "'stream_options.later'" in warned[1]
+    (msg,) = protocol.completion_requests(body, "c", MAX_LEN)
+    assert msg.text == "hi"
+
+
+@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("best_of", 3),
+                                          ("add_generation_prompt", False), ("chat_template", "{{x}}"),
+                                          ("logits_processors", ["a.b"])])
+def test_refused_fields_in_use_are_bad_requests_naming_the_field(field, value):
+    with pytest.raises(InvalidRequestError, match=f"^{field}=.* is not supported"):
+        protocol.screen(chat(**{field: value}))
+
+
+@pytest.mark.parametrize("field, value", [("use_beam_search", False), ("best_of", 1),
+                                          ("add_generation_prompt", True), ("length_penalty", 1.0)])
+def test_refused_fields_at_their_neutral_value_pass(field, value):
+    protocol.screen(chat(**{field: value}))
+
+
+def test_vllm_sampling_extras_reach_the_wire():
+    body = completion(allowed_token_ids=[5, 3], bad_words=["foo", "bar baz"], truncate_prompt_tokens=10,
+                      guided_decoding_backend="xgrammar", spaces_between_special_tokens=False)
+    protocol.screen(body)
+    (msg,) = protocol.completion_requests(body, "c", MAX_LEN)
+    assert (list(msg.sampling.allowed_token_ids), list(msg.sampling.bad_words)) == ([5, 3], ["foo", "bar baz"])
+    assert msg.truncate_prompt_tokens == 10
+    (msg,) = protocol.completion_requests(completion(truncate_prompt_tokens=-1), "c", MAX_LEN)
+    assert msg.truncate_prompt_tokens == MAX_LEN - 1
+    with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens"):
+        protocol.completion_requests(completion(truncate_prompt_tokens=MAX_LEN), "c", MAX_LEN)
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
+        protocol.completion_requests(completion(allowed_token_ids=[]), "c", MAX_LEN)
+
+
+def test_a_lark_grammar_becomes_ebnf_and_an_ebnf_one_passes_untouched():
+    lark = '?start: greeting " " name\ngreeting: "hi" | "hello"\nname: ["dr "] "who"  // a comment'
+    (msg,) = protocol.completion_requests(completion(guided_grammar=lark), "c", MAX_LEN)
+    assert msg.sampling.structured_output.grammar == ('root ::= greeting " " name\ngreeting ::= "hi" | "hello"\n'
+                                                      'name ::= ( "dr " ) ? "who"')
+    (msg,) = protocol.completion_requests(completion(guided_grammar='root ::= "a"'), "c", MAX_LEN)
+    assert msg.sampling.structured_output.grammar == 'root ::= "a"'
+    with pytest.raises(InvalidRequestError, match="Lark form.*regex terminals"):
+        protocol.completion_requests(completion(guided_grammar="start: /[a-z]+/"), "c", MAX_LEN)
+
+
+def test_chat_echo_repeats_the_assistants_last_message_only():
+    assistant = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
+    assert protocol.chat_echo(chat(messages=assistant, echo=True)) == "Once upon"
+    assert protocol.chat_echo(chat(echo=True)) is None
+    assert protocol.chat_echo(chat(messages=assistant)) is None
 
 
 # ---- responses ---------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ class PeakRSS:
 
 
 def counter(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    """A series' value; `labels` ('{k="v"}') need not list model_name, which every series has."""
+    selector = rf"\{{(?=[^}}]*{re.escape(labels[1:-1])})[^}}]*\}}" if labels else r"(?:\{[^}]*\})?"
+    match = re.search(rf"^{re.escape(name)}{selector} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 

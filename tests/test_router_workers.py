@@ -52,7 +52,7 @@ def process_requests(stack: LocalStack) -> dict[int, float]:
     """pid -> requests that router worker took, from one scrape (any worker answers it)."""
     text = _metrics(stack)
     return {int(pid): float(v) for pid, v in
-            re.findall(r'^pdserve:router_process_requests\{pid="(\d+)"\} (\S+)$', text, re.MULTILINE)}
+            re.findall(r'^pdserve:router_process_requests\{[^}]*\bpid="(\d+)"[^}]*\} (\S+)$', text, re.MULTILINE)}
 
 
 def _metrics(stack: LocalStack) -> str:
@@ -60,7 +60,7 @@ def _metrics(stack: LocalStack) -> str:
 
 
 def finished(stack: LocalStack) -> float:
-    match = re.search(r'^pdserve:request_success_total\{finished_reason="length"\} (\S+)$', _metrics(stack),
+    match = re.search(r'^pdserve:request_success_total\{[^}]*\bfinished_reason="length"[^}]*\} (\S+)$', _metrics(stack),
                       re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

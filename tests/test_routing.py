@@ -92,8 +92,9 @@ def wait_indexed(url: str, instance_id: str, tenant: int, timeout: float = 10.0)
 def router_metric(stack: LocalStack, name: str, port: int | None = None, **labels: str) -> float:
     """A metric's value on the router (or on the process whose metrics port is `port`)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port or stack.http_port}/metrics", timeout=5).read().decode()
-    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = rf"^{re.escape(name)}" + (rf"\{{{re.escape(selector)}\}}" if labels else "") + r" (\S+)$"
+    # Every series also has model_name (labels are sorted): tolerate labels beyond those asked for.
+    wanted = "".join(rf'(?=[^}}]*\b{re.escape(k)}="{re.escape(v)}")' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}" + (rf"\{{{wanted}[^}}]*\}}" if labels else r"(?:\{[^}]*\})?") + r" (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

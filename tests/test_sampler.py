@@ -561,3 +561,45 @@ def test_fork_applies_penalties_and_logprobs_to_every_copy():
     group = sample(LP_ROW, [make_spec(params, prompt=(1, 2), seq=(0, 1, 2))])[0]
     assert [t.token_id for t in group] == [0, 0, 0]
     assert all(t.logprobs == {0: Logprob(pytest.approx(lp[0], abs=1e-6), 3)} for t in group)
+
+
+# ---- allowed_token_ids and bad_words -------------------------------------------------------------
+
+
+def test_allowed_token_ids_make_greedy_pick_the_best_allowed_token():
+    assert token_of(HALVING, make_spec(SamplingParams(temperature=0.0, allowed_token_ids=[2, 4]))) == 2
+
+
+def test_allowed_token_ids_draws_follow_the_renormalised_allowed_distribution():
+    probs = [0.5, 0.3, 0.2]
+    freqs = empirical([math.log(p) for p in probs], SamplingParams(temperature=1.0, allowed_token_ids=[1, 2]))
+    assert freqs[0] == 0.0
+    assert freqs == pytest.approx([0.0, 0.6, 0.4], abs=0.03)
+
+
+def test_allowed_token_ids_apply_to_their_row_only():
+    out = sample([HALVING, HALVING], [make_spec(SamplingParams(temperature=0.0, allowed_token_ids=[3])), make_spec()])
+    assert [g[0].token_id for g in out] == [3, 0]
+
+
+def bad_spec(words: tuple[tuple[int, ...], ...], output: tuple[int, ...] = (), params: SamplingParams = GREEDY):
+    return SampleSpec(params=params, seq_indices=(0,), num_prompt_tokens=1, token_ids=[7, *output], bad_words=words)
+
+
+def test_a_one_token_bad_word_is_never_sampled():
+    assert token_of(HALVING, bad_spec(((0,),))) == 1
+    freqs = Counter(token_of(HALVING, bad_spec(((0,), (1,)), params=SamplingParams(temperature=1.0, seed=s)))
+                    for s in range(200))
+    assert set(freqs) <= {2, 3, 4} and len(freqs) == 3
+
+
+def test_a_longer_bad_word_bans_its_last_token_only_after_its_other_tokens():
+    word = ((3, 4, 0),)
+    assert token_of(HALVING, bad_spec(word, output=(3, 4))) == 1  # the word would complete: 0 is banned
+    assert token_of(HALVING, bad_spec(word, output=(4, 3))) == 0  # another order: nothing banned
+    assert token_of(HALVING, bad_spec(word, output=(4,))) == 0  # half the head: nothing banned
+
+
+def test_bad_words_look_at_the_output_not_the_prompt():
+    spec = SampleSpec(params=GREEDY, seq_indices=(0,), num_prompt_tokens=2, token_ids=[3, 4], bad_words=((3, 4, 0),))
+    assert token_of(HALVING, spec) == 0

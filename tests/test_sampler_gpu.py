@@ -28,6 +28,7 @@ EVERY_PARAMETER = [
     SamplingParams(temperature=0.0, logit_bias={3: 5.0}),
     SamplingParams(temperature=1.0, min_tokens=4, stop_token_ids=[9]),
     SamplingParams(temperature=0.5, logprobs=3),
+    SamplingParams(temperature=0.8, allowed_token_ids=range(0, 32_000, 3)),
 ]
 
 

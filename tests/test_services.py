@@ -219,7 +219,7 @@ def finish_counts(child: Child) -> dict[str, float]:
     """The worker's pdserve:request_success_total by finish reason."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=5).read().decode()
     return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'pdserve:request_success_total\{finished_reason="(\w+)"\} (\S+)', text)}
+            for m in re.finditer(r'pdserve:request_success_total\{[^}]*\bfinished_reason="(\w+)"[^}]*\} (\S+)', text)}
 
 
 def test_client_cancel_frees_blocks_on_both_workers(stack, router):
@@ -255,8 +255,8 @@ def test_metrics_endpoints_expose_vllm_style_names(stack, router):
                  "pdserve:e2e_request_latency_seconds_count", "pdserve:num_requests_running",
                  "pdserve:kv_cache_usage_perc", "pdserve:kv_transfer_seconds_count", "pdserve:num_preemptions_total"):
         assert name in decode_metrics, name
-    received = re.search(r'pdserve:kv_blocks_shipped_total\{direction="received"\} (\d+)', decode_metrics)
-    sent = re.search(r'pdserve:kv_blocks_shipped_total\{direction="sent"\} (\d+)', prefill_metrics)
+    received = re.search(r'pdserve:kv_blocks_shipped_total\{[^}]*\bdirection="received"[^}]*\} (\d+)', decode_metrics)
+    sent = re.search(r'pdserve:kv_blocks_shipped_total\{[^}]*\bdirection="sent"[^}]*\} (\d+)', prefill_metrics)
     assert received and sent and int(float(received.group(1))) >= 10 and int(float(sent.group(1))) >= 10
     assert "pdserve:time_to_first_token_seconds_count" in router_metrics
     health = urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/healthz").read()
@@ -282,7 +282,9 @@ def test_handshake_with_a_mismatched_identity_is_failed_precondition(stack):
 def kv_faults(name: str) -> dict[str, str]:
     """The environment that turns on one of tests/kv_faults' faults in a spawned worker."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return {"PYTHONPATH": os.pathsep.join([os.path.join(root, "tests", "kv_faults"), root]), name: "1"}
+    # The checkout's generated stubs too (protos/), not an installed copy's: they must match its code.
+    paths = [os.path.join(root, "tests", "kv_faults"), os.path.join(root, "protos"), root]
+    return {"PYTHONPATH": os.pathsep.join(paths), name: "1"}
 
 
 def spawn(tmp_path, role: str, extra: list[str], env: dict | None = None, model=MODEL) -> Child:

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_bind_args(p, port)
         p.add_argument("--metrics-port", type=int, default=metrics_port, help=f"Prometheus /metrics (default {metrics_port}; 0 = off)")
         p.add_argument("--instance-id", help="this worker's id (default ROLE-HOSTNAME-PORT)")
+        p.add_argument("--served-model-name", help="the model_name label of this worker's metrics (default: derived "
+                       "from --model, as the router's)")
         p.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                        help="host peers reach us at, as registered (default $POD_IP, else --host)")
         _add_redis_arg(p)
@@ -257,7 +259,7 @@ ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "i
                 "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
                 "migration_limit", "decode_stall_timeout", "router_workers", "chat_template", "enable_auto_tool_choice",
                 "tool_call_parser")
-WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy")
+WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy", "served_model_name")
 
 
 def router_argv(args: argparse.Namespace) -> list[str]:
@@ -323,7 +325,8 @@ async def run_worker(role: str, args: argparse.Namespace) -> int:
     from services.fleet.directory import FleetDirectory
     from services.fleet.schema import connect
     from services.fleet.worker import WorkerFleet
-    from services.rpc.metrics import serve_metrics
+    from services.rpc.metrics import serve_metrics, set_model_name
+    from services.rpc.worker import export_cache_config
     from services.rpc.server import (ServerSecurity, configure_logging, serve_until_signalled, start_health_server,
                                      start_server)
 
@@ -341,6 +344,8 @@ async def run_worker(role: str, args: argparse.Namespace) -> int:
     server, health, port = await start_server([lambda s: add(servicer, s)], [name], args.host, args.port,
                                               ServerSecurity.internal(tls))
     health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
+    set_model_name(args.served_model_name or engine.core.model_name)
+    export_cache_config(engine.core)
     serve_metrics(args.host, args.metrics_port)
     gauges = asyncio.create_task(servicer.export_gauges())
     try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
@@ -43,7 +44,7 @@ from services.engine.sequence import Resumed
 from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
-from services.rpc.convert import delta_to_proto, reject_unknown_fields
+from services.rpc.convert import delta_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
 from services.rpc.worker import WorkerServicerBase, refusal
 
 log = logging.getLogger("pdserve.decode")
@@ -129,10 +130,15 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 completion_tokens += new_tokens
                 first = timer.tokens(new_tokens)
                 response = held.add(request_id, out.outputs, new_tokens)
+                if out.prompt_logprobs is not None:
+                    response.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
                 if out.finished:
                     self._finish(response, out, record)
                     response.finished = True
                     response.usage.completion_tokens = completion_tokens
+                    if out.times is not None:
+                        metrics.observe_request(out.times, time.monotonic(), len(out.prompt_token_ids),
+                                                completion_tokens)
                     timer.finished([c.finish_reason for c in out.outputs])
                 elif not first and held.waiting():
                     continue
@@ -171,7 +177,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 async for item in items:
                     record.kv_transport = self.transport.kind_for(peer)
                     if isinstance(item, PrefillDone):
-                        engine.finish_kv(request_id, item.first_tokens, item.cached_tokens)
+                        engine.finish_kv(request_id, item.first_tokens, item.cached_tokens, item.prompt_logprobs)
                         return
                     self._receive(request_id, item, record)
             engine.fail_kv(request_id, "prefill stream ended without its result")

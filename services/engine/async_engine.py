@@ -121,8 +121,9 @@ class AsyncEngine:
     def put_kv(self, request_id: str, block: BlockData) -> None:
         self._inbox.put(("put_kv", (request_id, block)))
 
-    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int) -> None:
-        self._inbox.put(("finish_kv", (request_id, first_tokens, prefill_cached_tokens)))
+    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int,
+                  prompt_logprobs: list | None = None) -> None:
+        self._inbox.put(("finish_kv", (request_id, first_tokens, prefill_cached_tokens, prompt_logprobs)))
 
     def fail_kv(self, request_id: str, reason: str) -> None:
         self._inbox.put(("fail_kv", (request_id, reason)))

@@ -41,7 +41,7 @@ from services.engine.kv_sizing import num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import LaunchedStep, ModelRunner
 from services.engine.models import ModelConfig, build_model
-from services.engine.outputs import SampledToken
+from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -62,6 +62,7 @@ class EngineCore:
             config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
         )
         cfg = self.model_config = ModelConfig.from_hf(source.hf_config)
+        self.model_name = source.name  # what clients call it unless the server is told otherwise
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
@@ -165,6 +166,10 @@ class EngineCore:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        if params.allowed_token_ids is not None and params.allowed_token_ids[-1] >= vocab:
+            raise InvalidRequestError(f"allowed_token_ids must be in [0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise InvalidRequestError("bad_words need a tokenizer; this model has none")
         if not isinstance(priority, int):
             raise InvalidRequestError("priority must be an integer")
         request = Request(
@@ -176,6 +181,10 @@ class EngineCore:
         )
         if params.structured_output is not None:
             request.grammar = self.compile_grammar(params)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(token_ids)
+        if params.bad_words:
+            request.bad_words = tuple(ids for word in params.bad_words for ids in self.tokenizer.bad_word_ids(word))
         if kv_export_from is not None:
             if not 0 <= kv_export_from * self.config.block_size < len(token_ids):
                 raise InvalidRequestError(f"cannot skip {kv_export_from} blocks of a {len(token_ids)}-token prompt")
@@ -277,6 +286,10 @@ class EngineCore:
         return list(changed.values())
 
     def _read_back(self, plan: StepPlan, launched: LaunchedStep, changed: dict[int, Request]) -> None:
+        for seq_id, (first, entries) in launched.prompt_logprobs().items():  # before update may end the request
+            seq = self.scheduler.live(seq_id)
+            if seq is not None:
+                seq.request.prompt_logprobs[first : first + len(entries)] = entries
         for request in self.scheduler.update(plan, launched.result(), self._on_token):
             changed[id(request)] = request
 
@@ -392,8 +405,10 @@ class EngineCore:
         imp.received.add(i)
         imp.bytes_received += block.nbytes
 
-    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int) -> Request | None:
-        """All blocks are in: the sequence(s) continue from the first token(s) prefill sampled."""
+    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int,
+                  prompt_logprobs: list[dict[int, Logprob] | None] | None = None) -> Request | None:
+        """All blocks are in: the sequence(s) continue from the first token(s) prefill sampled
+        (and, for a prompt_logprobs request, with the prompt's logprobs prefill computed)."""
         request = self.requests.get(request_id)
         if request is None or request.kv_import is None or request.kv_import.state != "waiting":
             return None
@@ -404,6 +419,10 @@ class EngineCore:
             not 0 <= t.token_id < self.layout.vocab_size for t in first_tokens
         ):
             return self.fail_kv(request_id, "first tokens do not match the request")
+        if request.prompt_logprobs is not None:
+            if not self._valid_prompt_logprobs(request, prompt_logprobs):
+                return self.fail_kv(request_id, "prompt_logprobs from prefill do not match the request")
+            request.prompt_logprobs = list(prompt_logprobs)
         imp.state, imp.completed_at = "done", time.monotonic()
         imp.prefill_cached_tokens = prefill_cached_tokens
         self.scheduler.kv_arrived(request.seqs[0], first_tokens, self._on_token)
@@ -420,11 +439,21 @@ class EngineCore:
         imp.state, imp.failure, imp.completed_at = "failed", reason, time.monotonic()
         # At least the last prompt token is recomputed: its logits give the first output token.
         valid = min(imp.contiguous_received_blocks() * self.config.block_size, request.num_prompt_tokens - 1)
+        if request.prompt_logprobs is not None:
+            valid = 0  # the prompt's logprobs come with its logits: all of it is computed here
         imp.computed_locally = request.num_prompt_tokens - valid
         log.warning("request %s: KV transfer failed (%s); prefilling %d tokens locally",
                     request_id, reason, imp.computed_locally)
         self.scheduler.kv_failed(request.seqs[0], valid)
         return request
+
+    def _valid_prompt_logprobs(self, request: Request, entries: list | None) -> bool:
+        """One entry per prompt token, the first None, each naming its prompt token, ids in the vocabulary."""
+        if entries is None or len(entries) != request.num_prompt_tokens or entries[0] is not None:
+            return False
+        vocab = self.layout.vocab_size
+        return all(e is not None and token in e and all(0 <= t < vocab for t in e)
+                   for token, e in zip(request.prompt_token_ids[1:], entries[1:], strict=True))
 
     # ---- helpers ---------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from services.engine.config import EngineLayout
 from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_splits
 from services.engine.layers import linear
 from services.engine.models.config import ModelConfig
-from services.engine.outputs import SampledToken
+from services.engine.outputs import Logprob, SampledToken
+from services.engine.prompt_logprobs import PromptLogprobs, PromptRows
 from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
 from services.engine.sequence import PENDING_TOKEN
@@ -45,14 +46,21 @@ class StepInputs:
     sampled_seqs: list[ScheduledSeq]  # in logits row order
     pending_at: torch.Tensor  # [k]: positions of input_ids that are PENDING_TOKENs ...
     pending_from: torch.Tensor  # [k]: ... and their rows in the previous step's sampled tokens
+    prompt_rows: PromptRows | None = None  # rows that score prompt tokens (prompt_logprobs)
 
 
 class LaunchedStep:
     """A step queued on the device; `result()` waits for its sampled tokens."""
 
-    def __init__(self, sampled_seqs: list[ScheduledSeq], batch: SampledBatch | None) -> None:
+    def __init__(self, sampled_seqs: list[ScheduledSeq], batch: SampledBatch | None,
+                 prompt: PromptLogprobs | None = None) -> None:
         self._seqs = sampled_seqs
         self._batch = batch
+        self._prompt = prompt
+
+    def prompt_logprobs(self) -> dict[int, tuple[int, list[dict[int, Logprob]]]]:
+        """seq_id -> (first prompt position scored, its logprobs), for prompt_logprobs requests."""
+        return self._prompt.result() if self._prompt is not None else {}
 
     def result(self) -> dict[int, list[SampledToken]]:
         """seq_id -> sampled token(s), for the sequences that sample."""
@@ -122,16 +130,17 @@ class ModelRunner:
         if plan.block_copies:
             self._copy_blocks(plan.block_copies)
         graphs, prefill_graphs, seqs = self.graphs, self.prefill_graphs, plan.seqs
+        # Graphs compute the sampling rows' logits only: not for steps that score prompt tokens.
         decode_graph = (graphs is not None and 0 < len(seqs) <= graphs.max_batch
-                        and all(len(s.token_ids) == 1 for s in seqs))
+                        and all(len(s.token_ids) == 1 and s.prompt_logprobs is None for s in seqs))
         prefill_graph = (not decode_graph and prefill_graphs is not None and len(seqs) == 1
-                         and prefill_graphs.fits(len(seqs[0].token_ids)))
+                         and prefill_graphs.fits(len(seqs[0].token_ids)) and seqs[0].prompt_logprobs is None)
         if decode_graph or prefill_graph:
             # the rows first: taking one may grow (reallocate) the tables the graphs gather from
             rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
             decode_graph = decode_graph and graphs.holds(self.tables.device_table)
             prefill_graph = prefill_graph and prefill_graphs.holds(self.tables.device_table)
-        argmax = None
+        argmax, prompt = None, None
         if decode_graph:
             logits, sampled_seqs, argmax = self._run_graph(plan, rows)
         elif prefill_graph:
@@ -144,8 +153,10 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             sampled_seqs = inputs.sampled_seqs
+            if inputs.prompt_rows is not None:
+                prompt = inputs.prompt_rows.compute(self.model, hidden)
         if not sampled_seqs:
-            return LaunchedStep([], None)
+            return LaunchedStep([], None, prompt)
         batch = self.sampler.sample(logits, [s.sample for s in sampled_seqs], argmax)
         self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
         for s in sampled_seqs:
@@ -153,7 +164,7 @@ class ModelRunner:
             if width == 1:
                 self._last_rows[s.seq_id] = row
             row += width
-        return LaunchedStep(sampled_seqs, batch)
+        return LaunchedStep(sampled_seqs, batch, prompt)
 
     def _run_graph(self, plan: StepPlan,
                    rows: list[int]) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
@@ -244,8 +255,15 @@ class ModelRunner:
         input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(decodes)
         query_start = [0]
         pf_pos, pf_slots = [], []
+        prompt_rows = PromptRows() if any(s.prompt_logprobs is not None for s in plan.seqs) else None
+        if prompt_rows is not None:
+            for i, s in enumerate(decodes):  # a one-token chunk of a prompt
+                if s.prompt_logprobs is not None:
+                    prompt_rows.add(s, i)
         for s, row in zip(prefills, rows[nd:]):
             n = len(s.token_ids)
+            if s.prompt_logprobs is not None:
+                prompt_rows.add(s, nd + query_start[-1])
             input_ids.extend(s.token_ids)
             pf_pos.append(np.arange(s.start_pos, s.start_pos + n))
             pf_slots.append(self.tables.slots(row, s.start_pos, n, self.block_size))
@@ -278,6 +296,7 @@ class ModelRunner:
             sampled_seqs=sampled,
             pending_at=views[5],
             pending_from=views[6],
+            prompt_rows=prompt_rows,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,11 @@ class RequestOutput:
     # (the value is how many leading blocks this worker already holds).
     kv_pull_from_block: int | None = None
     kv_import: KVImport | None = None
+    # prompt_logprobs: one entry per prompt token (the first None), on the first output with
+    # tokens (and on every whole, non-delta output).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Once finished: (arrival, first scheduled, first token) in time.monotonic (None: never got there).
+    times: tuple[float, float | None, float | None] | None = None
 
 
 def build_output(request: Request, delta: bool) -> RequestOutput:
@@ -82,6 +88,8 @@ def build_output(request: Request, delta: bool) -> RequestOutput:
             seq.num_emitted_tokens = len(tokens)
             seq.num_emitted_chars = text_end
             seq.reported_finish = seq.finished
+    if request.first_token_time is None and any(c.token_ids for c in outputs):
+        request.first_token_time = time.monotonic()
     out = RequestOutput(
         request_id=request.request_id,
         prompt_token_ids=request.prompt_token_ids,
@@ -90,6 +98,12 @@ def build_output(request: Request, delta: bool) -> RequestOutput:
         num_cached_tokens=request.num_cached_tokens,
         kv_import=request.kv_import,
     )
+    if request.prompt_logprobs is not None and (not delta or (
+            not request.prompt_logprobs_sent and any(c.token_ids for c in outputs))):
+        out.prompt_logprobs = request.prompt_logprobs
+        request.prompt_logprobs_sent = True
+    if out.finished:
+        out.times = (request.arrival_time, request.scheduled_time, request.first_token_time)
     if request.kv_export is not None and request.kv_export.ready:
         out.kv_blocks, request.kv_export.ready = request.kv_export.ready, []
     imp = request.kv_import

@@ -2,10 +2,13 @@
 
 Processing order for each row (the same as vLLM's):
 
-    logit_bias -> grammar mask -> min_tokens mask -> repetition / frequency / presence penalties
+    logit_bias -> allowed_token_ids -> bad_words -> grammar mask -> min_tokens mask -> repetition / frequency / presence penalties
                -> greedy argmax or temperature -> min_p -> top_k -> top_p -> random draw
 
 * logit_bias: logit += bias for the listed token ids
+* allowed_token_ids: every other token gets -inf
+* bad_words: a one-token word's token gets -inf; a longer word's last token gets -inf where
+  the output so far ends with the word's other tokens (the host's tokens: such rows sync)
 * grammar mask (structured output, structured_output.py): tokens the sequence's grammar
   forbids next get -inf
 * min_tokens mask: EOS and stop_token_ids get -inf until min_tokens are out, unless that would
@@ -75,7 +78,9 @@ class Sampler:
             argmax = None
         batch = self._params(rows, logits)
         active_min = [(r, banned) for r, n, banned in batch.min_tokens if rows[r][0].output_pos < n]
-        edits = bool(batch.bias is not None or batch.grammar_rows or active_min or batch.penalty_rows)
+        banned = batch.banned + _completing_bad_words(rows, batch.bad_word_rows)
+        edits = bool(batch.bias is not None or batch.allowed is not None or banned or batch.grammar_rows
+                     or active_min or batch.penalty_rows)
         if not edits and not batch.logprob_rows and batch.all_greedy:
             # Plain greedy: the argmax of bf16 logits is that of their exact float32 upcast,
             # so skip the upcast (a [batch, vocab] copy).
@@ -83,7 +88,7 @@ class Sampler:
         raw = logits[batch.logprob_index].float() if batch.logprob_rows else None
         # Edits write in place: never into the caller's tensor (a CUDA graph's output).
         logits = logits.to(torch.float32, copy=edits)
-        logits = self._process(logits, rows, batch, active_min)
+        logits = self._process(logits, rows, batch, active_min, banned)
         tokens = self._draw(logits, rows, batch)
         if batch.penalty_rows:
             self._counts.add(tokens[batch.penalty_index] if len(batch.penalty_rows) != len(rows) else tokens)
@@ -103,10 +108,16 @@ class Sampler:
         return self._batch
 
     def _process(self, logits: torch.Tensor, rows: list[Row], batch: BatchParams,
-                 active_min: list[tuple[int, list[int]]]) -> torch.Tensor:
+                 active_min: list[tuple[int, list[int]]], banned: list[tuple[int, int]] = ()) -> torch.Tensor:
         if batch.bias is not None:
             at, ids, values = batch.bias
             logits.index_put_((at, ids), values, accumulate=True)
+        if batch.allowed is not None:
+            at, mask = batch.allowed
+            logits[at] = logits[at].masked_fill(~mask, float("-inf"))
+        if banned:
+            at, ids = (to_device(list(x), torch.long, logits.device) for x in zip(*banned, strict=True))
+            logits[at, ids] = float("-inf")
         if batch.grammar_rows:
             apply_grammars(logits, [(r, rows[r][0].grammar) for r in batch.grammar_rows])
         if active_min:
@@ -203,6 +214,19 @@ class Sampler:
         self._draws += n
         mask = batch.seeded if rounds == 1 else batch.seeded[:, None]
         return np.where(mask, seeded, unseeded)
+
+
+def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:
+    """(row, token id) for each bad word of several tokens whose other tokens end the row's output."""
+    banned = []
+    for r in bad_word_rows:
+        spec = rows[r][0]
+        output = spec.token_ids[spec.num_prompt_tokens:]
+        for word in spec.bad_words:
+            head = len(word) - 1
+            if head and len(output) >= head and tuple(output[len(output) - head:]) == word[:-1]:
+                banned.append((r, word[-1]))
+    return banned
 
 
 def _rows(f: ops.Filters, rows: torch.Tensor) -> ops.Filters:

@@ -49,6 +49,9 @@ class BatchParams:
     seeded: np.ndarray  # [D] bool
     seq_index: np.ndarray  # [D] int64
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows [A], allowed mask [A, V]) of rows with allowed_token_ids
+    banned: list[tuple[int, int]]  # (row, token id): one-token bad words, banned at every step
+    bad_word_rows: list[int]  # rows with bad words of several tokens (checked against the output each step)
     min_tokens: list[tuple[int, int, list[int]]]  # (row, min_tokens, banned ids) for rows with min_tokens
     grammar_rows: list[int]
     penalty_rows: list[int]
@@ -79,6 +82,9 @@ class BatchParams:
             seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
             seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
             bias=_bias(params, device),
+            allowed=_allowed(params, vocab, device),
+            banned=[(r, w[0]) for r, (spec, _) in enumerate(rows) for w in spec.bad_words if len(w) == 1 and w[0] < vocab],
+            bad_word_rows=[r for r, (spec, _) in enumerate(rows) if any(len(w) > 1 for w in spec.bad_words)],
             min_tokens=[(r, p.min_tokens, _banned(p, eos_token_ids, vocab))
                         for r, p in enumerate(params) if p.min_tokens > 0],
             grammar_rows=[r for r, (spec, _) in enumerate(rows) if spec.grammar is not None],
@@ -122,6 +128,17 @@ def _bias(params: list, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     rows, ids, values = zip(*entries, strict=True)
     return (to_device(rows, torch.long, device), to_device(ids, torch.long, device),
             to_device(values, torch.float32, device))
+
+
+def _allowed(params: list, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rows = [r for r, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return None
+    mask = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        mask[i, [t for t in params[r].allowed_token_ids if t < vocab]] = True
+    return to_device(rows, torch.long, device), mask.pin_memory().to(device, non_blocking=True) \
+        if device.type == "cuda" else mask
 
 
 def _banned(p, eos_token_ids: tuple[int, ...], vocab: int) -> list[int]:

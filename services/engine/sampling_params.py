@@ -26,6 +26,8 @@ MAX_STOP_STRING_LEN = 1024
 MAX_LOGIT_BIAS = 1024  # entries
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, regex or grammar
 MAX_CHOICES = 256
+MAX_ALLOWED_TOKEN_IDS = 1 << 17
+MAX_BAD_WORDS = 64
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Number of most likely tokens (from the model's raw distribution) to return per position.
     logprobs: int | None = None
+    # The same for every prompt position after the first (the prompt token's logprob, its rank
+    # and the top N), computed where the prompt is (services/engine/prompt_logprobs.py). Such a
+    # request reads nothing from the prefix cache: cached positions have no logits.
+    prompt_logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
     # Salted into the first block hash: requests with different salts never share cached KV.
@@ -125,6 +131,12 @@ class SamplingParams:
     structured_output: StructuredOutputParams | None = None
     # (token id, bias) pairs added to the logits before sampling; a dict is accepted too.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Only these token ids may be sampled (None: any). Applied with logit_bias, before the grammar.
+    allowed_token_ids: tuple[int, ...] | None = None
+    # Words never generated (vLLM's semantics): the engine tokenizes each, with and without a
+    # leading space; a one-token word is banned outright, a longer one's last token is banned
+    # where the output so far ends with the word's other tokens.
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from callers (JSON, CLI) but store immutable tuples.
@@ -132,6 +144,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(self.allowed_token_ids))))
+        object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in dict(bias).items())))
         self._validate()
@@ -188,6 +203,10 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.stop and not self.detokenize:
             raise bad("stop strings need detokenize=True")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
@@ -197,5 +216,14 @@ class SamplingParams:
                 raise bad(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
             if not (math.isfinite(value) and -100.0 <= value <= 100.0):
                 raise bad(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+        if self.allowed_token_ids is not None:
+            if not 0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS:
+                raise bad(f"allowed_token_ids takes 1 to {MAX_ALLOWED_TOKEN_IDS} token ids, got {len(self.allowed_token_ids)}")
+            if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                raise bad("allowed_token_ids must be non-negative integers")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise bad(f"at most {MAX_BAD_WORDS} bad_words are allowed, got {len(self.bad_words)}")
+        if any(not isinstance(w, str) or not 0 < len(w) <= MAX_STOP_STRING_LEN for w in self.bad_words):
+            raise bad(f"bad_words must be non-empty strings of at most {MAX_STOP_STRING_LEN} characters")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
             raise bad("structured_output must be a StructuredOutputParams")

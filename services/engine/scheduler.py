@@ -23,6 +23,8 @@ can plan step N+1 while step N runs (async scheduling):
 from __future__ import annotations
 
 import bisect
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +47,7 @@ class SampleSpec:
     num_prompt_tokens: int
     token_ids: list[int]  # prompt + output so far; a read-only view (penalties' first step, seeds' positions)
     grammar: GrammarState | None = None  # structured output: the sequence's grammar state, read-only here
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete (SamplingParams.bad_words)
     # The host needs this token before the next step is planned: it forks the request, moves
     # a grammar, or ends a prefill-only request. Such a step is read back at once instead of
     # staying in flight. (Penalties count output tokens on the device, and logprobs travel
@@ -66,6 +69,8 @@ class ScheduledSeq:
     # mirrors tables incrementally and recognises a reallocated table by its identity.
     block_table: list[int]
     sample: SampleSpec | None  # set when the step brings the sequence up to date
+    # prompt_logprobs: (top N, the prompt tokens this step's positions predict, in order), or None.
+    prompt_logprobs: tuple[int, list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,21 @@ class SchedulerConfig:
     max_model_len: int | None = None  # a sequence this long samples no more (None: no limit)
 
 
+def _prompt_targets(seq: Sequence, start: int, num_new: int) -> tuple[int, list[int]] | None:
+    """prompt_logprobs: the prompt tokens that positions start .. start+num_new-1 predict."""
+    request = seq.request
+    top = request.params.prompt_logprobs
+    if top is None or request.forked or start + 1 >= request.num_prompt_tokens:
+        return None
+    return top, request.prompt_token_ids[start + 1 : min(start + num_new + 1, request.num_prompt_tokens)]
+
+
+def _seated(request: Request) -> None:
+    """The request leaves the waiting queue for the first time (its queue time ends)."""
+    if request.scheduled_time is None:
+        request.scheduled_time = time.monotonic()
+
+
 def plain_sequence(request: Request, seq_id: int, index: int) -> Sequence:
     return Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
 
@@ -114,6 +134,9 @@ class Scheduler:
         self._live: dict[int, Sequence] = {}  # seq_id -> every unfinished sequence
         self._released: list[int] = []  # seq ids finished or preempted since the last plan
         self.num_preemptions = 0
+        # Tokens of each step, for the iteration_tokens histogram (drained by the worker's
+        # metrics task; bounded, so an engine without one keeps no history).
+        self.step_tokens: deque[int] = deque(maxlen=4096)
 
     # ---- queue management ----------------------------------------------------------------
 
@@ -172,6 +195,10 @@ class Scheduler:
         seq.num_computed_tokens = num_valid_tokens
         self.block_manager.cache_computed_blocks(seq)
 
+    def live(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence `seq_id`, if any."""
+        return self._live.get(seq_id)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -218,7 +245,9 @@ class Scheduler:
             seated = len(self.running) + len(self.awaiting_kv)
             if seated + width > self.config.max_num_seqs and seated:
                 break
-            hits = self.block_manager.get_cached_prefix(seq) if not seq.block_table else []
+            # prompt_logprobs need every prompt position's logits: a cached block has none.
+            hits = self.block_manager.get_cached_prefix(seq) \
+                if not seq.block_table and seq.request.params.prompt_logprobs is None else []
             num_hit = len(hits) * self.block_manager.block_size
             if seq.request.kv_import is not None and seq.request.kv_import.state == "pending":
                 if not self._admit_for_remote_kv(seq, hits):
@@ -233,11 +262,14 @@ class Scheduler:
                 seq.num_prefix_hit_tokens = num_hit
             seq.num_computed_tokens += num_hit
             self.waiting.pop(0)
+            _seated(seq.request)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
 
+        if scheduled:
+            self.step_tokens.append(self.config.max_num_batched_tokens - budget)
         released, self._released = tuple(self._released), []
         return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
 
@@ -311,11 +343,15 @@ class Scheduler:
                     num_prompt_tokens=request.num_prompt_tokens,
                     token_ids=seq.token_ids,
                     grammar=seq.grammar,
-                    sync=fork or seq.grammar is not None or request.kv_export is not None,
+                    bad_words=request.bad_words,
+                    # A bad word of several tokens is banned by the tokens before it: the host must have them.
+                    sync=fork or seq.grammar is not None or request.kv_export is not None
+                    or any(len(w) > 1 for w in request.bad_words),
                 )
                 if not fork:  # the same spec serves every later step (token_ids is a live view)
                     seq.sample_spec = sample
-        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample)
+        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample,
+                            _prompt_targets(seq, start, num_new))
 
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """Create the n-1 siblings of `parent`, sharing its blocks; returns all n in index order."""
@@ -342,6 +378,7 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_prefix_hit_tokens = num_hit
         seq.request.kv_import.mark_allocated(len(hits), len(seq.block_table))
         self.waiting.pop(0)
+        _seated(seq.request)
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.awaiting_kv.append(seq)
         self._new_kv_pulls.append(seq)

@@ -56,6 +56,8 @@ class Request:
     priority: int = 0
     arrival_order: int = 0  # FCFS tie-break within a priority, assigned by the engine
     arrival_time: float = 0.0
+    scheduled_time: float | None = None  # first left the waiting queue (time.monotonic)
+    first_token_time: float | None = None  # first output token handed out
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     # KV transfer (services/engine/kv_transfer.py): a prefill-only request ships its prompt's
@@ -64,6 +66,12 @@ class Request:
     kv_import: KVImport | None = None
     # Structured output: the compiled grammar (an xgrammar object) each sequence's state starts from.
     grammar: Any = None
+    # prompt_logprobs: one entry per prompt position (None until computed; the first stays None),
+    # handed out once (prompt_logprobs_sent).
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
+    prompt_logprobs_sent: bool = False
+    # bad_words as token sequences (SamplingParams.bad_words, tokenized by the engine).
+    bad_words: tuple[tuple[int, ...], ...] = ()
     # Migration: the sequences that continue here (the others finished elsewhere); None: all n.
     resume: list[Resumed] | None = None
 

@@ -48,9 +48,14 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         self.hf.save_pretrained(str(path))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids exactly as `tokenizer(text)` gives them (special tokens as the model adds them)."""
-        return list(self.hf(text).input_ids)
+        return list(self.hf(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def bad_word_ids(self, word: str) -> list[tuple[int, ...]]:
+        """The token sequences a bad word can take in generated text: alone and after a space."""
+        forms = {tuple(self.hf(text, add_special_tokens=False).input_ids) for text in (word.lstrip(), " " + word.lstrip())}
+        return sorted(ids for ids in forms if ids)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                             chat_template: str | None = None) -> list[int]:

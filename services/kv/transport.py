@@ -24,9 +24,9 @@ import torch
 
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.kv_transfer import BlockData
-from services.engine.outputs import SampledToken
+from services.engine.outputs import Logprob, SampledToken
 from services.kv import wire
-from services.rpc.convert import sampled_token
+from services.rpc.convert import logprobs_from_proto, sampled_token
 from services.rpc.security import TLSFiles, internal_channel
 from services.rpc.server import CHANNEL_OPTIONS, request_metadata
 
@@ -49,6 +49,8 @@ class PeerStalled(Exception):
 class PrefillDone:
     first_tokens: list[SampledToken]  # one per sequence, in index order
     cached_tokens: int  # prompt tokens the prefill worker found in its own prefix cache
+    # prompt_logprobs, when the request asked: one per prompt token (the first None)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 Fence = Callable[[], Awaitable[None]]
@@ -171,6 +173,7 @@ class GrpcKVTransport(KVTransport):
                     yield PrefillDone(
                         [sampled_token(t.token_id, t.logprobs if t.HasField("logprobs") else None) for t in tokens],
                         result.cached_tokens,
+                        [logprobs_from_proto(p) if p.entries else None for p in result.prompt_logprobs] or None,
                     )
         finally:
             call.cancel()  # no-op when it completed; aborts the prefill when we stop early

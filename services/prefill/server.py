@@ -23,7 +23,7 @@ from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
 from services.kv import cuda_ipc, wire
 from services.rpc import metrics
-from services.rpc.convert import logprobs_to_proto, reject_unknown_fields
+from services.rpc.convert import logprobs_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
 from services.rpc.server import abort_with
 from services.rpc.worker import WorkerServicerBase
 
@@ -82,7 +82,10 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                 kv_by_reference=by_reference,
             )
             first: dict[int, worker_pb2.FirstToken] = {}
+            prompt_logprobs = []
             async for out in stream:
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = prompt_logprobs_to_proto(out.prompt_logprobs)
                 for block in out.kv_blocks:
                     if by_reference:
                         msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
@@ -109,7 +112,8 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                         await context.abort(grpc.StatusCode.ABORTED, "prefill was aborted")
                     yield worker_pb2.PrefillResponse(
                         result=worker_pb2.PrefillResult(
-                            first_tokens=[first[i] for i in sorted(first)], cached_tokens=out.num_cached_tokens
+                            first_tokens=[first[i] for i in sorted(first)], cached_tokens=out.num_cached_tokens,
+                            prompt_logprobs=prompt_logprobs,
                         )
                     )
         except (InvalidRequestError, OverloadedError) as e:

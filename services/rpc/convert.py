@@ -13,7 +13,7 @@ from services.engine.sampling_params import SamplingParams, StructuredOutputPara
 _SCALARS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-    "include_stop_str_in_output", "skip_special_tokens", "cache_salt",
+    "include_stop_str_in_output", "skip_special_tokens", "cache_salt", "prompt_logprobs",
 )
 
 
@@ -43,12 +43,15 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     kwargs = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
     structured = structured_output_from_proto(msg.structured_output) if msg.HasField("structured_output") else None
     return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-                          logit_bias=dict(msg.logit_bias), structured_output=structured, **kwargs)
+                          logit_bias=dict(msg.logit_bias), structured_output=structured,
+                          allowed_token_ids=tuple(msg.allowed_token_ids) or None, bad_words=tuple(msg.bad_words),
+                          **kwargs)
 
 
 def params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-                                    logit_bias=dict(params.logit_bias))
+                                    logit_bias=dict(params.logit_bias), allowed_token_ids=params.allowed_token_ids or (),
+                                    bad_words=list(params.bad_words))
     defaults = SamplingParams()
     for name in _SCALARS:
         value = getattr(params, name)
@@ -79,6 +82,11 @@ def logprobs_to_proto(position: dict[int, Logprob]) -> common_pb2.PositionLogpro
     return common_pb2.PositionLogprobs(
         entries=[common_pb2.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank) for t, lp in position.items()]
     )
+
+
+def prompt_logprobs_to_proto(entries: list[dict[int, Logprob] | None]) -> list[common_pb2.PositionLogprobs]:
+    """One PositionLogprobs per prompt token; empty where there is none (the first)."""
+    return [common_pb2.PositionLogprobs() if e is None else logprobs_to_proto(e) for e in entries]
 
 
 def logprobs_from_proto(msg: common_pb2.PositionLogprobs) -> dict[int, Logprob]:

@@ -1,15 +1,29 @@
 """Prometheus metrics, named after vLLM's (vllm:X -> pdserve:X) so dashboards adapt easily.
 
 Each process exposes its own registry over HTTP (`/metrics`); the router serves it on its
---http-port, workers on --metrics-port.
+--http-port, workers on --metrics-port. Every pdserve series carries a `model_name` label (the
+served model's name, set once at start-up), as vLLM's carry theirs.
+
+The exposition is always the classic text format, version 0.0.4, whatever the scraper's Accept
+header asks: in it `pdserve:` names are valid as they are. prometheus_client's own server
+answers Prometheus's default Accept header (OpenMetrics first) with `escaping=underscores`,
+which renames every `pdserve:x` to `pdserve_x`: dashboards, the chart's ServiceMonitor and
+the autoscaling rule would then find no worker data.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -44,11 +58,94 @@ STREAM_FRAMES = Counter("pdserve:stream_frames", "Frames a decode worker sent on
                         "many requests' responses (heartbeats not counted)")
 STREAM_RESPONSES = Counter("pdserve:stream_responses", "Responses a decode worker sent inside GenerateStream frames")
 
+# Per finished request on a decode worker, as vLLM's request_*_time_seconds: waiting for a seat
+# (queue), seated until its first token (prefill, local or remote), first token to the end
+# (decode), seated to the end (inference); and its prompt and generated token counts.
+_PHASE = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+QUEUE_TIME = Histogram("pdserve:request_queue_time_seconds", "Time a request waited before its first step",
+                       buckets=_PHASE)
+PREFILL_TIME = Histogram("pdserve:request_prefill_time_seconds", "First step until the first token", buckets=_PHASE)
+DECODE_TIME = Histogram("pdserve:request_decode_time_seconds", "First token until the request finished", buckets=_PHASE)
+INFERENCE_TIME = Histogram("pdserve:request_inference_time_seconds", "First step until the request finished",
+                           buckets=_PHASE)
+REQUEST_PROMPT_TOKENS = Histogram("pdserve:request_prompt_tokens", "Prompt tokens per finished request",
+                                  buckets=_TOKENS)
+REQUEST_GENERATION_TOKENS = Histogram("pdserve:request_generation_tokens", "Generated tokens per finished request",
+                                      buckets=_TOKENS)
+ITERATION_TOKENS = Histogram("pdserve:iteration_tokens_total", "Tokens computed per engine step",
+                             buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
+CACHE_CONFIG = Gauge("pdserve:cache_config_info", "The KV cache's configuration, in labels (value 1)",
+                     ["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
+                     multiprocess_mode="max")
+
+_model_name: str | None = None
+
+
+def observe_request(times: tuple[float, float | None, float | None], finished: float, prompt_tokens: int,
+                    generation_tokens: int) -> None:
+    """A finished request's phases (see QUEUE_TIME ...) and token counts; `times` is (arrival,
+    first scheduled, first token), a phase it never reached is left out."""
+    arrival, scheduled, first_token = times
+    REQUEST_PROMPT_TOKENS.observe(prompt_tokens)
+    REQUEST_GENERATION_TOKENS.observe(generation_tokens)
+    if scheduled is None:
+        return
+    QUEUE_TIME.observe(scheduled - arrival)
+    INFERENCE_TIME.observe(finished - scheduled)
+    if first_token is not None:
+        PREFILL_TIME.observe(first_token - scheduled)
+        DECODE_TIME.observe(finished - first_token)
+
+
+def set_model_name(name: str) -> None:
+    """The `model_name` label of every pdserve series this process exposes (once, at start-up)."""
+    global _model_name
+    _model_name = name
+
+
+class ModelNameLabel(Collector):
+    """`registry`'s metrics, with model_name added to every pdserve series."""
+
+    def __init__(self, registry: Collector) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if _model_name is not None and family.name.startswith("pdserve:"):
+                family.samples = [s._replace(labels={**s.labels, "model_name": _model_name}) for s in family.samples]
+            yield family
+
+
+def exposition(registry: Collector = REGISTRY) -> tuple[bytes, str]:
+    """(body, content type) of a scrape: text format 0.0.4, names as they are, model_name added."""
+    return generate_latest(ModelNameLabel(registry)), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body, content_type = exposition()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - scrapes are not worth a log line each
+        pass
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
 
 def serve_metrics(host: str, port: int) -> None:
-    """Expose this process's metrics on http://host:port/metrics (a daemon thread)."""
+    """Expose this process's metrics on http://host:port/metrics (any path; a daemon thread)."""
     if port:
-        start_http_server(port, addr=host)
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        server = server_class((host, port), _MetricsHandler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
 
 class StreamTimer:

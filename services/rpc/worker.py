@@ -141,4 +141,15 @@ class WorkerServicerBase:
             total = self.engine.core.scheduler.num_preemptions
             metrics.PREEMPTIONS.inc(total - preemptions)
             preemptions = total
+            steps = self.engine.core.scheduler.step_tokens
+            while steps:
+                metrics.ITERATION_TOKENS.observe(steps.popleft())
             await asyncio.sleep(period_s)
+
+
+def export_cache_config(core) -> None:
+    """pdserve:cache_config_info: the KV cache's configuration as labels (vLLM's cache_config_info)."""
+    layout = core.layout
+    metrics.CACHE_CONFIG.labels(block_size=str(layout.block_size), num_gpu_blocks=str(layout.num_kv_blocks),
+                                cache_dtype=str(layout.dtype).removeprefix("torch."),
+                                enable_prefix_caching=str(core.config.enable_prefix_caching).lower()).set(1)
