@@ -28,7 +28,7 @@ MAX_PROMPTS = MAX_N  # prompts in one /v1/completions body
 # Sampling fields whose names and meaning are the same in the body and in common.proto.
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "seed", "min_tokens", "ignore_eos", "skip_special_tokens",
-              "include_stop_str_in_output", "cache_salt")
+              "include_stop_str_in_output", "cache_salt", "speculative")
 
 
 class _Body(BaseModel):
@@ -79,6 +79,7 @@ class SamplingFields(_Body):
     include_stop_str_in_output: bool | None = None
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     cache_salt: str | None = None
+    speculative: bool | None = None  # pdserve's: false opts out of speculative decoding
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None

@@ -125,6 +125,9 @@ class SamplingParams:
     structured_output: StructuredOutputParams | None = None
     # (token id, bias) pairs added to the logits before sampling; a dict is accepted too.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Speculative decoding where the engine runs it (its output is the same either way);
+    # False opts this request out, e.g. for latency measurements without it.
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from callers (JSON, CLI) but store immutable tuples.
