@@ -6,8 +6,7 @@ decodes into speculating ones.
     step = runner.execute(plan)          # k+1 positions scored, drafts verified (verify.py)
 
 A planned decode speculates when its sequence has all its tokens on the host (no
-PENDING_TOKEN), samples one token (not a fork), exports no KV, has no grammar, did not opt
-out (SamplingParams.speculative), and has room: k never runs past max_tokens or the
+PENDING_TOKEN), samples one token (not a fork), exports no KV, did not opt out (SamplingParams.speculative), and has room: k never runs past max_tokens or the
 context, the step's token budget, or the free blocks (speculation never preempts).
 """
 
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from services.engine.outputs import SampledToken
 from services.engine.scheduler import ScheduledSeq, Scheduler, StepPlan
 from services.engine.sequence import Sequence
+from services.engine.spec import verify
 from services.engine.spec.config import SpeculativeConfig
 from services.engine.spec.draft import DraftProposer
 from services.engine.spec.ngram import NgramProposer
@@ -65,7 +65,7 @@ class Speculator:
         if not work:
             return plan
         if isinstance(self.proposer, NgramProposer):
-            drafts = {e.seq_id: self.proposer.propose(seq.token_ids, k) for e, seq, k in work}
+            drafts = {e.seq_id: self._allowed(seq, self.proposer.propose(seq.token_ids, k)) for e, seq, k in work}
             drafts = {i: d for i, d in drafts.items() if d and self.scheduler.add_lookahead(self._entry(plan, i), len(d))}
         else:
             work = [(e, seq, k) for e, seq, k in work if self.scheduler.add_lookahead(e, k)]
@@ -75,7 +75,11 @@ class Speculator:
                 copy_blocks(plan.block_copies)
                 self.proposer.copy_blocks(plan.block_copies)
                 plan = dataclasses.replace(plan, block_copies=[])
-            drafts = self.proposer.propose(work)
+            proposed = self.proposer.propose(work)
+            drafts = {e.seq_id: self._allowed(seq, proposed[e.seq_id]) for e, seq, _ in work}
+            for e, seq, _ in work:
+                if not drafts[e.seq_id]:  # the grammar cut them all: give the slots back
+                    self.scheduler.block_manager.trim(seq, seq.num_tokens)
         if not drafts:
             return plan
         seqs = [dataclasses.replace(e, token_ids=e.token_ids + drafts[e.seq_id], num_draft_tokens=len(drafts[e.seq_id]))
@@ -102,12 +106,17 @@ class Speculator:
 
     def _eligible(self, entry: ScheduledSeq) -> Sequence | None:
         spec = entry.sample
-        if len(entry.token_ids) != 1 or spec is None or len(spec.seq_indices) != 1 or spec.grammar is not None:
+        if len(entry.token_ids) != 1 or spec is None or len(spec.seq_indices) != 1:
             return None
         seq = self.scheduler.live(entry.seq_id)
         if seq is None or seq.num_pending or seq.request.kv_export is not None or not seq.params.speculative:
             return None
         return seq
+
+    @staticmethod
+    def _allowed(seq: Sequence, drafts: list[int]) -> list[int]:
+        """Drafts up to the first one the sequence's grammar forbids (the target would reject it)."""
+        return verify.grammar_prefix(seq.grammar, drafts) if seq.grammar is not None and drafts else drafts
 
     def _room(self, seq: Sequence) -> int:
         """Most drafts whose acceptance cannot run past max_tokens or the context: with j drafts

@@ -10,7 +10,9 @@ would use there. The target's token at row j is drawn exactly as it would be the
 
 The output is token for token what decoding without speculation gives, greedy or sampled
 (a seeded request reproduces its tokens; an unseeded one draws from the same distribution),
-with logprobs, penalties (counting accepted tokens only) and min_tokens unchanged. This is
+with logprobs, penalties (counting accepted tokens only), min_tokens and grammars unchanged:
+row j's grammar mask is the one after d_0 .. d_{j-1} (`DraftedGrammar`), and drafts are cut
+where the grammar forbids one (`grammar_prefix`), which the target would reject anyway. This is
 the acceptance rule for deterministic proposers (n-gram, greedy drafts), which is every
 proposer here.
 
@@ -28,6 +30,7 @@ import torch
 
 from services.engine.outputs import SampledToken
 from services.engine.scheduler import SampleSpec, ScheduledSeq
+from services.engine.structured_output import GrammarState
 
 
 def row_specs(seqs: list[ScheduledSeq]) -> list[SampleSpec]:
@@ -38,9 +41,38 @@ def row_specs(seqs: list[ScheduledSeq]) -> list[SampleSpec]:
         if not k:
             specs.append(s.sample)
             continue
-        drafts = s.token_ids[-k:]
-        specs.extend(dataclasses.replace(s.sample, drafted=tuple(drafts[:j])) for j in range(k + 1))
+        drafts, grammar = s.token_ids[-k:], s.sample.grammar
+        specs.extend(dataclasses.replace(s.sample, drafted=tuple(drafts[:j]),
+                                         grammar=DraftedGrammar(grammar, drafts[:j]) if grammar and j else grammar)
+                     for j in range(k + 1))
     return specs
+
+
+class DraftedGrammar:
+    """A sequence's grammar state as it would be after `drafted` tokens (all allowed): the
+    mask of a speculating row. The state itself is left where it was."""
+
+    __slots__ = ("state", "drafted")
+
+    def __init__(self, state: GrammarState, drafted: list[int]) -> None:
+        self.state = state
+        self.drafted = drafted
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        for token in self.drafted:
+            if not self.state.accept(token):
+                raise AssertionError("drafts are cut to their grammar-allowed prefix before the step")
+        self.state.fill_bitmask(bitmask, row)
+        self.state.rollback(len(self.drafted))
+
+
+def grammar_prefix(state: GrammarState, drafts: list[int]) -> list[int]:
+    """The leading drafts `state` allows, one after the other (the state is left as it was)."""
+    n = 0
+    while n < len(drafts) and state.accept(drafts[n]):
+        n += 1
+    state.rollback(n)
+    return drafts[:n]
 
 
 def accepted(seqs: list[ScheduledSeq], groups: list[list[SampledToken]]) -> dict[int, list[SampledToken]]:
