@@ -133,6 +133,8 @@ class WorkerServicerBase:
     async def export_gauges(self, period_s: float = 1.0) -> None:
         """Keep the engine gauges of /metrics current (runs for the life of the server)."""
         preemptions = 0
+        speculator = self.engine.core.speculator
+        spec_counters = metrics.SpecDecodeCounters() if speculator is not None else None
         while True:
             stats = self.engine.stats()
             metrics.RUNNING.set(stats["running"])
@@ -141,4 +143,6 @@ class WorkerServicerBase:
             total = self.engine.core.scheduler.num_preemptions
             metrics.PREEMPTIONS.inc(total - preemptions)
             preemptions = total
+            if spec_counters is not None:
+                spec_counters.export(speculator.stats)
             await asyncio.sleep(period_s)
