@@ -216,3 +216,30 @@ def test_rejection_sampling_accepts_every_draft_drawn_from_the_target_itself():
     drafts = torch.multinomial(p, 300, replacement=True, generator=torch.Generator().manual_seed(1)).view(100, 3)
     _, num_accepted = rejection_sample(p.expand(100, 4, 3), p.expand(100, 3, 3), drafts)
     assert bool((num_accepted == 3).all())
+
+
+# ---- the default model ----------------------------------------------------------------------
+
+PASSAGE = ("The old lighthouse stood on the northern cliff for two hundred years. Every night the keeper "
+           "climbed the spiral stairs, trimmed the wick and polished the great lens.")
+COPY_PROMPTS = [
+    f"Repeat the passage below word for word.\n\n{PASSAGE}\n\nRepeated:\n",
+    "def add_numbers(first_number, second_number):\n    return first_number + second_number\n\n"
+    "def subtract_numbers(first_number, second_number):\n",
+]
+OPEN_PROMPTS = ["What is AI?", "Once upon a time, in a land far away,", "List three primary colors:"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 4},
+                                  {"method": "self_spec", "num_speculative_tokens": 2, "num_layers": 20}])
+def test_default_model_greedy_tokens_are_the_same_with_speculation(default_llm, spec):
+    from services.engine import LLM
+
+    prompts, params = COPY_PROMPTS + OPEN_PROMPTS[:1], greedy(32, stop=("\n\n\n",))
+    expected = [(o.outputs[0].token_ids, o.outputs[0].text) for o in default_llm.generate(prompts, params)]
+    llm = LLM(max_model_len=1024, speculative_config=spec)
+    assert [(o.outputs[0].token_ids, o.outputs[0].text) for o in llm.generate(prompts, params)] == expected
+    stats = llm.engine.speculator.stats
+    assert stats.num_accepted_tokens > 10, stats  # the real model accepts drafts
+    assert_all_free(llm)

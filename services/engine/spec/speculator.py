@@ -8,6 +8,11 @@ decodes into speculating ones.
 A planned decode speculates when its sequence has all its tokens on the host (no
 PENDING_TOKEN), samples one token (not a fork), exports no KV, did not opt out (SamplingParams.speculative), and has room: k never runs past max_tokens or the
 context, the step's token budget, or the free blocks (speculation never preempts).
+
+k adapts per sequence, from that sequence's own last verification only (never from the
+batch): after j of k drafts were accepted it next proposes j + 1 (one more than the run it
+just had) when one was rejected, k + 1 when all were, up to num_speculative_tokens. A
+sequence whose guesses fail thus costs one extra scored position a step, not k.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Speculator:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self._k: dict[int, int] = {}  # seq_id -> drafts it proposes next (adaptive k)
 
     def speculate(self, plan: StepPlan, copy_blocks) -> StepPlan:
         """`plan` with drafts on the decodes that can speculate. `copy_blocks(copies)` runs the
@@ -58,7 +64,7 @@ class Speculator:
             seq = self._eligible(entry)
             if seq is None or budget <= 0:
                 continue
-            k = min(self.config.num_speculative_tokens, budget, self._room(seq))
+            k = min(self._k.get(seq.seq_id, self.config.num_speculative_tokens), budget, self._room(seq))
             if k > 0:
                 work.append((entry, seq, k))
                 budget -= k
@@ -94,6 +100,8 @@ class Speculator:
             if not entry.num_draft_tokens or tokens is None:
                 continue
             num_accepted = len(tokens) - 1
+            k = entry.num_draft_tokens
+            self._k[entry.seq_id] = min(self.config.num_speculative_tokens, num_accepted + 1 if num_accepted < k else k + 1)
             stats.num_drafts += 1
             stats.num_draft_tokens += entry.num_draft_tokens
             stats.num_accepted_tokens += num_accepted
@@ -101,6 +109,8 @@ class Speculator:
                 stats.accepted_per_pos[j] += 1
 
     def release(self, seq_ids: tuple[int, ...]) -> None:
+        for seq_id in seq_ids:
+            self._k.pop(seq_id, None)
         if isinstance(self.proposer, DraftProposer):
             self.proposer.release(seq_ids)
 
