@@ -87,6 +87,18 @@ def test_greedy_tokens_equal_without_speculation_for_every_architecture(preset):
         assert_all_free(llm)
 
 
+@pytest.mark.slow
+def test_speculation_through_the_triton_kernels_is_exact():
+    """The GPU's attention kernels (interpreted on the CPU): k+1 positions verified by the
+    paged prefill kernel, drafts by the decode kernel."""
+    engine = dict(ENGINE, attention_backend="triton")
+    expected = token_ids(make_llm("tiny-llama", **engine).generate(PROMPTS[:1], greedy(8)))
+    llm = make_llm("tiny-llama", **engine, speculative_config=methods("tiny-llama")[2])
+    assert token_ids(llm.generate(PROMPTS[:1], greedy(8))) == expected
+    assert llm.engine.speculator.stats.num_accepted_tokens == llm.engine.speculator.stats.num_draft_tokens > 0
+    assert_all_free(llm)
+
+
 def test_a_random_draft_of_another_architecture_is_rejected_and_changes_nothing():
     expected = token_ids(make_llm("tiny-llama", **ENGINE).generate(PROMPTS, greedy()))
     llm = make_llm("tiny-llama", **ENGINE, speculative_config={
