@@ -1,7 +1,8 @@
 """Speculative decoding on the CPU with the default model (issue #28): tokens/s at batch 1
 and batch 8 without speculation and with each method, on prompts that invite copying
 (edit or summarise a given passage, code with repeated identifiers) and on open generation,
-with the acceptance rate per draft position.
+with the acceptance rate per draft position (accepted / proposed there: k adapts per
+sequence, so later positions are proposed less often).
 
 Every method produces the same tokens as the baseline (greedy): the script checks it, so a
 speed-up is never bought with different output. Batch 1 runs the prompts one after another,
@@ -75,7 +76,7 @@ def main() -> None:
         for name, prompts in workloads.items():
             for batch in (1, 8):
                 before = llm.engine.speculator.stats if spec else None
-                drafts0 = (before.num_drafts, list(before.accepted_per_pos)) if before else None
+                counts0 = (list(before.accepted_per_pos), list(before.drafted_per_pos)) if before else None
                 seconds, tokens = run(llm, prompts, batch, params)
                 if method == "none":
                     baseline[name, batch] = (seconds, tokens)
@@ -86,11 +87,13 @@ def main() -> None:
                        "tok/s": f"{n / seconds:.1f}", "speed-up": f"{baseline[name, batch][0] / seconds:.2f}x"}
                 if spec:
                     stats = llm.engine.speculator.stats
-                    drafts = stats.num_drafts - drafts0[0]
-                    per_pos = [(a - b) / max(drafts, 1) for a, b in zip(stats.accepted_per_pos, drafts0[1])]
-                    row["acceptance per position"] = " ".join(f"{x:.2f}" for x in per_pos)
+                    accepted = [a - b for a, b in zip(stats.accepted_per_pos, counts0[0])]
+                    drafted = [a - b for a, b in zip(stats.drafted_per_pos, counts0[1])]
+                    row["drafts"] = sum(drafted)
+                    row["acceptance per position"] = " ".join(f"{a / d:.2f}" if d else "-"
+                                                              for a, d in zip(accepted, drafted))
                 else:
-                    row["acceptance per position"] = "-"
+                    row["drafts"], row["acceptance per position"] = 0, "-"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del llm

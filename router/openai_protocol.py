@@ -7,7 +7,8 @@ lengths) happen there, with the engine's semantics, not twice.
 Beyond OpenAI's fields, vLLM's extras are accepted: top_k, min_p, repetition_penalty,
 ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output,
 priority, cache_salt, and structured output as guided_json / guided_regex / guided_grammar /
-guided_choice beside `response_format`. Unknown fields are an error, as at OpenAI.
+guided_choice beside `response_format`; and pdserve's `speculative` (false: no speculative
+decoding for this request). Unknown fields are an error, as at OpenAI.
 
 max_tokens left unset means "until the context is full", as at OpenAI and in vLLM.
 """

@@ -255,3 +255,22 @@ def test_default_model_greedy_tokens_are_the_same_with_speculation(default_llm, 
     stats = llm.engine.speculator.stats
     assert stats.num_accepted_tokens > 10, stats  # the real model accepts drafts
     assert_all_free(llm)
+
+
+def test_spec_decode_metrics_carry_the_engines_totals_with_vllms_names():
+    from prometheus_client import REGISTRY
+
+    from services.rpc import metrics
+    from services.engine.spec.speculator import SpecStats
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(f"pdserve:spec_decode_{name}_total", labels) or 0.0
+
+    before = [value("num_drafts"), value("num_draft_tokens"), value("num_accepted_tokens"),
+              value("num_accepted_tokens_per_pos", position="1")]
+    counters = metrics.SpecDecodeCounters()
+    counters.export(SpecStats(3, 9, 5, [3, 2, 0], [3, 3, 3]))
+    counters.export(SpecStats(4, 12, 7, [4, 3, 0], [4, 4, 4]))
+    after = [value("num_drafts"), value("num_draft_tokens"), value("num_accepted_tokens"),
+             value("num_accepted_tokens_per_pos", position="1")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [4, 12, 7, 3]

@@ -37,10 +37,11 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)  # [j]: drafts accepted at position j
+    drafted_per_pos: list[int] = field(default_factory=list)  # [j]: drafts proposed at position j (k adapts)
 
     def acceptance_per_pos(self) -> list[float]:
-        """Per draft position, the fraction of speculating sequence-steps that accepted it."""
-        return [a / self.num_drafts for a in self.accepted_per_pos] if self.num_drafts else []
+        """Per draft position, the fraction of the drafts proposed there that were accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos, strict=True)]
 
 
 class Speculator:
@@ -51,7 +52,8 @@ class Speculator:
         self.scheduler = scheduler
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        k = config.num_speculative_tokens
+        self.stats = SpecStats(accepted_per_pos=[0] * k, drafted_per_pos=[0] * k)
         self._k: dict[int, int] = {}  # seq_id -> drafts it proposes next (adaptive k)
 
     def speculate(self, plan: StepPlan, copy_blocks) -> StepPlan:
@@ -105,8 +107,9 @@ class Speculator:
             stats.num_drafts += 1
             stats.num_draft_tokens += entry.num_draft_tokens
             stats.num_accepted_tokens += num_accepted
-            for j in range(num_accepted):
-                stats.accepted_per_pos[j] += 1
+            for j in range(k):
+                stats.drafted_per_pos[j] += 1
+                stats.accepted_per_pos[j] += j < num_accepted
 
     def release(self, seq_ids: tuple[int, ...]) -> None:
         for seq_id in seq_ids:
