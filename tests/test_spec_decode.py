@@ -188,6 +188,14 @@ def test_only_accepted_tokens_reach_the_prefix_cache():
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_no_step_speculates_while_disable_by_batch_size_sequences_run():
+    llm = make_llm("tiny-llama", **ENGINE, speculative_config={**methods("tiny-llama")[2], "disable_by_batch_size": 2})
+    llm.generate(PROMPTS[:2], greedy())  # two sequences of the same length: never fewer than 2 running
+    assert llm.engine.speculator.stats.num_drafts == 0
+    llm.generate(PROMPTS[:1], greedy())
+    assert llm.engine.speculator.stats.num_drafts > 0
+
+
 def test_a_request_can_opt_out():
     llm = make_llm("tiny-llama", **ENGINE, speculative_config=methods("tiny-llama")[2])
     llm.generate(PROMPTS, greedy(speculative=False))

@@ -31,6 +31,9 @@ class SpeculativeConfig:
     load_format: str = "auto"  # draft_model: auto | dummy
     preset: str | None = None  # draft_model: shape of dummy weights
     dummy_seed: int = 0
+    # No speculation in a step while this many sequences run (vLLM's knob): at larger batches
+    # the verifying step's k+1 rows per sequence cost more than the steps they save.
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,6 +44,8 @@ class SpeculativeConfig:
             raise ConfigError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.num_layers is not None and self.num_layers < 1:
             raise ConfigError("num_layers must be >= 1")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ConfigError("disable_by_batch_size must be >= 1")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

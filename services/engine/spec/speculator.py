@@ -6,7 +6,8 @@ decodes into speculating ones.
     step = runner.execute(plan)          # k+1 positions scored, drafts verified (verify.py)
 
 A planned decode speculates when its sequence has all its tokens on the host (no
-PENDING_TOKEN), samples one token (not a fork), exports no KV, did not opt out (SamplingParams.speculative), and has room: k never runs past max_tokens or the
+PENDING_TOKEN), samples one token (not a fork), exports no KV, did not opt out (SamplingParams.speculative), and has room (no step speculates while
+`disable_by_batch_size` sequences run): k never runs past max_tokens or the
 context, the step's token budget, or the free blocks (speculation never preempts).
 
 k adapts per sequence, from that sequence's own last verification only (never from the
@@ -60,6 +61,9 @@ class Speculator:
         """`plan` with drafts on the decodes that can speculate. `copy_blocks(copies)` runs the
         plan's copy-on-write first when a model drafts (it reads the cache); the returned plan
         then has none left."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and self.scheduler.num_running >= limit:
+            return plan
         budget = self.max_num_batched_tokens - plan.num_tokens
         work: list[tuple[ScheduledSeq, Sequence, int]] = []
         for entry in plan.seqs:
