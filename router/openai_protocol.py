@@ -8,7 +8,8 @@ Beyond OpenAI's fields, vLLM's extras are accepted: top_k, min_p, repetition_pen
 ignore_eos, min_tokens, stop_token_ids, allowed_token_ids, bad_words, skip_special_tokens,
 spaces_between_special_tokens, include_stop_str_in_output, truncate_prompt_tokens,
 prompt_logprobs, priority, cache_salt, chat `echo`, and structured output as guided_json / guided_regex / guided_grammar
-(EBNF, or Lark rewritten into it) / guided_choice beside `response_format`.
+(EBNF, or Lark rewritten into it) / guided_choice beside `response_format`; and pdserve's
+`speculative` (false: no speculative decoding for this request).
 
 Chat tool calling (`tools`, `tool_choice`, `parallel_tool_calls`, and assistant `tool_calls` /
 `tool` messages sent back) travels on the ChatMessages; router/tool_calls.py checks and plans it.
@@ -43,7 +44,7 @@ COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as at OpenAI a
 # Sampling fields whose names and meaning are the same in the body and in common.proto.
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "seed", "min_tokens", "ignore_eos", "skip_special_tokens",
-              "include_stop_str_in_output", "cache_salt", "prompt_logprobs")
+              "include_stop_str_in_output", "cache_salt", "prompt_logprobs", "speculative")
 
 # Fields this server does not implement whose loss would change the answer: field -> (is it
 # in use?, why it is refused). Anything else unknown is ignored with a warning.
@@ -122,6 +123,7 @@ class SamplingFields(RequestBody):
     include_stop_str_in_output: bool | None = None
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
     cache_salt: str | None = None
+    speculative: bool | None = None  # pdserve's: false opts out of speculative decoding
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None

@@ -835,3 +835,15 @@ def test_dockerignores_send_exactly_what_the_package_builds_from():
     assert kept == packages | {"protos", "pyproject.toml", project["project"]["readme"]} | locks
     for path in kept:
         assert (ROOT / path).exists(), path
+
+
+def test_decode_speculative_config_reaches_the_decode_cli_as_json_and_prefill_runs_without():
+    from services.engine.spec.config import SpeculativeConfig
+
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    objects = render_chart({"decode": {"speculativeConfig": spec}})
+    (c,) = pod_spec(workload(objects, "decode"))["containers"]
+    args = parse_cli(command_line(c, objects)[1:])
+    assert SpeculativeConfig.parse(args.speculative_config) == SpeculativeConfig(**spec)
+    (p,) = pod_spec(workload(objects, "prefill"))["containers"]
+    assert parse_cli(command_line(p, objects)[1:]).speculative_config is None

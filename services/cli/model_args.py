@@ -42,11 +42,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                    help="plan the next step while the GPU runs this one (auto: on for CUDA)")
+    g.add_argument("--speculative-config", type=_speculative_json, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON form: {"method": "ngram", "num_speculative_tokens": 4, '
+                   '"prompt_lookup_min": 2, "prompt_lookup_max": 5}; methods ngram, self_spec (+ "num_layers"), '
+                   'draft_model (+ "model"). Output is unchanged; speculating steps run synchronously')
     g.add_argument("--cache-dir", type=Path, help="where converted GGUF weights are cached (default ~/.cache/pdserve)")
+
+
+def _speculative_json(text: str) -> str:
+    """Checked here, kept as text (model_argv passes it on to child processes as is)."""
+    from services.engine.errors import ConfigError
+    from services.engine.spec.config import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def engine_config(args: argparse.Namespace):
     from services.engine.config import EngineConfig, default_step_tokens
+    from services.engine.spec.config import SpeculativeConfig
 
     step_tokens = args.max_num_batched_tokens or default_step_tokens(EngineConfig(device=args.device).resolve_device())
     return EngineConfig(
@@ -69,6 +86,7 @@ def engine_config(args: argparse.Namespace):
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
     )
 
 

@@ -154,6 +154,14 @@ class BlockManager:
             table.append(self._pop_free())
         return copies
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks of `seq` past its first `num_tokens` tokens (the slots of rejected
+        speculative drafts: never hashed, so never cached)."""
+        keep = self.num_blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            self.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let `child` share every block of `parent` (n > 1 sequences share the prompt's KV)."""
         assert not child.block_table

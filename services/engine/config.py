@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from services.engine.errors import ConfigError
+from services.engine.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GiB = 1 << 30
@@ -53,6 +54,8 @@ class EngineConfig:
     # Plan step N+1 while step N runs, reading N's tokens back afterwards (engine.py).
     # None: on for CUDA, where the host would otherwise leave the GPU idle; off on the CPU.
     async_scheduling: bool | None = None
+    # Speculative decoding (spec/config.py); None: off. Speculating steps are synchronous.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -39,13 +39,16 @@ from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.host_memory import keep_freed_memory
 from services.engine.kv_sizing import num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
-from services.engine.model_runner import LaunchedStep, ModelRunner
+from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from services.engine.sequence import Request, Resumed, Sequence
+from services.engine.spec.draft import DraftProposer, EarlyExit
+from services.engine.spec.ngram import NgramProposer
+from services.engine.spec.speculator import Speculator
 from services.engine.structured_output import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 
@@ -108,8 +111,11 @@ class EngineCore:
             cuda_graph_max_prefill=0 if config.enforce_eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
         )
+        self.speculator = (self._speculator(config, model, max_model_len)
+                           if config.speculative_config is not None else None)
+        # A proposer needs every token on the host, so speculation runs synchronous steps.
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
-                                 else config.async_scheduling)
+                                 else config.async_scheduling) and self.speculator is None
         self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
         self.requests: dict[str, Request] = {}
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
@@ -264,6 +270,10 @@ class EngineCore:
         to ship, or blocks allocated for a remote prefill."""
         plan = self.scheduler.schedule()
         self.runner.release(plan.released_seq_ids)
+        if self.speculator is not None:
+            self.speculator.release(plan.released_seq_ids)
+            if not plan.is_empty:
+                plan = self.speculator.speculate(plan, self.runner.copy_blocks)
         changed = {id(seq.request): seq.request for seq in self.scheduler.take_kv_pulls()}
         launched = self.runner.execute(plan) if not plan.is_empty else None
         if self._in_flight is not None:  # the previous step, read back while this one runs
@@ -290,7 +300,10 @@ class EngineCore:
             seq = self.scheduler.live(seq_id)
             if seq is not None:
                 seq.request.prompt_logprobs[first : first + len(entries)] = entries
-        for request in self.scheduler.update(plan, launched.result(), self._on_token):
+        sampled = launched.result()
+        if self.speculator is not None:
+            self.speculator.observe(plan, sampled)
+        for request in self.scheduler.update(plan, sampled, self._on_token):
             changed[id(request)] = request
 
     def _on_token(self, seq: Sequence, sampled: SampledToken) -> None:
@@ -456,6 +469,28 @@ class EngineCore:
                    for token, e in zip(request.prompt_token_ids[1:], entries[1:], strict=True))
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    def _speculator(self, config: EngineConfig, model: torch.nn.Module, max_model_len: int) -> Speculator:
+        spec, cfg = config.speculative_config, self.model_config
+        if spec.method == "ngram":
+            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        elif spec.method == "self_spec":
+            num_layers = spec.num_layers or max(1, cfg.num_layers // 4)
+            if num_layers >= cfg.num_layers:
+                raise ConfigError(f"self_spec num_layers must be below the model's {cfg.num_layers} layers")
+            proposer = DraftProposer(self.runner, EarlyExit(model, num_layers), None)
+        else:
+            source = loader.resolve(spec.model, spec.load_format, spec.preset, spec.dummy_seed, None, config.cache_dir)
+            draft_cfg = ModelConfig.from_hf(source.hf_config)
+            if draft_cfg.vocab_size != cfg.vocab_size:
+                raise ConfigError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) is not the target's "
+                                  f"({cfg.vocab_size})")
+            if draft_cfg.max_context < max_model_len:
+                raise ConfigError(f"the draft model's context ({draft_cfg.max_context}) is below max_model_len")
+            draft = _load_model(draft_cfg, source, self.layout.device, self.layout.dtype, max_model_len)
+            proposer = DraftProposer(self.runner, draft, kv_pool(draft_cfg, self.layout))
+            log.info("draft model %s: its own KV pool of %d blocks", source.identity, self.layout.num_kv_blocks)
+        return Speculator(spec, proposer, self.scheduler, config.max_num_batched_tokens, max_model_len)
 
     def _new_seq(self, request: Request, seq_id: int, index: int) -> Sequence:
         seq = Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))

@@ -8,6 +8,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore, Prompt
 from services.engine.outputs import RequestOutput, build_output
 from services.engine.sampling_params import SamplingParams
+from services.engine.spec.config import SpeculativeConfig
 
 
 class LLM:
@@ -19,6 +20,9 @@ class LLM:
     """
 
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        """`speculative_config` may be given as vLLM's dict (or its JSON text)."""
+        if "speculative_config" in kwargs:
+            kwargs["speculative_config"] = SpeculativeConfig.parse(kwargs["speculative_config"])
         self.engine = EngineCore(config or EngineConfig(**kwargs))
 
     @property

@@ -33,6 +33,7 @@ from services.engine.prompt_logprobs import PromptLogprobs, PromptRows
 from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
 from services.engine.sequence import PENDING_TOKEN
+from services.engine.spec import verify
 
 log = logging.getLogger("pdserve.engine")
 
@@ -53,20 +54,24 @@ class LaunchedStep:
     """A step queued on the device; `result()` waits for its sampled tokens."""
 
     def __init__(self, sampled_seqs: list[ScheduledSeq], batch: SampledBatch | None,
-                 prompt: PromptLogprobs | None = None) -> None:
+                 prompt: PromptLogprobs | None = None, speculating: bool = False) -> None:
         self._seqs = sampled_seqs
         self._batch = batch
         self._prompt = prompt
+        self._speculating = speculating
 
     def prompt_logprobs(self) -> dict[int, tuple[int, list[dict[int, Logprob]]]]:
         """seq_id -> (first prompt position scored, its logprobs), for prompt_logprobs requests."""
         return self._prompt.result() if self._prompt is not None else {}
 
     def result(self) -> dict[int, list[SampledToken]]:
-        """seq_id -> sampled token(s), for the sequences that sample."""
+        """seq_id -> sampled token(s), for the sequences that sample (a speculating one's:
+        its accepted drafts, then the target's next token)."""
         if self._batch is None:
             return {}
         groups = self._batch.result()
+        if self._speculating:
+            return verify.accepted(self._seqs, groups)
         return {s.seq_id: group for s, group in zip(self._seqs, groups, strict=True)}
 
 
@@ -100,12 +105,7 @@ class ModelRunner:
         # stored as indexed: the torch backend gathers whole blocks (index_select), which is a
         # plain copy only in that order. Every kernel and copy takes the strides, so nothing
         # else sees the difference.
-        head_major = self.device.type == "cuda"
-        inner = ((model_config.num_kv_heads, layout.block_size) if head_major
-                 else (layout.block_size, model_config.num_kv_heads))
-        pool = torch.zeros(model_config.num_layers, 2, layout.num_kv_blocks, *inner, model_config.head_dim,
-                           dtype=layout.dtype, device=self.device)
-        self.kv_cache = pool.transpose(3, 4) if head_major else pool
+        self.kv_cache = kv_pool(model_config, layout)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         max_blocks = -(-layout.max_model_len // layout.block_size)
         self.tables = BlockTableRows(max_rows, max_blocks, self.device)
@@ -126,14 +126,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> LaunchedStep:
-        """Queue one step on the device: forward, logits, sampling."""
+        """Queue one step on the device: forward, logits, sampling. A step with speculative
+        drafts runs eager (graphs hold one logits row per sequence) and scores every position
+        of each speculating sequence (spec/verify.py)."""
         if plan.block_copies:
-            self._copy_blocks(plan.block_copies)
+            self.copy_blocks(plan.block_copies)
         graphs, prefill_graphs, seqs = self.graphs, self.prefill_graphs, plan.seqs
-        # Graphs compute the sampling rows' logits only: not for steps that score prompt tokens.
+        # Graphs compute the sampling rows' logits only: not for steps that score prompt tokens,
+        # nor for speculative drafts (every draft position is scored).
+        speculating = any(s.num_draft_tokens for s in seqs)
         decode_graph = (graphs is not None and 0 < len(seqs) <= graphs.max_batch
                         and all(len(s.token_ids) == 1 and s.prompt_logprobs is None for s in seqs))
-        prefill_graph = (not decode_graph and prefill_graphs is not None and len(seqs) == 1
+        prefill_graph = (not decode_graph and not speculating and prefill_graphs is not None and len(seqs) == 1
                          and prefill_graphs.fits(len(seqs[0].token_ids)) and seqs[0].prompt_logprobs is None)
         if decode_graph or prefill_graph:
             # the rows first: taking one may grow (reallocate) the tables the graphs gather from
@@ -146,7 +150,7 @@ class ModelRunner:
         elif prefill_graph:
             logits, sampled_seqs, argmax = self._run_prefill_graph(seqs[0], rows[0])
         else:
-            inputs = self._prepare(plan)
+            inputs = self._prepare(plan.seqs)
             if inputs.pending_at.numel():
                 inputs.input_ids[inputs.pending_at] = self._last_tokens[inputs.pending_from]
             ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta)
@@ -157,14 +161,25 @@ class ModelRunner:
                 prompt = inputs.prompt_rows.compute(self.model, hidden)
         if not sampled_seqs:
             return LaunchedStep([], None, prompt)
-        batch = self.sampler.sample(logits, [s.sample for s in sampled_seqs], argmax)
+        specs = verify.row_specs(sampled_seqs) if speculating else [s.sample for s in sampled_seqs]
+        batch = self.sampler.sample(logits, specs, argmax)
         self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
         for s in sampled_seqs:
-            width = len(s.sample.seq_indices)
+            width = len(s.sample.seq_indices) + s.num_draft_tokens
             if width == 1:
                 self._last_rows[s.seq_id] = row
             row += width
-        return LaunchedStep(sampled_seqs, batch, prompt)
+        return LaunchedStep(sampled_seqs, batch, prompt, speculating)
+
+    @torch.inference_mode()
+    def forward_last(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                     seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """A forward of another model (a speculative draft) over the same block tables, with
+        its own caches: the logits of each sequence's last token, and the sequences in the
+        order of those rows (each needs a `sample`)."""
+        inputs = self._prepare(seqs)
+        hidden = model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, kv_caches, inputs.meta))
+        return model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled_seqs
 
     def _run_graph(self, plan: StepPlan,
                    rows: list[int]) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
@@ -216,7 +231,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -239,7 +254,7 @@ class ModelRunner:
         logits_indices = [i for i, s in enumerate(decodes) if s.sample is not None]
         return input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices
 
-    def _prepare(self, plan: StepPlan) -> StepInputs:
+    def _prepare(self, seqs: list[ScheduledSeq]) -> StepInputs:
         """Lay the step out flat (decodes first) and copy it to the device in two transfers.
 
         Every segment of the two packed tensors starts 16-byte aligned: Triton specialises a
@@ -248,14 +263,14 @@ class ModelRunner:
         _run_graph.)
         """
         row_of = self.tables.row
-        decodes = [s for s in plan.seqs if len(s.token_ids) == 1]
-        prefills = [s for s in plan.seqs if len(s.token_ids) > 1]
+        decodes = [s for s in seqs if len(s.token_ids) == 1]
+        prefills = [s for s in seqs if len(s.token_ids) > 1]
         nd, npf = len(decodes), len(prefills)
         rows = [row_of(s.seq_id, s.block_table) for s in decodes + prefills]
         input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(decodes)
         query_start = [0]
         pf_pos, pf_slots = [], []
-        prompt_rows = PromptRows() if any(s.prompt_logprobs is not None for s in plan.seqs) else None
+        prompt_rows = PromptRows() if any(s.prompt_logprobs is not None for s in seqs) else None
         if prompt_rows is not None:
             for i, s in enumerate(decodes):  # a one-token chunk of a prompt
                 if s.prompt_logprobs is not None:
@@ -269,7 +284,8 @@ class ModelRunner:
             pf_slots.append(self.tables.slots(row, s.start_pos, n, self.block_size))
             query_start.append(query_start[-1] + n)
             if s.sample is not None:
-                logits_indices.append(nd + query_start[-1] - 1)
+                # a speculating sequence samples at its drafts' positions too (spec/verify.py)
+                logits_indices.extend(range(nd + query_start[-1] - 1 - s.num_draft_tokens, nd + query_start[-1]))
                 sampled.append(s)
         _, views = _pack([input_ids, _concat(positions, pf_pos), _concat(slots, pf_slots), logits_indices, rows,
                           pending_at, pending_from], np.int64, self.device)
@@ -298,6 +314,17 @@ class ModelRunner:
             pending_from=views[6],
             prompt_rows=prompt_rows,
         )
+
+
+def kv_pool(model_config: ModelConfig, layout: EngineLayout) -> torch.Tensor:
+    """A zeroed KV pool for `model_config`'s layers: (layers, K/V, blocks, block_size, kv_heads,
+    head_dim) as indexed, stored head-major on a GPU (see ModelRunner.__init__)."""
+    head_major = layout.device.type == "cuda"
+    inner = ((model_config.num_kv_heads, layout.block_size) if head_major
+             else (layout.block_size, model_config.num_kv_heads))
+    pool = torch.zeros(model_config.num_layers, 2, layout.num_kv_blocks, *inner, model_config.head_dim,
+                       dtype=layout.dtype, device=layout.device)
+    return pool.transpose(3, 4) if head_major else pool
 
 
 _TORCH_INTS = {np.int64: torch.int64, np.int32: torch.int32}

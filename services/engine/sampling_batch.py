@@ -181,7 +181,7 @@ class OutputCounts:
     def _count_from_host(counts: torch.Tensor, prompt: torch.Tensor, specs: list[SampleSpec], at: list[int]) -> None:
         parts: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}  # is prompt -> (rows, ids)
         for row, spec in zip(at, specs, strict=True):
-            ids = np.asarray(spec.token_ids, dtype=np.int64)
+            ids = np.asarray(spec.token_ids + list(spec.drafted) if spec.drafted else spec.token_ids, dtype=np.int64)
             n = spec.num_prompt_tokens
             for is_prompt, part in ((True, ids[:n]), (False, ids[n:])):
                 part = part[(part >= 0) & (part < counts.shape[1])]

@@ -137,6 +137,9 @@ class SamplingParams:
     # leading space; a one-token word is banned outright, a longer one's last token is banned
     # where the output so far ends with the word's other tokens.
     bad_words: tuple[str, ...] = ()
+    # Speculative decoding where the engine runs it (its output is the same either way);
+    # False opts this request out, e.g. for latency measurements without it.
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from callers (JSON, CLI) but store immutable tuples.

@@ -53,11 +53,14 @@ class SampleSpec:
     # staying in flight. (Penalties count output tokens on the device, and logprobs travel
     # back with the step's tokens: neither syncs.)
     sync: bool = False
+    # Speculative decoding: the draft tokens before this row's position (spec/verify.py). The
+    # row samples as if they were already output: seed position, min_tokens and penalties.
+    drafted: tuple[int, ...] = ()
 
     @property
     def output_pos(self) -> int:
         """How many output tokens the sequence already has (part of the sampling seed)."""
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + len(self.drafted) - self.num_prompt_tokens
 
 
 @dataclass(slots=True)  # read-only by convention: one per sequence per step, so cheap to build
@@ -71,6 +74,9 @@ class ScheduledSeq:
     sample: SampleSpec | None  # set when the step brings the sequence up to date
     # prompt_logprobs: (top N, the prompt tokens this step's positions predict, in order), or None.
     prompt_logprobs: tuple[int, list[int]] | None = None
+    # Speculative decoding: the last token_ids are proposed drafts, scored at every position
+    # and kept only as far as the target agrees (spec/). Never with a PENDING_TOKEN.
+    num_draft_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -281,8 +287,11 @@ class Scheduler:
             seq = live.get(entry.seq_id)
             if seq is None:  # finished (an abort, or a stop read back from the step before)
                 continue
-            seq.num_computed_tokens += len(entry.token_ids)
+            # Drafts count as computed only once accepted (update): their KV may be rolled back.
+            seq.num_computed_tokens += len(entry.token_ids) - entry.num_draft_tokens
             cache_blocks(seq)  # before the placeholder: only read-back tokens are hashed
+            if entry.num_draft_tokens:
+                continue  # read back at once (speculating steps are synchronous): no placeholder
             if entry.sample is not None and len(entry.sample.seq_indices) == 1:
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending += 1
@@ -309,8 +318,35 @@ class Scheduler:
             if tokens is None or seq is None:
                 continue
             changed[id(seq.request)] = seq.request
-            self._append(seq, tokens, on_token)
+            if entry.num_draft_tokens:
+                self._accept(seq, tokens, on_token)
+            else:
+                self._append(seq, tokens, on_token)
         return list(changed.values())
+
+    def add_lookahead(self, entry: ScheduledSeq, num_draft_tokens: int) -> bool:
+        """Give a planned decode `num_draft_tokens` more cache slots for drafts (speculative
+        decoding), or nothing if that needs more blocks than are free: speculation never preempts."""
+        seq = self._live[entry.seq_id]
+        copies = self.block_manager.allocate_slots(seq, len(entry.token_ids) + num_draft_tokens)
+        assert not copies, "the planned decode already made its write block its own"
+        return copies is not None
+
+    def _accept(self, seq: Sequence, tokens: list[SampledToken],
+                on_token: Callable[[Sequence, SampledToken], None]) -> None:
+        """A speculating step's output: the accepted drafts, then the target's own next token.
+        Each accepted draft's KV (written by the step) becomes computed when the token after
+        it is appended; the rolled-back slots are freed or overwritten by the next steps, and
+        only computed, full blocks are ever hashed into the prefix cache."""
+        for i, token in enumerate(tokens):
+            if i:
+                seq.num_computed_tokens += 1
+            seq.token_ids.append(token.token_id)
+            on_token(seq, token)
+            if seq.finished:
+                return
+        self.block_manager.cache_computed_blocks(seq)
+        self.block_manager.trim(seq, seq.num_tokens)
 
     def _append(self, seq: Sequence, tokens: list[SampledToken],
                 on_token: Callable[[Sequence, SampledToken], None]) -> None:

@@ -93,6 +93,11 @@ class GrammarState:
         """Advance by one output token; False (state unchanged) if the grammar forbids it."""
         return self._matcher.accept_token(token_id)
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens (speculative drafts checked ahead)."""
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+
     @property
     def terminated(self) -> bool:
         """A complete match followed by a stop token: the sequence is done."""

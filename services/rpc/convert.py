@@ -13,7 +13,7 @@ from services.engine.sampling_params import SamplingParams, StructuredOutputPara
 _SCALARS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-    "include_stop_str_in_output", "skip_special_tokens", "cache_salt", "prompt_logprobs",
+    "include_stop_str_in_output", "skip_special_tokens", "cache_salt", "prompt_logprobs", "speculative",
 )
 
 

@@ -54,6 +54,14 @@ ADMISSION_REJECTIONS = Counter("pdserve:admission_rejections",
                                "Requests refused as overloaded: by a worker's full waiting queue (where=worker), "
                                "or to the client once every decode instance refused (where=router)", ["where"])
 
+# Speculative decoding (decode workers with --speculative-config), with vLLM's names.
+SPEC_DRAFTS = Counter("pdserve:spec_decode_num_drafts", "Sequence-steps that verified drafts")
+SPEC_DRAFT_TOKENS = Counter("pdserve:spec_decode_num_draft_tokens", "Draft tokens proposed and verified")
+SPEC_ACCEPTED_TOKENS = Counter("pdserve:spec_decode_num_accepted_tokens", "Draft tokens the target accepted")
+SPEC_ACCEPTED_PER_POS = Counter("pdserve:spec_decode_num_accepted_tokens_per_pos",
+                                "Draft tokens accepted at each draft position (0 first); divided by "
+                                "spec_decode_num_drafts: the acceptance rate per position", ["position"])
+
 STREAM_FRAMES = Counter("pdserve:stream_frames", "Frames a decode worker sent on GenerateStream, each with "
                         "many requests' responses (heartbeats not counted)")
 STREAM_RESPONSES = Counter("pdserve:stream_responses", "Responses a decode worker sent inside GenerateStream frames")
@@ -137,6 +145,22 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
 class _IPv6Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
+
+
+class SpecDecodeCounters:
+    """Adds the engine's speculative-decoding totals (SpecStats) to the counters, as deltas."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[int, int, int, list[int]] = (0, 0, 0, [])
+
+    def export(self, stats) -> None:
+        drafts, tokens, accepted, per_pos = self._seen
+        SPEC_DRAFTS.inc(stats.num_drafts - drafts)
+        SPEC_DRAFT_TOKENS.inc(stats.num_draft_tokens - tokens)
+        SPEC_ACCEPTED_TOKENS.inc(stats.num_accepted_tokens - accepted)
+        for pos, total in enumerate(stats.accepted_per_pos):
+            SPEC_ACCEPTED_PER_POS.labels(position=str(pos)).inc(total - (per_pos[pos] if pos < len(per_pos) else 0))
+        self._seen = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens, list(stats.accepted_per_pos))
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -133,6 +133,8 @@ class WorkerServicerBase:
     async def export_gauges(self, period_s: float = 1.0) -> None:
         """Keep the engine gauges of /metrics current (runs for the life of the server)."""
         preemptions = 0
+        speculator = self.engine.core.speculator
+        spec_counters = metrics.SpecDecodeCounters() if speculator is not None else None
         while True:
             stats = self.engine.stats()
             metrics.RUNNING.set(stats["running"])
@@ -144,6 +146,8 @@ class WorkerServicerBase:
             steps = self.engine.core.scheduler.step_tokens
             while steps:
                 metrics.ITERATION_TOKENS.observe(steps.popleft())
+            if spec_counters is not None:
+                spec_counters.export(speculator.stats)
             await asyncio.sleep(period_s)
 
 

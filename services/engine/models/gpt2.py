@@ -71,9 +71,10 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([GPT2Block(cfg, i) for i in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
+                num_layers: int | None = None) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)  # (T, hidden)
-        for block in self.h:
+        for block in self.h[:num_layers]:
             x = block(x, attn)
         return self.ln_f(x)
 
@@ -86,9 +87,11 @@ class GPT2LMHeadModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        """(T,) token ids and positions -> (T, hidden) final hidden states."""
-        return self.transformer(input_ids, positions, attn)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
+                num_layers: int | None = None) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, hidden) final hidden states; `num_layers`: after
+        the first layers only, then the final norm (a self-speculative draft, spec/draft.py)."""
+        return self.transformer(input_ids, positions, attn, num_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.transformer.wte if self.config.tie_word_embeddings else self.lm_head

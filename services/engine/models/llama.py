@@ -119,11 +119,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
+                num_layers: int | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, hidden)
         rope = self.rotary.prepare(positions, x.dtype)
         residual = None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, rope, attn)
         x, _ = self.norm(x, residual)
         return x
@@ -137,9 +138,11 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        """(T,) token ids and positions -> (T, hidden) final hidden states."""
-        return self.model(input_ids, positions, attn)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
+                num_layers: int | None = None) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, hidden) final hidden states; `num_layers`: after
+        the first layers only, then the final norm (a self-speculative draft, spec/draft.py)."""
+        return self.model(input_ids, positions, attn, num_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
