@@ -27,12 +27,11 @@ log = logging.getLogger("pdserve.worker")
 
 
 def identity_of(engine: AsyncEngine) -> worker_pb2.ModelIdentity:
-    core = engine.core
-    cfg = core.model_config
+    cfg, layout = engine.model_config, engine.layout
     return worker_pb2.ModelIdentity(
-        model=core.layout.model_identity,
-        dtype=str(core.layout.dtype).removeprefix("torch."),
-        block_size=core.layout.block_size,
+        model=layout.model_identity,
+        dtype=str(layout.dtype).removeprefix("torch."),
+        block_size=layout.block_size,
         hash_scheme_version=HASH_SCHEME_VERSION,
         hash_seed=HASH_SEED,
         num_layers=cfg.num_layers,
@@ -85,7 +84,7 @@ class WorkerServicerBase:
         if priority and self.scheduling_policy != "priority":
             raise InvalidRequestError(f"priority must be 0 under first-come-first-served scheduling, got {priority}")
         params = params_from_proto(sampling)
-        limit = self.engine.core.layout.max_model_len
+        limit = self.engine.layout.max_model_len
         if len(prompt_token_ids) >= limit:
             raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the context is {limit}")
         if sampling.HasField("max_tokens") and len(prompt_token_ids) + params.max_tokens > limit:
@@ -110,12 +109,12 @@ class WorkerServicerBase:
             instance_id=self.instance_id,
             role=self.role,
             identity=self.identity,
-            max_model_len=self.engine.core.layout.max_model_len,
+            max_model_len=self.engine.layout.max_model_len,
         )
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         engine_id = self.engine_id(context, request.request_id)
-        found = engine_id in self.engine.core.requests
+        found = self.engine.has_request(engine_id)
         self.engine.abort(engine_id)
         return worker_pb2.AbortResponse(found=found)
 
@@ -123,7 +122,7 @@ class WorkerServicerBase:
         return worker_pb2.LoadResponse(
             instance_id=self.instance_id,
             role=self.role,
-            block_size=self.engine.core.layout.block_size,
+            block_size=self.engine.layout.block_size,
             **self.engine.stats(),
         )
 
@@ -138,7 +137,7 @@ class WorkerServicerBase:
             metrics.RUNNING.set(stats["running"])
             metrics.WAITING.set(stats["waiting"])
             metrics.KV_USAGE.set(1 - stats["free_kv_blocks"] / max(1, stats["total_kv_blocks"]))
-            total = self.engine.core.scheduler.num_preemptions
+            total = self.engine.num_preemptions
             metrics.PREEMPTIONS.inc(total - preemptions)
             preemptions = total
             await asyncio.sleep(period_s)
