@@ -54,7 +54,7 @@ def fault_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(fault_dir, tmp_path_factory):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "engine_faults")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos"), str(REPO / "tests" / "engine_faults")]),
            "PDSERVE_FAULT_DIR": str(fault_dir)}
     s = LocalStack([*MODEL, "--grace", str(GRACE)], num_prefill=1, num_decode=1,
                    log_dir=tmp_path_factory.mktemp("stack"), env=env,

@@ -56,7 +56,7 @@ def stack(tmp_path_factory, fault_dir):
                                 "--prefill-backlog", "64"],
                    decode_argv=["--kv-progress-timeout", "3", "--kv-pull-timeout", "30", "--grace", "1"])
     for decode in s.decodes:  # the poison (tests/faults/sitecustomize.py) reaches the decode workers only
-        decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT)])
+        decode.extra_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT), str(ROOT / "protos")])
         decode.extra_env["PDSERVE_FAULT_DIR"] = str(fault_dir)  # engine faults on request (tests/engine_faults)
     s.start(timeout=300)
     yield s

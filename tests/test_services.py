@@ -282,7 +282,7 @@ def test_handshake_with_a_mismatched_identity_is_failed_precondition(stack):
 def kv_faults(name: str) -> dict[str, str]:
     """The environment that turns on one of tests/kv_faults' faults in a spawned worker."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return {"PYTHONPATH": os.pathsep.join([os.path.join(root, "tests", "kv_faults"), root]), name: "1"}
+    return {"PYTHONPATH": os.pathsep.join([os.path.join(root, "tests", "kv_faults"), root, os.path.join(root, "protos")]), name: "1"}
 
 
 def spawn(tmp_path, role: str, extra: list[str], env: dict | None = None, model=MODEL) -> Child:

@@ -355,7 +355,7 @@ def internal_tls(args: argparse.Namespace):
     return TLSFiles.internal(args.internal_tls) if args.internal_tls else None
 
 
-def _engine(role: str, args: argparse.Namespace, name: str):
+def _engine(role: str, args: argparse.Namespace, instance_id: str):
     """The worker's engine, its waiting queue bounded (services/engine/admission.py): its core in
     a child process (core_client.py) unless --engine-process off, or unless CUDA IPC may carry
     KV (a prefill worker on a GPU, a decode worker on one with --kv-transport auto): that
@@ -370,8 +370,8 @@ def _engine(role: str, args: argparse.Namespace, name: str):
         log.warning("the engine runs in this process, not its own: CUDA IPC KV transfer (%s) needs the KV pool "
                     "here (--kv-transport grpc on decode workers lifts this)", role)
     elif args.engine_process == "on":
-        return EngineProcess(config, lambda layout: _admission_limits(args, config, layout), args.log_level,
-                             f"{name}-core")
+        return EngineProcess(config, lambda layout: _admission_limits(args, config, layout), args.log_level, role,
+                             instance_id)
     core = EngineCore(config)
     return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout))
 

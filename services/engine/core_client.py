@@ -64,6 +64,7 @@ class _Stream:
     prompt_token_ids: list[int]
     params: SamplingParams
     new_text: Callable[[int], SequenceText]
+    num_seqs: int  # params.n, or the sequences a migrated request resumes here
     seqs: dict[int, SequenceText] = field(default_factory=dict)
     finished: bool = False
 
@@ -78,7 +79,7 @@ class EngineProcess:
     """AsyncEngine's interface over an engine-core child process (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, admission: Callable[[EngineLayout], AdmissionLimits] | None = None,
-                 log_level: str = "info", name: str = "engine-core") -> None:
+                 log_level: str = "info", role: str = "engine", instance_id: str = "") -> None:
         """Starts the child and waits until its model is loaded. `admission`: the bounds of the
         waiting queue (as AsyncEngine's) for the layout the core reports."""
         source = loader.resolve(config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer,
@@ -88,7 +89,7 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "services.engine.core_process", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), "--config", _config_json(config), "--log-level", log_level,
-                "--name", name]
+                "--role", role, "--instance-id", instance_id]
         self.process = subprocess.Popen(argv, pass_fds=[theirs.fileno()])
         theirs.close()
         self._channel = Channel(ours)
@@ -141,13 +142,14 @@ class EngineProcess:
             raise InvalidRequestError("KV by reference needs the engine in the worker's process (--engine-process off)")
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
-        admit = self.admission is not None and not migrated
-        ticket = self.admission.reserve(len(token_ids)) if admit else None
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), token_ids, params,
-                         self._text_maker(token_ids, params, kv_export_from is not None))
+                         self._text_maker(token_ids, params, kv_export_from is not None),
+                         len(resume) if resume else params.n)
         for r in resume or ():
             stream.text_of(r.index).resume(r.token_ids, r.text_chars)
+        admit = self.admission is not None and not migrated
+        ticket = self.admission.reserve(len(token_ids)) if admit else None
         try:
             with self._lock:
                 if self._dead is not None:
@@ -363,8 +365,8 @@ class EngineProcess:
                 outputs.append(out)
             if seq.stopped_here and not was_finished and not delta.finished:
                 self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=delta.request_id, index=d.index))
-        n = stream.params.n
-        finished = delta.finished or (len(stream.seqs) == n and all(s.finished for s in stream.seqs.values()))
+        finished = delta.finished or (len(stream.seqs) == stream.num_seqs
+                                      and all(s.finished for s in stream.seqs.values()))
         stream.finished = finished
         output = RequestOutput(request_id=delta.request_id, prompt_token_ids=stream.prompt_token_ids, outputs=outputs,
                                finished=finished, num_cached_tokens=delta.num_cached_tokens,

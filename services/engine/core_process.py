@@ -1,6 +1,6 @@
 """The engine-core process: one worker's EngineCore and its step loop, with no gRPC in it.
 
-    python -m services.engine.core_process --fd N --parent PID --config JSON
+    python -m services.engine.core_process --fd N --parent PID --config JSON [--role R --instance-id ID]
 
 The worker's front (core_client.py) starts it over a Unix socketpair (fd N) and talks to it in
 engine.proto messages: commands in (add, abort, KV, fences), one CoreOutputs out per step with
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent", type=int, required=True, help="the front's pid: exit when it is gone")
     p.add_argument("--config", required=True, help="EngineConfig as JSON")
     p.add_argument("--log-level", default="info")
-    p.add_argument("--name", default="engine-core", help="shown in every log line")
+    p.add_argument("--role", default="engine", help="the worker's role (decode, prefill), for its logs")
+    p.add_argument("--instance-id", default="", help="the worker's instance id, for its logs")
     args = p.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s {args.name} %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {args.instance_id or args.role} core %(name)s: %(message)s")
     channel = Channel(socket.socket(fileno=args.fd))
     config = json.loads(args.config)
     if config.get("cache_dir") is not None:
