@@ -59,6 +59,7 @@ log = logging.getLogger("pdserve.engine")
 class _Stream:
     """One request as the front sees it: where its outputs go, and its text."""
 
+    request_id: str
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     prompt_token_ids: list[int]
@@ -67,6 +68,8 @@ class _Stream:
     num_seqs: int  # params.n, or the sequences a migrated request resumes here
     seqs: dict[int, SequenceText] = field(default_factory=dict)
     finished: bool = False
+    num_cached_tokens: int = 0  # the core's last word on these (full deltas carry them)
+    kv_import: KVImport | None = None
 
     def text_of(self, index: int) -> SequenceText:
         seq = self.seqs.get(index)
@@ -107,6 +110,8 @@ class EngineProcess:
         self.admission = Admission(admission(self.layout)) if admission is not None else None
         self._stats = engine_pb2.CoreStats(free_kv_blocks=ready.num_kv_blocks, total_kv_blocks=ready.num_kv_blocks)
         self._streams: dict[str, _Stream] = {}
+        self._by_handle: dict[int, _Stream] = {}  # CoreAdd.handle -> stream
+        self._handles = itertools.count(1)
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._death_watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -143,7 +148,7 @@ class EngineProcess:
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), token_ids, params,
+        stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), token_ids, params,
                          self._text_maker(token_ids, params, kv_export_from is not None),
                          len(resume) if resume else params.n)
         for r in resume or ():
@@ -157,6 +162,8 @@ class EngineProcess:
                 if request_id in self._streams:
                     raise InvalidRequestError(f"request id {request_id!r} is already in use")
                 self._streams[request_id] = stream
+                handle = next(self._handles)
+                self._by_handle[handle] = stream
         except BaseException:
             if ticket is not None:
                 self.admission.release(ticket)
@@ -164,7 +171,7 @@ class EngineProcess:
         if ticket is not None:
             self.admission.bind(ticket, request_id)
         add = engine_pb2.CoreAdd(request_id=request_id, prompt_token_ids=token_ids, params=params_to_proto(params),
-                                 priority=priority, remote_prefill=remote_prefill,
+                                 priority=priority, remote_prefill=remote_prefill, handle=handle,
                                  resume=[engine_pb2.CoreResumed(index=r.index, token_ids=r.token_ids)
                                          for r in resume or ()])
         if kv_export_from is not None:
@@ -181,6 +188,7 @@ class EngineProcess:
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._by_handle.pop(handle, None)
             if ticket is not None:
                 self.admission.release(ticket)
             if not finished:
@@ -341,41 +349,64 @@ class EngineProcess:
                 if stream is not None:
                     error = getattr(errors, err.kind, InvalidRequestError)(err.message)
                     batches.setdefault(stream.loop, []).append((stream.queue, error))
-            targets = [(d, self._streams.get(d.request_id)) for d in out.requests]
-        for delta, stream in targets:
-            if stream is None or stream.finished:
-                continue
-            output = self._output(delta, stream)
-            if output is not None:
+            plain = self._plain_tokens(out.tokens)
+            full = [(d, self._streams.get(d.request_id)) for d in out.requests]
+        for stream, seqs in plain:
+            if not stream.finished:
+                output = self._output(stream, seqs, False)
+                batches.setdefault(stream.loop, []).append((stream.queue, output))
+        for delta, stream in full:
+            if stream is not None and not stream.finished:
+                output = self._full_output(delta, stream)
                 batches.setdefault(stream.loop, []).append((stream.queue, output))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
-    def _output(self, delta: engine_pb2.CoreRequestDelta, stream: _Stream) -> RequestOutput | None:
-        """The stream's next output from the core's delta: text assembled, stop strings applied
-        (the core is told to stop what they ended)."""
-        outputs = []
-        for d in delta.seqs:
-            seq = stream.text_of(d.index)
-            was_finished = seq.finished
-            logprobs = [logprobs_from_proto(p) for p in d.logprobs] if stream.params.logprobs is not None else None
-            out = seq.feed(list(d.token_ids), logprobs, d.finish_reason or None,
-                           d.stop_token_id if d.HasField("stop_token_id") else None)
-            if out is not None:
-                outputs.append(out)
-            if seq.stopped_here and not was_finished and not delta.finished:
-                self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=delta.request_id, index=d.index))
-        finished = delta.finished or (len(stream.seqs) == stream.num_seqs
-                                      and all(s.finished for s in stream.seqs.values()))
-        stream.finished = finished
-        output = RequestOutput(request_id=delta.request_id, prompt_token_ids=stream.prompt_token_ids, outputs=outputs,
-                               finished=finished, num_cached_tokens=delta.num_cached_tokens,
-                               kv_blocks=[block_from_proto(b) for b in delta.kv_blocks])
+    def _plain_tokens(self, columns: engine_pb2.CoreTokens) -> list[tuple[_Stream, list[tuple]]]:
+        """The columns' entries, by stream (under the lock)."""
+        token_ids = list(columns.token_ids)
+        by_stream: dict[int, tuple[_Stream, list[tuple]]] = {}
+        start = 0
+        for handle, index, count in zip(columns.handles, columns.seq_index, columns.counts):
+            stream = self._by_handle.get(handle)
+            if stream is not None:
+                entry = by_stream.setdefault(handle, (stream, []))
+                entry[1].append((index, token_ids[start:start + count], None, None, None))
+            start += count
+        return list(by_stream.values())
+
+    def _full_output(self, delta: engine_pb2.CoreRequestDelta, stream: _Stream) -> RequestOutput:
+        logprobs = stream.params.logprobs is not None
+        seqs = [(d.index, list(d.token_ids), [logprobs_from_proto(p) for p in d.logprobs] if logprobs else None,
+                 d.finish_reason or None, d.stop_token_id if d.HasField("stop_token_id") else None)
+                for d in delta.seqs]
+        stream.num_cached_tokens = delta.num_cached_tokens
+        if delta.HasField("kv_import"):
+            stream.kv_import = _kv_import(delta.kv_import)
+        output = self._output(stream, seqs, delta.finished)
+        output.kv_blocks = [block_from_proto(b) for b in delta.kv_blocks]
         if delta.HasField("kv_pull_from_block"):
             output.kv_pull_from_block = delta.kv_pull_from_block
-        if delta.HasField("kv_import"):
-            output.kv_import = _kv_import(delta.kv_import)
         return output
+
+    def _output(self, stream: _Stream, seqs: list[tuple], core_finished: bool) -> RequestOutput:
+        """The stream's next output from the core's news of its sequences (index, tokens,
+        logprobs, finish reason, stop token): text assembled, stop strings applied (the core is
+        told to stop what they ended)."""
+        outputs = []
+        for index, token_ids, logprobs, finish_reason, stop_token in seqs:
+            seq = stream.text_of(index)
+            was_finished = seq.finished
+            out = seq.feed(token_ids, logprobs, finish_reason, stop_token)
+            if out is not None:
+                outputs.append(out)
+            if seq.stopped_here and not was_finished and not core_finished:
+                self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=stream.request_id, index=index))
+        finished = core_finished or (len(stream.seqs) == stream.num_seqs
+                                     and all(s.finished for s in stream.seqs.values()))
+        stream.finished = finished
+        return RequestOutput(request_id=stream.request_id, prompt_token_ids=stream.prompt_token_ids, outputs=outputs,
+                             finished=finished, num_cached_tokens=stream.num_cached_tokens, kv_import=stream.kv_import)
 
     def _cache_events(self, stored, evicted) -> None:
         with self._lock:

@@ -101,6 +101,7 @@ class CoreLoop:
         self._fences: list[int] = []
         self._errors: list[engine_pb2.CoreRequestError] = []
         self._waiting: set[str] = set()  # added, not yet seated (admission counts them in the front)
+        self._handles: dict[str, int] = {}  # request id -> the front's number for it (CoreTokens)
         self._last_stats: engine_pb2.CoreStats | None = None
         self._stopping = False
 
@@ -169,17 +170,18 @@ class CoreLoop:
         except (PdserveError, RecursionError) as e:
             self.inbox.put(("error", (add.request_id, e)))
             return
-        self.inbox.put(("add", request))
+        self.inbox.put(("add", (request, add.handle)))
 
     def _handle(self, command: tuple[str, object]) -> None:
         kind, arg = command
         core = self.core
         core.idle = False  # any command may make progress possible: step again
         if kind == "add":
-            request: Request = arg
+            request, handle = arg
             try:
                 core.add(request)
                 self._waiting.add(request.request_id)
+                self._handles[request.request_id] = handle
             except PdserveError as e:
                 self._error(request.request_id, e)
         elif kind == "error":
@@ -216,9 +218,9 @@ class CoreLoop:
     def _flush(self) -> None:
         """One message with everything new since the last: deltas, errors, fences, cache events,
         seated requests; nothing at all when nothing changed (an idle core stays quiet)."""
-        out = engine_pb2.CoreOutputs(requests=[_delta(r) for r in self._changed.values()], errors=self._errors,
-                                     fences_done=self._fences, cache_stored=self.events.added,
+        out = engine_pb2.CoreOutputs(errors=self._errors, fences_done=self._fences, cache_stored=self.events.added,
                                      cache_evicted=self.events.removed, started=self._seated())
+        self._deltas(out)
         stats = self._stats()
         if stats != self._last_stats:
             out.stats.CopyFrom(stats)
@@ -227,6 +229,30 @@ class CoreLoop:
         self.events.added, self.events.removed = [], []
         if out.ByteSize():
             self.channel.send(out)
+
+    def _deltas(self, out: engine_pb2.CoreOutputs) -> None:
+        """Each changed request's delta: plain new tokens into the columns, the rest in full."""
+        handles, seq_index, counts, token_ids = [], [], [], []
+        for request in self._changed.values():
+            handle = self._handles.get(request.request_id)
+            if handle is None or not _plain(request):
+                out.requests.append(_delta(request))
+                if request.finished:
+                    self._handles.pop(request.request_id, None)
+                continue
+            for seq in request.seqs:
+                tokens = seq.output_token_ids
+                if len(tokens) > seq.num_emitted_tokens:
+                    handles.append(handle)
+                    seq_index.append(seq.index)
+                    counts.append(len(tokens) - seq.num_emitted_tokens)
+                    token_ids += tokens[seq.num_emitted_tokens:]
+                    seq.num_emitted_tokens = len(tokens)
+        if handles:
+            out.tokens.handles[:] = handles
+            out.tokens.seq_index[:] = seq_index
+            out.tokens.counts[:] = counts
+            out.tokens.token_ids[:] = token_ids
 
     def _seated(self) -> list[str]:
         seated = []
@@ -243,6 +269,14 @@ class CoreLoop:
                                     waiting=scheduler.num_waiting + len(scheduler.awaiting_kv),
                                     free_kv_blocks=blocks.num_free_blocks, total_kv_blocks=blocks.num_blocks,
                                     requests=len(self.core.requests), num_preemptions=scheduler.num_preemptions)
+
+
+def _plain(request: Request) -> bool:
+    """Only new tokens to say: no finish (of any sequence), no logprobs, no KV to ship or announce."""
+    imp = request.kv_import
+    return (not request.finished and request.params.logprobs is None and request.kv_export is None
+            and (imp is None or imp.announced or imp.state != "waiting")
+            and all(s.reported_finish == s.finished for s in request.seqs))
 
 
 def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
