@@ -7,7 +7,10 @@ do not care which they hold (`--engine-process on`, the default).
     streams  <── reader thread: text.py <── CoreOutputs ──  one message per step
                  (detokenize, stop strings)
 
-The core's step loop shares no GIL with gRPC, protobuf or detokenization. The front keeps what
+A step's plain deltas (new tokens, nothing else) travel as packed columns named by a number the
+front gave each request (CoreTokens), so the core builds no message per request; finishes,
+logprobs and KV facts go as full CoreRequestDeltas. The core's step loop shares no GIL with
+gRPC, per-request protobuf or detokenization. The front keeps what
 is per stream: admission (admission.py), each sequence's text, and the last load the core
 reported (stats). If the child dies (killed, crashed), the socket's end of stream says so at
 once: every open stream fails with EngineDeadError (UNAVAILABLE: the router moves it), `death()`
@@ -314,6 +317,9 @@ class EngineProcess:
             code = self.process.wait()
             cause = EngineDeadError(f"the engine core process exited ({code})")
             self._die(cause, EngineDeadError("the engine core process died; the worker is restarting"))
+        except Exception as e:  # noqa: BLE001 - a front that stopped reading would hang every stream
+            log.exception("reading the engine core's outputs failed")
+            self._die(e, EngineFailedError("the engine failed while running this request; the worker is restarting"))
 
     def _die(self, cause: BaseException, stream_error: BaseException) -> None:
         log.error("engine core stopped: %s", cause)
