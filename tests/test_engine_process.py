@@ -22,6 +22,7 @@ from services.cli.stack import Child, free_port
 from services.engine import AsyncEngine, EngineConfig, SamplingParams
 from services.engine.core_client import EngineProcess
 from services.engine.engine import EngineCore
+from services.engine.errors import ConfigError
 from services.engine.outputs import SampledToken
 from services.rpc.convert import params_to_proto
 
@@ -213,3 +214,8 @@ def test_sigkill_of_the_engine_core_ends_every_stream_unavailable_and_the_worker
         if child.alive():
             child.proc.kill()
             child.proc.wait()
+
+
+def test_a_core_that_cannot_start_is_a_config_error_in_the_front():
+    with pytest.raises(ConfigError, match="exited .* before it was ready"):
+        EngineProcess(EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=512, num_kv_blocks=1))

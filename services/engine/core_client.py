@@ -88,10 +88,6 @@ class EngineProcess:
                  log_level: str = "info", role: str = "engine", instance_id: str = "") -> None:
         """Starts the child and waits until its model is loaded. `admission`: the bounds of the
         waiting queue (as AsyncEngine's) for the layout the core reports."""
-        source = loader.resolve(config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer,
-                                config.cache_dir, weights=False)
-        self.model_config = ModelConfig.from_hf(source.hf_config)
-        self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "services.engine.core_process", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), "--config", _config_json(config), "--log-level", log_level,
@@ -99,12 +95,20 @@ class EngineProcess:
         self.process = subprocess.Popen(argv, pass_fds=[theirs.fileno()])
         theirs.close()
         self._channel = Channel(ours)
-        try:
+        try:  # the front's share (config, tokenizer) while the child loads the model
+            source = loader.resolve(config.model, config.load_format, config.preset, config.dummy_seed,
+                                    config.tokenizer, config.cache_dir, weights=False)
+            self.model_config = ModelConfig.from_hf(source.hf_config)
+            self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
             ready = self._channel.recv(engine_pb2.CoreReady)
         except ChannelClosed:
             code = self.process.wait()
             raise errors.ConfigError(f"the engine core process exited ({code}) before it was ready; "
                                      "its error is in the log above") from None
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
         self.layout = EngineLayout(
             device=torch.device(ready.device), dtype=DTYPES[ready.dtype], num_kv_blocks=ready.num_kv_blocks,
             block_size=ready.block_size, max_model_len=ready.max_model_len, vocab_size=ready.vocab_size,
