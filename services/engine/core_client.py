@@ -33,7 +33,6 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -42,43 +41,19 @@ from services.engine import errors, loader
 from services.engine.admission import Admission, AdmissionLimits
 from services.engine.block_manager import CacheListener
 from services.engine.config import EngineConfig, EngineLayout
-from services.engine.core_channel import (DTYPES, Channel, ChannelClosed, block_from_proto, block_to_proto,
-                                          logprobs_from_proto, logprobs_to_proto)
+from services.engine.core_channel import DTYPES, Channel, ChannelClosed, block_to_proto, logprobs_to_proto
+from services.engine.core_outputs import Stream, full_output, plain_news, stream_output
 from services.engine.engine import Prompt
 from services.engine.errors import EngineDeadError, EngineFailedError, InvalidRequestError
-from services.engine.kv_transfer import BlockData, KVImport
+from services.engine.kv_transfer import BlockData
 from services.engine.models import ModelConfig
 from services.engine.outputs import RequestOutput, SampledToken
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resumed
-from services.engine.text import SequenceText
 from services.engine.tokenizer import Tokenizer
 from services.rpc.convert import params_to_proto
 
 log = logging.getLogger("pdserve.engine")
-
-
-@dataclass
-class _Stream:
-    """One request as the front sees it: where its outputs go, and its text."""
-
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    new_text: Callable[[int], SequenceText]
-    num_seqs: int  # params.n, or the sequences a migrated request resumes here
-    seqs: dict[int, SequenceText] = field(default_factory=dict)
-    finished: bool = False
-    num_cached_tokens: int = 0  # the core's last word on these (full deltas carry them)
-    kv_import: KVImport | None = None
-
-    def text_of(self, index: int) -> SequenceText:
-        seq = self.seqs.get(index)
-        if seq is None:
-            seq = self.seqs[index] = self.new_text(index)
-        return seq
 
 
 class EngineProcess:
@@ -116,8 +91,8 @@ class EngineProcess:
         )
         self.admission = Admission(admission(self.layout)) if admission is not None else None
         self._stats = engine_pb2.CoreStats(free_kv_blocks=ready.num_kv_blocks, total_kv_blocks=ready.num_kv_blocks)
-        self._streams: dict[str, _Stream] = {}
-        self._by_handle: dict[int, _Stream] = {}  # CoreAdd.handle -> stream
+        self._streams: dict[str, Stream] = {}
+        self._by_handle: dict[int, Stream] = {}  # CoreAdd.handle -> stream
         self._handles = itertools.count(1)
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
@@ -155,9 +130,12 @@ class EngineProcess:
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), token_ids, params,
-                         self._text_maker(token_ids, params, kv_export_from is not None),
-                         len(resume) if resume else params.n)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        # A prefill-only request's tokens go to the decode worker: no text here.
+        with_text = params.detokenize and kv_export_from is None
+        stream = Stream(request_id, asyncio.get_running_loop(), asyncio.Queue(), token_ids, params,
+                        self.tokenizer if with_text else None, len(resume) if resume else params.n)
         for r in resume or ():
             stream.text_of(r.index).resume(r.token_ids, r.text_chars)
         admit = self.admission is not None and not migrated
@@ -359,64 +337,21 @@ class EngineProcess:
                 if stream is not None:
                     error = getattr(errors, err.kind, InvalidRequestError)(err.message)
                     batches.setdefault(stream.loop, []).append((stream.queue, error))
-            plain = self._plain_tokens(out.tokens)
+            plain = plain_news(out.tokens, self._by_handle)
             full = [(d, self._streams.get(d.request_id)) for d in out.requests]
         for stream, seqs in plain:
             if not stream.finished:
-                output = self._output(stream, seqs, False)
+                output = stream_output(stream, seqs, False, self._stop_sequence)
                 batches.setdefault(stream.loop, []).append((stream.queue, output))
         for delta, stream in full:
             if stream is not None and not stream.finished:
-                output = self._full_output(delta, stream)
+                output = full_output(delta, stream, self._stop_sequence)
                 batches.setdefault(stream.loop, []).append((stream.queue, output))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
-    def _plain_tokens(self, columns: engine_pb2.CoreTokens) -> list[tuple[_Stream, list[tuple]]]:
-        """The columns' entries, by stream (under the lock)."""
-        token_ids = list(columns.token_ids)
-        by_stream: dict[int, tuple[_Stream, list[tuple]]] = {}
-        start = 0
-        for handle, index, count in zip(columns.handles, columns.seq_index, columns.counts):
-            stream = self._by_handle.get(handle)
-            if stream is not None:
-                entry = by_stream.setdefault(handle, (stream, []))
-                entry[1].append((index, token_ids[start:start + count], None, None, None))
-            start += count
-        return list(by_stream.values())
-
-    def _full_output(self, delta: engine_pb2.CoreRequestDelta, stream: _Stream) -> RequestOutput:
-        logprobs = stream.params.logprobs is not None
-        seqs = [(d.index, list(d.token_ids), [logprobs_from_proto(p) for p in d.logprobs] if logprobs else None,
-                 d.finish_reason or None, d.stop_token_id if d.HasField("stop_token_id") else None)
-                for d in delta.seqs]
-        stream.num_cached_tokens = delta.num_cached_tokens
-        if delta.HasField("kv_import"):
-            stream.kv_import = _kv_import(delta.kv_import)
-        output = self._output(stream, seqs, delta.finished)
-        output.kv_blocks = [block_from_proto(b) for b in delta.kv_blocks]
-        if delta.HasField("kv_pull_from_block"):
-            output.kv_pull_from_block = delta.kv_pull_from_block
-        return output
-
-    def _output(self, stream: _Stream, seqs: list[tuple], core_finished: bool) -> RequestOutput:
-        """The stream's next output from the core's news of its sequences (index, tokens,
-        logprobs, finish reason, stop token): text assembled, stop strings applied (the core is
-        told to stop what they ended)."""
-        outputs = []
-        for index, token_ids, logprobs, finish_reason, stop_token in seqs:
-            seq = stream.text_of(index)
-            was_finished = seq.finished
-            out = seq.feed(token_ids, logprobs, finish_reason, stop_token)
-            if out is not None:
-                outputs.append(out)
-            if seq.stopped_here and not was_finished and not core_finished:
-                self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=stream.request_id, index=index))
-        finished = core_finished or (len(stream.seqs) == stream.num_seqs
-                                     and all(s.finished for s in stream.seqs.values()))
-        stream.finished = finished
-        return RequestOutput(request_id=stream.request_id, prompt_token_ids=stream.prompt_token_ids, outputs=outputs,
-                             finished=finished, num_cached_tokens=stream.num_cached_tokens, kv_import=stream.kv_import)
+    def _stop_sequence(self, request_id: str, index: int) -> None:
+        self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=request_id, index=index))
 
     def _cache_events(self, stored, evicted) -> None:
         with self._lock:
@@ -438,29 +373,6 @@ class EngineProcess:
                 raise InvalidRequestError("this model has no tokenizer: send token ids, or pass --tokenizer")
             return self.tokenizer.encode(prompt)
         return list(prompt)
-
-    def _text_maker(self, token_ids: list[int], params: SamplingParams, exporting: bool) -> Callable[[int], SequenceText]:
-        """How this request's sequences get their text: none for a prefill-only request (its
-        tokens go to the decode worker) or without detokenizing."""
-        detokenize = params.detokenize and self.tokenizer is not None and not exporting
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
-
-        def new_text(index: int) -> SequenceText:
-            detokenizer = self.tokenizer.detokenizer(token_ids, params.skip_special_tokens) if detokenize else None
-            return SequenceText(index, params, detokenizer)
-
-        return new_text
-
-
-def _kv_import(msg: engine_pb2.CoreKVImport) -> KVImport:
-    imp = KVImport(state=msg.state, num_cached_blocks=msg.num_cached_blocks, num_prompt_blocks=msg.num_prompt_blocks,
-                   bytes_received=msg.bytes_received, prefill_cached_tokens=msg.prefill_cached_tokens,
-                   computed_locally=msg.computed_locally, allocated_at=msg.allocated_at, failure=msg.failure or None)
-    if msg.HasField("completed_at"):
-        imp.completed_at = msg.completed_at
-    return imp
-
 
 def _config_json(config: EngineConfig) -> str:
     fields = dataclasses.asdict(config)
