@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_redis_arg(p)
         _add_internal_args(p)
         _add_admission_args(p)
+        _add_engine_process_arg(p)
         if role == "decode":
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "every device and uses the first")
     _add_redis_arg(s, serve=True)
     _add_admission_args(s)
+    _add_engine_process_arg(s)
     _add_kv_transport_arg(s)
     _add_kv_timeout_args(s)
     _add_stream_interval_arg(s)
@@ -119,6 +121,13 @@ def _add_kv_timeout_args(p: argparse.ArgumentParser) -> None:
                    "itself (default 60)")
     g.add_argument("--kv-progress-timeout", type=float, default=20.0,
                    help="seconds without a message from prefill before decode gives up on it (default 20)")
+
+
+def _add_engine_process_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine-process", choices=("on", "off"), default="on",
+                   help="on: the engine core (step loop) runs in a child process of the worker, apart from its gRPC "
+                   "front, which detokenizes (default); off: on a thread of the worker's process "
+                   "(services/engine/core_client.py)")
 
 
 def _add_stream_interval_arg(p: argparse.ArgumentParser) -> None:
@@ -259,7 +268,7 @@ ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "i
                 "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
                 "migration_limit", "decode_stall_timeout", "router_workers", "chat_template", "enable_auto_tool_choice",
                 "tool_call_parser")
-WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy", "served_model_name")
+WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy", "served_model_name", "engine_process")
 
 
 def router_argv(args: argparse.Namespace) -> list[str]:
@@ -335,7 +344,7 @@ async def run_worker(role: str, args: argparse.Namespace) -> int:
     tls = internal_tls(args)
     if tls is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --internal-tls: anyone who reaches %s:%d can call this worker", args.host, args.port)
-    engine = _engine(args)
+    engine = _engine(role, args, instance_id)
     # A decode worker resolves prefill ids through the registry; prefill workers only register.
     directory = FleetDirectory(connect(args.redis)) if args.redis and role == "decode" else None
     servicer, add, service = _servicer(role, args, engine, instance_id, directory, tls)
@@ -344,8 +353,8 @@ async def run_worker(role: str, args: argparse.Namespace) -> int:
     server, health, port = await start_server([lambda s: add(servicer, s)], [name], args.host, args.port,
                                               ServerSecurity.internal(tls))
     health_server = await start_health_server(args.host, args.health_port, health) if args.health_port else None
-    set_model_name(args.served_model_name or engine.core.model_name)
-    export_cache_config(engine.core)
+    set_model_name(args.served_model_name or engine.model_name)
+    export_cache_config(engine)
     serve_metrics(args.host, args.metrics_port)
     gauges = asyncio.create_task(servicer.export_gauges())
     try:
@@ -376,17 +385,32 @@ def internal_tls(args: argparse.Namespace):
     return TLSFiles.internal(args.internal_tls) if args.internal_tls else None
 
 
-def _engine(args: argparse.Namespace):
-    """The worker's engine, its waiting queue bounded (services/engine/admission.py)."""
-    from services.engine.admission import AdmissionLimits
+def _engine(role: str, args: argparse.Namespace, instance_id: str):
+    """The worker's engine, its waiting queue bounded (services/engine/admission.py): its core in
+    a child process (core_client.py) unless --engine-process off, or unless CUDA IPC may carry
+    KV (a prefill worker on a GPU, a decode worker on one with --kv-transport auto): that
+    transport maps the core's pool, which must then live in this process."""
     from services.engine.async_engine import AsyncEngine
+    from services.engine.core_client import EngineProcess
     from services.engine.engine import EngineCore
 
     config = engine_config(args)
+    if args.engine_process == "on" and config.resolve_device().type == "cuda" and \
+            (role == "prefill" or args.kv_transport == "auto"):
+        log.warning("the engine runs in this process, not its own: CUDA IPC KV transfer (%s) needs the KV pool "
+                    "here (--kv-transport grpc on decode workers lifts this)", role)
+    elif args.engine_process == "on":
+        return EngineProcess(config, lambda layout: _admission_limits(args, config, layout), args.log_level, role,
+                             instance_id)
     core = EngineCore(config)
-    pool_tokens = core.block_manager.num_blocks * core.layout.block_size
-    limits = AdmissionLimits.derive(config.max_num_seqs, pool_tokens, args.max_queued_requests, args.max_queued_tokens)
-    return AsyncEngine(core=core, admission=limits)
+    return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout))
+
+
+def _admission_limits(args: argparse.Namespace, config, layout):
+    from services.engine.admission import AdmissionLimits
+
+    return AdmissionLimits.derive(config.max_num_seqs, layout.kv_capacity_tokens, args.max_queued_requests,
+                                  args.max_queued_tokens)
 
 
 def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, directory, tls):
@@ -399,24 +423,24 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
         return PrefillServicer(engine, instance_id, args.scheduling_policy), \
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
+    from services.engine.async_engine import AsyncEngine
     from services.fleet.worker import prefill_resolver
     from services.kv.cuda_ipc import CudaIpcKVTransport
     from services.kv.transport import GrpcKVTransport
     from services.rpc.server import parse_peers
     from services.rpc.worker import identity_of
 
-    core = engine.core
-    cfg = core.model_config
+    cfg, layout = engine.model_config, engine.layout
     common = (
         parse_peers(args.prefill_peers),
         instance_id,
         identity_of(engine),
-        (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim),
-        core.layout.dtype,
+        (cfg.num_layers, 2, layout.block_size, cfg.num_kv_heads, cfg.head_dim),
+        layout.dtype,
     )
     resolve = prefill_resolver(directory) if directory is not None else None
-    device = core.layout.device
-    if args.kv_transport == "auto" and device.type == "cuda":
+    device = layout.device
+    if args.kv_transport == "auto" and device.type == "cuda" and isinstance(engine, AsyncEngine):
         transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls,
                                        progress_timeout=args.kv_progress_timeout)
     else:

@@ -181,7 +181,10 @@ class LocalStack:
                          f"{host}:{health_port}")
 
         self.prefills = [child("prefill", i, free_port(host), [*fleet, *worker_argv]) for i in range(num_prefill)]
-        self.decodes = [child("decode", i, free_port(host), [*fleet, *worker_argv, *decode_argv])
+        # No prefill worker here, no pool to map over CUDA IPC: a decode worker on a GPU may then run
+        # its engine core in its own process (serve.py _engine). Flags given later still win.
+        no_ipc = ["--kv-transport", "grpc"] if num_prefill == 0 else []
+        self.decodes = [child("decode", i, free_port(host), [*fleet, *worker_argv, *no_ipc, *decode_argv])
                         for i in range(num_decode)]
         router_port = router_port or free_port(host)
         self.http_port = http_port or free_port(host)
@@ -209,7 +212,8 @@ class LocalStack:
         # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
-                   decode_argv=["--kv-transport", args.kv_transport, "--kv-pull-timeout", str(args.kv_pull_timeout),
+                   decode_argv=[*(["--kv-transport", args.kv_transport] if args.prefill else []),
+                                "--kv-pull-timeout", str(args.kv_pull_timeout),
                                 "--kv-progress-timeout", str(args.kv_progress_timeout),
                                 "--stream-interval", str(args.stream_interval)],
                    worker_argv=worker_argv(args), api_keys=keys)

@@ -207,7 +207,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
         prompt_tokens = len(out.prompt_token_ids)
         imp = out.kv_import
         if imp is not None and imp.state in ("done", "failed"):
-            bs = self.engine.core.layout.block_size
+            bs = self.engine.layout.block_size
             record.decode_cached_tokens = imp.num_cached_blocks * bs
             record.prefill_cached_tokens = imp.prefill_cached_tokens
             record.decode_computed_prompt_tokens = imp.computed_locally

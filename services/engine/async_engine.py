@@ -15,11 +15,15 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from services.engine.admission import Admission, AdmissionLimits
-from services.engine.config import EngineConfig
+from services.engine.block_manager import CacheListener
+from services.engine.config import EngineConfig, EngineLayout
 from services.engine.engine import EngineCore, Prompt
 from services.engine.errors import EngineDeadError, EngineFailedError, InvalidRequestError
 from services.engine.kv_transfer import BlockData
+from services.engine.models import ModelConfig
 from services.engine.outputs import RequestOutput, SampledToken, build_output
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Request, Resumed, SequenceStatus
@@ -51,6 +55,53 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.core.tokenizer
+
+    # What servicers read of the engine, the same on EngineProcess (core_client.py).
+
+    @property
+    def layout(self) -> EngineLayout:
+        return self.core.layout
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.core.model_config
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """The paged KV pool (a prefill worker exports it over CUDA IPC)."""
+        return self.core.runner.kv_cache
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.core.scheduler.num_preemptions
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.core.config
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model_name
+
+    def spec_stats(self):
+        """Speculative decoding's totals (SpecStats; None: no speculation)."""
+        return self.core.speculator.stats if self.core.speculator is not None else None
+
+    def drain_step_tokens(self) -> list[int]:
+        """Tokens computed by each step since the last call (pdserve:iteration_tokens_total)."""
+        steps = self.core.scheduler.step_tokens
+        return [steps.popleft() for _ in range(len(steps))]
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the engine holds `request_id` now (read from any thread: a snapshot)."""
+        return request_id in self.core.requests
+
+    def is_held(self, request_id: str) -> bool:
+        return self.core.is_held(request_id)
+
+    def set_cache_listener(self, listener: CacheListener) -> None:
+        """Tell `listener` every prefix-cache change, starting with every hash cached now."""
+        self.core.block_manager.set_listener(listener)
 
     async def generate(
         self,

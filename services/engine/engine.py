@@ -50,6 +50,7 @@ from services.engine.spec.draft import DraftProposer, EarlyExit
 from services.engine.spec.ngram import NgramProposer
 from services.engine.spec.speculator import Speculator
 from services.engine.structured_output import GrammarCompiler
+from services.engine.text import find_stop_string
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -58,9 +59,12 @@ Prompt = str | list[int]
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, assemble_text: bool = True) -> None:
+        """`assemble_text=False` (the engine-core process): no detokenizing and no stop strings
+        here; the front does both (services/engine/text.py) and stops what it must."""
         t0 = time.perf_counter()
         self.config = config
+        self.assemble_text = assemble_text
         source = loader.resolve(
             config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
         )
@@ -170,7 +174,7 @@ class EngineCore:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.stop and self.tokenizer is None:
+        if params.stop and self.tokenizer is None and self.assemble_text:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         if params.allowed_token_ids is not None and params.allowed_token_ids[-1] >= vocab:
             raise InvalidRequestError(f"allowed_token_ids must be in [0, {vocab})")
@@ -255,6 +259,19 @@ class EngineCore:
             self.scheduler.abort(request)
         return request
 
+    def stop_sequence(self, request_id: str, index: int) -> Request | None:
+        """Finish one sequence for a stop string the front found (text.py); its blocks go back
+        to the pool. Returns the request if anything changed."""
+        request = self.requests.get(request_id)
+        seq = next((s for s in request.seqs if s.index == index), None) if request is not None else None
+        if seq is None or seq.finished:
+            return None
+        self.scheduler.finish(seq, "stop")
+        if request.finished:
+            self.requests.pop(request_id, None)
+            self._exports.pop(request_id, None)
+        return request
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -329,25 +346,17 @@ class EngineCore:
                 return self.scheduler.finish(seq, "stop")
             if token in params.stop_token_ids:
                 return self.scheduler.finish(seq, "stop", token)
-            if params.stop and self._check_stop_strings(seq, text_before):
+            if params.stop and seq.detokenizer is not None and self._check_stop_strings(seq, text_before):
                 return None
         if num_out >= params.max_tokens or seq.num_tokens >= self.layout.max_model_len:
             self.scheduler.finish(seq, "length")
 
     def _check_stop_strings(self, seq: Sequence, text_before: int) -> bool:
-        params = seq.params
-        # Only a stop string overlapping the text this token added can be new.
-        longest = max(len(s) for s in params.stop)
-        search_from = max(0, text_before - longest + 1)
-        best: tuple[int, str] | None = None
-        for stop in params.stop:
-            at = seq.text.find(stop, search_from)
-            if at != -1 and (best is None or at < best[0]):
-                best = (at, stop)
-        if best is None:
+        found = find_stop_string(seq.text, seq.params.stop, text_before)
+        if found is None:
             return False
-        at, stop = best
-        seq.text = seq.text[: at + len(stop)] if params.include_stop_str_in_output else seq.text[:at]
+        at, stop = found
+        seq.text = seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
         self.scheduler.finish(seq, "stop", stop)
         return True
 
@@ -496,7 +505,7 @@ class EngineCore:
         seq = Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
         if request.params.logprobs is not None:
             seq.logprobs = []
-        if request.params.detokenize and self.tokenizer is not None:
+        if request.params.detokenize and self.tokenizer is not None and self.assemble_text:
             seq.detokenizer = self.tokenizer.detokenizer(request.prompt_token_ids, request.params.skip_special_tokens)
         if request.grammar is not None:
             seq.grammar = self.grammars.new_state(request.grammar)

@@ -36,7 +36,7 @@ class WorkerFleet:
         self.directory = directory
         self.redis = directory.redis if directory is not None else connect(url)
         self.events = CacheEventLog()
-        servicer.engine.core.block_manager.set_listener(self.events)
+        servicer.engine.set_cache_listener(self.events)
         self.timing = timing
         self.member: FleetMember | None = None
         self._tasks: list[asyncio.Task] = []
@@ -44,7 +44,7 @@ class WorkerFleet:
     async def join(self, address: str) -> bool:
         """Register as `address` and start heartbeats; False while Redis is unreachable (retried)."""
         s = self.servicer
-        record = InstanceRecord(s.instance_id, s.role, address, 0, s.identity, s.engine.core.layout.max_model_len,
+        record = InstanceRecord(s.instance_id, s.role, address, 0, s.identity, s.engine.layout.max_model_len,
                                 s.load())
         self.member = FleetMember(self.redis, record, s.load, self.events, self.timing)
         joined = await self.member.join()

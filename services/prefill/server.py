@@ -46,12 +46,12 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
     def kv_pool(self) -> kv_pb2.KVPool | None:
         """This worker's KV pool as a CUDA IPC handle (exported once); None on the CPU."""
         if self._kv_pool is False:
-            self._kv_pool = cuda_ipc.export_pool(self.engine.core.runner.kv_cache)
+            self._kv_pool = cuda_ipc.export_pool(pool) if (pool := self.engine.kv_cache) is not None else None
         return self._kv_pool
 
     async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context) -> worker_pb2.ReleaseKVResponse:
         engine_id = self.engine_id(context, request.request_id)
-        held = self.engine.core.is_held(engine_id)
+        held = self.engine.is_held(engine_id)
         self.engine.release_kv(engine_id)
         return worker_pb2.ReleaseKVResponse(released=held)
 
@@ -89,7 +89,7 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                 for block in out.kv_blocks:
                     if by_reference:
                         msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
-                                              self.identity.head_dim, self.engine.core.layout.dtype)
+                                              self.identity.head_dim, self.engine.layout.dtype)
                         nbytes = self._block_bytes(block.num_tokens)
                     else:
                         msg = wire.encode(block)
@@ -129,5 +129,5 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
 
     def _block_bytes(self, num_tokens: int) -> int:
         ident = self.identity
-        element = self.engine.core.runner.kv_cache.element_size()
+        element = self.engine.layout.dtype.itemsize
         return ident.num_layers * 2 * num_tokens * ident.num_kv_heads * ident.head_dim * element

@@ -27,12 +27,11 @@ log = logging.getLogger("pdserve.worker")
 
 
 def identity_of(engine: AsyncEngine) -> worker_pb2.ModelIdentity:
-    core = engine.core
-    cfg = core.model_config
+    cfg, layout = engine.model_config, engine.layout
     return worker_pb2.ModelIdentity(
-        model=core.layout.model_identity,
-        dtype=str(core.layout.dtype).removeprefix("torch."),
-        block_size=core.layout.block_size,
+        model=layout.model_identity,
+        dtype=str(layout.dtype).removeprefix("torch."),
+        block_size=layout.block_size,
         hash_scheme_version=HASH_SCHEME_VERSION,
         hash_seed=HASH_SEED,
         num_layers=cfg.num_layers,
@@ -85,7 +84,7 @@ class WorkerServicerBase:
         if priority and self.scheduling_policy != "priority":
             raise InvalidRequestError(f"priority must be 0 under first-come-first-served scheduling, got {priority}")
         params = params_from_proto(sampling)
-        limit = self.engine.core.layout.max_model_len
+        limit = self.engine.layout.max_model_len
         if len(prompt_token_ids) >= limit:
             raise InvalidRequestError(f"prompt has {len(prompt_token_ids)} tokens; the context is {limit}")
         if sampling.HasField("max_tokens") and len(prompt_token_ids) + params.max_tokens > limit:
@@ -110,12 +109,12 @@ class WorkerServicerBase:
             instance_id=self.instance_id,
             role=self.role,
             identity=self.identity,
-            max_model_len=self.engine.core.layout.max_model_len,
+            max_model_len=self.engine.layout.max_model_len,
         )
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         engine_id = self.engine_id(context, request.request_id)
-        found = engine_id in self.engine.core.requests
+        found = self.engine.has_request(engine_id)
         self.engine.abort(engine_id)
         return worker_pb2.AbortResponse(found=found)
 
@@ -123,7 +122,7 @@ class WorkerServicerBase:
         return worker_pb2.LoadResponse(
             instance_id=self.instance_id,
             role=self.role,
-            block_size=self.engine.core.layout.block_size,
+            block_size=self.engine.layout.block_size,
             **self.engine.stats(),
         )
 
@@ -133,27 +132,26 @@ class WorkerServicerBase:
     async def export_gauges(self, period_s: float = 1.0) -> None:
         """Keep the engine gauges of /metrics current (runs for the life of the server)."""
         preemptions = 0
-        speculator = self.engine.core.speculator
-        spec_counters = metrics.SpecDecodeCounters() if speculator is not None else None
+        spec_counters = metrics.SpecDecodeCounters() if self.engine.spec_stats() is not None else None
         while True:
             stats = self.engine.stats()
             metrics.RUNNING.set(stats["running"])
             metrics.WAITING.set(stats["waiting"])
             metrics.KV_USAGE.set(1 - stats["free_kv_blocks"] / max(1, stats["total_kv_blocks"]))
-            total = self.engine.core.scheduler.num_preemptions
+            total = self.engine.num_preemptions
             metrics.PREEMPTIONS.inc(total - preemptions)
             preemptions = total
-            steps = self.engine.core.scheduler.step_tokens
-            while steps:
-                metrics.ITERATION_TOKENS.observe(steps.popleft())
+            for tokens in self.engine.drain_step_tokens():
+                metrics.ITERATION_TOKENS.observe(tokens)
             if spec_counters is not None:
-                spec_counters.export(speculator.stats)
+                spec_counters.export(self.engine.spec_stats())
             await asyncio.sleep(period_s)
 
 
-def export_cache_config(core) -> None:
-    """pdserve:cache_config_info: the KV cache's configuration as labels (vLLM's cache_config_info)."""
-    layout = core.layout
+def export_cache_config(engine) -> None:
+    """pdserve:cache_config_info: the KV cache's configuration as labels (vLLM's cache_config_info);
+    `engine`: an AsyncEngine or EngineProcess."""
+    layout = engine.layout
     metrics.CACHE_CONFIG.labels(block_size=str(layout.block_size), num_gpu_blocks=str(layout.num_kv_blocks),
                                 cache_dtype=str(layout.dtype).removeprefix("torch."),
-                                enable_prefix_caching=str(core.config.enable_prefix_caching).lower()).set(1)
+                                enable_prefix_caching=str(engine.config.enable_prefix_caching).lower()).set(1)
