@@ -192,11 +192,13 @@ class EngineProcess:
         (a shared-memory pool would save that copy; not worth its bookkeeping at CPU speeds)."""
         self._command(put_kv=engine_pb2.CorePutKV(request_id=request_id, block=block_to_proto(block)))
 
-    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int) -> None:
+    def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int,
+                  prompt_logprobs: list | None = None) -> None:
         firsts = [engine_pb2.CoreFirstToken(token_id=t.token_id, logprobs=logprobs_to_proto(t.logprobs))
                   for t in first_tokens]
-        self._command(finish_kv=engine_pb2.CoreFinishKV(request_id=request_id, first_tokens=firsts,
-                                                        prefill_cached_tokens=prefill_cached_tokens))
+        self._command(finish_kv=engine_pb2.CoreFinishKV(
+            request_id=request_id, first_tokens=firsts, prefill_cached_tokens=prefill_cached_tokens,
+            prompt_logprobs=[logprobs_to_proto(p) for p in prompt_logprobs or ()]))
 
     def fail_kv(self, request_id: str, reason: str) -> None:
         self._command(fail_kv=engine_pb2.CoreFailKV(request_id=request_id, reason=reason))

@@ -34,6 +34,7 @@ from services.engine.engine import EngineCore
 from services.engine.errors import PdserveError
 from services.engine.outputs import SampledToken
 from services.engine.sequence import Request, Resumed, SequenceStatus
+from services.engine.spec.config import SpeculativeConfig
 from services.rpc.convert import params_from_proto
 
 log = logging.getLogger("pdserve.engine")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(args.config)
     if config.get("cache_dir") is not None:
         config["cache_dir"] = Path(config["cache_dir"])
+    config["speculative_config"] = SpeculativeConfig.parse(config.get("speculative_config"))
     core = EngineCore(EngineConfig(**config), assemble_text=False)
     layout = core.layout
     channel.send(engine_pb2.CoreReady(
@@ -155,7 +157,8 @@ class CoreLoop:
         elif kind == "finish_kv":
             msg = command.finish_kv
             firsts = [SampledToken(t.token_id, _logprobs(t)) for t in msg.first_tokens]
-            self.inbox.put((kind, (msg.request_id, firsts, msg.prefill_cached_tokens)))
+            prompt = [logprobs_from_proto(p) if p.entries else None for p in msg.prompt_logprobs] or None
+            self.inbox.put((kind, (msg.request_id, firsts, msg.prefill_cached_tokens, prompt)))
         elif kind == "fail_kv":
             self.inbox.put((kind, (command.fail_kv.request_id, command.fail_kv.reason)))
         elif kind == "stop_sequence":
