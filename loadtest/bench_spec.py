@@ -6,8 +6,10 @@ sequence, so later positions are proposed less often).
 
 Every method produces the same tokens as the baseline (greedy): the script checks it, so a
 speed-up is never bought with different output. Batch 1 runs the prompts one after another,
-batch 8 all at once; model loading is excluded. The machine is shared: its load average is
-printed beside the table.
+batch 8 all at once; model loading is excluded. The machine is shared and its load drifts
+within minutes, so every engine is loaded at once and the methods alternate on each prompt
+(batch 1) or batch (batch 8), `--rounds` times over; the load average is printed beside the
+table.
 
     python loadtest/bench_spec.py [--max-tokens 64] [--methods ngram,self_spec,draft_model]
 """
@@ -51,55 +53,63 @@ METHODS = {
 }
 
 
-def run(llm: LLM, prompts: list[str], batch: int, params: SamplingParams) -> tuple[float, list[list[int]]]:
-    """Seconds and each prompt's tokens, `batch` prompts at a time."""
-    tokens: list[list[int]] = []
+def timed(llm: LLM, prompts: list[str], params: SamplingParams) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        tokens += [o.outputs[0].token_ids for o in llm.generate(prompts[i : i + batch], params)]
-    return time.perf_counter() - t0, tokens
+    outputs = llm.generate(prompts, params)
+    return time.perf_counter() - t0, [o.outputs[0].token_ids for o in outputs]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="times over every prompt, methods interleaved")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     args = p.parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    workloads = {"copy": COPY, "open": OPEN}
-    rows, baseline = [], {}
-    load_before = os.getloadavg()
-    for method in ["none", *args.methods.split(",")]:
-        spec = METHODS.get(method)
-        llm = LLM(max_model_len=1024, speculative_config=spec)
+    methods = ["none", *args.methods.split(",")]
+    # Every engine at once, and each (prompts, batch) run by every method back to back: the
+    # shared machine's load drifts, so a comparison is only fair within minutes.
+    engines = {m: LLM(max_model_len=1024, kv_cache_memory=256 << 20, speculative_config=METHODS.get(m))
+               for m in methods}
+    for llm in engines.values():
         llm.generate(OPEN[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-        for name, prompts in workloads.items():
-            for batch in (1, 8):
-                before = llm.engine.speculator.stats if spec else None
-                counts0 = (list(before.accepted_per_pos), list(before.drafted_per_pos)) if before else None
-                seconds, tokens = run(llm, prompts, batch, params)
-                if method == "none":
-                    baseline[name, batch] = (seconds, tokens)
-                elif tokens != baseline[name, batch][1]:
+    rows = []
+    load_before = os.getloadavg()
+    for name, prompts in {"copy": COPY, "open": OPEN}.items():
+        for batch in (1, 8):
+            counts0 = {m: _counts(llm) for m, llm in engines.items()}
+            seconds, tokens = dict.fromkeys(engines, 0.0), {m: [] for m in engines}
+            # Methods alternate on every group of `batch` prompts, `rounds` times over.
+            for r in range(args.rounds):
+                for i in range(0, len(prompts), batch):
+                    for method, llm in engines.items():
+                        dt, out = timed(llm, prompts[i : i + batch], params)
+                        seconds[method] += dt
+                        if r == 0:
+                            tokens[method] += out
+            for method, llm in engines.items():
+                if tokens[method] != tokens["none"]:
                     raise SystemExit(f"{method} changed the output on {name} at batch {batch}")
-                n = sum(len(t) for t in tokens)
+                n = args.rounds * sum(len(t) for t in tokens[method])
                 row = {"method": method, "prompts": name, "batch": batch, "tokens": n,
-                       "tok/s": f"{n / seconds:.1f}", "speed-up": f"{baseline[name, batch][0] / seconds:.2f}x"}
-                if spec:
-                    stats = llm.engine.speculator.stats
-                    accepted = [a - b for a, b in zip(stats.accepted_per_pos, counts0[0])]
-                    drafted = [a - b for a, b in zip(stats.drafted_per_pos, counts0[1])]
+                       "tok/s": f"{n / seconds[method]:.1f}", "speed-up": f"{seconds['none'] / seconds[method]:.2f}x",
+                       "drafts": 0, "acceptance per position": "-"}
+                if llm.engine.speculator is not None:
+                    (acc0, dr0), (acc1, dr1) = counts0[method], _counts(llm)
+                    drafted = [a - b for a, b in zip(dr1, dr0)]
                     row["drafts"] = sum(drafted)
-                    row["acceptance per position"] = " ".join(f"{a / d:.2f}" if d else "-"
-                                                              for a, d in zip(accepted, drafted))
-                else:
-                    row["drafts"], row["acceptance per position"] = 0, "-"
+                    row["acceptance per position"] = " ".join(
+                        f"{(a1 - a0) / d:.2f}" if d else "-" for a1, a0, d in zip(acc1, acc0, drafted))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del llm
     print(f"\n{machine()}; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
           f"greedy, max_tokens {args.max_tokens}, every method's tokens equal the baseline's\n")
     print(markdown_table(rows))
+
+
+def _counts(llm: LLM) -> tuple[list[int], list[int]]:
+    spec = llm.engine.speculator
+    return (list(spec.stats.accepted_per_pos), list(spec.stats.drafted_per_pos)) if spec else ([], [])
 
 
 if __name__ == "__main__":
