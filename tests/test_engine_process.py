@@ -219,3 +219,60 @@ def test_sigkill_of_the_engine_core_ends_every_stream_unavailable_and_the_worker
 def test_a_core_that_cannot_start_is_a_config_error_in_the_front():
     with pytest.raises(ConfigError, match="exited .* before it was ready"):
         EngineProcess(EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=512, num_kv_blocks=1))
+
+
+def test_prompt_logprobs_phase_times_and_step_counts_cross_the_process_as_in_a_thread(engines):
+    """What the step message carries besides tokens: a prompt_logprobs request's scores (the
+    same as the in-thread engine's), a finished request's phase times (for the request
+    histograms) and each step's token count (iteration_tokens_total)."""
+    process, thread = engines
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, prompt_logprobs=2)
+
+    async def run(engine):
+        engine.drain_step_tokens()
+        prompt_logprobs, times = None, None
+        async for out in engine.generate(PROMPTS[3], params):
+            prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
+            times = out.times or times
+        if engine is process:
+            await wait_pool_full(process)
+        return prompt_logprobs, times, engine.drain_step_tokens()
+
+    (on_lp, on_times, on_steps), (off_lp, _, off_steps) = asyncio.run(run(process)), asyncio.run(run(thread))
+    assert on_lp is not None and len(on_lp) == len(PROMPTS[3]) and on_lp[0] is None
+    assert [sorted(p) for p in on_lp[1:]] == [sorted(p) for p in off_lp[1:]]
+    assert all(abs(on_lp[i][t].logprob - off_lp[i][t].logprob) < 1e-5 for i in range(1, len(on_lp)) for t in on_lp[i])
+    arrival, scheduled, first_token = on_times
+    assert arrival <= scheduled <= first_token
+    assert sum(on_steps) == sum(off_steps) == len(PROMPTS[3]) + 4  # the prompt, then 4 decode steps
+
+
+def test_speculative_decoding_runs_in_the_core_process_and_its_totals_reach_the_front():
+    """--speculative-config crosses into the child (as JSON) and its totals come back: with the
+    target as its own draft, greedy, every draft is accepted, as in the thread."""
+    from services.engine.spec.config import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 3, "load_format": "dummy",
+                                    "preset": "tiny-llama"})
+    config = EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=256, speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def run(engine):
+        result = await collect(engine, PROMPTS[0], params)
+        deadline = time.monotonic() + 30
+        while engine.spec_stats().num_drafts == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the totals travel with the core's next message
+        return result, engine.spec_stats()
+
+    process = EngineProcess(config)
+    try:
+        on, stats = asyncio.run(run(process))
+    finally:
+        process.shutdown()
+    thread = AsyncEngine(core=EngineCore(config))
+    try:
+        off, _ = asyncio.run(run(thread))
+    finally:
+        thread.shutdown()
+    assert on == off
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens > 0
