@@ -110,6 +110,22 @@ def test_a_random_draft_of_another_architecture_is_rejected_and_changes_nothing(
     assert_all_free(llm)
 
 
+def test_a_draft_models_kv_shares_the_pools_memory_budget():
+    """The draft's pool has a block for every target block: both come out of --kv-cache-memory
+    (on a GPU, the memory budget), not the target's alone and then the draft's on top."""
+    from services.engine.kv_sizing import bytes_per_block
+
+    budget = 64 << 20
+    plain = make_llm("tiny-llama", kv_cache_memory=budget)
+    llm = make_llm("tiny-llama", kv_cache_memory=budget, speculative_config={
+        "method": "draft_model", "num_speculative_tokens": 2, "load_format": "dummy", "preset": "tiny-qwen2"})
+    target = bytes_per_block(plain.engine.model_config, 16, torch.float32)
+    pool, blocks = llm.engine.speculator.proposer.kv_cache, llm.engine.layout.num_kv_blocks
+    draft = pool.numel() * pool.element_size() // blocks  # the draft's bytes per block
+    assert plain.engine.layout.num_kv_blocks == budget // target
+    assert blocks == budget // (target + draft) and blocks * (target + draft) <= budget
+
+
 def test_seeded_sampling_with_penalties_logprobs_min_tokens_and_n_is_the_same_with_speculation():
     params = SamplingParams(temperature=0.7, top_k=2, seed=11, n=2, max_tokens=20, min_tokens=6, logprobs=2,
                             repetition_penalty=1.3, frequency_penalty=0.4, stop_token_ids=(2, 5), ignore_eos=True)

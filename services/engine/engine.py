@@ -37,7 +37,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.host_memory import keep_freed_memory
-from services.engine.kv_sizing import num_kv_blocks
+from services.engine.kv_sizing import bytes_per_block, num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
@@ -80,7 +80,11 @@ class EngineCore:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
         model = _load_model(cfg, source, device, dtype, max_model_len)
         backend = get_backend(config.attention_backend, device)
-        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len)
+        # A draft model's weights load first and its KV (one block per target block) shares the
+        # pool's budget, so the two pools together fit where the target's alone was sized.
+        draft = self._load_draft(config, cfg, device, dtype, max_model_len)
+        draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
+        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len, draft_per_block)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
@@ -115,7 +119,7 @@ class EngineCore:
             cuda_graph_max_prefill=0 if config.enforce_eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
         )
-        self.speculator = (self._speculator(config, model, max_model_len)
+        self.speculator = (self._speculator(config, model, max_model_len, draft)
                            if config.speculative_config is not None else None)
         # A proposer needs every token on the host, so speculation runs synchronous steps.
         self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
@@ -479,7 +483,25 @@ class EngineCore:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _speculator(self, config: EngineConfig, model: torch.nn.Module, max_model_len: int) -> Speculator:
+    @staticmethod
+    def _load_draft(config: EngineConfig, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                    max_model_len: int) -> tuple[ModelConfig, torch.nn.Module, str] | None:
+        """The draft_model method's model (its config, module and identity), checked against the
+        target's; None for any other method."""
+        spec = config.speculative_config
+        if spec is None or spec.method != "draft_model":
+            return None
+        source = loader.resolve(spec.model, spec.load_format, spec.preset, spec.dummy_seed, None, config.cache_dir)
+        draft_cfg = ModelConfig.from_hf(source.hf_config)
+        if draft_cfg.vocab_size != cfg.vocab_size:
+            raise ConfigError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) is not the target's "
+                              f"({cfg.vocab_size})")
+        if draft_cfg.max_context < max_model_len:
+            raise ConfigError(f"the draft model's context ({draft_cfg.max_context}) is below max_model_len")
+        return draft_cfg, _load_model(draft_cfg, source, device, dtype, max_model_len), source.identity
+
+    def _speculator(self, config: EngineConfig, model: torch.nn.Module, max_model_len: int,
+                    draft: tuple[ModelConfig, torch.nn.Module, str] | None) -> Speculator:
         spec, cfg = config.speculative_config, self.model_config
         if spec.method == "ngram":
             proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
@@ -489,16 +511,9 @@ class EngineCore:
                 raise ConfigError(f"self_spec num_layers must be below the model's {cfg.num_layers} layers")
             proposer = DraftProposer(self.runner, EarlyExit(model, num_layers), None)
         else:
-            source = loader.resolve(spec.model, spec.load_format, spec.preset, spec.dummy_seed, None, config.cache_dir)
-            draft_cfg = ModelConfig.from_hf(source.hf_config)
-            if draft_cfg.vocab_size != cfg.vocab_size:
-                raise ConfigError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) is not the target's "
-                                  f"({cfg.vocab_size})")
-            if draft_cfg.max_context < max_model_len:
-                raise ConfigError(f"the draft model's context ({draft_cfg.max_context}) is below max_model_len")
-            draft = _load_model(draft_cfg, source, self.layout.device, self.layout.dtype, max_model_len)
-            proposer = DraftProposer(self.runner, draft, kv_pool(draft_cfg, self.layout))
-            log.info("draft model %s: its own KV pool of %d blocks", source.identity, self.layout.num_kv_blocks)
+            draft_cfg, draft_model, identity = draft
+            proposer = DraftProposer(self.runner, draft_model, kv_pool(draft_cfg, self.layout))
+            log.info("draft model %s: its own KV pool of %d blocks", identity, self.layout.num_kv_blocks)
         return Speculator(spec, proposer, self.scheduler, config.max_num_batched_tokens, max_model_len)
 
     def _new_seq(self, request: Request, seq_id: int, index: int) -> Sequence:

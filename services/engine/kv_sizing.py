@@ -27,8 +27,10 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 
 def num_kv_blocks(config: EngineConfig, cfg: ModelConfig, model: nn.Module, backend: AttentionBackend,
-                  device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
-    per_block = bytes_per_block(cfg, config.block_size, dtype)
+                  device: torch.device, dtype: torch.dtype, max_model_len: int, extra_per_block: int = 0) -> int:
+    """How many KV blocks fit the budget; `extra_per_block`: bytes another pool indexed by the
+    same block ids needs for each (a speculative draft model's KV)."""
+    per_block = bytes_per_block(cfg, config.block_size, dtype) + extra_per_block
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if device.type != "cuda":
