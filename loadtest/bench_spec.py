@@ -11,7 +11,7 @@ within minutes, so every engine is loaded at once and the methods alternate on e
 (batch 1) or batch (batch 8), `--rounds` times over; the load average is printed beside the
 table.
 
-    python loadtest/bench_spec.py [--max-tokens 64] [--methods ngram,self_spec,draft_model]
+    python loadtest/bench_spec.py [--max-tokens 64] [--methods ngram,self_spec,draft_model] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
-from loadtest.report import machine, markdown_table
+from loadtest.report import machine, markdown_table, write_section
 from services.engine import LLM, SamplingParams
 
 PASSAGE = ("The old lighthouse stood on the northern cliff for two hundred years. Every night the keeper "
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="times over every prompt, methods interleaved")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    p.add_argument("--write", type=Path, help="record the table in this markdown file (BENCHMARKS.md)")
     args = p.parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     methods = ["none", *args.methods.split(",")]
@@ -102,9 +104,16 @@ def main() -> None:
                         f"{(a1 - a0) / d:.2f}" if d else "-" for a1, a0, d in zip(acc1, acc0, drafted))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{machine()}; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
-          f"greedy, max_tokens {args.max_tokens}, every method's tokens equal the baseline's\n")
+    setup = (f"{machine()}; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (a shared "
+             f"2-core machine); the default model, greedy, max_tokens {args.max_tokens}, {args.rounds} round(s), "
+             "every method's tokens equal the baseline's. Methods: "
+             + "; ".join(f"{m} `{json.dumps(METHODS[m])}`" for m in methods if m in METHODS)
+             + f". Command: `python loadtest/bench_spec.py --max-tokens {args.max_tokens} --rounds {args.rounds}`.")
+    print(f"\n{setup}\n")
     print(markdown_table(rows))
+    if args.write:
+        write_section(args.write, "bench_spec", "Speculative decoding on the CPU, default model (issue #28)",
+                      [setup, markdown_table(rows)])
 
 
 def _counts(llm: LLM) -> tuple[list[int], list[int]]:
