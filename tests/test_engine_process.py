@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
 # No prefix caching: one engine can then prefill a prompt for export and take the same prompt's
 # KV in again as a remote prefill, without its own cache answering first.
-CONFIG = EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=512, enable_prefix_caching=False)
+CONFIG = EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=512, enable_prefix_caching=False,
+                      kv_cache_memory=64 << 20)
 PROMPTS = [list(range(10 + 7 * i, 50 + 7 * i)) for i in range(4)]
 CASES = [
     SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
@@ -254,7 +255,8 @@ def test_speculative_decoding_runs_in_the_core_process_and_its_totals_reach_the_
 
     spec = SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 3, "load_format": "dummy",
                                     "preset": "tiny-llama"})
-    config = EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=256, speculative_config=spec)
+    config = EngineConfig(load_format="dummy", preset="tiny-llama", max_model_len=256, speculative_config=spec,
+                          kv_cache_memory=64 << 20)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     async def run(engine):
