@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.asyncio import Redis
 
 from pdserve.v1 import worker_pb2
 from router.policy import LeastLoadedPolicy, PrefixHits, PrefixPolicy, RoundRobinPolicy, RoutingConfig, make_policy
 from router.registry import Instance, RedisRegistry
 from router.routing import RecentRoutes, RouteSelector
 from services.engine.block_hash import HASH_SCHEME_VERSION, HASH_SEED, hash_blocks
+from services.fleet.directory import FleetDirectory
 from services.fleet.schema import InstanceRecord
 
 CONFIG = RoutingConfig(remote_prefill_threshold=64, load_penalty=16, imbalance_threshold=4, imbalance_ratio=1.5,
@@ -224,7 +226,10 @@ def record(instance_id: str, block_size: int = 16, hash_seed: int = HASH_SEED) -
 def test_the_redis_registry_refuses_instances_with_another_block_size_or_seed(caplog):
     async def scenario():
         hashing = worker_pb2.ModelIdentity(block_size=16, hash_seed=HASH_SEED, hash_scheme_version=HASH_SCHEME_VERSION)
-        registry = RedisRegistry({}, {}, directory=None, hashing=hashing)
+        # A directory that never connects (nothing here refreshes it): the registry's age gauge,
+        # which /metrics of this whole test process reads, keeps a directory to read.
+        directory = FleetDirectory(Redis.from_url("redis://127.0.0.1:1/0"))
+        registry = RedisRegistry({}, {}, directory=directory, hashing=hashing)
         registry._sync({"good": record("good"), "big": record("big", block_size=32),
                         "seeded": record("seeded", hash_seed=1)})
         ids = [i.instance_id for i in registry.decodes()]
