@@ -13,6 +13,7 @@ One stack serves the module, faults in this order (each leaves the stack able to
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -286,9 +287,24 @@ def test_a_frozen_prefill_times_out_and_decode_computes_the_prompts(stack, route
     wait_workers_free([prefill, *(d for d in stack.decodes if d.alive())], timeout=60)  # prefill's holds are released
 
 
+def wait_prefill_in_use(router, timeout: float = 60.0) -> None:
+    """Until a long prompt's KV comes from the prefill worker again: after the case before, the
+    router may still route around the prefill it saw frozen (each probe a new prompt)."""
+    deadline = time.monotonic() + timeout
+    for attempt in itertools.count():
+        base = 30000 + attempt * 160
+        (probe,) = Load(router, [(list(range(base, base + 150)), SamplingParams(temperature=0, max_tokens=2))]).join()
+        d = probe.result.disaggregation
+        if probe.error is None and d.remote_prefill and d.decode_computed_prompt_tokens == 0:
+            return
+        assert time.monotonic() < deadline, "the router never routed a prompt through the prefill worker again"
+        time.sleep(0.2)
+
+
 def test_a_prefill_killed_mid_transfer_loses_no_request(stack, router, reference):
     prefill = stack.prefills[0]
     decodes = [d for d in stack.decodes if d.alive()]
+    wait_prefill_in_use(router)
     prefill.proc.send_signal(signal.SIGSTOP)  # hold every transfer open, then kill it mid-way
     load = Load(router, workload(4, long=True))
     deadline = time.monotonic() + 30
