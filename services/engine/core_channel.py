@@ -17,9 +17,8 @@ from typing import TypeVar
 import torch
 from google.protobuf.message import Message
 
-from pdserve.v1 import common_pb2, engine_pb2
+from pdserve.v1 import engine_pb2
 from services.engine.kv_transfer import BlockData
-from services.engine.outputs import Logprob
 
 M = TypeVar("M", bound=Message)
 _LENGTH = struct.Struct("<I")
@@ -87,12 +86,3 @@ def block_from_proto(msg: engine_pb2.CoreBlock) -> BlockData:
     dtype = DTYPES[msg.dtype]
     tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype).reshape(tuple(msg.shape))
     return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
-
-
-def logprobs_to_proto(position: dict[int, Logprob] | None) -> common_pb2.PositionLogprobs:
-    return common_pb2.PositionLogprobs(entries=[common_pb2.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank)
-                                                for t, lp in (position or {}).items()])
-
-
-def logprobs_from_proto(msg: common_pb2.PositionLogprobs) -> dict[int, Logprob]:
-    return {e.token_id: Logprob(e.logprob, e.rank) for e in msg.entries}

@@ -42,7 +42,7 @@ from services.engine import errors, loader
 from services.engine.admission import Admission, AdmissionLimits
 from services.engine.block_manager import CacheListener
 from services.engine.config import EngineConfig, EngineLayout
-from services.engine.core_channel import DTYPES, Channel, ChannelClosed, block_to_proto, logprobs_to_proto
+from services.engine.core_channel import DTYPES, Channel, ChannelClosed, block_to_proto
 from services.engine.core_outputs import Stream, full_output, plain_news, stream_output
 from services.engine.engine import Prompt
 from services.engine.errors import EngineDeadError, EngineFailedError, InvalidRequestError
@@ -52,7 +52,7 @@ from services.engine.outputs import RequestOutput, SampledToken
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resumed
 from services.engine.tokenizer import Tokenizer
-from services.rpc.convert import params_to_proto
+from services.rpc.convert import logprobs_to_proto, params_to_proto, prompt_logprobs_to_proto
 
 log = logging.getLogger("pdserve.engine")
 
@@ -194,11 +194,12 @@ class EngineProcess:
 
     def finish_kv(self, request_id: str, first_tokens: list[SampledToken], prefill_cached_tokens: int,
                   prompt_logprobs: list | None = None) -> None:
-        firsts = [engine_pb2.CoreFirstToken(token_id=t.token_id, logprobs=logprobs_to_proto(t.logprobs))
+        firsts = [engine_pb2.CoreFirstToken(token_id=t.token_id,
+                                            logprobs=logprobs_to_proto(t.logprobs) if t.logprobs else None)
                   for t in first_tokens]
         self._command(finish_kv=engine_pb2.CoreFinishKV(
             request_id=request_id, first_tokens=firsts, prefill_cached_tokens=prefill_cached_tokens,
-            prompt_logprobs=[logprobs_to_proto(p) for p in prompt_logprobs or ()]))
+            prompt_logprobs=prompt_logprobs_to_proto(prompt_logprobs or [])))
 
     def fail_kv(self, request_id: str, reason: str) -> None:
         self._command(fail_kv=engine_pb2.CoreFailKV(request_id=request_id, reason=reason))

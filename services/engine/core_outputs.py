@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.v1 import engine_pb2
-from services.engine.core_channel import block_from_proto, logprobs_from_proto
+from services.engine.core_channel import block_from_proto
 from services.engine.kv_transfer import KVImport
 from services.engine.outputs import Logprob, RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.engine.text import SequenceText
 from services.engine.tokenizer import Tokenizer
+from services.rpc.convert import logprobs_from_proto, prompt_logprobs_from_proto
 
 # What the core said of one sequence: (index, new tokens, their logprobs, finish reason, stop token).
 SeqNews = tuple[int, list[int], list[dict[int, Logprob]] | None, str | None, int | None]
@@ -73,7 +74,7 @@ def full_output(delta: engine_pb2.CoreRequestDelta, stream: Stream, stop: StopSe
     if delta.HasField("kv_pull_from_block"):
         output.kv_pull_from_block = delta.kv_pull_from_block
     if delta.prompt_logprobs:  # the first prompt token has none: nothing predicts it
-        output.prompt_logprobs = [logprobs_from_proto(p) if p.entries else None for p in delta.prompt_logprobs]
+        output.prompt_logprobs = prompt_logprobs_from_proto(delta.prompt_logprobs)
     if delta.HasField("arrival_time"):
         output.times = (delta.arrival_time,
                         delta.scheduled_time if delta.HasField("scheduled_time") else None,

@@ -28,14 +28,13 @@ from pathlib import Path
 
 from pdserve.v1 import engine_pb2
 from services.engine.config import EngineConfig
-from services.engine.core_channel import (Channel, ChannelClosed, block_from_proto, block_to_proto, logprobs_from_proto,
-                                          logprobs_to_proto)
+from services.engine.core_channel import Channel, ChannelClosed, block_from_proto, block_to_proto
 from services.engine.engine import EngineCore
 from services.engine.errors import PdserveError
-from services.engine.outputs import SampledToken
 from services.engine.sequence import Request, Resumed, SequenceStatus
 from services.engine.spec.config import SpeculativeConfig
-from services.rpc.convert import params_from_proto
+from services.rpc.convert import (logprobs_to_proto, params_from_proto, prompt_logprobs_from_proto,
+                                  prompt_logprobs_to_proto, sampled_token)
 
 log = logging.getLogger("pdserve.engine")
 _PR_SET_PDEATHSIG = 1
@@ -156,8 +155,8 @@ class CoreLoop:
             self.inbox.put((kind, (command.put_kv.request_id, block_from_proto(command.put_kv.block))))
         elif kind == "finish_kv":
             msg = command.finish_kv
-            firsts = [SampledToken(t.token_id, _logprobs(t)) for t in msg.first_tokens]
-            prompt = [logprobs_from_proto(p) if p.entries else None for p in msg.prompt_logprobs] or None
+            firsts = [sampled_token(t.token_id, t.logprobs) for t in msg.first_tokens]
+            prompt = prompt_logprobs_from_proto(msg.prompt_logprobs)
             self.inbox.put((kind, (msg.request_id, firsts, msg.prefill_cached_tokens, prompt)))
         elif kind == "fail_kv":
             self.inbox.put((kind, (command.fail_kv.request_id, command.fail_kv.reason)))
@@ -323,7 +322,7 @@ def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
             delta.stop_token_id = seq.stop_reason
         seq.num_emitted_tokens, seq.reported_finish = len(tokens), seq.finished
     if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and any(d.token_ids for d in msg.seqs):
-        msg.prompt_logprobs.extend(logprobs_to_proto(p) for p in request.prompt_logprobs)
+        msg.prompt_logprobs.extend(prompt_logprobs_to_proto(request.prompt_logprobs))
         request.prompt_logprobs_sent = True
     if request.finished:
         msg.arrival_time = request.arrival_time
@@ -347,10 +346,6 @@ def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
         if imp.completed_at is not None:
             msg.kv_import.completed_at = imp.completed_at
     return msg
-
-
-def _logprobs(token: engine_pb2.CoreFirstToken) -> dict | None:
-    return logprobs_from_proto(token.logprobs) if token.logprobs.entries else None
 
 
 if __name__ == "__main__":

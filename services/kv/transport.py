@@ -26,7 +26,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import Logprob, SampledToken
 from services.kv import wire
-from services.rpc.convert import logprobs_from_proto, sampled_token
+from services.rpc.convert import prompt_logprobs_from_proto, sampled_token
 from services.rpc.security import TLSFiles, internal_channel
 from services.rpc.server import CHANNEL_OPTIONS, request_metadata
 
@@ -173,7 +173,7 @@ class GrpcKVTransport(KVTransport):
                     yield PrefillDone(
                         [sampled_token(t.token_id, t.logprobs if t.HasField("logprobs") else None) for t in tokens],
                         result.cached_tokens,
-                        [logprobs_from_proto(p) if p.entries else None for p in result.prompt_logprobs] or None,
+                        prompt_logprobs_from_proto(result.prompt_logprobs),
                     )
         finally:
             call.cancel()  # no-op when it completed; aborts the prefill when we stop early

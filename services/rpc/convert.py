@@ -93,6 +93,11 @@ def logprobs_from_proto(msg: common_pb2.PositionLogprobs) -> dict[int, Logprob]:
     return {e.token_id: Logprob(e.logprob, e.rank) for e in msg.entries}
 
 
+def prompt_logprobs_from_proto(entries) -> list[dict[int, Logprob] | None] | None:
+    """prompt_logprobs_to_proto's inverse (an empty entry: None); None when there are none."""
+    return [logprobs_from_proto(p) if p.entries else None for p in entries] or None
+
+
 def delta_to_proto(c: CompletionOutput) -> common_pb2.CompletionDelta:
     return common_pb2.CompletionDelta(
         index=c.index,
