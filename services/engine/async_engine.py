@@ -37,17 +37,54 @@ class _Stream:
     queue: asyncio.Queue
 
 
-class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
-                 admission: AdmissionLimits | None = None) -> None:
-        """`admission`: bounds of the waiting queue (admission.py); None admits everything."""
-        self.core = core or EngineCore(config or EngineConfig())
-        self.admission = Admission(admission) if admission is not None else None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+class EngineStreams:
+    """What AsyncEngine and EngineProcess (core_client.py) share: the open streams (request id
+    -> a stream with its event loop and queue) and the one notice of the engine's death."""
+
+    def __init__(self) -> None:
+        self._streams: dict = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._death_watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    @property
+    def dead(self) -> BaseException | None:
+        """What stopped the engine loop, or None while it runs."""
+        return self._dead
+
+    def death(self) -> asyncio.Future:
+        """A future of the running loop that resolves with what stopped the engine loop (a worker
+        watches it to go NOT_SERVING and exit; it never resolves while the engine runs)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._dead is None:
+                self._death_watchers.append((loop, future))
+                return future
+        future.set_result(self._dead)
+        return future
+
+    def _declare_dead(self, cause: BaseException, stream_error: BaseException) -> None:
+        """The engine stopped with `cause`: every open stream gets `stream_error`, every watcher
+        `cause`; a stream opened from now on is refused (generate checks `_dead` under the lock)."""
+        with self._lock:
+            self._dead = cause
+            streams, watchers = list(self._streams.values()), self._death_watchers
+            self._death_watchers = []
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, stream_error)
+        for loop, future in watchers:
+            loop.call_soon_threadsafe(lambda f=future, e=cause: f.done() or f.set_result(e))
+
+
+class AsyncEngine(EngineStreams):
+    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
+                 admission: AdmissionLimits | None = None) -> None:
+        """`admission`: bounds of the waiting queue (admission.py); None admits everything."""
+        super().__init__()
+        self.core = core or EngineCore(config or EngineConfig())
+        self.admission = Admission(admission) if admission is not None else None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -201,23 +238,6 @@ class AsyncEngine:
             "requests": len(core.requests),
         }
 
-    @property
-    def dead(self) -> BaseException | None:
-        """What stopped the engine loop, or None while it runs."""
-        return self._dead
-
-    def death(self) -> asyncio.Future:
-        """A future of the running loop that resolves with what stopped the engine loop (a worker
-        watches it to go NOT_SERVING and exit; it never resolves while the engine runs)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if self._dead is None:
-                self._death_watchers.append((loop, future))
-                return future
-        future.set_result(self._dead)
-        return future
-
     def shutdown(self) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
@@ -242,16 +262,9 @@ class AsyncEngine:
                     self.admission.release_started(self._still_waiting)
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine died
             log.exception("engine loop died")
-            with self._lock:
-                self._dead = e
-                streams, watchers = list(self._streams.values()), self._death_watchers
-                self._death_watchers = []
-            for stream in streams:
-                # INTERNAL for the requests it was running (their own failure), UNAVAILABLE for new ones.
-                failed = EngineFailedError("the engine failed while running this request; the worker is restarting")
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failed)
-            for loop, future in watchers:
-                loop.call_soon_threadsafe(lambda f=future, e=e: f.done() or f.set_result(e))
+            # INTERNAL for the requests it was running (their own failure), UNAVAILABLE for new ones.
+            self._declare_dead(e, EngineFailedError("the engine failed while running this request; the worker is "
+                                                    "restarting"))
 
     def _handle(self, command: tuple[str, object]) -> None:
         kind, arg = command
@@ -306,7 +319,7 @@ class AsyncEngine:
                 if stream is not None:
                     batches.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            loop.call_soon_threadsafe(deliver, batch)
 
     def _send(self, request_id: str, item: object) -> None:
         with self._lock:
@@ -315,6 +328,7 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+def deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    """Put each item into its stream's queue (called on the queues' event loop)."""
     for stream_queue, item in batch:
         stream_queue.put_nowait(item)

@@ -40,6 +40,7 @@ import torch
 from pdserve.v1 import engine_pb2
 from services.engine import errors, loader
 from services.engine.admission import Admission, AdmissionLimits
+from services.engine.async_engine import EngineStreams, deliver
 from services.engine.block_manager import CacheListener
 from services.engine.config import EngineConfig, EngineLayout
 from services.engine.core_channel import DTYPES, Channel, ChannelClosed, block_to_proto
@@ -57,13 +58,14 @@ from services.rpc.convert import logprobs_to_proto, params_to_proto, prompt_logp
 log = logging.getLogger("pdserve.engine")
 
 
-class EngineProcess:
+class EngineProcess(EngineStreams):
     """AsyncEngine's interface over an engine-core child process (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, admission: Callable[[EngineLayout], AdmissionLimits] | None = None,
                  log_level: str = "info", role: str = "engine", instance_id: str = "") -> None:
         """Starts the child and waits until its model is loaded. `admission`: the bounds of the
         waiting queue (as AsyncEngine's) for the layout the core reports."""
+        super().__init__()
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "services.engine.core_process", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), "--config", _config_json(config), "--log-level", log_level,
@@ -96,12 +98,8 @@ class EngineProcess:
         )
         self.admission = Admission(admission(self.layout)) if admission is not None else None
         self._stats = engine_pb2.CoreStats(free_kv_blocks=ready.num_kv_blocks, total_kv_blocks=ready.num_kv_blocks)
-        self._streams: dict[str, Stream] = {}
         self._by_handle: dict[int, Stream] = {}  # CoreAdd.handle -> stream
         self._handles = itertools.count(1)
-        self._lock = threading.Lock()
-        self._dead: BaseException | None = None
-        self._death_watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._fences: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._fence_ids = itertools.count()
         self._cached: set[int] = set()  # the core's prefix-cache hashes, for a listener that comes late
@@ -258,21 +256,6 @@ class EngineProcess:
             for block_hash in self._cached:
                 listener.stored(block_hash)
 
-    @property
-    def dead(self) -> BaseException | None:
-        return self._dead
-
-    def death(self) -> asyncio.Future:
-        """As AsyncEngine.death: resolves with what stopped the core (the child's exit included)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if self._dead is None:
-                self._death_watchers.append((loop, future))
-                return future
-        future.set_result(self._dead)
-        return future
-
     def shutdown(self) -> None:
         self._stopping = True
         self._command(stop=True)
@@ -322,14 +305,7 @@ class EngineProcess:
 
     def _die(self, cause: BaseException, stream_error: BaseException) -> None:
         log.error("engine core stopped: %s", cause)
-        with self._lock:
-            self._dead = cause
-            streams, watchers = list(self._streams.values()), self._death_watchers
-            self._death_watchers = []
-        for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, stream_error)
-        for loop, future in watchers:
-            loop.call_soon_threadsafe(lambda f=future, e=cause: f.done() or f.set_result(e))
+        self._declare_dead(cause, stream_error)
         if self.process.poll() is None:
             self.process.kill()
 
@@ -368,7 +344,7 @@ class EngineProcess:
                 output = full_output(delta, stream, self._stop_sequence)
                 batches.setdefault(stream.loop, []).append((stream.queue, output))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            loop.call_soon_threadsafe(deliver, batch)
 
     def _stop_sequence(self, request_id: str, index: int) -> None:
         self._command(stop_sequence=engine_pb2.CoreStopSequence(request_id=request_id, index=index))
@@ -399,8 +375,3 @@ def _config_json(config: EngineConfig) -> str:
     if fields["cache_dir"] is not None:
         fields["cache_dir"] = str(fields["cache_dir"])
     return json.dumps(fields)
-
-
-def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
-    for stream_queue, item in batch:
-        stream_queue.put_nowait(item)
