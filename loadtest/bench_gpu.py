@@ -80,8 +80,8 @@ def correctness(preset: str, init: float, num_prompts: int = 32, new_tokens: int
 # ---- 2. throughput -----------------------------------------------------------------------------
 
 
-def workload(vocab: int):
-    return random_workload(256, 100, 1024, 100, 1024, seed=0, vocab=vocab)
+def workload(vocab: int, seed: int = 0):
+    return random_workload(256, 100, 1024, 100, 1024, seed=seed, vocab=vocab)
 
 
 def throughput_pdserve(preset: str, async_scheduling: bool) -> None:

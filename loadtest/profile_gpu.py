@@ -95,32 +95,47 @@ def instrument(llm) -> dict[str, float]:
         return out
 
     runner.execute = execute_counted
+    runner.sampler.sample = timed("sample (in execute)", runner.sampler.sample)
     sched.schedule = timed("schedule", sched.schedule)
     sched.update = timed("update", sched.update)
     return totals
 
 
-def phases(preset: str) -> None:
+def phases(preset: str, mode: str = "greedy") -> None:
     from services.cli.bench import measure_offline
 
     llm = engine(preset)
-    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0)
+    sampling = {k: v for k, v in SAMPLING_MODES[mode].items() if k != "seed"}
+    measure_offline(llm, random_workload(16, 100, 200, 16, 16, 1, 10_000), warmup=0, sampling=sampling)
+    t0 = time.perf_counter()
+    plain = measure_offline(llm, workload(llm.engine.layout.vocab_size, seed=1), warmup=0, sampling=sampling)
+    emit(part="phases_uninstrumented", preset=preset, mode=mode, wall_s=round(time.perf_counter() - t0, 2),
+         tok_per_s=plain["output_tokens_per_s"], cpu_s=plain["cpu_s"])
     totals = instrument(llm)
     t0 = time.perf_counter()
-    result = measure_offline(llm, workload(llm.engine.layout.vocab_size), warmup=0)
+    result = measure_offline(llm, workload(llm.engine.layout.vocab_size), warmup=0, sampling=sampling)
     wall = time.perf_counter() - t0
     steps = max(1, totals["steps"])
     emit(part="mixed_steps", preset=preset, tokens_ms=MIXED[:40])
     MIXED.clear()
-    emit(part="phases", preset=preset, wall_s=round(wall, 2), tok_per_s=result["output_tokens_per_s"],
+    emit(part="phases", preset=preset, mode=mode, wall_s=round(wall, 2), tok_per_s=result["output_tokens_per_s"],
          **{k: round(v, 3) if "steps" not in k else int(v) for k, v in totals.items()},
          per_step_ms={k: round(v / steps * 1e3, 3) for k, v in totals.items() if "steps" not in k})
     del llm
     free_gpu()
 
 
-def decode_kernels(preset: str, batch: int, context: int) -> None:
-    """Profile decode steps of `batch` sequences at about `context` tokens each."""
+SAMPLING_MODES = {  # --kernel-sampling: the decode steps' sampling parameters
+    "greedy": {"temperature": 0},
+    "t0.6": {"temperature": 0.6},
+    "topkp": {"temperature": 0.8, "top_p": 0.9, "top_k": 50},
+    "penalty": {"temperature": 0.7, "repetition_penalty": 1.1, "seed": 1},
+}
+
+
+def decode_kernels(preset: str, batch: int, context: int, mode: str = "greedy") -> None:
+    """Profile decode steps of `batch` sequences at about `context` tokens each, sampling as
+    `mode` says (SAMPLING_MODES): GPU kernels, and the host's busiest ops per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from services.engine import SamplingParams
@@ -128,7 +143,7 @@ def decode_kernels(preset: str, batch: int, context: int) -> None:
     llm = engine(preset, max_num_seqs=max(batch, 1))
     eng = llm.engine
     prompts = [list(range(1000 + i, 1000 + i + context)) for i in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    params = SamplingParams(max_tokens=64, ignore_eos=True, **SAMPLING_MODES[mode])
     for p in prompts:
         eng.add_request(p, params)
     for _ in range(64):  # prefill everything, then a few decode steps to settle
@@ -144,6 +159,8 @@ def decode_kernels(preset: str, batch: int, context: int) -> None:
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
     kernels = defaultdict(lambda: [0, 0.0])
+    host = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: -e.self_cpu_time_total)[:15]
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels[evt.name[:90]]
@@ -151,7 +168,9 @@ def decode_kernels(preset: str, batch: int, context: int) -> None:
             k[1] += evt.device_time
     total_us = sum(v[1] for v in kernels.values()) / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
-    emit(part="kernels", preset=preset, batch=batch, context=context, wall_ms_per_step_profiled=round(wall * 1e3, 3),
+    emit(part="kernels", preset=preset, batch=batch, context=context, mode=mode,
+         host_top_us_per_step=[(e.key[:60], e.count // steps, round(e.self_cpu_time_total / steps, 1)) for e in host],
+         wall_ms_per_step_profiled=round(wall * 1e3, 3),
          gpu_ms_per_step=round(total_us / 1e3, 3), kernels_per_step=sum(v[0] for v in kernels.values()) / steps,
          top=[(name, n // steps, round(us / steps, 1)) for name, (n, us) in top])
     while eng.has_unfinished():
@@ -699,6 +718,7 @@ def main() -> None:
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
     parser.add_argument("--only", default="phases,kernels,sweep")
     parser.add_argument("--kernel-batches", default="256,1", help="batch sizes of the kernels part (context 600)")
+    parser.add_argument("--kernel-sampling", default="greedy", help=f"kernels and phases: comma list of {', '.join(SAMPLING_MODES)}")
     parser.add_argument("--sweep-shapes", default="", help="sweep: only the shapes whose name contains this")
     parser.add_argument("--batch1-flags", default="each-off", choices=("each-off", "on"),
                         help="batch1: every flag on, then each off once; or only all on")
@@ -709,10 +729,10 @@ def main() -> None:
     jobs = []
     for preset in args.presets.split(","):
         if "phases" in parts:
-            jobs.append(lambda preset=preset: phases(preset))
+            jobs += [lambda preset=preset, m=m: phases(preset, m) for m in args.kernel_sampling.split(",")]
         if "kernels" in parts:
-            jobs += [lambda preset=preset, b=int(b): decode_kernels(preset, b, 600)
-                     for b in args.kernel_batches.split(",")]
+            jobs += [lambda preset=preset, b=int(b), m=m: decode_kernels(preset, b, 600, m)
+                     for b in args.kernel_batches.split(",") for m in args.kernel_sampling.split(",")]
         if "batch1" in parts:
             flags = [(True, True, True)]
             if args.batch1_flags == "each-off":
@@ -767,10 +787,11 @@ def main() -> None:
             print(row["shape"], "cublas", row["cublas_us"], "best", row["best"][:1])
         elif row["part"] == "fused":
             print(row["shape"], "unfused", row["unfused_us"], "default", row["default"], "best", row["best"][:1])
-        elif row["part"] in ("phases", "kernels", "batch1"):
+        elif row["part"] in ("phases", "phases_uninstrumented", "kernels", "batch1"):
             if row.get("host_top_us_per_step"):
                 print(*row["host_top_us_per_step"], sep="\n")
-            print({k: v for k, v in row.items() if k != "top"})
+            print(*row.get("top", []), sep="\n")
+            print({k: v for k, v in row.items() if k not in ("top", "host_top_us_per_step")})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV and its fused RMSNorm / SwiGLU form, argmax) against their plain-torch references, on the
+"""Triton kernels (KV-cache write, RMSNorm, rotary, GEMV and its fused RMSNorm / SwiGLU form, argmax, the sampler's draw) against their plain-torch references, on the
 CPU through Triton's interpreter. Shapes are tiny; behaviour is pinned exactly where it can be."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kernels.argmax import _argmax_kernel, argmax, argmax_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
+from kernels.sample import _draw_kernel, draw, draw_ref  # noqa: E402
 from kernels.rotary import (  # noqa: E402
     _rotary_and_cache_kernel,
     _rotary_kernel,
@@ -29,7 +30,7 @@ from kernels.rotary import (  # noqa: E402
 )
 
 _KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel,
-            _argmax_kernel)
+            _argmax_kernel, _draw_kernel)
 if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
     pytest.skip(
         "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "
@@ -575,3 +576,54 @@ def test_argmax_launcher_rejects_bad_inputs() -> None:
         argmax(torch.randn(4, 6).t())
     with pytest.raises(AssertionError, match="int64"):
         argmax(torch.randn(2, 6), out=torch.empty(2, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- sampler's draw
+
+
+def _draw_case(R: int, V: int, dtype: torch.dtype, seed: int):
+    g = _gen(seed)
+    logits = (torch.randn(R, V, generator=g) * 3).to(dtype)
+    temperature = torch.rand(R, generator=g) * 1.5 + 0.2
+    u = torch.rand(R, generator=g)
+    x = logits.float() / temperature[:, None]
+    threshold = torch.where(torch.arange(R) % 2 == 0, torch.topk(x, 7, dim=-1).values[:, -1], float("-inf"))
+    min_p = torch.where(torch.arange(R) % 3 == 0, 0.05, 0.0)
+    return logits, temperature, threshold, min_p, u
+
+
+@pytest.mark.parametrize("V", [50, 300, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_draw_matches_the_samplers_torch_path(V: int, dtype: torch.dtype) -> None:
+    logits, temperature, threshold, min_p, u = _draw_case(16, V, dtype, V)
+    for th, mp in ((None, None), (threshold, None), (None, min_p), (threshold, min_p)):
+        got, want = draw(logits, temperature, th, mp, u), draw_ref(logits, temperature, th, mp, u)
+        # The walk and the reference sum in other orders: a token may differ only where the
+        # target lies within rounding of a boundary between two kept tokens.
+        assert (got == want).float().mean() >= 0.9, (th is None, mp is None)
+        x = logits.float() / temperature[:, None]
+        kept = x >= (th if th is not None else torch.full((16,), float("-inf")))[:, None]
+        if mp is not None:
+            kept &= torch.exp(x - x.max(dim=-1, keepdim=True).values) >= mp[:, None]
+        assert kept.gather(1, got[:, None]).all()  # a dropped token is never drawn
+
+
+def test_draw_walks_to_the_token_the_uniform_points_at() -> None:
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0] + [0.0] * 5000] * 4)).to(torch.float32)
+    # weights 1, 2, 3, 4 (total 10): cumulative 0.1, 0.3, 0.6, 1.0
+    u = torch.tensor([0.05, 0.25, 0.55, 0.99])
+    one = torch.ones(4)
+    assert draw(logits, one, None, None, u).tolist() == [0, 1, 2, 3]
+    # top-2 by threshold: weights 3, 4 (total 7): 0.55 * 7 = 3.85 -> token 3
+    threshold = torch.full((4,), float(torch.log(torch.tensor(3.0))))
+    assert draw(logits, one, threshold, None, u).tolist() == [2, 2, 3, 3]
+    # min_p 0.6: w = x / 4 >= 0.6 keeps only 3 and 4
+    assert draw(logits, one, None, torch.full((4,), 0.6), u).tolist() == [2, 2, 3, 3]
+
+
+def test_draw_launcher_rejects_bad_inputs() -> None:
+    one = torch.ones(2)
+    with pytest.raises(AssertionError, match="contiguous rows"):
+        draw(torch.randn(6, 2).t(), one, None, None, one)
+    with pytest.raises(AssertionError, match="u must be float32"):
+        draw(torch.randn(2, 6), one, None, None, one.double())

@@ -283,8 +283,10 @@ def kv_faults(name: str) -> dict[str, str]:
     """The environment that turns on one of tests/kv_faults' faults in a spawned worker."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # The checkout's generated stubs too (protos/), not an installed copy's: they must match its code.
+    # Then whatever PYTHONPATH already holds (on the GPU host: the carried wheels' folder).
     paths = [os.path.join(root, "tests", "kv_faults"), os.path.join(root, "protos"), root]
-    return {"PYTHONPATH": os.pathsep.join(paths), name: "1"}
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in paths]
+    return {"PYTHONPATH": os.pathsep.join(paths + inherited), name: "1"}
 
 
 def spawn(tmp_path, role: str, extra: list[str], env: dict | None = None, model=MODEL) -> Child:

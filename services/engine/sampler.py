@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kernels.sample import draw as draw_kernel
 from services.engine import sampling_ops as ops
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, to_device
@@ -86,8 +87,10 @@ class Sampler:
             # so skip the upcast (a [batch, vocab] copy).
             return SampledBatch(argmax if argmax is not None else logits.argmax(dim=-1), specs, None, self._spare)
         raw = logits[batch.logprob_index].float() if batch.logprob_rows else None
-        # Edits write in place: never into the caller's tensor (a CUDA graph's output).
-        logits = logits.to(torch.float32, copy=edits)
+        # Edits write in place: never into the caller's tensor (a CUDA graph's output). On a
+        # GPU the draw kernel reads the logits in their own dtype: no upcast without edits.
+        if edits or not logits.is_cuda:
+            logits = logits.to(torch.float32, copy=edits)
         logits = self._process(logits, rows, batch, active_min, banned)
         tokens = self._draw(logits, rows, batch)
         if batch.penalty_rows:
@@ -146,27 +149,35 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, rows: list[Row], batch: BatchParams) -> torch.Tensor:
         if batch.all_greedy:
             return logits.argmax(dim=-1)
-        x = logits if batch.draw_index is None else logits[batch.draw_index]
-        x = x / batch.temperature[:, None]
-        rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k and x.device.type == "cpu" else 1
-        u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
-        drawn = self._draw_rows(x, batch.filters, u)
+        sub = logits if batch.draw_index is None else logits[batch.draw_index]
+        if logits.is_cuda:
+            drawn = self._draw_on_gpu(sub, batch, to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device))
+        else:
+            rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k else 1
+            u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
+            drawn = self._draw_rows(sub / batch.temperature[:, None], batch.filters, u)
         if batch.draw_index is None:
             return drawn
         return logits.argmax(dim=-1).index_copy_(0, batch.draw_index, drawn)
 
+    @staticmethod
+    def _draw_on_gpu(logits: torch.Tensor, batch: BatchParams, u: torch.Tensor) -> torch.Tensor:
+        """Every row's draw without waiting for the device: top_k and top_p become one
+        threshold per row (torch.topk over the temperature-scaled rows), then one kernel
+        (kernels/sample.py) scales, filters and draws each whole row."""
+        f = batch.filters
+        threshold = None
+        if f.max_k or f.top_p is not None:
+            x = logits.float() / batch.temperature[:, None]
+            threshold = ops.thresholds(x, f, x.shape[1] if f.top_p_without_k else f.max_k).threshold
+        return draw_kernel(logits, batch.temperature, threshold, f.min_p, u)
+
     def _draw_rows(self, x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
-        """Every row's draw; on the GPU in one pass over whole rows, without waiting for the
-        device. On the CPU, where waiting costs nothing, each row takes the cheapest exact
-        way its own parameters and logits allow (never another row's): a top_k row from its
-        candidates when they hold every kept token, a top_p row without top_k by rejection,
-        any other row from the whole row."""
+        """Every row's draw on the CPU, where waiting costs nothing: each row takes the
+        cheapest exact way its own parameters and logits allow (never another row's): a top_k
+        row from its candidates when they hold every kept token, a top_p row without top_k by
+        rejection, any other row from the whole row."""
         u0 = u if u.dim() == 1 else u[:, 0]
-        if x.device.type != "cpu":
-            if not f.max_k and f.top_p is None:
-                return ops.draw_full(x, None, f.min_p, u0)
-            t = ops.thresholds(x, f, x.shape[1] if f.top_p_without_k else f.max_k)
-            return ops.draw_full(x, t.threshold, f.min_p, u0)
         has_k = f.top_k > 0 if f.top_k is not None else torch.zeros(x.shape[0], dtype=torch.bool)
         by_rejection = (f.top_p < 1.0) & ~has_k if f.top_p is not None else torch.zeros_like(has_k)
         if bool(by_rejection.all()):
