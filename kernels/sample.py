@@ -10,12 +10,20 @@ weights exceeds u * (sum of weights).
 Why it exists: on a GPU the torch path is about twenty launches and four float32 passes over
 [batch, vocab] (the upcast, the division, exp, the block sums), each launch ~10 us of host
 time; at batch 256 of a 128k vocabulary temperature sampling cost 0.60x of greedy's
-throughput on an H200 (issue #26). Here the logits are read in their own dtype, three times
-(max, total, walk), and nothing is written but the token.
+throughput on an H200 (issue #26). Here the logits are read in their own dtype and nothing
+is written but the token and two floats per chunk, in two launches:
 
-The walk sums the weights in another order than the total, so the target can pass the last
-kept token by an ulp: then the last token with a positive weight is drawn, as in the torch
-path; a weight of zero is never drawn.
+    _chunk_kernel  one program per (row, CHUNK of the vocabulary): the chunk's largest x and
+                   the sum of its kept weights relative to it (one read of the logits)
+    _walk_kernel   one program per row: the row's max and total from its chunks, the chunk
+                   the target falls in, then the walk through that chunk alone
+
+Splitting rows into chunks keeps every SM busy at batch 1 as at batch 256. min_p needs the
+row's max before any weight is kept: it costs a third launch (the rows' max, by torch).
+
+The walk sums the weights in another order than the chunks' totals, so the target can pass
+the chunk's last kept token by an ulp: then that token is drawn, as the torch path draws the
+last positive weight; a weight of zero is never drawn.
 """
 
 from __future__ import annotations
@@ -35,39 +43,53 @@ def draw_ref(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.T
     return draw_full(x, threshold, min_p, u)
 
 
+CHUNK = 2048
+
+
 @triton.jit
-def _draw_kernel(X, stride_x, Temp, Thresh, MinP, U, Out, V: tl.constexpr, BLOCK: tl.constexpr,
-                 HAS_THRESH: tl.constexpr, HAS_MIN_P: tl.constexpr):
+def _chunk_kernel(X, stride_x, Temp, Thresh, Top, MinP, Stats, V: tl.constexpr, S: tl.constexpr,
+                  CHUNK: tl.constexpr, HAS_THRESH: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    at = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(X + row * stride_x + at, mask=at < V, other=float("-inf")).to(tl.float32) / tl.load(Temp + row)
+    kept = x > float("-inf")
+    if HAS_THRESH:
+        kept &= x >= tl.load(Thresh + row)
+    if HAS_MIN_P:  # the row's top (Top, already divided) is known: w = exp(x - top) >= min_p
+        kept &= tl.exp(x - tl.load(Top + row)) >= tl.load(MinP + row)
+    x = tl.where(kept, x, float("-inf"))
+    m = tl.max(x, 0)
+    total = tl.sum(tl.where(kept, tl.exp(x - tl.where(m > float("-inf"), m, 0.0)), 0.0), 0)
+    tl.store(Stats + (row * S + chunk) * 2, m)
+    tl.store(Stats + (row * S + chunk) * 2 + 1, total)
+
+
+@triton.jit
+def _walk_kernel(X, stride_x, Temp, Thresh, Top, MinP, Stats, U, Out, V: tl.constexpr, S: tl.constexpr,
+                 S_POW2: tl.constexpr, CHUNK: tl.constexpr, HAS_THRESH: tl.constexpr, HAS_MIN_P: tl.constexpr):
     row = tl.program_id(0)
-    lanes = tl.arange(0, BLOCK)
-    t = tl.load(Temp + row)
-    thresh = tl.load(Thresh + row) if HAS_THRESH else float("-inf")
-    # 1: the row's largest x (the top token is always kept: thresholds never pass it)
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for start in tl.static_range(0, V, BLOCK):
-        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=float("-inf")).to(tl.float32)
-        best = tl.maximum(best, x / t)
-    top = tl.max(best, 0)
-    floor = tl.load(MinP + row) if HAS_MIN_P else 0.0
-    # 2: the sum of the kept weights
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in tl.static_range(0, V, BLOCK):
-        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=float("-inf")).to(tl.float32) / t
-        w = tl.exp(x - top)
-        acc += tl.where((x >= thresh) & (w >= floor), w, 0.0)
-    target = tl.load(U + row) * tl.sum(acc, 0)
-    # 3: the first token whose running sum passes the target
-    carry = 0.0
-    found = V
-    last = -1
-    for start in tl.static_range(0, V, BLOCK):
-        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=float("-inf")).to(tl.float32) / t
-        w = tl.exp(x - top)
-        w = tl.where((x >= thresh) & (w >= floor), w, 0.0)
-        running = carry + tl.cumsum(w, 0)
-        found = tl.minimum(found, tl.min(tl.where((running > target) & (w > 0), start + lanes, V), 0))
-        last = tl.maximum(last, tl.max(tl.where(w > 0, start + lanes, -1), 0))
-        carry += tl.sum(w, 0)
+    c = tl.arange(0, S_POW2)
+    m = tl.load(Stats + (row * S + c) * 2, mask=c < S, other=float("-inf"))
+    top = tl.max(m, 0)
+    sums = tl.where(m > float("-inf"), tl.load(Stats + (row * S + c) * 2 + 1, mask=c < S, other=0.0) * tl.exp(m - top),
+                    0.0)
+    target = tl.load(U + row) * tl.sum(sums, 0)
+    running = tl.cumsum(sums, 0)
+    # the first chunk whose running total passes the target (else the last that weighs anything)
+    chunk = tl.min(tl.where((running > target) & (sums > 0), c, S_POW2), 0)
+    chunk = tl.where(chunk < S_POW2, chunk, tl.max(tl.where(sums > 0, c, 0), 0))
+    carry = tl.sum(tl.where(c < chunk, sums, 0.0), 0)
+    at = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(X + row * stride_x + at, mask=at < V, other=float("-inf")).to(tl.float32) / tl.load(Temp + row)
+    w = tl.exp(x - top)
+    kept = x > float("-inf")
+    if HAS_THRESH:
+        kept &= x >= tl.load(Thresh + row)
+    if HAS_MIN_P:
+        kept &= tl.exp(x - tl.load(Top + row)) >= tl.load(MinP + row)
+    w = tl.where(kept, w, 0.0)
+    found = tl.min(tl.where((carry + tl.cumsum(w, 0) > target) & (w > 0), at, V), 0)
+    last = tl.max(tl.where(w > 0, at, -1), 0)
     token = tl.where(found < V, found, tl.maximum(last, 0))
     tl.store(Out + row, token.to(tl.int64))
 
@@ -82,10 +104,17 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tenso
         assert t is None or (t.shape == (R,) and t.dtype == torch.float32), f"{name} must be float32 [R]"
     out = torch.empty(R, dtype=torch.long, device=logits.device) if out is None else out
     assert out.shape == (R,) and out.dtype == torch.long, "out must be int64 [R]"
-    if R:
-        _draw_kernel[(R,)](logits, logits.stride(0), temperature,
-                           threshold if threshold is not None else temperature,
-                           min_p if min_p is not None else temperature, u, out,
-                           V=V, BLOCK=min(4096, triton.next_power_of_2(V)),
-                           HAS_THRESH=threshold is not None, HAS_MIN_P=min_p is not None, num_warps=8)
+    if not R:
+        return out
+    chunk = min(CHUNK, triton.next_power_of_2(V))
+    S = triton.cdiv(V, chunk)
+    stats = torch.empty(R, S, 2, dtype=torch.float32, device=logits.device)
+    # the max of x = logit / T is the max logit / T: division by T > 0 keeps the order, rounding too
+    top = logits.amax(dim=-1).float() / temperature if min_p is not None else temperature
+    flags = dict(HAS_THRESH=threshold is not None, HAS_MIN_P=min_p is not None)
+    args = (logits, logits.stride(0), temperature, threshold if threshold is not None else temperature, top,
+            min_p if min_p is not None else temperature, stats)
+    _chunk_kernel[(R, S)](*args, V=V, S=S, CHUNK=chunk, num_warps=4, **flags)
+    _walk_kernel[(R,)](*args, u, out, V=V, S=S, S_POW2=triton.next_power_of_2(S), CHUNK=chunk, num_warps=4,
+                       **flags)
     return out

@@ -19,7 +19,7 @@ from kernels.argmax import _argmax_kernel, argmax, argmax_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
-from kernels.sample import _draw_kernel, draw, draw_ref  # noqa: E402
+from kernels.sample import _chunk_kernel, _walk_kernel, draw, draw_ref  # noqa: E402
 from kernels.rotary import (  # noqa: E402
     _rotary_and_cache_kernel,
     _rotary_kernel,
@@ -30,7 +30,7 @@ from kernels.rotary import (  # noqa: E402
 )
 
 _KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel,
-            _argmax_kernel, _draw_kernel)
+            _argmax_kernel, _chunk_kernel, _walk_kernel)
 if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
     pytest.skip(
         "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "

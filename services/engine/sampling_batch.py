@@ -68,6 +68,13 @@ class BatchParams:
         draw_rows = [r for r, g in enumerate(greedy) if not g]
         drawn = [params[r] for r in draw_rows]
         draw_index = None if len(draw_rows) == len(rows) else to_device(draw_rows, torch.long, device)
+        if not any(p.shapes_logits for p in params) and not any(s.grammar is not None or s.bad_words for s, _ in rows):
+            # The usual batch (temperature, top_k/top_p/min_p, seeds): built every time the
+            # batch changes, which is nearly every step under load, so only what it needs.
+            return cls(key=batch_key(rows), params=params, greedy=greedy, draw_rows=draw_rows, draw_index=draw_index,
+                       **_draw_fields(rows, draw_rows, drawn, vocab, device), bias=None, allowed=None, banned=[],
+                       bad_word_rows=[], min_tokens=[], grammar_rows=[], penalty_rows=[], penalty_index=None,
+                       penalties=None, logprob_rows=[], logprob_index=None, top_logprobs=0)
         penalty_rows = [r for r, p in enumerate(params) if p.needs_penalties]
         logprob_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
         return cls(
@@ -76,11 +83,7 @@ class BatchParams:
             greedy=greedy,
             draw_rows=draw_rows,
             draw_index=draw_index,
-            temperature=to_device([p.temperature for p in drawn], torch.float32, device),
-            filters=_filters(drawn, vocab, device),
-            seeds=np.array([p.seed or 0 for p in drawn], dtype=np.uint64),
-            seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
-            seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
+            **_draw_fields(rows, draw_rows, drawn, vocab, device),
             bias=_bias(params, device),
             allowed=_allowed(params, vocab, device),
             banned=[(r, w[0]) for r, (spec, _) in enumerate(rows) for w in spec.bad_words if len(w) == 1 and w[0] < vocab],
@@ -99,6 +102,17 @@ class BatchParams:
     @property
     def all_greedy(self) -> bool:
         return not self.draw_rows
+
+
+def _draw_fields(rows: list[Row], draw_rows: list[int], drawn: list, vocab: int, device: torch.device) -> dict:
+    """What the rows that draw at random need: temperature, filters and the seeds' keys."""
+    return dict(
+        temperature=to_device([p.temperature for p in drawn], torch.float32, device),
+        filters=_filters(drawn, vocab, device),
+        seeds=np.array([p.seed or 0 for p in drawn], dtype=np.uint64),
+        seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
+        seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
+    )
 
 
 def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:

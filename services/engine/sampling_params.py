@@ -11,6 +11,7 @@ this module checks only its shape, services/engine/structured_output.py compiles
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -166,6 +167,14 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @functools.cached_property
+    def shapes_logits(self) -> bool:
+        """Something besides temperature, top_k, top_p, min_p and the seed shapes the draw
+        (logit bias, allowed ids, min_tokens, penalties) or reads the logits (logprobs): the
+        sampler's per-step work for batches without such rows skips it all."""
+        return bool(self.logit_bias or self.allowed_token_ids is not None or self.min_tokens > 0
+                    or self.logprobs is not None or self.needs_penalties)
 
     def _validate(self) -> None:
         def bad(msg: str) -> InvalidRequestError:
