@@ -94,6 +94,35 @@ def _walk_kernel(X, stride_x, Temp, Thresh, Top, MinP, Stats, U, Out, V: tl.cons
     tl.store(Out + row, token.to(tl.int64))
 
 
+def _chunk_stats(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | None,
+                 min_p: torch.Tensor | None, top: torch.Tensor | None) -> tuple[torch.Tensor, tuple, dict, int]:
+    """Launch _chunk_kernel; returns its stats, the walk's arguments and flags, and the chunk."""
+    R, V = logits.shape
+    # one float per row, read at row: views of wider tensors (a column of candidates) are copied
+    temperature, threshold, min_p, top = (None if t is None else t.contiguous()
+                                          for t in (temperature, threshold, min_p, top))
+    chunk = min(CHUNK, triton.next_power_of_2(V))
+    S = triton.cdiv(V, chunk)
+    stats = torch.empty(R, S, 2, dtype=torch.float32, device=logits.device)
+    if min_p is not None and top is None:
+        # the max of x = logit / T is the max logit / T: division by T > 0 keeps the order, rounding too
+        top = logits.amax(dim=-1).float() / temperature
+    flags = dict(HAS_THRESH=threshold is not None, HAS_MIN_P=min_p is not None)
+    args = (logits, logits.stride(0), temperature, threshold if threshold is not None else temperature,
+            top if top is not None else temperature, min_p if min_p is not None else temperature, stats)
+    _chunk_kernel[(R, S)](*args, V=V, S=S, CHUNK=chunk, num_warps=4, **flags)
+    return stats, args, flags, chunk
+
+
+def kept_mass(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | None,
+              min_p: torch.Tensor | None, top: torch.Tensor) -> torch.Tensor:
+    """[R]: each row's sum of kept weights exp(x - top), `top` its largest x (float32 [R]):
+    top_p's denominator over the whole row, from one read of the logits in their own dtype."""
+    stats, *_ = _chunk_stats(logits, temperature, threshold, min_p, top)
+    m, sums = stats.unbind(-1)
+    return torch.where(m > float("-inf"), sums * torch.exp(m - top[:, None]), 0.0).sum(dim=-1)
+
+
 def draw(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | None,
          min_p: torch.Tensor | None, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `draw_ref`; `out` (int64 [R], may be a view) receives the tokens."""
@@ -103,18 +132,12 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tenso
     for name, t in (("temperature", temperature), ("threshold", threshold), ("min_p", min_p), ("u", u)):
         assert t is None or (t.shape == (R,) and t.dtype == torch.float32), f"{name} must be float32 [R]"
     out = torch.empty(R, dtype=torch.long, device=logits.device) if out is None else out
-    assert out.shape == (R,) and out.dtype == torch.long, "out must be int64 [R]"
+    assert out.shape == (R,) and out.dtype == torch.long and out.stride(0) == 1, "out must be int64 [R], stride 1"
     if not R:
         return out
-    chunk = min(CHUNK, triton.next_power_of_2(V))
-    S = triton.cdiv(V, chunk)
-    stats = torch.empty(R, S, 2, dtype=torch.float32, device=logits.device)
-    # the max of x = logit / T is the max logit / T: division by T > 0 keeps the order, rounding too
-    top = logits.amax(dim=-1).float() / temperature if min_p is not None else temperature
-    flags = dict(HAS_THRESH=threshold is not None, HAS_MIN_P=min_p is not None)
-    args = (logits, logits.stride(0), temperature, threshold if threshold is not None else temperature, top,
-            min_p if min_p is not None else temperature, stats)
-    _chunk_kernel[(R, S)](*args, V=V, S=S, CHUNK=chunk, num_warps=4, **flags)
+    u = u.contiguous()
+    stats, args, flags, chunk = _chunk_stats(logits, temperature, threshold, min_p, None)
+    S = stats.shape[1]
     _walk_kernel[(R,)](*args, u, out, V=V, S=S, S_POW2=triton.next_power_of_2(S), CHUNK=chunk, num_warps=4,
                        **flags)
     return out

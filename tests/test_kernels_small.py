@@ -19,7 +19,7 @@ from kernels.argmax import _argmax_kernel, argmax, argmax_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
-from kernels.sample import _chunk_kernel, _walk_kernel, draw, draw_ref  # noqa: E402
+from kernels.sample import _chunk_kernel, _walk_kernel, draw, draw_ref, kept_mass  # noqa: E402
 from kernels.rotary import (  # noqa: E402
     _rotary_and_cache_kernel,
     _rotary_kernel,
@@ -627,3 +627,30 @@ def test_draw_launcher_rejects_bad_inputs() -> None:
         draw(torch.randn(6, 2).t(), one, None, None, one)
     with pytest.raises(AssertionError, match="u must be float32"):
         draw(torch.randn(2, 6), one, None, None, one.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype) -> None:
+    """The GPU sampler's thresholds (top_k, top_p with and without top_k, min_p beside them),
+    from candidates in the logits' dtype and a chunked whole-row mass, are ops.thresholds'."""
+    from services.engine import sampling_ops as ops
+    from services.engine.sampler import device_threshold
+
+    R, V = 12, 5000
+    g = _gen(7)
+    logits = (torch.randn(R, V, generator=g) * 2).to(dtype)
+    logits[0, :40] = logits[0, 0]  # ties at the k-th value that reach past the candidates
+    temperature = torch.rand(R, generator=g) + 0.3
+    x = logits.float() / temperature[:, None]
+    k = torch.tensor([0, 5, 50, 0, 3, 20, 0, 9, 1, 0, 50, 7])
+    p = torch.tensor([0.9, 1.0, 0.8, 0.5, 0.95, 0.7, 1.0, 0.6, 0.9, 0.99, 1.0, 0.85])
+    min_p = torch.where(torch.arange(R) % 4 == 1, 0.1, 0.0)
+    for f in (ops.Filters(k, None, None, 50, False), ops.Filters(k.clamp(min=1), p, None, 50, False),
+              ops.Filters(k.clamp(min=1), p, min_p, 50, False), ops.Filters(k, p, None, 50, True)):
+        width = V if f.top_p_without_k else f.max_k
+        want = ops.thresholds(x, f, width).threshold
+        assert torch.equal(device_threshold(logits, temperature, f), want)
+    threshold = torch.topk(x, 9, dim=-1).values[:, -1]
+    top = x.max(dim=-1).values
+    assert torch.allclose(kept_mass(logits, temperature, threshold, min_p, top),
+                          ops.kept_weights(x, threshold, min_p, top[:, None]).sum(dim=-1), rtol=1e-5)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from kernels.sample import draw as draw_kernel
+from kernels.sample import kept_mass
 from services.engine import sampling_ops as ops
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, to_device
@@ -162,14 +163,11 @@ class Sampler:
 
     @staticmethod
     def _draw_on_gpu(logits: torch.Tensor, batch: BatchParams, u: torch.Tensor) -> torch.Tensor:
-        """Every row's draw without waiting for the device: top_k and top_p become one
-        threshold per row (torch.topk over the temperature-scaled rows), then one kernel
-        (kernels/sample.py) scales, filters and draws each whole row."""
+        """Every row's draw without waiting for the device, reading the logits in their own
+        dtype: top_k and top_p become one threshold per row, then kernels/sample.draw scales,
+        filters and draws each whole row."""
         f = batch.filters
-        threshold = None
-        if f.max_k or f.top_p is not None:
-            x = logits.float() / batch.temperature[:, None]
-            threshold = ops.thresholds(x, f, x.shape[1] if f.top_p_without_k else f.max_k).threshold
+        threshold = device_threshold(logits, batch.temperature, f) if f.max_k or f.top_p is not None else None
         return draw_kernel(logits, batch.temperature, threshold, f.min_p, u)
 
     def _draw_rows(self, x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
@@ -225,6 +223,24 @@ class Sampler:
         self._draws += n
         mask = batch.seeded if rounds == 1 else batch.seeded[:, None]
         return np.where(mask, seeded, unseeded)
+
+
+def device_threshold(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters) -> torch.Tensor:
+    """ops.thresholds' threshold of each row, without the float32 copy of the scaled rows:
+    torch.topk's candidates in the logits' dtype, scaled by temperature (x = logit / T, the
+    same float32 values in the same order), and top_p's denominator over the whole row from
+    one read of the logits (kernels/sample.kept_mass)."""
+    vocab = logits.shape[1]
+    width = vocab if f.top_p_without_k else f.max_k
+    values, ids = torch.topk(logits, width, dim=-1)
+    values = values.float() / temperature[:, None]
+
+    def mass(threshold, top, kept_w, held):
+        if width == vocab:
+            return kept_w.sum(dim=-1)
+        return torch.where(held, kept_w.sum(dim=-1), kept_mass(logits, temperature, threshold, f.min_p, top[:, 0]))
+
+    return ops.from_candidates(values, ids, f, vocab, None, mass).threshold
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:

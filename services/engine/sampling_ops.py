@@ -23,6 +23,7 @@ row's own logits, parameters and u: drawing from the whole row or from its candi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,13 +82,24 @@ def thresholds(x: torch.Tensor, f: Filters, width: int, check: int | None = None
     the row alone, not on the widest top_k of the batch."""
     rows, vocab = x.shape
     width = min(width, vocab)
-    check = min(check or width, width)
-    threshold = torch.full((rows,), NEG_INF, dtype=x.dtype, device=x.device)
     if not f.max_k and f.top_p is None and f.min_p is None:
-        return Thresholds(threshold, None, None, None, None)
+        return Thresholds(torch.full((rows,), NEG_INF, dtype=x.dtype, device=x.device), None, None, None, None)
     values, ids = torch.topk(x, width, dim=-1)  # sorted, descending
+    return from_candidates(values, ids, f, vocab, check,
+                           lambda threshold, top, kept_w, held: _mass(x, top, threshold, f.min_p, kept_w, held,
+                                                                      width == vocab))
+
+
+def from_candidates(values: torch.Tensor, ids: torch.Tensor, f: Filters, vocab: int, check: int | None,
+                    mass: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Thresholds:
+    """`thresholds` from each row's top candidates (x's values, descending, and their ids);
+    `mass(threshold, top, kept weights of the candidates, held)` is the weight min_p and
+    top_k keep in each row, top_p's denominator (see `_mass`)."""
+    rows, width = values.shape
+    check = min(check or width, width)
+    threshold = torch.full((rows,), NEG_INF, dtype=values.dtype, device=values.device)
     top = values[:, :1]
-    has_k = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    has_k = torch.zeros(rows, dtype=torch.bool, device=values.device)
     if f.top_k is not None:
         has_k = f.top_k > 0
         kth = values.gather(1, (f.top_k.clamp(1, width) - 1)[:, None])[:, 0]
@@ -96,14 +108,14 @@ def thresholds(x: torch.Tensor, f: Filters, width: int, check: int | None = None
     kept = values >= threshold[:, None]
     if f.min_p is not None:
         kept &= w >= f.min_p[:, None]
-    resolved = torch.ones(rows, dtype=torch.bool, device=x.device)
+    resolved = torch.ones(rows, dtype=torch.bool, device=values.device)
     if f.top_p is not None:
         kept_w = torch.where(kept, w, 0.0)
-        mass = _mass(x, top, threshold, f.min_p, kept_w, has_k & (values[:, -1] < threshold), width == vocab)
+        total = mass(threshold, top, kept_w, has_k & (values[:, -1] < threshold))
         before = torch.cumsum(kept_w, dim=-1) - kept_w
         above = before.gather(1, _run_starts(values))  # the weight of strictly larger kept tokens
         has_p = f.top_p < 1.0
-        kept &= (above / mass[:, None] < f.top_p[:, None]) | ~has_p[:, None]
+        kept &= (above / total[:, None] < f.top_p[:, None]) | ~has_p[:, None]
         last = kept.sum(dim=-1).clamp(min=1) - 1
         threshold = torch.where(has_p, torch.maximum(threshold, values.gather(1, last[:, None])[:, 0]), threshold)
         # Every checked candidate survives and tokens beyond them may too: only a top_k row
