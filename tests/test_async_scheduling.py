@@ -102,8 +102,32 @@ def _recording_runs(graphs) -> list[int]:
     """Capture `graphs` (nothing to capture on the CPU); the list of the sizes `run` takes."""
     graphs.capture()
     ran, run = [], graphs.run
-    graphs.run = lambda n: ran.append(n) or run(n)
+    graphs.run = lambda n, *draw: ran.append(n) or run(n, *draw)
     return ran
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_static_decode_steps_draw_temperature_rows_themselves(async_scheduling):
+    """Rows that sample with temperature alone (seeded or not) beside greedy ones: the decode
+    graph draws their tokens itself (the sampler launches nothing), and they are the tokens
+    the sampler draws in an eager step; a top_p row in the batch sends the step back to it."""
+    params = [SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.3, max_tokens=10, ignore_eos=True),  # the engine's stream
+              greedy(9),
+              SamplingParams(temperature=0.9, top_k=1, max_tokens=6, ignore_eos=True)]  # top_k 1: greedy
+    top_p = SamplingParams(temperature=0.8, top_p=0.5, seed=1, max_tokens=8, ignore_eos=True)
+    prompts = [p[:20] for p in PROMPTS[:5]]
+    for batch, in_graph in ((params, True), ([*params, top_p], False)):
+        expected = outputs(make(async_scheduling=False), batch, prompts[:len(batch)])
+        llm = make(async_scheduling=async_scheduling)
+        with_static_decode_steps(llm)
+        graphs, drawn = llm.engine.runner.graphs, []
+        run = graphs.run
+        graphs.run = lambda n, draw=False, run=run, drawn=drawn: drawn.append(draw) or run(n, draw)
+        assert outputs(llm, batch, prompts[:len(batch)]) == expected
+        # with the top_p row: not while every row decodes (the first steps)
+        assert any(drawn) if in_graph else not any(drawn[:4])
+        assert_all_free(llm)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

@@ -7,13 +7,19 @@ calls are what is left of a step; a step makes three: the staging copy, the repl
 sampler's) the copy of its tokens back. Everything else a step needs is inside the graph:
 
     one int64 buffer:  tokens | input ids | positions | slots | table rows | source | ...
-                       ^ the last replay's greedy tokens (argmax, written by the graph)
+                       ^ the last replay's tokens (written by the graph)
 
     graph:  ids    = buffer[:2n][source]        # a pending input: the token sampled a step ago
             tables = persistent_tables[rows]    # block_table.py's device rows
             logits = model(ids, positions, ...)
             tokens = argmax(logits)             # the sampler's, when every row is plain greedy
                                                 # (kernels/argmax.py; torch's on the CPU)
+
+Each bucket has a second graph that also draws: where a row's staged temperature is above
+zero, its token is the draw of kernels/sample.py with the staged uniform (the sampler's
+own, Sampler.in_graph), else the argmax. A step whose rows are greedy or sample with
+temperature alone (no top_k / top_p / min_p, nothing that edits or reads the logits) runs it:
+the sampler then launches nothing, and the next step reads the tokens in the graph.
 
 `stage` writes the step's host values behind the tokens with one host-to-device copy, from
 one of two pinned buffers (each reused once its last copy is done). A row's source is its
@@ -37,6 +43,8 @@ import torch
 from torch import nn
 
 from kernels.argmax import argmax, argmax_ref
+from kernels.sample import draw as draw_kernel
+from kernels.sample import draw_ref
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 
 log = logging.getLogger("pdserve.engine")
@@ -85,11 +93,12 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return sorted({b for b in sizes if b <= max_batch} | {max_batch})
 
 
-def _capture(forward, sizes: list[int], device: torch.device) -> tuple[dict[int, torch.cuda.CUDAGraph], dict]:
+def _capture(forward, sizes: list[int], device: torch.device,
+             pool=None) -> tuple[dict[int, torch.cuda.CUDAGraph], dict, object]:
     """One CUDA graph of forward(size) per size, largest first (the later ones reuse its
-    memory pool), each run once before its capture (Triton compiles there). Returns the
-    graphs and the outputs they write."""
-    graphs, outputs, pool = {}, {}, None
+    memory pool, or `pool`), each run once before its capture (Triton compiles there).
+    Returns the graphs, the outputs they write and their memory pool."""
+    graphs, outputs = {}, {}
     for size in sorted(sizes, reverse=True):
         forward(size)
         torch.cuda.synchronize(device)
@@ -99,7 +108,7 @@ def _capture(forward, sizes: list[int], device: torch.device) -> tuple[dict[int,
         pool = graph.pool()
         graphs[size] = graph
     torch.cuda.synchronize(device)
-    return graphs, outputs
+    return graphs, outputs, pool
 
 
 class _PinnedStaging:
@@ -151,11 +160,14 @@ class DecodeGraphs:
         self.num_kv_heads = num_kv_heads
         n = self.width = self.max_batch + self.max_batch % 2
         # Every per-step value in one int64 buffer, n entries a segment (_SEGMENTS), then the
-        # lengths as int32 pairs; `stage` fills all but the tokens with one copy.
-        self._staged = torch.zeros(len(_SEGMENTS) * n + n // 2, dtype=torch.long, device=device)
+        # lengths as int32 pairs, then the draw's temperatures and uniforms as float32 pairs;
+        # `stage` fills all but the tokens with one copy.
+        lens_at = len(_SEGMENTS) * n
+        self._staged = torch.zeros(lens_at + n // 2 + n, dtype=torch.long, device=device)
         (self.tokens, self.input_ids, self.positions, self.slots, self.rows, self.source, self.gather_from,
-         self.logits_indices) = self._staged[: len(_SEGMENTS) * n].view(len(_SEGMENTS), n)
-        self.seq_lens = self._staged[len(_SEGMENTS) * n:].view(torch.int32)
+         self.logits_indices) = self._staged[:lens_at].view(len(_SEGMENTS), n)
+        self.seq_lens = self._staged[lens_at: lens_at + n // 2].view(torch.int32)
+        self.temperature, self.uniforms = self._staged[lens_at + n // 2:].view(torch.float32).view(2, n)
         self.slots.fill_(-1)
         self.seq_lens.fill_(1)
         self._own_ids = np.arange(n, 2 * n)  # a row's source: its own input id
@@ -164,6 +176,8 @@ class DecodeGraphs:
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.draw_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.draw_logits: dict[int, torch.Tensor] = {}
         self._host = _PinnedStaging(self._staged)
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -178,21 +192,30 @@ class DecodeGraphs:
             decode_split=decode_splits(batch, self.num_kv_heads, self.device),
         )
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        """What a replay runs: the input gathers, the forward, the logits and their argmax."""
+    def _forward(self, batch: int, draw: bool = False) -> torch.Tensor:
+        """What a replay runs: the input gathers, the forward, the logits and their argmax
+        (`draw`: or, where a row's temperature is above zero, its draw)."""
         ids = self._staged[: 2 * self.width].index_select(0, self.source[:batch])
         torch.index_select(self.table, 0, self.rows[:batch], out=self.block_tables[:batch])
         ctx = AttentionContext(self.backend, self.kv_caches, self._metadata(batch))
         logits = self.model.compute_logits(self.model(ids, self.positions[:batch], ctx))
-        (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=self.tokens[:batch])
+        tokens = self.tokens[:batch]
+        (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=tokens)
+        if draw:
+            greedy = self.temperature[:batch] <= 0.0
+            drawn = (draw_kernel if self.device.type == "cuda" else draw_ref)(
+                logits, torch.where(greedy, 1.0, self.temperature[:batch]), None, None, self.uniforms[:batch])
+            tokens.copy_(torch.where(greedy, tokens, drawn))
         return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
         if self.device.type != "cuda":
             return  # run() calls the forward itself
-        self.graphs, self.logits = _capture(self._forward, self.buckets, self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        self.graphs, self.logits, pool = _capture(self._forward, self.buckets, self.device)
+        self.draw_graphs, self.draw_logits, _ = _capture(functools.partial(self._forward, draw=True), self.buckets,
+                                                         self.device, pool)
+        log.info("captured decode CUDA graphs for batch sizes %s (argmax, and argmax or draw)", self.buckets)
 
     def holds(self, table: torch.Tensor) -> bool:
         """The graphs gather block tables from `table`: the one captured (the persistent
@@ -218,6 +241,7 @@ class DecodeGraphs:
         pending_from: list[int],  # ... and that token's row in the last step's tokens
         logits_indices: list[int],
         gather: bool,  # the last step's tokens are not the graph's own: take_tokens follows
+        draw: tuple[np.ndarray, np.ndarray] | None = None,  # the rows' temperatures and uniforms (run(draw=True))
     ) -> None:
         """Write one step's inputs behind the tokens segment with one host-to-device copy."""
         n, batch, width = len(rows), self.bucket(len(rows)), self.width
@@ -235,9 +259,13 @@ class DecodeGraphs:
         else:  # ... or the graph's token from a step ago
             seg[5, pending_at] = pending_from
         seg[7, : len(logits_indices)] = logits_indices
-        lens = h[len(_SEGMENTS) * width:].view(np.int32)
+        lens = h[len(_SEGMENTS) * width: len(_SEGMENTS) * width + width // 2].view(np.int32)
         lens[:n] = seq_lens
         lens[n:batch] = 1
+        if draw is not None:
+            temperature, uniforms = h[len(_SEGMENTS) * width + width // 2:].view(np.float32).reshape(2, width)
+            temperature[:n], uniforms[:n] = draw
+            temperature[n:batch] = 0.0  # padding rows: argmax
         self._host.upload(width)
 
     def take_tokens(self, tokens: torch.Tensor, n: int) -> None:
@@ -245,15 +273,16 @@ class DecodeGraphs:
         segment, where the staged sources point (stage(gather=True))."""
         torch.index_select(tokens, 0, self.gather_from[:n], out=self.tokens[:n])
 
-    def run(self, n: int) -> torch.Tensor:
+    def run(self, n: int, draw: bool = False) -> torch.Tensor:
         """Replay the smallest graph that fits the n staged rows; returns logits [n, vocab]
-        (and leaves their argmax in `tokens[:n]`)."""
+        (and leaves their argmax, or with `draw` their tokens, in `tokens[:n]`)."""
         batch = self.bucket(n)
+        graphs, logits = (self.draw_graphs, self.draw_logits) if draw else (self.graphs, self.logits)
         if self.device.type == "cuda":
-            self.graphs[batch].replay()
+            graphs[batch].replay()
         else:
-            self.logits[batch] = self._forward(batch)
-        return self.logits[batch][:n]
+            logits[batch] = self._forward(batch, draw)
+        return logits[batch][:n]
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -327,7 +356,7 @@ class PrefillGraphs:
         if self.device.type != "cuda":
             return
         self.stage_capture_inputs()
-        self.graphs, self.logits = _capture(self._forward, self.buckets, self.device)
+        self.graphs, self.logits, _ = _capture(self._forward, self.buckets, self.device)
         log.info("captured prefill CUDA graphs for chunks of up to %s tokens", self.buckets)
 
     def stage_capture_inputs(self) -> None:

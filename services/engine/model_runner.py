@@ -144,9 +144,9 @@ class ModelRunner:
             rows = [self.tables.row(s.seq_id, s.block_table) for s in seqs]
             decode_graph = decode_graph and graphs.holds(self.tables.device_table)
             prefill_graph = prefill_graph and prefill_graphs.holds(self.tables.device_table)
-        argmax, prompt = None, None
+        argmax, prompt, drawn = None, None, False
         if decode_graph:
-            logits, sampled_seqs, argmax = self._run_graph(plan, rows)
+            logits, sampled_seqs, argmax, drawn = self._run_graph(plan, rows)
         elif prefill_graph:
             logits, sampled_seqs, argmax = self._run_prefill_graph(seqs[0], rows[0])
         else:
@@ -162,7 +162,7 @@ class ModelRunner:
         if not sampled_seqs:
             return LaunchedStep([], None, prompt)
         specs = verify.row_specs(sampled_seqs) if speculating else [s.sample for s in sampled_seqs]
-        batch = self.sampler.sample(logits, specs, argmax)
+        batch = self.sampler.drawn(argmax, specs) if drawn else self.sampler.sample(logits, specs, argmax)
         self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
         for s in sampled_seqs:
             width = len(s.sample.seq_indices) + s.num_draft_tokens
@@ -182,28 +182,32 @@ class ModelRunner:
         return model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled_seqs
 
     def _run_graph(self, plan: StepPlan,
-                   rows: list[int]) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None]:
+                   rows: list[int]) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor | None, bool]:
         """A decode-only step through the CUDA graphs (cuda_graphs.py): inputs staged with one
         copy, then the replay, which gathers the pending tokens and the block tables itself.
-        Returns the logits of the rows that sample, those sequences, and the logits' argmax
-        when every row samples."""
+        Returns the logits of the rows that sample, those sequences, the graph's tokens when
+        every row samples (the logits' argmax), and whether the graph drew them itself
+        (Sampler.in_graph: then they are the step's tokens)."""
         graphs, seqs, last = self.graphs, plan.seqs, self._last_tokens
         input_ids, pending_at, pending_from, positions, slots, sampled, logits_indices = self._decode_inputs(seqs)
         n = len(seqs)
         if len(sampled) == n:
             logits_indices = []  # every row samples: no gather
         gather = bool(pending_at) and not graphs.owns(last)
+        draw = None
+        if len(sampled) == n:
+            draw = self.sampler.in_graph([s.sample for s in sampled], self.layout.vocab_size, self.device)
         graphs.stage(input_ids, positions, slots, rows, [p + 1 for p in positions], pending_at, pending_from,
-                     logits_indices, gather)
+                     logits_indices, gather, draw)
         self.tables.upload()
         if gather:  # the last step's tokens come from an eager step or the sampler's own draw
             graphs.take_tokens(last, n)
         if not sampled and graphs.owns(last):
             self._last_tokens = last.clone()  # the replay overwrites them, and nothing replaces them
-        logits = graphs.run(n)  # one token per row, so token index = row
+        logits = graphs.run(n, draw is not None)  # one token per row, so token index = row
         if logits_indices:  # drop the rows that do not sample
-            return logits[graphs.logits_indices[: len(sampled)]], sampled, None
-        return logits, sampled, graphs.tokens[:n]
+            return logits[graphs.logits_indices[: len(sampled)]], sampled, None, False
+        return logits, sampled, graphs.tokens[:n], draw is not None
 
     def _run_prefill_graph(self, seq: ScheduledSeq, row: int) -> tuple[torch.Tensor, list[ScheduledSeq], torch.Tensor]:
         """A step of one prompt chunk through the prefill graphs (cuda_graphs.py): the chunk

@@ -102,6 +102,32 @@ class Sampler:
         return SampledBatch(tokens, specs, lps, self._spare,
                             [(r, rows[r][0].params.logprobs) for r in batch.logprob_rows])
 
+    def in_graph(self, specs: list[SampleSpec], vocab: int,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each row's temperature (0: greedy) and uniform, when a decode graph can draw this
+        step itself (cuda_graphs.DecodeGraphs.run(draw=True)): one row a spec, and the rows
+        that draw do so with temperature alone, nothing editing or reading their logits.
+        None otherwise, and for plain greedy (whose graph takes the argmax alone). The
+        uniforms are those `sample` would use, so the tokens are too."""
+        if any(len(spec.seq_indices) != 1 or spec.params.shapes_logits or spec.grammar is not None or spec.bad_words
+               for spec in specs):
+            return None
+        rows = [(spec, spec.seq_indices[0]) for spec in specs]
+        if self._batch is None or self._batch.key != batch_key(rows):
+            self._batch = BatchParams.build(rows, self.eos_token_ids, vocab, device)
+        batch, f = self._batch, self._batch.filters
+        if batch.all_greedy or f.max_k or f.top_p is not None or f.min_p is not None:
+            return None
+        temperature = np.zeros(len(rows), dtype=np.float32)
+        uniforms = np.zeros(len(rows), dtype=np.float32)
+        temperature[batch.draw_rows] = [batch.params[r].temperature for r in batch.draw_rows]
+        uniforms[batch.draw_rows] = self._uniforms(rows, batch, 1)
+        return temperature, uniforms
+
+    def drawn(self, tokens: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
+        """The step's tokens, drawn by a decode graph after `in_graph`."""
+        return SampledBatch(tokens, specs, None, self._spare)
+
     # ---- processing ----------------------------------------------------------------------
 
     def _params(self, rows: list[Row], logits: torch.Tensor) -> BatchParams:
