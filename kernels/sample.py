@@ -141,3 +141,37 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tenso
     _walk_kernel[(R,)](*args, u, out, V=V, S=S, S_POW2=triton.next_power_of_2(S), CHUNK=chunk, num_warps=4,
                        **flags)
     return out
+
+
+TOPK_CHUNK = 1024
+MAX_CHUNKED_K = 256  # larger top_k: torch.topk over the whole row
+
+
+@triton.jit
+def _chunk_top_kernel(X, stride_x, Out, V: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr):
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    at = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(X + row * stride_x + at, mask=at < V, other=float("-inf")).to(tl.float32)
+    top = tl.sort(x, descending=True)
+    lanes = tl.arange(0, CHUNK)
+    tl.store(Out + (row * S + chunk) * K + lanes, top, mask=lanes < K)
+
+
+def top_values(logits: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """[R, k] float32: each row's k largest logits, descending (ties repeated), as
+    torch.topk(logits, k).values. Each chunk of TOPK_CHUNK tokens (or `chunk`, a power of two)
+    sorts itself and keeps its k largest
+    (the row's k largest are among them), then torch.topk picks from those S * k values: a
+    radix select over the whole 128k-token row is the slowest part of a top_k step on a GPU."""
+    R, V = logits.shape
+    assert logits.dim() == 2 and logits.stride(-1) == 1, "logits must be [R, V] with contiguous rows"
+    chunk = min(chunk or TOPK_CHUNK, triton.next_power_of_2(V))
+    if k > MAX_CHUNKED_K or k > chunk:
+        return torch.topk(logits, k, dim=-1).values.float()
+    K = triton.next_power_of_2(k)
+    S = triton.cdiv(V, chunk)
+    candidates = torch.empty(R, S * K, dtype=torch.float32, device=logits.device)
+    if R:
+        _chunk_top_kernel[(R, S)](logits, logits.stride(0), candidates, V=V, S=S, CHUNK=chunk, K=K, num_warps=4)
+    return torch.topk(candidates, k, dim=-1).values
+

@@ -19,7 +19,7 @@ from kernels.argmax import _argmax_kernel, argmax, argmax_ref  # noqa: E402
 from kernels.cache import _reshape_and_cache_kernel, reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from kernels.gemv import _gemv_kernel, gemv, gemv_ref, norm_gemv, norm_gemv_ref  # noqa: E402
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
-from kernels.sample import _chunk_kernel, _walk_kernel, draw, draw_ref, kept_mass  # noqa: E402
+from kernels.sample import _chunk_kernel, _chunk_top_kernel, _walk_kernel, draw, draw_ref, kept_mass, top_values  # noqa: E402
 from kernels.rotary import (  # noqa: E402
     _rotary_and_cache_kernel,
     _rotary_kernel,
@@ -30,7 +30,7 @@ from kernels.rotary import (  # noqa: E402
 )
 
 _KERNELS = (_reshape_and_cache_kernel, _rms_norm_kernel, _rotary_kernel, _rotary_and_cache_kernel, _gemv_kernel,
-            _argmax_kernel, _chunk_kernel, _walk_kernel)
+            _argmax_kernel, _chunk_kernel, _walk_kernel, _chunk_top_kernel)
 if not all(isinstance(k, InterpretedFunction) for k in _KERNELS):
     pytest.skip(
         "the kernels were first imported without TRITON_INTERPRET=1, so they are compiled Triton "
@@ -630,11 +630,15 @@ def test_draw_launcher_rejects_bad_inputs() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype) -> None:
+def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype, monkeypatch) -> None:
     """The GPU sampler's thresholds (top_k, top_p with and without top_k, min_p beside them),
     from candidates in the logits' dtype and a chunked whole-row mass, are ops.thresholds'."""
+    from services.engine import sampler
     from services.engine import sampling_ops as ops
     from services.engine.sampler import device_threshold
+
+    # top_values has its own test below; the interpreter sorts too slowly for rows this long
+    monkeypatch.setattr(sampler, "top_values", lambda logits, k: torch.topk(logits.float(), k, dim=-1).values)
 
     R, V = 12, 5000
     g = _gen(7)
@@ -654,3 +658,16 @@ def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype)
     top = x.max(dim=-1).values
     assert torch.allclose(kept_mass(logits, temperature, threshold, min_p, top),
                           ops.kept_weights(x, threshold, min_p, top[:, None]).sum(dim=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [5, 20, 130])  # 130: more than a chunk holds, torch.topk
+def test_top_values_are_torch_topks(k: int) -> None:
+    """Chunks that sort themselves and keep k values each hold the row's k largest, ties
+    repeated: across chunks (a row whose maxima all sit in one chunk) and inside one."""
+    g = _gen(k)
+    logits = torch.randn(4, 600, generator=g).to(torch.float16)
+    logits[1, 70:120] = 7.0  # 50 tied maxima in the second chunk
+    logits[2, ::7] = -float("inf")
+    logits[3, 590:] = 9.0  # the last, partial chunk
+    assert torch.equal(top_values(logits, k, chunk=64), torch.topk(logits.float(), k, dim=-1).values)
+

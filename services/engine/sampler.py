@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from kernels.sample import draw as draw_kernel
-from kernels.sample import kept_mass
+from kernels.sample import kept_mass, top_values
 from services.engine import sampling_ops as ops
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, to_device
@@ -253,20 +253,24 @@ class Sampler:
 
 def device_threshold(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters) -> torch.Tensor:
     """ops.thresholds' threshold of each row, without the float32 copy of the scaled rows:
-    torch.topk's candidates in the logits' dtype, scaled by temperature (x = logit / T, the
-    same float32 values in the same order), and top_p's denominator over the whole row from
-    one read of the logits (kernels/sample.kept_mass)."""
+    the top_k candidates' values (kernels/sample.top_values; the whole row sorted for top_p
+    alone) scaled by temperature (x = logit / T, the same float32 values in the same order),
+    and top_p's denominator over the whole row from one read of the logits
+    (kernels/sample.kept_mass)."""
     vocab = logits.shape[1]
     width = vocab if f.top_p_without_k else f.max_k
-    values, ids = torch.topk(logits, width, dim=-1)
-    values = values.float() / temperature[:, None]
+    if width == vocab:
+        values = torch.topk(logits, width, dim=-1).values.float()
+    else:
+        values = top_values(logits, width)  # chunked: the candidates' ids are not needed here
+    values = values / temperature[:, None]
 
     def mass(threshold, top, kept_w, held):
         if width == vocab:
             return kept_w.sum(dim=-1)
         return torch.where(held, kept_w.sum(dim=-1), kept_mass(logits, temperature, threshold, f.min_p, top[:, 0]))
 
-    return ops.from_candidates(values, ids, f, vocab, None, mass).threshold
+    return ops.from_candidates(values, None, f, vocab, None, mass).threshold
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:

@@ -90,9 +90,10 @@ def thresholds(x: torch.Tensor, f: Filters, width: int, check: int | None = None
                                                                       width == vocab))
 
 
-def from_candidates(values: torch.Tensor, ids: torch.Tensor, f: Filters, vocab: int, check: int | None,
+def from_candidates(values: torch.Tensor, ids: torch.Tensor | None, f: Filters, vocab: int, check: int | None,
                     mass: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Thresholds:
-    """`thresholds` from each row's top candidates (x's values, descending, and their ids);
+    """`thresholds` from each row's top candidates (x's values, descending, and their ids, if
+    the caller needs them back);
     `mass(threshold, top, kept weights of the candidates, held)` is the weight min_p and
     top_k keep in each row, top_p's denominator (see `_mass`)."""
     rows, width = values.shape
