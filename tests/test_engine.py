@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from services.engine import AsyncEngine, InvalidRequestError, SamplingParams
+from services.engine.async_engine import OutputQueue
 from services.engine.tokenizer import Tokenizer
 from tests.conftest import assert_all_free, make_llm
 
@@ -232,6 +233,26 @@ def test_async_bad_request_raises_in_the_caller(llm):
     finally:
         engine.shutdown()
     assert_all_free(llm)
+
+
+def test_an_output_queue_wakes_its_reader_in_order_and_a_cancelled_wait_loses_nothing():
+    async def run() -> tuple:
+        queue = OutputQueue()
+        gave_up = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        gave_up.cancel()  # a caller that left (cancel, deadline) while waiting for its next output
+        with pytest.raises(asyncio.CancelledError):
+            await gave_up
+        queue.put_nowait("a")
+        queue.put_nowait("b")
+        first, second = await queue.get(), await queue.get()
+        waiting = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        queue.put_nowait("c")
+        return first, second, await asyncio.wait_for(waiting, 30)
+
+    assert asyncio.run(run()) == ("a", "b", "c")
 
 
 def test_detokenizer_never_emits_broken_utf8(llm):

@@ -279,15 +279,15 @@ class _Held:
         self.response, self.tokens = None, 0
 
 
-async def with_heartbeats(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """`items`, with a None whenever `interval` seconds pass without an item (0: never).
+def with_heartbeats(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """`items`, with a None whenever `interval` seconds pass without an item (0: never; then
+    `items` itself, with no generator layer on every token's path)."""
+    return items if interval <= 0 else _beating(items, interval)
 
-    The pending item is awaited in a task that outlives each wait, so a heartbeat never
+
+async def _beating(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """The pending item is awaited in a task that outlives each wait, so a heartbeat never
     cancels `items` (cancelling an engine stream aborts its request); closing this iterator does."""
-    if interval <= 0:
-        async for item in items:
-            yield item
-        return
     source = aiter(items)
     pending = asyncio.ensure_future(anext(source))
     try:

@@ -3,7 +3,7 @@
 Model steps run on a dedicated engine thread, off the event loop, so serving, health checks
 and cancellation stay responsive during a long prefill. The event loop and the engine thread
 talk through two channels only: an inbox of commands (add, abort) that the engine thread
-drains between steps, and per-request asyncio queues it fills with streaming deltas.
+drains between steps, and per-request queues (OutputQueue) it fills with streaming deltas.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,10 +32,37 @@ from services.engine.sequence import Request, Resumed, SequenceStatus
 log = logging.getLogger("pdserve.engine")
 
 
+class OutputQueue:
+    """A request's outputs between the loop's callbacks (one producer) and its stream (one
+    reader): a deque and at most one waiting future. asyncio.Queue's bounds, putters and join
+    bookkeeping cost more on every token of every request, and none of it is used here."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: object) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> object:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: OutputQueue
 
 
 class EngineStreams:
@@ -173,7 +201,7 @@ class AsyncEngine(EngineStreams):
             request = self.core.make_request(
                 prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference, resume
             )
-            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            stream = _Stream(asyncio.get_running_loop(), OutputQueue())
             with self._lock:
                 if self._dead is not None:  # checked under the lock the dying thread takes: no stream is missed
                     raise EngineDeadError(f"engine stopped: {self._dead!r}")
@@ -312,7 +340,7 @@ class AsyncEngine(EngineStreams):
         step, not once per request, and the streams all wake in the same loop iteration, so a
         GenerateStream carries the whole step in one frame (services/decode/mux.py)."""
         outputs = [(request.request_id, build_output(request, delta=True)) for request in requests]
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputQueue, object]]] = {}
         with self._lock:
             for request_id, item in outputs:
                 stream = self._streams.get(request_id)
@@ -328,7 +356,7 @@ class AsyncEngine(EngineStreams):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+def deliver(batch: list[tuple[OutputQueue, object]]) -> None:
     """Put each item into its stream's queue (called on the queues' event loop)."""
     for stream_queue, item in batch:
         stream_queue.put_nowait(item)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.v1 import engine_pb2
+from services.engine.async_engine import OutputQueue
 from services.engine.core_channel import block_from_proto
 from services.engine.kv_transfer import KVImport
 from services.engine.outputs import Logprob, RequestOutput
@@ -27,7 +28,7 @@ class Stream:
 
     request_id: str
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: OutputQueue
     prompt_token_ids: list[int]
     params: SamplingParams
     tokenizer: Tokenizer | None  # None: no text (no tokenizer, detokenize off, or a prefill-only request)
