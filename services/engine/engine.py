@@ -42,6 +42,9 @@ from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport,
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
+from services.engine.parallel.driver import Followers, TPDriver, agree_num_blocks
+from services.engine.parallel.group import TPGroup
+from services.engine.parallel.shard import Shard
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -78,13 +81,56 @@ class EngineCore:
         max_model_len = config.max_model_len or cfg.max_context
         if max_model_len > cfg.max_context:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
-        model = _load_model(cfg, source, device, dtype, max_model_len)
+        self._followers: Followers | None = None
+        try:
+            self._build(config, cfg, source, device, dtype, max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.speculator = (self._speculator(config, self.runner.model, max_model_len, self._draft)
+                           if config.speculative_config is not None else None)
+        # A proposer needs every token on the host, so speculation runs synchronous steps.
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling) and self.speculator is None
+        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
+        self.requests: dict[str, Request] = {}
+        self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
+        self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
+        self.idle = True  # the last step scheduled nothing
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        log.info(
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d, tensor parallel %d",
+            time.perf_counter() - t0,
+            self.layout.model_identity,
+            self.layout.device,
+            self.layout.dtype,
+            self.layout.num_kv_blocks,
+            config.block_size,
+            self.layout.max_model_len,
+            config.tensor_parallel_size,
+        )
+
+    def _build(self, config: EngineConfig, cfg: ModelConfig, source: loader.ModelSource, device: torch.device,
+               dtype: torch.dtype, max_model_len: int) -> None:
+        """Model, KV pool, block manager, scheduler and runner; with tensor parallelism, first
+        the other ranks (parallel/driver.py), which build their shards meanwhile."""
+        tp, local = None, cfg
+        if config.tensor_parallel_size > 1:
+            local = Shard(0, config.tensor_parallel_size).local_config(cfg)  # refuses shapes that do not divide
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", 0)
+            self._followers = Followers(config, max_model_len)
+            tp = TPGroup.join(self._followers.store_path, 0, config.tensor_parallel_size, device)
+        model = _load_model(cfg, source, device, dtype, max_model_len, tp)
         backend = get_backend(config.attention_backend, device)
         # A draft model's weights load first and its KV (one block per target block) shares the
         # pool's budget, so the two pools together fit where the target's alone was sized.
-        draft = self._load_draft(config, cfg, device, dtype, max_model_len)
+        draft = self._draft = self._load_draft(config, cfg, device, dtype, max_model_len)
         draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
-        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len, draft_per_block)
+        num_blocks = num_kv_blocks(config, local, model, backend, device, dtype, max_model_len, draft_per_block)
+        if tp is not None:
+            num_blocks = agree_num_blocks(tp, num_blocks)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
@@ -109,38 +155,24 @@ class EngineCore:
             self.block_manager,
             self._new_seq,
         )
+        eager = config.enforce_eager or tp is not None  # no CUDA graphs around collectives yet
         self.runner = ModelRunner(
             model,
-            cfg,
+            local,
             self.layout,
             backend,
             Sampler(self.layout.eos_token_ids, config.seed),
-            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
-            cuda_graph_max_prefill=0 if config.enforce_eager else min(config.max_num_batched_tokens, 512),
+            cuda_graph_max_batch=0 if eager else min(config.max_num_seqs, 256),
+            cuda_graph_max_prefill=0 if eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
+            driver=TPDriver(self._followers, tp, cfg) if tp is not None else None,
         )
-        self.speculator = (self._speculator(config, model, max_model_len, draft)
-                           if config.speculative_config is not None else None)
-        # A proposer needs every token on the host, so speculation runs synchronous steps.
-        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
-                                 else config.async_scheduling) and self.speculator is None
-        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
-        self.requests: dict[str, Request] = {}
-        self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
-        self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
-        self.idle = True  # the last step scheduled nothing
-        self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
-        log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
-            time.perf_counter() - t0,
-            self.layout.model_identity,
-            self.layout.device,
-            self.layout.dtype,
-            self.layout.num_kv_blocks,
-            config.block_size,
-            self.layout.max_model_len,
-        )
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        if self._followers is not None:
+            self._followers.close()
+            self._followers = None
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -566,13 +598,14 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
-                max_model_len: int) -> torch.nn.Module:
+                max_model_len: int, tp: TPGroup | None = None) -> torch.nn.Module:
+    """The model with its weights, or with `tp` this rank's shard of them."""
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = build_model(cfg, max_model_len)
+            model = build_model(cfg, max_model_len, tp)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(loader.iter_weights(source))

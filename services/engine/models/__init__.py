@@ -13,6 +13,7 @@ from torch import nn
 from services.engine.models.config import ModelConfig
 from services.engine.models.gpt2 import GPT2LMHeadModel
 from services.engine.models.llama import LlamaForCausalLM
+from services.engine.parallel.group import TPGroup
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -23,8 +24,9 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, max_positions: int) -> nn.Module:
-    return _REGISTRY[cfg.model_type](cfg, max_positions)
+def build_model(cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> nn.Module:
+    """The whole model, or with `tp` this rank's shard of it (parallel/shard.py)."""
+    return _REGISTRY[cfg.model_type](cfg, max_positions, tp)
 
 
 __all__ = ["ModelConfig", "build_model"]

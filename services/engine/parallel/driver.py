@@ -1,0 +1,113 @@
+"""Rank 0's side of a tensor-parallel engine: it starts the other ranks, and each time its
+model runner steps, copies, reads or writes KV it has them do the same (plan.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.errors import PdserveError
+from services.engine.models.config import ModelConfig
+from services.engine.parallel import plan
+from services.engine.parallel.group import TPGroup
+from services.engine.parallel.shard import Shard
+
+log = logging.getLogger("pdserve.engine")
+_STOP_WAIT_S = 10.0
+
+
+class RankDiedError(PdserveError):
+    """Another rank of this engine is gone: the engine cannot step any more."""
+
+
+class Followers:
+    """Ranks 1..N-1 as child processes (python -m services.engine.parallel.follower), each
+    holding the read end of a pipe from here."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int) -> None:
+        self.size = config.tensor_parallel_size
+        self._dir = Path(tempfile.mkdtemp(prefix="pdserve-tp-"))  # mode 0700: only this user's ranks join
+        self.store_path = str(self._dir / "store")
+        fields = dataclasses.asdict(config) | {"max_model_len": max_model_len, "speculative_config": None}
+        fields["cache_dir"] = str(config.cache_dir) if config.cache_dir is not None else None
+        self.procs = [
+            subprocess.Popen([sys.executable, "-m", "services.engine.parallel.follower", "--rank", str(rank),
+                              "--store", self.store_path, "--config", json.dumps(fields)], stdin=subprocess.PIPE)
+            for rank in range(1, self.size)
+        ]
+
+    def ring(self, op: int, *fields: int) -> None:
+        """Tell every follower what comes next."""
+        header = plan.HEADER.pack(op, *fields, *[0] * (plan.HEADER.size // 8 - 1 - len(fields)))
+        for rank, proc in enumerate(self.procs, start=1):
+            try:
+                proc.stdin.write(header)
+                proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise RankDiedError(f"tensor-parallel rank {rank} is gone (exit code {proc.poll()})") from None
+
+    def close(self) -> None:
+        """End of stream on every pipe: followers exit; any still there after a while is killed."""
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(_STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class TPDriver:
+    """What the model runner of rank 0 calls so the other ranks run the same step."""
+
+    def __init__(self, followers: Followers, group: TPGroup, cfg: ModelConfig) -> None:
+        self.followers, self.group, self.cfg = followers, group, cfg
+        self.shard = Shard(group.rank, group.size)
+
+    def step(self, input_ids, positions, meta, logits_indices, prompt_rows: list[int]) -> None:
+        fields, payload = plan.pack_step(input_ids, positions, meta, logits_indices, prompt_rows)
+        self.followers.ring(plan.STEP, *fields)
+        self.group.broadcast(payload)
+
+    def copy_blocks(self, copies: list[tuple[int, int]], device: torch.device) -> None:
+        self.followers.ring(plan.COPY, len(copies))
+        self.group.broadcast(torch.tensor([s for s, _ in copies] + [d for _, d in copies], device=device))
+
+    def read_block(self, kv_cache: torch.Tensor, block_id: int, num_tokens: int) -> torch.Tensor:
+        """One block's first `num_tokens` slots with every KV head: [layers, 2, tokens, kv_heads, dim]."""
+        self.followers.ring(plan.READ, block_id, num_tokens)
+        parts = self.group.all_gather(kv_cache[:, :, block_id, :num_tokens])
+        return torch.cat([parts[r] for r in self.shard.kv_owners(self.cfg)], dim=3)
+
+    def write_block(self, kv_cache: torch.Tensor, block_id: int, data: torch.Tensor) -> None:
+        """Fill one block from `data` (every KV head); each rank keeps its own heads."""
+        self.followers.ring(plan.WRITE, block_id, data.shape[2])
+        whole = self.group.broadcast(data.to(kv_cache.device, kv_cache.dtype).contiguous())
+        heads = self.shard.kv_heads(self.cfg)
+        kv_cache[:, :, block_id, : data.shape[2]] = whole[:, :, :, heads.start : heads.stop]
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        return agree_num_blocks(self.group, num_blocks)
+
+    def close(self) -> None:
+        self.followers.close()
+
+
+def agree_num_blocks(group: TPGroup, num_blocks: int) -> int:
+    """The fewest KV blocks any rank has room for: the pool size of every rank."""
+    counts = group.all_gather(torch.tensor([num_blocks], dtype=torch.int64, device=group.device))
+    return int(min(c.item() for c in counts))
