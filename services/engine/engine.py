@@ -42,7 +42,7 @@ from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport,
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.parallel.driver import Followers, TPDriver, agree_num_blocks
+from services.engine.parallel.driver import Followers, TPDriver, agree_num_blocks, cpu_threads_per_rank
 from services.engine.parallel.group import TPGroup
 from services.engine.parallel.shard import Shard
 from services.engine.sampler import Sampler
@@ -121,6 +121,8 @@ class EngineCore:
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", 0)
             self._followers = Followers(config, max_model_len)
+            if device.type == "cpu":
+                torch.set_num_threads(cpu_threads_per_rank(config.tensor_parallel_size))
             tp = TPGroup.join(self._followers.store_path, 0, config.tensor_parallel_size, device)
         model = _load_model(cfg, source, device, dtype, max_model_len, tp)
         backend = get_backend(config.attention_backend, device)

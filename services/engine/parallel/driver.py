@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +21,12 @@ from services.engine.parallel import plan
 from services.engine.parallel.group import TPGroup
 from services.engine.parallel.shard import Shard
 
-log = logging.getLogger("pdserve.engine")
 _STOP_WAIT_S = 10.0
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    """Each CPU rank's share of this process's threads (at least one)."""
+    return max(torch.get_num_threads() // size, 1)
 
 
 class RankDiedError(PdserveError):
@@ -39,9 +43,13 @@ class Followers:
         self.store_path = str(self._dir / "store")
         fields = dataclasses.asdict(config) | {"max_model_len": max_model_len, "speculative_config": None}
         fields["cache_dir"] = str(config.cache_dir) if config.cache_dir is not None else None
+        env = dict(os.environ)
+        if config.resolve_device().type == "cpu":  # the ranks share the cores instead of each taking all
+            env["OMP_NUM_THREADS"] = str(cpu_threads_per_rank(self.size))
         self.procs = [
             subprocess.Popen([sys.executable, "-m", "services.engine.parallel.follower", "--rank", str(rank),
-                              "--store", self.store_path, "--config", json.dumps(fields)], stdin=subprocess.PIPE)
+                              "--store", self.store_path, "--config", json.dumps(fields)],
+                             stdin=subprocess.PIPE, env=env)
             for rank in range(1, self.size)
         ]
 
