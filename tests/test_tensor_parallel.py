@@ -9,12 +9,16 @@ import signal
 
 import pytest
 
+from services.engine import LLM
 from services.engine.errors import ConfigError
 from services.engine.models.config import ModelConfig
 from services.engine.parallel.driver import RankDiedError
 from services.engine.parallel.shard import Shard
 from services.engine.sampling_params import SamplingParams
 from tests.conftest import assert_all_free, make_llm
+from tests.test_kv_transfer import GREEDY as KV_GREEDY
+from tests.test_kv_transfer import PROMPT as KV_PROMPT
+from tests.test_kv_transfer import count_computed, disaggregated
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,6 +73,18 @@ def test_refuses_head_counts_that_do_not_divide_before_starting_any_rank():
         make_llm("smollm2-135m", num_kv_blocks=8, tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
         make_llm(tensor_parallel_size=0)
+
+
+@pytest.mark.slow
+def test_the_default_model_on_three_ranks_gives_the_tokens_of_one(default_llm):
+    """SmolLM2-135M's real weights: 9 query heads and 3 KV heads, one KV head per rank."""
+    prompts = ["What is AI?", "The capital of France is", [1, 2, 3]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    three = LLM(max_model_len=256, kv_cache_memory=16 << 20, tensor_parallel_size=3)
+    try:
+        assert_same(run(three, prompts, params), run(default_llm, prompts, params))
+    finally:
+        three.close()
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +143,25 @@ def test_kv_blocks_read_from_two_ranks_hold_every_head_and_write_back_to_them(pr
     assert two.engine.runner.kv_cache[:, :, block, :16].equal(swapped[:, :, :, :1])  # rank 0 kept head 0
     finish(one)
     finish(two)
+
+
+@pytest.mark.parametrize("direction", ["prefill TP=2, decode TP=1", "prefill TP=1, decode TP=2"])
+def test_prefill_and_decode_with_different_tp_sizes_give_the_local_tokens(preempting_pair, direction):
+    one, two = preempting_pair
+    prefill, decode = (two, one) if direction.startswith("prefill TP=2") else (one, two)
+    for llm in (one, two):
+        llm.engine.block_manager.reset_prefix_cache()
+    expected = one.generate(KV_PROMPT, KV_GREEDY)[0].outputs[0].token_ids
+    one.engine.block_manager.reset_prefix_cache()
+    computed = count_computed(decode)
+    out, request, blocks = disaggregated(prefill, decode, KV_PROMPT, KV_GREEDY)
+    del decode.engine.runner.execute  # count_computed's wrapper
+    assert out.outputs[0].token_ids == expected
+    assert [b.num_tokens for b in blocks] == [16, 16, 5]
+    assert all(b.tensor.shape[3] == 2 for b in blocks)  # every KV head, whichever ranks held them
+    assert computed == [1] * 11 and request.kv_import.computed_locally == 0
+    assert_all_free(prefill)
+    assert_all_free(decode)
 
 
 def test_a_killed_rank_fails_the_next_step_instead_of_hanging(preempting_pair):
