@@ -849,13 +849,15 @@ def test_decode_speculative_config_reaches_the_decode_cli_as_json_and_prefill_ru
     assert parse_cli(command_line(p, objects)[1:]).speculative_config is None
 
 
-def test_a_tensor_parallel_worker_requests_a_gpu_per_rank_and_a_memory_backed_shm():
-    objects = render_chart({"prefill": {"tensorParallelSize": 2}, "decode": {"tensorParallelSize": 4}})
-    for role, ranks in (("prefill", 2), ("decode", 4)):
+def test_a_parallel_worker_requests_a_gpu_per_rank_and_a_memory_backed_shm():
+    objects = render_chart({"prefill": {"tensorParallelSize": 2},
+                            "decode": {"tensorParallelSize": 2, "pipelineParallelSize": 2}})
+    for role, tp, pp in (("prefill", 2, 1), ("decode", 2, 2)):
         spec = pod_spec(workload(objects, role))
         (c,) = spec["containers"]
-        assert gpus(c) == (ranks, ranks)
-        assert parse_cli(command_line(c, objects)[1:]).tensor_parallel_size == ranks
+        assert gpus(c) == (tp * pp, tp * pp)
+        args = parse_cli(command_line(c, objects)[1:])
+        assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (tp, pp)
         [shm] = [v for v in spec["volumes"] if v["name"] == "dshm"]
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]

@@ -71,7 +71,7 @@ def test_refuses_head_counts_that_do_not_divide_before_starting_any_rank():
     # the default model's shape: 9 query heads, 3 KV heads
     with pytest.raises(ConfigError, match="does not divide the model's 9 attention heads"):
         make_llm("smollm2-135m", num_kv_blocks=8, tensor_parallel_size=2)
-    with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
+    with pytest.raises(ConfigError, match="tensor_parallel_size and pipeline_parallel_size must be >= 1"):
         make_llm(tensor_parallel_size=0)
 
 

@@ -48,6 +48,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    'draft_model (+ "model"). Output is unchanged; speculating steps run synchronously')
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes, one device each (gloo on the CPU, NCCL on GPUs)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the model's layers into this many stages, each its own process(es)")
     g.add_argument("--cache-dir", type=Path, help="where converted GGUF weights are cached (default ~/.cache/pdserve)")
 
 
@@ -90,6 +92,7 @@ def engine_config(args: argparse.Namespace):
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 

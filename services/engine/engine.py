@@ -43,7 +43,8 @@ from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
 from services.engine.parallel.driver import Followers, TPDriver, agree_num_blocks, cpu_threads_per_rank
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Layout, Ranks, TPGroup
+from services.engine.parallel.pipe import Pipe, stage_layers
 from services.engine.parallel.shard import Shard
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -100,7 +101,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d, tensor parallel %d",
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d, TP %d x PP %d",
             time.perf_counter() - t0,
             self.layout.model_identity,
             self.layout.device,
@@ -109,30 +110,35 @@ class EngineCore:
             config.block_size,
             self.layout.max_model_len,
             config.tensor_parallel_size,
+            config.pipeline_parallel_size,
         )
 
     def _build(self, config: EngineConfig, cfg: ModelConfig, source: loader.ModelSource, device: torch.device,
                dtype: torch.dtype, max_model_len: int) -> None:
         """Model, KV pool, block manager, scheduler and runner; with tensor parallelism, first
         the other ranks (parallel/driver.py), which build their shards meanwhile."""
-        tp, local = None, cfg
-        if config.tensor_parallel_size > 1:
-            local = Shard(0, config.tensor_parallel_size).local_config(cfg)  # refuses shapes that do not divide
+        ranks, pipe = None, None
+        layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, 0)
+        if layout.tp * layout.pp > 1:
+            Shard(0, layout.tp).check(cfg)  # shapes that do not divide are refused before any rank starts
+            stage_layers(cfg.num_layers, layout)
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", 0)
             self._followers = Followers(config, max_model_len)
             if device.type == "cpu":
-                torch.set_num_threads(cpu_threads_per_rank(config.tensor_parallel_size))
-            tp = TPGroup.join(self._followers.store_path, 0, config.tensor_parallel_size, device)
-        model = _load_model(cfg, source, device, dtype, max_model_len, tp)
+                torch.set_num_threads(cpu_threads_per_rank(self._followers.size))
+            ranks = Ranks.join(self._followers.store_path, layout, device)
+            pipe = Pipe(ranks.world, layout) if layout.pp > 1 else None
+        model = _load_model(cfg, source, device, dtype, max_model_len, ranks.tp if ranks else None, pipe)
+        local = model.local
         backend = get_backend(config.attention_backend, device)
         # A draft model's weights load first and its KV (one block per target block) shares the
         # pool's budget, so the two pools together fit where the target's alone was sized.
         draft = self._draft = self._load_draft(config, cfg, device, dtype, max_model_len)
         draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
         num_blocks = num_kv_blocks(config, local, model, backend, device, dtype, max_model_len, draft_per_block)
-        if tp is not None:
-            num_blocks = agree_num_blocks(tp, num_blocks)
+        if ranks is not None:
+            num_blocks = agree_num_blocks(ranks.world, num_blocks)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
@@ -157,7 +163,7 @@ class EngineCore:
             self.block_manager,
             self._new_seq,
         )
-        eager = config.enforce_eager or tp is not None  # no CUDA graphs around collectives yet
+        eager = config.enforce_eager or ranks is not None  # no CUDA graphs around collectives yet
         self.runner = ModelRunner(
             model,
             local,
@@ -167,7 +173,7 @@ class EngineCore:
             cuda_graph_max_batch=0 if eager else min(config.max_num_seqs, 256),
             cuda_graph_max_prefill=0 if eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
-            driver=TPDriver(self._followers, tp, cfg) if tp is not None else None,
+            driver=TPDriver(self._followers, ranks, cfg) if ranks is not None else None,
         )
 
     def close(self) -> None:
@@ -600,14 +606,14 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
-                max_model_len: int, tp: TPGroup | None = None) -> torch.nn.Module:
-    """The model with its weights, or with `tp` this rank's shard of them."""
+                max_model_len: int, tp: TPGroup | None = None, pipe: Pipe | None = None) -> torch.nn.Module:
+    """The model with its weights, or this rank's part of them (`tp`: its shard; `pipe`: its stage)."""
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = build_model(cfg, max_model_len, tp)
+            model = build_model(cfg, max_model_len, tp, pipe)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(loader.iter_weights(source))

@@ -14,6 +14,7 @@ from services.engine.models.config import ModelConfig
 from services.engine.models.gpt2 import GPT2LMHeadModel
 from services.engine.models.llama import LlamaForCausalLM
 from services.engine.parallel.group import TPGroup
+from services.engine.parallel.pipe import Pipe
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -24,9 +25,11 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> nn.Module:
-    """The whole model, or with `tp` this rank's shard of it (parallel/shard.py)."""
-    return _REGISTRY[cfg.model_type](cfg, max_positions, tp)
+def build_model(cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+                pipe: Pipe | None = None) -> nn.Module:
+    """The whole model, or this rank's part of it: its shard with `tp` (parallel/shard.py), its
+    stage's layers with `pipe` (parallel/pipe.py)."""
+    return _REGISTRY[cfg.model_type](cfg, max_positions, tp, pipe)
 
 
 __all__ = ["ModelConfig", "build_model"]

@@ -21,7 +21,8 @@ from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, v
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
 from services.engine.parallel.group import TPGroup
-from services.engine.parallel.shard import Shard
+from services.engine.parallel.pipe import Pipe
+from services.engine.parallel.shard import Shard, local_config
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
@@ -68,30 +69,44 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None, pipe: Pipe | None) -> None:
+        """`cfg.num_layers`: this stage's blocks, numbered from 0 (parallel/pipe.py)."""
         super().__init__()
-        self.wte = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.pipe = pipe
+        if pipe is None or pipe.first:
+            self.wte = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+            self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.h = nn.ModuleList([GPT2Block(cfg, i, tp) for i in range(cfg.num_layers)])
-        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
                 num_layers: int | None = None) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)  # (T, hidden)
+        """The final hidden states; on a pipeline stage after the first, this stage's output."""
+        pipe, ln = self.pipe, self.h[0].ln_1
+        first = pipe is None or pipe.first
+        x = (self.wte(input_ids) + self.wpe(positions) if first  # (T, hidden)
+             else pipe.recv_prev(len(input_ids), ln.normalized_shape[0], ln.weight.dtype))
         for block in self.h[:num_layers]:
             x = block(x, attn)
+        if pipe is not None:  # to the next stage; stage 0 gets the last one's output back
+            pipe.send_next(x)
+            if not first:
+                return x
+            x = pipe.recv_prev(len(input_ids), ln.normalized_shape[0], ln.weight.dtype)
         return self.ln_f(x)
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> None:
-        """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows)."""
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+                 pipe: Pipe | None = None) -> None:
+        """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows); `pipe`:
+        only this pipeline stage's blocks (and, on stage 0, the embeddings, ln_f and LM head)."""
         super().__init__()
-        self.config, self.tp = cfg, tp
+        self.config, self.tp, self.pipe = cfg, tp, pipe
         self.shard = Shard(tp.rank, tp.size) if tp is not None else None
-        self.local = self.shard.local_config(cfg) if tp is not None else cfg
-        self.transformer = GPT2Model(self.local, tp)
-        if not cfg.tie_word_embeddings:
+        self.local = local_config(cfg, self.shard, pipe)
+        self.transformer = GPT2Model(self.local, tp, pipe)
+        if not cfg.tie_word_embeddings and (pipe is None or pipe.first):
             self.lm_head = Linear(cfg.hidden_size, self.transformer.wte.weight.shape[0], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
@@ -118,6 +133,8 @@ class GPT2LMHeadModel(nn.Module):
         skip = (".attn.bias", ".attn.masked_bias") + (
             ("lm_head.weight",) if self.config.tie_word_embeddings else ()
         )
+        if self.pipe is not None:
+            weights = self.pipe.stage_weights(weights, self.config.num_layers)
         load_params(self, weights, rename, {}, skip, transform)
 
     def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:

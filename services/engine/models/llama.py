@@ -29,7 +29,8 @@ from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, v
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
 from services.engine.parallel.group import TPGroup
-from services.engine.parallel.shard import Shard
+from services.engine.parallel.pipe import Pipe
+from services.engine.parallel.shard import Shard, local_config
 
 # HF parameter -> (our fused parameter, shard index)
 _FUSED = {
@@ -115,33 +116,50 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None, pipe: Pipe | None) -> None:
+        """`cfg.num_layers`: this stage's layers, numbered from 0 (parallel/pipe.py)."""
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.pipe = pipe
+        if pipe is None or pipe.first:
+            self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, tp) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
                 num_layers: int | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (T, hidden)
-        rope = self.rotary.prepare(positions, x.dtype)
+        """The final hidden states; on a pipeline stage after the first, this stage's output."""
+        pipe, dtype = self.pipe, self.layers[0].input_layernorm.weight.dtype
+        first = pipe is None or pipe.first
+        x = self.embed_tokens(input_ids) if first else pipe.recv_prev(len(input_ids), self.hidden_size, dtype)
+        rope = self.rotary.prepare(positions, dtype)
         residual = None
         for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, rope, attn)
+        if pipe is not None:  # the residual stream to the next stage; stage 0 gets the last one's back
+            pipe.send_next(x if residual is None else x + residual)
+            if not first:
+                return x
+            return self.norm(pipe.recv_prev(len(input_ids), self.hidden_size, dtype))
         x, _ = self.norm(x, residual)
         return x
 
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0].input_layernorm.weight.shape[0]
+
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> None:
-        """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows)."""
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+                 pipe: Pipe | None = None) -> None:
+        """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows); `pipe`:
+        only this pipeline stage's layers (and, on stage 0, the embedding, norm and LM head)."""
         super().__init__()
-        self.config, self.tp = cfg, tp
+        self.config, self.tp, self.pipe = cfg, tp, pipe
         self.shard = Shard(tp.rank, tp.size) if tp is not None else None
-        self.local = self.shard.local_config(cfg) if tp is not None else cfg
-        self.model = LlamaModel(self.local, max_positions, tp)
-        if not cfg.tie_word_embeddings:
+        self.local = local_config(cfg, self.shard, pipe)
+        self.model = LlamaModel(self.local, max_positions, tp, pipe)
+        if not cfg.tie_word_embeddings and (pipe is None or pipe.first):
             self.lm_head = Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
@@ -169,6 +187,8 @@ class LlamaForCausalLM(nn.Module):
             return name, None, 0
 
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
+        if self.pipe is not None:
+            weights = self.pipe.stage_weights(weights, self.config.num_layers)
         load_params(self, weights, rename, shard_sizes, skip, self._slice if self.shard is not None else None)
 
     def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:

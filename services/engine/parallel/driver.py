@@ -18,7 +18,8 @@ from services.engine.config import EngineConfig
 from services.engine.errors import PdserveError
 from services.engine.models.config import ModelConfig
 from services.engine.parallel import plan
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Layout, Ranks, TPGroup
+from services.engine.parallel.pipe import stage_layers
 from services.engine.parallel.shard import Shard
 
 _STOP_WAIT_S = 10.0
@@ -38,7 +39,7 @@ class Followers:
     holding the read end of a pipe from here."""
 
     def __init__(self, config: EngineConfig, max_model_len: int) -> None:
-        self.size = config.tensor_parallel_size
+        self.size = config.tensor_parallel_size * config.pipeline_parallel_size
         self._dir = Path(tempfile.mkdtemp(prefix="pdserve-tp-"))  # mode 0700: only this user's ranks join
         self.store_path = str(self._dir / "store")
         fields = dataclasses.asdict(config) | {"max_model_len": max_model_len, "speculative_config": None}
@@ -82,9 +83,8 @@ class Followers:
 class TPDriver:
     """What the model runner of rank 0 calls so the other ranks run the same step."""
 
-    def __init__(self, followers: Followers, group: TPGroup, cfg: ModelConfig) -> None:
-        self.followers, self.group, self.cfg = followers, group, cfg
-        self.shard = Shard(group.rank, group.size)
+    def __init__(self, followers: Followers, ranks: Ranks, cfg: ModelConfig) -> None:
+        self.followers, self.group, self.cfg, self.layout = followers, ranks.world, cfg, ranks.layout
 
     def step(self, input_ids, positions, meta, logits_indices, prompt_rows: list[int]) -> None:
         fields, payload = plan.pack_step(input_ids, positions, meta, logits_indices, prompt_rows)
@@ -99,14 +99,13 @@ class TPDriver:
         """One block's first `num_tokens` slots with every KV head: [layers, 2, tokens, kv_heads, dim]."""
         self.followers.ring(plan.READ, block_id, num_tokens)
         parts = self.group.all_gather(kv_cache[:, :, block_id, :num_tokens])
-        return torch.cat([parts[r] for r in self.shard.kv_owners(self.cfg)], dim=3)
+        return whole_block(parts, self.cfg, self.layout)
 
     def write_block(self, kv_cache: torch.Tensor, block_id: int, data: torch.Tensor) -> None:
         """Fill one block from `data` (every KV head); each rank keeps its own heads."""
         self.followers.ring(plan.WRITE, block_id, data.shape[2])
         whole = self.group.broadcast(data.to(kv_cache.device, kv_cache.dtype).contiguous())
-        heads = self.shard.kv_heads(self.cfg)
-        kv_cache[:, :, block_id, : data.shape[2]] = whole[:, :, :, heads.start : heads.stop]
+        kv_cache[:, :, block_id, : data.shape[2]] = own_part(whole, self.cfg, self.layout)
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         return agree_num_blocks(self.group, num_blocks)
@@ -119,3 +118,18 @@ def agree_num_blocks(group: TPGroup, num_blocks: int) -> int:
     """The fewest KV blocks any rank has room for: the pool size of every rank."""
     counts = group.all_gather(torch.tensor([num_blocks], dtype=torch.int64, device=group.device))
     return int(min(c.item() for c in counts))
+
+
+def own_part(whole: torch.Tensor, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+    """A rank's layers and KV heads of a whole block [layers, 2, tokens, kv_heads, dim]."""
+    layers = stage_layers(cfg.num_layers, layout)
+    heads = Shard(layout.tp_rank, layout.tp).kv_heads(cfg) if layout.tp > 1 else range(cfg.num_kv_heads)
+    return whole[layers.start : layers.stop, :, :, heads.start : heads.stop]
+
+
+def whole_block(parts: list[torch.Tensor], cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+    """The inverse of `own_part` over every rank's part (in world rank order): each stage's
+    distinct head shards side by side, the stages' layers one after another."""
+    owners = Shard(0, layout.tp).kv_owners(cfg) if layout.tp > 1 else [0]
+    stages = [torch.cat([parts[stage * layout.tp + r] for r in owners], dim=3) for stage in range(layout.pp)]
+    return torch.cat(stages, dim=0)

@@ -1,4 +1,4 @@
-"""A tensor-parallel rank other than 0: its shard of the model and of the KV pool, and a loop
+"""A parallel rank other than 0: its part of the model and of the KV pool, and a loop
 that does what rank 0 rings for (plan.py) until rank 0's pipe ends.
 
     python -m services.engine.parallel.follower --rank R --store PATH --config JSON
@@ -28,9 +28,9 @@ from services.engine.layers import linear
 from services.engine.model_runner import kv_pool
 from services.engine.models import ModelConfig
 from services.engine.parallel import plan
-from services.engine.parallel.driver import agree_num_blocks
-from services.engine.parallel.group import TPGroup
-from services.engine.parallel.shard import Shard
+from services.engine.parallel.driver import agree_num_blocks, own_part
+from services.engine.parallel.group import Layout, Ranks
+from services.engine.parallel.pipe import Pipe
 
 log = logging.getLogger("pdserve.engine")
 
@@ -42,13 +42,16 @@ class Follower:
             device = torch.device("cuda", (device.index or 0) + rank)  # rank 0 has the first
             torch.cuda.set_device(device)
         dtype = config.resolve_dtype(device)
-        self.group = TPGroup.join(store_path, rank, config.tensor_parallel_size, device)
+        self.layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
+        ranks = Ranks.join(store_path, self.layout, device)
+        self.group = ranks.world
+        pipe = Pipe(ranks.world, self.layout) if self.layout.pp > 1 else None
+        self.first_stage = pipe is None or pipe.first  # holds the LM head: joins the logits' all-gather
         source = loader.resolve(config.model, config.load_format, config.preset, config.dummy_seed,
                                 config.tokenizer, config.cache_dir)
         self.cfg = ModelConfig.from_hf(source.hf_config)
-        self.shard = Shard(rank, config.tensor_parallel_size)
-        self.local = self.shard.local_config(self.cfg)
-        self.model = _load_model(self.cfg, source, device, dtype, config.max_model_len, self.group)
+        self.model = _load_model(self.cfg, source, device, dtype, config.max_model_len, ranks.tp, pipe)
+        self.local = self.model.local
         self.backend = get_backend(config.attention_backend, device)
         blocks = num_kv_blocks(config, self.local, self.model, self.backend, device, dtype, config.max_model_len)
         layout = EngineLayout(device=device, dtype=dtype, num_kv_blocks=agree_num_blocks(self.group, blocks),
@@ -72,6 +75,8 @@ class Follower:
         payload = self.group.broadcast(torch.empty(fields[7], dtype=torch.int64, device=self.device))
         s = plan.unpack_step(fields, payload, self.local.num_kv_heads)
         hidden = self.model(s.input_ids, s.positions, AttentionContext(self.backend, self.kv_caches, s.meta))
+        if not self.first_stage:
+            return
         self.model.compute_logits(hidden[s.logits_indices])  # the all-gather of rank 0's sampling rows
         if s.prompt_rows.numel():
             self.model.compute_logits(hidden[s.prompt_rows])
@@ -91,8 +96,7 @@ class Follower:
         whole = torch.empty(c.num_layers, 2, tokens, c.num_kv_heads, c.head_dim, dtype=self.kv_cache.dtype,
                             device=self.device)
         self.group.broadcast(whole)
-        heads = self.shard.kv_heads(c)
-        self.kv_cache[:, :, block_id, :tokens] = whole[:, :, :, heads.start : heads.stop]
+        self.kv_cache[:, :, block_id, :tokens] = own_part(whole, c, self.layout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The ranks of one tensor-parallel engine and their collectives.
+"""The ranks of one parallel engine (tensor x pipeline) and their collectives.
 
 Ranks meet through a FileStore in a directory only rank 0's user can read (no listening
 socket for the rendezvous), and gloo's sockets bind the loopback address, so only this
@@ -29,11 +29,9 @@ class TPGroup:
     device: torch.device  # where this rank's tensors (and so the collectives' buffers) live
 
     @classmethod
-    def join(cls, store_path: str, rank: int, size: int, device: torch.device,
+    def join(cls, store: dist.Store, rank: int, size: int, device: torch.device,
              timeout: timedelta = COLLECTIVE_TIMEOUT) -> TPGroup:
-        """Blocks until all `size` ranks have joined (or `timeout` passes)."""
-        store = dist.FileStore(store_path, size)
-        store.set_timeout(timeout)
+        """Blocks until all `size` ranks have joined through `store` (or `timeout` passes)."""
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -61,3 +59,49 @@ class TPGroup:
         """`t` becomes rank `src`'s, in place (contiguous tensors only)."""
         self.backend.broadcast(t, src).wait()
         return t
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        self.backend.send([t.contiguous()], dst, 0).wait()
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        self.backend.recv([t], src, 0).wait()
+        return t
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rank sits: world rank = stage * tp + tp_rank. Rank 0 (stage 0, TP rank 0) is the
+    engine core."""
+
+    tp: int
+    pp: int
+    rank: int
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+
+@dataclass
+class Ranks:
+    """This rank's groups: every rank (plans, KV blocks, activations between stages), and its
+    stage's tensor-parallel ranks (the model's all-reduces and all-gathers; None when tp = 1)."""
+
+    layout: Layout
+    world: TPGroup
+    tp: TPGroup | None
+
+    @classmethod
+    def join(cls, store_path: str, layout: Layout, device: torch.device,
+             timeout: timedelta = COLLECTIVE_TIMEOUT) -> Ranks:
+        store = dist.FileStore(store_path, layout.tp * layout.pp)
+        store.set_timeout(timeout)
+        world = TPGroup.join(dist.PrefixStore("world", store), layout.rank, layout.tp * layout.pp, device, timeout)
+        tp = None
+        if layout.tp > 1:
+            tp = TPGroup.join(dist.PrefixStore(f"tp{layout.stage}", store), layout.tp_rank, layout.tp, device, timeout)
+        return cls(layout, world, tp)

@@ -12,11 +12,15 @@ Shapes that do not divide are refused at start-up (`check`), as vLLM does.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.engine.errors import ConfigError
 from services.engine.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from services.engine.parallel.pipe import Pipe
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,9 @@ class Shard:
     def q_heads(self, cfg: ModelConfig) -> range:
         per = cfg.num_heads // self.size
         return range(self.rank * per, (self.rank + 1) * per)
+
+
+def local_config(cfg: ModelConfig, shard: Shard | None, pipe: Pipe | None) -> ModelConfig:
+    """`cfg` as one rank holds it: its heads and MLP columns (`shard`), its stage's layers (`pipe`)."""
+    local = shard.local_config(cfg) if shard is not None else cfg
+    return replace(local, num_layers=len(pipe.layers(cfg.num_layers))) if pipe is not None else local
