@@ -1,6 +1,6 @@
-"""Tensor parallelism on the CPU (gloo): the same greedy tokens, logprobs and block accounting
-as one process, for every architecture; shapes that do not split are refused; a rank that dies
-fails the engine's next step instead of hanging it."""
+"""Tensor and pipeline parallelism on the CPU (gloo): the same greedy tokens, logprobs and block
+accounting as one process, for every architecture; shapes that do not split are refused; a rank
+that dies fails the engine's next step instead of hanging it."""
 
 from __future__ import annotations
 
@@ -46,15 +46,28 @@ def assert_same(a, b):
         assert x == pytest.approx(y, abs=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3", "tiny-gpt2"])  # tiny-llama: preempting_pair
-def test_two_ranks_give_the_tokens_and_logprobs_of_one(preset):
+@pytest.mark.parametrize("preset, tp, pp", [
+    ("tiny-qwen2", 2, 1), ("tiny-qwen3", 2, 1), ("tiny-gpt2", 2, 1),  # tiny-llama TP=2: preempting_pair
+    ("tiny-gpt2", 1, 2),  # a stage boundary in GPT-2; in Llama (its residual stream) below
+    ("tiny-llama", 2, 2),  # TP x PP: 4 ranks
+])
+def test_parallel_ranks_give_the_tokens_and_logprobs_of_one(preset, tp, pp):
     one = make_llm(preset, num_kv_blocks=64)
     expected = run(one)
-    two = make_llm(preset, num_kv_blocks=64, tensor_parallel_size=2)
+    two = make_llm(preset, num_kv_blocks=64, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
         got = run(two)
         assert got[2][2] == 32  # the shared prefix was served from the cache
         assert_same(got, expected)
+        # a KV block read from every rank is the single engine's; written back, each rank keeps its part
+        (_, block), (_, block_two) = prefilled_block(one, KV_PROMPT), prefilled_block(two, KV_PROMPT)
+        assert block_two == block
+        whole = one.engine.runner.read_block(block, 16)
+        assert two.engine.runner.read_block(block, 16).allclose(whole, atol=1e-5)
+        two.engine.runner.write_block(block, whole * 2)
+        assert two.engine.runner.read_block(block, 16).equal(whole * 2)
+        finish(one)
+        finish(two)
     finally:
         two.close()
 
@@ -71,6 +84,8 @@ def test_refuses_head_counts_that_do_not_divide_before_starting_any_rank():
     # the default model's shape: 9 query heads, 3 KV heads
     with pytest.raises(ConfigError, match="does not divide the model's 9 attention heads"):
         make_llm("smollm2-135m", num_kv_blocks=8, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="pipeline_parallel_size 3 does not divide the model's 2 layers"):
+        make_llm(pipeline_parallel_size=3)
     with pytest.raises(ConfigError, match="tensor_parallel_size and pipeline_parallel_size must be >= 1"):
         make_llm(tensor_parallel_size=0)
 
