@@ -14,6 +14,7 @@ from services.engine.errors import ConfigError
 from services.engine.models.config import ModelConfig
 from services.engine.parallel.driver import RankDiedError
 from services.engine.parallel.shard import Shard
+from services.engine.presets import preset_config
 from services.engine.sampling_params import SamplingParams
 from tests.conftest import assert_all_free, make_llm
 from tests.test_kv_transfer import GREEDY as KV_GREEDY
@@ -73,7 +74,7 @@ def test_parallel_ranks_give_the_tokens_and_logprobs_of_one(preset, tp, pp):
 
 
 def test_kv_heads_are_replicated_when_ranks_outnumber_them():
-    cfg = ModelConfig.from_hf(__import__("services.engine.presets", fromlist=["x"]).preset_config("tiny-llama"))
+    cfg = ModelConfig.from_hf(preset_config("tiny-llama"))
     assert cfg.num_kv_heads == 2
     assert [Shard(r, 4).kv_heads(cfg) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
     assert Shard(0, 4).kv_owners(cfg) == [0, 2]
