@@ -42,8 +42,8 @@ from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport,
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.parallel.driver import Followers, TPDriver, agree_num_blocks, cpu_threads_per_rank
-from services.engine.parallel.group import Layout, Ranks, TPGroup
+from services.engine.parallel.driver import Followers, ParallelDriver, agree_num_blocks, cpu_threads_per_rank
+from services.engine.parallel.group import Layout, Ranks, Group
 from services.engine.parallel.pipe import Pipe, stage_layers
 from services.engine.parallel.shard import Shard
 from services.engine.sampler import Sampler
@@ -173,7 +173,7 @@ class EngineCore:
             cuda_graph_max_batch=0 if eager else min(config.max_num_seqs, 256),
             cuda_graph_max_prefill=0 if eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
-            driver=TPDriver(self._followers, ranks, cfg) if ranks is not None else None,
+            driver=ParallelDriver(self._followers, ranks, cfg) if ranks is not None else None,
         )
 
     def close(self) -> None:
@@ -606,7 +606,7 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
-                max_model_len: int, tp: TPGroup | None = None, pipe: Pipe | None = None) -> torch.nn.Module:
+                max_model_len: int, tp: Group | None = None, pipe: Pipe | None = None) -> torch.nn.Module:
     """The model with its weights, or this rank's part of them (`tp`: its shard; `pipe`: its stage)."""
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()

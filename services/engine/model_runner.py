@@ -29,7 +29,7 @@ from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_spli
 from services.engine.layers import linear
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.parallel.driver import TPDriver
+from services.engine.parallel.driver import ParallelDriver
 from services.engine.prompt_logprobs import PromptLogprobs, PromptRows
 from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
@@ -87,7 +87,7 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs for decode steps
         cuda_graph_max_prefill: int = 0,  # most tokens of a one-chunk step replayed from a graph; 0: none
         max_rows: int = 256,  # sequences in flight at once (grows if exceeded)
-        driver: TPDriver | None = None,  # tensor parallel: the other ranks run each step too
+        driver: ParallelDriver | None = None,  # tensor or pipeline parallel: the other ranks run each step too
     ) -> None:
         self.model = model
         self.driver = driver

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.layers.linear import Linear, linear
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Group
 
 
 class RowParallelLinear(Linear):
     """x holds this rank's slice of the input features; y = all-reduce(x @ W_r^T) + bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: Group | None) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.tp = tp
 
@@ -33,7 +33,7 @@ class VocabEmbedding(nn.Module):
     """An embedding table of which this rank holds rows [rank*per, (rank+1)*per); a token
     another rank holds embeds to zero here, and the all-reduce adds the rank that holds it."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup | None) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: Group | None) -> None:
         super().__init__()
         self.tp = tp
         per = vocab_size if tp is None else -(-vocab_size // tp.size)
@@ -49,7 +49,7 @@ class VocabEmbedding(nn.Module):
         return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
 
 
-def vocab_logits(hidden: torch.Tensor, head_weight: torch.Tensor, vocab_size: int, tp: TPGroup | None) -> torch.Tensor:
+def vocab_logits(hidden: torch.Tensor, head_weight: torch.Tensor, vocab_size: int, tp: Group | None) -> torch.Tensor:
     """(N, hidden) -> (N, vocab_size): each rank's slice of the LM head, gathered on every rank."""
     logits = linear(hidden, head_weight)
     if tp is None:

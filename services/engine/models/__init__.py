@@ -13,7 +13,7 @@ from torch import nn
 from services.engine.models.config import ModelConfig
 from services.engine.models.gpt2 import GPT2LMHeadModel
 from services.engine.models.llama import LlamaForCausalLM
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Group
 from services.engine.parallel.pipe import Pipe
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -25,7 +25,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+def build_model(cfg: ModelConfig, max_positions: int, tp: Group | None = None,
                 pipe: Pipe | None = None) -> nn.Module:
     """The whole model, or this rank's part of it: its shard with `tp` (parallel/shard.py), its
     stage's layers with `pipe` (parallel/pipe.py)."""

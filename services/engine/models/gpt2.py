@@ -20,7 +20,7 @@ from services.engine.layers.linear import Linear
 from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, vocab_logits
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Group
 from services.engine.parallel.pipe import Pipe
 from services.engine.parallel.shard import Shard, local_config
 
@@ -28,7 +28,7 @@ _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -45,7 +45,7 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Group | None) -> None:
         super().__init__()
         self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.c_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True, tp=tp)
@@ -56,7 +56,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = GPT2Attention(cfg, layer, tp)
@@ -69,7 +69,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None, pipe: Pipe | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Group | None, pipe: Pipe | None) -> None:
         """`cfg.num_layers`: this stage's blocks, numbered from 0 (parallel/pipe.py)."""
         super().__init__()
         self.pipe = pipe
@@ -97,7 +97,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: Group | None = None,
                  pipe: Pipe | None = None) -> None:
         """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows); `pipe`:
         only this pipeline stage's blocks (and, on stage 0, the embeddings, ln_f and LM head)."""

@@ -28,7 +28,7 @@ from services.engine.layers.linear import Linear, norm_linear
 from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, vocab_logits
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
-from services.engine.parallel.group import TPGroup
+from services.engine.parallel.group import Group
 from services.engine.parallel.pipe import Pipe
 from services.engine.parallel.shard import Shard, local_config
 
@@ -43,7 +43,7 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -82,7 +82,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Group | None) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False, tp=tp)
@@ -99,7 +99,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer, tp)
         self.mlp = LlamaMLP(cfg, tp)
@@ -116,7 +116,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None, pipe: Pipe | None) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: Group | None, pipe: Pipe | None) -> None:
         """`cfg.num_layers`: this stage's layers, numbered from 0 (parallel/pipe.py)."""
         super().__init__()
         self.pipe = pipe
@@ -150,7 +150,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None,
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: Group | None = None,
                  pipe: Pipe | None = None) -> None:
         """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows); `pipe`:
         only this pipeline stage's layers (and, on stage 0, the embedding, norm and LM head)."""

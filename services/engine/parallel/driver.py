@@ -1,4 +1,4 @@
-"""Rank 0's side of a tensor-parallel engine: it starts the other ranks, and each time its
+"""Rank 0's side of a parallel engine: it starts the other ranks, and each time its
 model runner steps, copies, reads or writes KV it has them do the same (plan.py)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from services.engine.config import EngineConfig
 from services.engine.errors import PdserveError
 from services.engine.models.config import ModelConfig
 from services.engine.parallel import plan
-from services.engine.parallel.group import Layout, Ranks, TPGroup
+from services.engine.parallel.group import Layout, Ranks, Group
 from services.engine.parallel.pipe import stage_layers
 from services.engine.parallel.shard import Shard
 
@@ -80,7 +80,7 @@ class Followers:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-class TPDriver:
+class ParallelDriver:
     """What the model runner of rank 0 calls so the other ranks run the same step."""
 
     def __init__(self, followers: Followers, ranks: Ranks, cfg: ModelConfig) -> None:
@@ -114,7 +114,7 @@ class TPDriver:
         self.followers.close()
 
 
-def agree_num_blocks(group: TPGroup, num_blocks: int) -> int:
+def agree_num_blocks(group: Group, num_blocks: int) -> int:
     """The fewest KV blocks any rank has room for: the pool size of every rank."""
     counts = group.all_gather(torch.tensor([num_blocks], dtype=torch.int64, device=group.device))
     return int(min(c.item() for c in counts))

@@ -19,7 +19,7 @@ LOOPBACK = "127.0.0.1"
 
 
 @dataclass
-class TPGroup:
+class Group:
     """This process's rank among `size`, and the backend that joins them (no global state:
     torch.distributed's default group is left alone)."""
 
@@ -30,7 +30,7 @@ class TPGroup:
 
     @classmethod
     def join(cls, store: dist.Store, rank: int, size: int, device: torch.device,
-             timeout: timedelta = COLLECTIVE_TIMEOUT) -> TPGroup:
+             timeout: timedelta = COLLECTIVE_TIMEOUT) -> Group:
         """Blocks until all `size` ranks have joined through `store` (or `timeout` passes)."""
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
@@ -92,16 +92,16 @@ class Ranks:
     stage's tensor-parallel ranks (the model's all-reduces and all-gathers; None when tp = 1)."""
 
     layout: Layout
-    world: TPGroup
-    tp: TPGroup | None
+    world: Group
+    tp: Group | None
 
     @classmethod
     def join(cls, store_path: str, layout: Layout, device: torch.device,
              timeout: timedelta = COLLECTIVE_TIMEOUT) -> Ranks:
         store = dist.FileStore(store_path, layout.tp * layout.pp)
         store.set_timeout(timeout)
-        world = TPGroup.join(dist.PrefixStore("world", store), layout.rank, layout.tp * layout.pp, device, timeout)
+        world = Group.join(dist.PrefixStore("world", store), layout.rank, layout.tp * layout.pp, device, timeout)
         tp = None
         if layout.tp > 1:
-            tp = TPGroup.join(dist.PrefixStore(f"tp{layout.stage}", store), layout.tp_rank, layout.tp, device, timeout)
+            tp = Group.join(dist.PrefixStore(f"tp{layout.stage}", store), layout.tp_rank, layout.tp, device, timeout)
         return cls(layout, world, tp)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.errors import ConfigError
-from services.engine.parallel.group import Layout, TPGroup
+from services.engine.parallel.group import Layout, Group
 
 _LAYER = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
 
@@ -35,7 +35,7 @@ def stage_layers(num_layers: int, layout: Layout) -> range:
 
 @dataclass
 class Pipe:
-    world: TPGroup
+    world: Group
     layout: Layout
 
     @property
