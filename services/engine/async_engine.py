@@ -243,6 +243,8 @@ class AsyncEngine(EngineStreams):
         self._stopping = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.core.close()  # the other parallel ranks, if any
 
     # ---- engine thread ---------------------------------------------------------------------
 

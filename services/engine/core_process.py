@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         eos_token_ids=list(layout.eos_token_ids), model_identity=layout.model_identity, pid=os.getpid(),
         model_name=core.model_name, speculative=core.speculator is not None,
     ))
-    return CoreLoop(core, channel).run()
+    try:
+        return CoreLoop(core, channel).run()
+    finally:
+        core.close()  # the other parallel ranks, if any
 
 
 def _die_with_parent(parent: int) -> None:
