@@ -1,12 +1,12 @@
-"""Tensor parallelism on GPUs (NCCL; marked `gpu`, needs 2 GPUs, run on the device, never in CI):
-two ranks give the tokens of one, with async scheduling on (PENDING tokens filled on rank 0's
-device before the step is broadcast), under preemption, and across prefill and decode engines
-of different sizes.
+"""Tensor and pipeline parallelism on GPUs (NCCL; marked `gpu`, needs 2 GPUs, run on the
+device, never in CI): two ranks (TP=2 or PP=2) give the tokens of one, with async scheduling
+on (PENDING tokens filled on rank 0's device before the step is broadcast), under preemption,
+and across prefill and decode engines of different sizes.
 
     TRITON_INTERPRET=0 .venv/bin/python -m pytest -q tests/test_tensor_parallel_gpu.py
 
 Each rank runs eager: CUDA graphs around a forward that holds NCCL collectives are not built
-yet (EngineCore turns them off when tensor_parallel_size > 1)."""
+yet (EngineCore turns them off for more than one rank)."""
 
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ def test_two_gpus_give_the_tokens_of_one(one, two):
     assert tokens(two) == tokens(one)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gpt2"])
-def test_each_architecture_on_two_gpus(preset):
+@pytest.mark.parametrize("preset, tp, pp", [("tiny-qwen3", 2, 1), ("tiny-gpt2", 2, 1), ("tiny-llama", 1, 2),
+                                            ("tiny-gpt2", 1, 2)])
+def test_each_architecture_on_two_gpus(preset, tp, pp):
     expected = tokens(make_llm(preset, num_kv_blocks=512, **F32))
-    llm = make_llm(preset, num_kv_blocks=512, tensor_parallel_size=2, **F32)
+    llm = make_llm(preset, num_kv_blocks=512, tensor_parallel_size=tp, pipeline_parallel_size=pp, **F32)
     try:
         assert tokens(llm) == expected
     finally:
