@@ -81,11 +81,15 @@ def test_each_worker_runs_its_engine_on_two_ranks(stack):
         assert sum(b"services.engine.parallel.follower" in c for c in cmdlines) == 1, cmdlines
 
 
+def follower_of(worker) -> int:
+    [rank1] = [p for p in descendants(worker.proc.pid) if b"parallel.follower" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return rank1
+
+
 def test_a_killed_rank_errors_the_streams_and_takes_its_worker_down(stack, router):
-    """Last: it ends the stack's decode worker."""
+    """Last: it ends the stack's workers (decode busy, prefill idle)."""
     decode = stack.decodes[0]
-    [rank1] = [p for p in descendants(decode.proc.pid)
-               if b"parallel.follower" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    rank1 = follower_of(decode)
     params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
     call = router.Generate(request(SHORT, params), timeout=120)
     next(call)  # in flight
@@ -95,3 +99,7 @@ def test_a_killed_rank_errors_the_streams_and_takes_its_worker_down(stack, route
             pass
     assert failure.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     assert decode.proc.wait(60) != 0
+    prefill = stack.prefills[0]
+    os.kill(follower_of(prefill), signal.SIGKILL)  # no request in flight: the worker learns at once
+    assert prefill.proc.wait(60) != 0
+    assert "parallel rank 1 exited" in prefill.log_tail()

@@ -27,6 +27,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -176,8 +177,13 @@ class EngineCore:
             driver=ParallelDriver(self._followers, ranks, cfg) if ranks is not None else None,
         )
 
+    def watch_ranks(self, on_death: Callable[[str], None]) -> None:
+        """`on_death(why)` runs on a watcher thread if another parallel rank exits (none: never)."""
+        if self._followers is not None:
+            self._followers.watch(on_death)
+
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        """Stop the other parallel ranks (nothing to do without them)."""
         if self._followers is not None:
             self._followers.close()
             self._followers = None

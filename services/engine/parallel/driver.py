@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,12 +49,24 @@ class Followers:
         env = dict(os.environ)
         if config.resolve_device().type == "cpu":  # the ranks share the cores instead of each taking all
             env["OMP_NUM_THREADS"] = str(cpu_threads_per_rank(self.size))
+        self._closing = False
         self.procs = [
             subprocess.Popen([sys.executable, "-m", "services.engine.parallel.follower", "--rank", str(rank),
                               "--store", self.store_path, "--config", json.dumps(fields)],
                              stdin=subprocess.PIPE, env=env)
             for rank in range(1, self.size)
         ]
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Call `on_death(why)` from a watcher thread if a rank exits before `close`: an idle
+        engine learns of it at once instead of at its next step."""
+        def wait(rank: int, proc: subprocess.Popen) -> None:
+            code = proc.wait()
+            if not self._closing:
+                on_death(f"parallel rank {rank} exited with code {code}")
+
+        for rank, proc in enumerate(self.procs, start=1):
+            threading.Thread(target=wait, args=(rank, proc), name=f"pdserve-rank-{rank}-watch", daemon=True).start()
 
     def ring(self, op: int, *fields: int) -> None:
         """Tell every follower what comes next."""
@@ -66,6 +80,7 @@ class Followers:
 
     def close(self) -> None:
         """End of stream on every pipe: followers exit; any still there after a while is killed."""
+        self._closing = True
         for proc in self.procs:
             try:
                 proc.stdin.close()
