@@ -3,6 +3,7 @@ model runner steps, copies, reads or writes KV it has them do the same (plan.py)
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -56,6 +57,7 @@ class Followers:
                              stdin=subprocess.PIPE, env=env)
             for rank in range(1, self.size)
         ]
+        atexit.register(self.close)  # an engine nobody closes (pdserve generate, bench) still cleans up
 
     def watch(self, on_death: Callable[[str], None]) -> None:
         """Call `on_death(why)` from a watcher thread if a rank exits before `close`: an idle
