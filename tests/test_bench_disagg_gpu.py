@@ -93,8 +93,16 @@ def test_gpu_per_worker_needs_a_gpu_for_every_worker():
     place = gpu_per_worker(["4", "5", "6"], 1, 2)
     assert [place(r, i).env["CUDA_VISIBLE_DEVICES"] for r, i in (("prefill", 0), ("decode", 0), ("decode", 1))] == \
         ["4", "5", "6"]
-    with pytest.raises(ConfigError, match="1 prefill \\+ 2 decode workers need as many GPUs, got 2"):
+    with pytest.raises(ConfigError, match="1 prefill \\+ 2 decode workers of 1 rank\\(s\\) each need 3 GPUs, got 2"):
         gpu_per_worker(["0", "1"], 1, 2)
+
+
+def test_gpu_per_worker_gives_each_tensor_parallel_worker_one_gpu_per_rank():
+    place = gpu_per_worker(["0", "1", "2", "3", "4", "5"], 1, 2, ranks=2)
+    assert [place(r, i).env["CUDA_VISIBLE_DEVICES"] for r, i in (("prefill", 0), ("decode", 0), ("decode", 1))] == \
+        ["0,1", "2,3", "4,5"]
+    with pytest.raises(ConfigError, match="need 6 GPUs, got 5"):
+        gpu_per_worker(["0", "1", "2", "3", "4"], 1, 2, ranks=2)
 
 
 def test_serve_gpus_gives_prefill_the_first_ids_and_decode_the_next():

@@ -847,3 +847,26 @@ def test_decode_speculative_config_reaches_the_decode_cli_as_json_and_prefill_ru
     assert SpeculativeConfig.parse(args.speculative_config) == SpeculativeConfig(**spec)
     (p,) = pod_spec(workload(objects, "prefill"))["containers"]
     assert parse_cli(command_line(p, objects)[1:]).speculative_config is None
+
+
+def test_a_parallel_worker_requests_a_gpu_per_rank_and_a_memory_backed_shm():
+    objects = render_chart({"prefill": {"tensorParallelSize": 2},
+                            "decode": {"tensorParallelSize": 2, "pipelineParallelSize": 2}})
+    for role, tp, pp in (("prefill", 2, 1), ("decode", 2, 2)):
+        spec = pod_spec(workload(objects, role))
+        (c,) = spec["containers"]
+        assert gpus(c) == (tp * pp, tp * pp)
+        args = parse_cli(command_line(c, objects)[1:])
+        assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (tp, pp)
+        [shm] = [v for v in spec["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    single = render_chart()
+    for role in ("prefill", "decode"):
+        spec = pod_spec(workload(single, role))
+        (c,) = spec["containers"]
+        assert gpus(c) == (1, 1) and parse_cli(command_line(c, single)[1:]).tensor_parallel_size == 1
+        assert "dshm" not in [v["name"] for v in spec["volumes"]]
+    cpu = render_chart({**values_file("values-cpu.yaml"), "decode": {"gpus": 0, "tensorParallelSize": 2}})
+    spec = pod_spec(workload(cpu, "decode"))
+    assert gpus(spec["containers"][0]) == (0, 0) and "dshm" not in [v["name"] for v in spec["volumes"]]

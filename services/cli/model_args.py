@@ -46,6 +46,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help='speculative decoding, vLLM\'s JSON form: {"method": "ngram", "num_speculative_tokens": 4, '
                    '"prompt_lookup_min": 2, "prompt_lookup_max": 5}; methods ngram, self_spec (+ "num_layers"), '
                    'draft_model (+ "model"). Output is unchanged; speculating steps run synchronously')
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many processes, one device each (gloo on the CPU, NCCL on GPUs)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the model's layers into this many stages, each its own process(es)")
     g.add_argument("--cache-dir", type=Path, help="where converted GGUF weights are cached (default ~/.cache/pdserve)")
 
 
@@ -87,6 +91,8 @@ def engine_config(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         speculative_config=SpeculativeConfig.parse(getattr(args, "speculative_config", None)),
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 

@@ -26,16 +26,17 @@ class Placement:
 PlacementFn = Callable[[str, int], Placement]
 
 
-def gpu_per_worker(gpus: Sequence[str], num_prefill: int, num_decode: int) -> PlacementFn:
-    """Each worker gets a GPU to itself: prefill worker i gets gpus[i] and decode worker j gets
-    gpus[num_prefill + j]. Each worker sees only its own device, as cuda:0."""
-    if num_prefill + num_decode > len(gpus):
-        raise ConfigError(f"{num_prefill} prefill + {num_decode} decode workers need as many GPUs, "
-                          f"got {len(gpus)} ({','.join(gpus) or 'none'})")
+def gpu_per_worker(gpus: Sequence[str], num_prefill: int, num_decode: int, ranks: int = 1) -> PlacementFn:
+    """Each worker gets `ranks` GPUs to itself (one per tensor-parallel rank), in order: prefill
+    workers first, then decode workers. Each worker sees only its own devices, from cuda:0."""
+    needed = (num_prefill + num_decode) * ranks
+    if needed > len(gpus):
+        raise ConfigError(f"{num_prefill} prefill + {num_decode} decode workers of {ranks} rank(s) each need "
+                          f"{needed} GPUs, got {len(gpus)} ({','.join(gpus) or 'none'})")
 
     def place(role: str, index: int) -> Placement:
         slot = index if role == "prefill" else num_prefill + index
-        return Placement(env={"CUDA_VISIBLE_DEVICES": gpus[slot]})
+        return Placement(env={"CUDA_VISIBLE_DEVICES": ",".join(gpus[slot * ranks : (slot + 1) * ranks])})
 
     return place
 

@@ -207,7 +207,9 @@ class LocalStack:
         from services.cli.model_args import model_argv
         from services.cli.serve import router_argv, worker_argv
 
-        placement = gpu_per_worker(args.gpus, args.prefill, args.decode) if args.gpus else None
+        placement = (gpu_per_worker(args.gpus, args.prefill, args.decode,
+                                    args.tensor_parallel_size * args.pipeline_parallel_size)
+                     if args.gpus else None)
         keys = [*args.api_key, *(read_key_file(args.api_key_file) if args.api_key_file else [])]
         # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,

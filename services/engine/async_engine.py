@@ -133,8 +133,9 @@ class AsyncEngine(EngineStreams):
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
-        """The paged KV pool (a prefill worker exports it over CUDA IPC)."""
-        return self.core.runner.kv_cache
+        """The paged KV pool (a prefill worker exports it over CUDA IPC); None with tensor
+        parallelism, where it holds only rank 0's heads."""
+        return self.core.runner.kv_cache if self.core.runner.driver is None else None
 
     @property
     def num_preemptions(self) -> int:
@@ -270,6 +271,8 @@ class AsyncEngine(EngineStreams):
         self._stopping = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.core.close()  # the other parallel ranks, if any
 
     # ---- engine thread ---------------------------------------------------------------------
 

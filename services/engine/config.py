@@ -56,6 +56,11 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Speculative decoding (spec/config.py); None: off. Speculating steps are synchronous.
     speculative_config: SpeculativeConfig | None = None
+    # Tensor parallelism: ranks (processes, one device each) the model's heads, MLP and
+    # vocabulary are split across (services/engine/parallel/).
+    tensor_parallel_size: int = 1
+    # Pipeline parallelism: stages (process groups) the decoder layers are split across.
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -74,6 +79,11 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 2")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.tensor_parallel_size * self.pipeline_parallel_size > 1 and self.speculative_config is not None:
+            raise ConfigError("speculative decoding with tensor or pipeline parallelism is not supported yet")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

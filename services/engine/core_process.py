@@ -31,6 +31,7 @@ from services.engine.config import EngineConfig
 from services.engine.core_channel import Channel, ChannelClosed, block_from_proto, block_to_proto
 from services.engine.engine import EngineCore
 from services.engine.errors import PdserveError
+from services.engine.parallel.driver import RankDiedError
 from services.engine.sequence import Request, Resumed, SequenceStatus
 from services.engine.spec.config import SpeculativeConfig
 from services.rpc.convert import (logprobs_to_proto, params_from_proto, prompt_logprobs_from_proto,
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         eos_token_ids=list(layout.eos_token_ids), model_identity=layout.model_identity, pid=os.getpid(),
         model_name=core.model_name, speculative=core.speculator is not None,
     ))
-    return CoreLoop(core, channel).run()
+    loop = CoreLoop(core, channel)
+    core.watch_ranks(lambda why: loop.inbox.put(("rank_died", why)))  # an idle worker goes down too
+    try:
+        return loop.run()
+    finally:
+        core.close()  # the other parallel ranks, if any
 
 
 def _die_with_parent(parent: int) -> None:
@@ -203,6 +209,8 @@ class CoreLoop:
             self._publish(core.stop_sequence(*arg))
         elif kind == "release_kv":
             core.release_kv(arg)
+        elif kind == "rank_died":
+            raise RankDiedError(arg)
         elif kind == "fence":
             core.runner.synchronize()
             self._fences.append(arg)

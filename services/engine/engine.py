@@ -27,6 +27,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -42,6 +43,10 @@ from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport,
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
+from services.engine.parallel.driver import Followers, ParallelDriver, agree_num_blocks, cpu_threads_per_rank
+from services.engine.parallel.group import Layout, Ranks, Group
+from services.engine.parallel.pipe import Pipe, stage_layers
+from services.engine.parallel.shard import Shard
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -78,13 +83,63 @@ class EngineCore:
         max_model_len = config.max_model_len or cfg.max_context
         if max_model_len > cfg.max_context:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_context} tokens")
-        model = _load_model(cfg, source, device, dtype, max_model_len)
+        self._followers: Followers | None = None
+        try:
+            self._build(config, cfg, source, device, dtype, max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.speculator = (self._speculator(config, self.runner.model, max_model_len, self._draft)
+                           if config.speculative_config is not None else None)
+        # A proposer needs every token on the host, so speculation runs synchronous steps.
+        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling) and self.speculator is None
+        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
+        self.requests: dict[str, Request] = {}
+        self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
+        self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
+        self.idle = True  # the last step scheduled nothing
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        log.info(
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d, TP %d x PP %d",
+            time.perf_counter() - t0,
+            self.layout.model_identity,
+            self.layout.device,
+            self.layout.dtype,
+            self.layout.num_kv_blocks,
+            config.block_size,
+            self.layout.max_model_len,
+            config.tensor_parallel_size,
+            config.pipeline_parallel_size,
+        )
+
+    def _build(self, config: EngineConfig, cfg: ModelConfig, source: loader.ModelSource, device: torch.device,
+               dtype: torch.dtype, max_model_len: int) -> None:
+        """Model, KV pool, block manager, scheduler and runner; with tensor parallelism, first
+        the other ranks (parallel/driver.py), which build their shards meanwhile."""
+        ranks, pipe = None, None
+        layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, 0)
+        if layout.tp * layout.pp > 1:
+            Shard(0, layout.tp).check(cfg)  # shapes that do not divide are refused before any rank starts
+            stage_layers(cfg.num_layers, layout)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", 0)
+            self._followers = Followers(config, max_model_len)
+            if device.type == "cpu":
+                torch.set_num_threads(cpu_threads_per_rank(self._followers.size))
+            ranks = Ranks.join(self._followers.store_path, layout, device)
+            pipe = Pipe(ranks.world, layout) if layout.pp > 1 else None
+        model = _load_model(cfg, source, device, dtype, max_model_len, ranks.tp if ranks else None, pipe)
+        local = model.local
         backend = get_backend(config.attention_backend, device)
         # A draft model's weights load first and its KV (one block per target block) shares the
         # pool's budget, so the two pools together fit where the target's alone was sized.
-        draft = self._load_draft(config, cfg, device, dtype, max_model_len)
+        draft = self._draft = self._load_draft(config, cfg, device, dtype, max_model_len)
         draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
-        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len, draft_per_block)
+        num_blocks = num_kv_blocks(config, local, model, backend, device, dtype, max_model_len, draft_per_block)
+        if ranks is not None:
+            num_blocks = agree_num_blocks(ranks.world, num_blocks)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
@@ -109,38 +164,29 @@ class EngineCore:
             self.block_manager,
             self._new_seq,
         )
+        eager = config.enforce_eager or ranks is not None  # no CUDA graphs around collectives yet
         self.runner = ModelRunner(
             model,
-            cfg,
+            local,
             self.layout,
             backend,
             Sampler(self.layout.eos_token_ids, config.seed),
-            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, 256),
-            cuda_graph_max_prefill=0 if config.enforce_eager else min(config.max_num_batched_tokens, 512),
+            cuda_graph_max_batch=0 if eager else min(config.max_num_seqs, 256),
+            cuda_graph_max_prefill=0 if eager else min(config.max_num_batched_tokens, 512),
             max_rows=config.max_num_seqs,
+            driver=ParallelDriver(self._followers, ranks, cfg) if ranks is not None else None,
         )
-        self.speculator = (self._speculator(config, model, max_model_len, draft)
-                           if config.speculative_config is not None else None)
-        # A proposer needs every token on the host, so speculation runs synchronous steps.
-        self.async_scheduling = (device.type == "cuda" if config.async_scheduling is None
-                                 else config.async_scheduling) and self.speculator is None
-        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None  # launched, not read back
-        self.requests: dict[str, Request] = {}
-        self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
-        self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
-        self.idle = True  # the last step scheduled nothing
-        self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
-        log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
-            time.perf_counter() - t0,
-            self.layout.model_identity,
-            self.layout.device,
-            self.layout.dtype,
-            self.layout.num_kv_blocks,
-            config.block_size,
-            self.layout.max_model_len,
-        )
+
+    def watch_ranks(self, on_death: Callable[[str], None]) -> None:
+        """`on_death(why)` runs on a watcher thread if another parallel rank exits (none: never)."""
+        if self._followers is not None:
+            self._followers.watch(on_death)
+
+    def close(self) -> None:
+        """Stop the other parallel ranks (nothing to do without them)."""
+        if self._followers is not None:
+            self._followers.close()
+            self._followers = None
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -566,13 +612,14 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
-                max_model_len: int) -> torch.nn.Module:
+                max_model_len: int, tp: Group | None = None, pipe: Pipe | None = None) -> torch.nn.Module:
+    """The model with its weights, or this rank's part of them (`tp`: its shard; `pipe`: its stage)."""
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = build_model(cfg, max_model_len)
+            model = build_model(cfg, max_model_len, tp, pipe)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(loader.iter_weights(source))

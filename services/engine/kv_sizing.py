@@ -71,7 +71,8 @@ def _profile_peak(config: EngineConfig, cfg: ModelConfig, model: nn.Module, back
     # Within the rotary table (max_model_len rows): the GPU kernel does not bounds-check.
     positions = torch.arange(tokens, device=device) % max_model_len
     hidden = model(ids, positions, AttentionContext(backend, [(c[0], c[1]) for c in cache], meta))
-    model.compute_logits(hidden[: min(tokens, config.max_num_seqs)])
+    if getattr(model, "pipe", None) is None or model.pipe.first:  # a later pipeline stage has no LM head
+        model.compute_logits(hidden[: min(tokens, config.max_num_seqs)])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - cache.numel() * cache.element_size()
     del cache, hidden

@@ -25,6 +25,10 @@ class LLM:
             kwargs["speculative_config"] = SpeculativeConfig.parse(kwargs["speculative_config"])
         self.engine = EngineCore(config or EngineConfig(**kwargs))
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when this process ends)."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -29,6 +29,7 @@ from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_spli
 from services.engine.layers import linear
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import Logprob, SampledToken
+from services.engine.parallel.driver import ParallelDriver
 from services.engine.prompt_logprobs import PromptLogprobs, PromptRows
 from services.engine.sampler import SampledBatch, Sampler
 from services.engine.scheduler import ScheduledSeq, StepPlan
@@ -86,8 +87,10 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,  # 0: no CUDA graphs for decode steps
         cuda_graph_max_prefill: int = 0,  # most tokens of a one-chunk step replayed from a graph; 0: none
         max_rows: int = 256,  # sequences in flight at once (grows if exceeded)
+        driver: ParallelDriver | None = None,  # tensor or pipeline parallel: the other ranks run each step too
     ) -> None:
         self.model = model
+        self.driver = driver
         self.layout = layout
         self.backend = backend
         self.sampler = sampler
@@ -153,6 +156,9 @@ class ModelRunner:
             inputs = self._prepare(plan.seqs)
             if inputs.pending_at.numel():
                 inputs.input_ids[inputs.pending_at] = self._last_tokens[inputs.pending_from]
+            if self.driver is not None:
+                self.driver.step(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices,
+                                 inputs.prompt_rows.rows if inputs.prompt_rows is not None else [])
             ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -223,11 +229,16 @@ class ModelRunner:
 
     def read_block(self, block_id: int, num_tokens: int) -> torch.Tensor:
         """A copy of one block's first `num_tokens` slots, on the host: [layers, 2, num_tokens, kv_heads, dim]."""
+        if self.driver is not None:  # every rank's heads
+            return self.driver.read_block(self.kv_cache, block_id, num_tokens).to("cpu")
         return self.kv_cache[:, :, block_id, :num_tokens].to("cpu", copy=True)
 
     def write_block(self, block_id: int, data: torch.Tensor) -> None:
         """Fill one block's first data.shape[2] slots (a received block) from host memory, or
         from a peer's pool on this GPU (mapped by CUDA IPC)."""
+        if self.driver is not None:  # each rank keeps its heads
+            self.driver.write_block(self.kv_cache, block_id, data)
+            return
         self.kv_cache[:, :, block_id, : data.shape[2]] = data.to(self.device, self.kv_cache.dtype)
 
     def synchronize(self) -> None:
@@ -236,6 +247,8 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if self.driver is not None:
+            self.driver.copy_blocks(copies, self.device)
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]

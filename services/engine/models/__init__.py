@@ -13,6 +13,8 @@ from torch import nn
 from services.engine.models.config import ModelConfig
 from services.engine.models.gpt2 import GPT2LMHeadModel
 from services.engine.models.llama import LlamaForCausalLM
+from services.engine.parallel.group import Group
+from services.engine.parallel.pipe import Pipe
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -23,8 +25,11 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, max_positions: int) -> nn.Module:
-    return _REGISTRY[cfg.model_type](cfg, max_positions)
+def build_model(cfg: ModelConfig, max_positions: int, tp: Group | None = None,
+                pipe: Pipe | None = None) -> nn.Module:
+    """The whole model, or this rank's part of it: its shard with `tp` (parallel/shard.py), its
+    stage's layers with `pipe` (parallel/pipe.py)."""
+    return _REGISTRY[cfg.model_type](cfg, max_positions, tp, pipe)
 
 
 __all__ = ["ModelConfig", "build_model"]

@@ -24,9 +24,13 @@ from transformers.activations import ACT2FN
 from services.engine.attention import AttentionContext
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import Rope, RotaryEmbedding
-from services.engine.layers.linear import Linear, linear, norm_linear
+from services.engine.layers.linear import Linear, norm_linear
+from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, vocab_logits
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
+from services.engine.parallel.group import Group
+from services.engine.parallel.pipe import Pipe
+from services.engine.parallel.shard import Shard, local_config
 
 # HF parameter -> (our fused parameter, shard index)
 _FUSED = {
@@ -39,7 +43,7 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -47,7 +51,7 @@ class LlamaAttention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, bias=False, tp=tp)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -78,10 +82,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Group | None) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False, tp=tp)
         self.act = ACT2FN[cfg.hidden_act]
         self.fused_silu = cfg.hidden_act == "silu"
 
@@ -95,10 +99,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Group | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, layer, tp)
+        self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
@@ -112,31 +116,51 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: Group | None, pipe: Pipe | None) -> None:
+        """`cfg.num_layers`: this stage's layers, numbered from 0 (parallel/pipe.py)."""
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.pipe = pipe
+        if pipe is None or pipe.first:
+            self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, tp) for i in range(cfg.num_layers)])
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
                 num_layers: int | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (T, hidden)
-        rope = self.rotary.prepare(positions, x.dtype)
+        """The final hidden states; on a pipeline stage after the first, this stage's output."""
+        pipe, dtype = self.pipe, self.layers[0].input_layernorm.weight.dtype
+        first = pipe is None or pipe.first
+        x = self.embed_tokens(input_ids) if first else pipe.recv_prev(len(input_ids), self.hidden_size, dtype)
+        rope = self.rotary.prepare(positions, dtype)
         residual = None
         for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, rope, attn)
+        if pipe is not None:  # the residual stream to the next stage; stage 0 gets the last one's back
+            pipe.send_next(x if residual is None else x + residual)
+            if not first:
+                return x
+            return self.norm(pipe.recv_prev(len(input_ids), self.hidden_size, dtype))
         x, _ = self.norm(x, residual)
         return x
 
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0].input_layernorm.weight.shape[0]
+
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: Group | None = None,
+                 pipe: Pipe | None = None) -> None:
+        """`tp`: build this rank's shard (its heads, MLP columns and vocabulary rows); `pipe`:
+        only this pipeline stage's layers (and, on stage 0, the embedding, norm and LM head)."""
         super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg, max_positions)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.tp, self.pipe = cfg, tp, pipe
+        self.shard = Shard(tp.rank, tp.size) if tp is not None else None
+        self.local = local_config(cfg, self.shard, pipe)
+        self.model = LlamaModel(self.local, max_positions, tp, pipe)
+        if not cfg.tie_word_embeddings and (pipe is None or pipe.first):
+            self.lm_head = Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext,
                 num_layers: int | None = None) -> torch.Tensor:
@@ -146,10 +170,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        return linear(hidden, head.weight)
+        return vocab_logits(hidden, head.weight, self.config.vocab_size, self.tp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        cfg = self.config
+        cfg = self.local
         shard_sizes = {
             "qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
             "gate_up_proj": [cfg.intermediate_size] * 2,
@@ -163,4 +187,24 @@ class LlamaForCausalLM(nn.Module):
             return name, None, 0
 
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
-        load_params(self, weights, rename, shard_sizes, skip)
+        if self.pipe is not None:
+            weights = self.pipe.stage_weights(weights, self.config.num_layers)
+        load_params(self, weights, rename, shard_sizes, skip, self._slice if self.shard is not None else None)
+
+    def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (HF name): column-parallel q/k/v and gate/up
+        by output rows, row-parallel o/down by input columns, embeddings by vocabulary rows."""
+        s, full, local = self.shard, self.config, self.local
+        if ".q_proj." in name:
+            return s.heads(t, s.q_heads(full), full.head_dim)
+        if ".k_proj." in name or ".v_proj." in name:
+            return s.heads(t, s.kv_heads(full), full.head_dim)
+        if ".o_proj." in name:
+            return s.cols(t, local.num_heads * full.head_dim)
+        if ".gate_proj." in name or ".up_proj." in name:
+            return s.rows(t, local.intermediate_size)
+        if ".down_proj." in name:
+            return s.cols(t, local.intermediate_size)
+        if "embed_tokens." in name or "lm_head." in name:
+            return s.vocab(t)
+        return t
