@@ -8,7 +8,9 @@ of each of the request's n sequences.
 A decode worker on the same GPU asks for this worker's KV pool at the handshake and then for
 blocks by reference (services/kv/cuda_ipc.py): the stream names pool slots instead of carrying
 bytes, and every slot it names stays allocated until that decode worker's ReleaseKV, or until
-KV_HOLD_TIMEOUT_S after the stream ended when it never comes.
+KV_HOLD_TIMEOUT_S after the stream ended when it never comes. A decode worker elsewhere reads
+the same slots over NIXL (services/kv/nixl.py) when this worker registered its pool with a NIXL
+agent (`nixl_pool`) and announces it at the handshake.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
-from services.kv import cuda_ipc, wire
+from services.kv import cuda_ipc, nixl, wire
 from services.rpc import metrics
 from services.rpc.convert import logprobs_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
 from services.rpc.server import abort_with
@@ -36,11 +38,19 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
     role = "prefill"
     _kv_pool: kv_pb2.KVPool | None | bool = False  # False: not exported yet
 
+    def __init__(self, *args, nixl_pool: nixl.RegisteredPool | None = None, **kwargs) -> None:
+        """`nixl_pool`: this worker's pool as registered with its NIXL agent (None: no NIXL)."""
+        super().__init__(*args, **kwargs)
+        self._nixl = nixl_pool  # holds the agent
+        self.nixl_pool = nixl_pool.announcement if nixl_pool is not None else None
+
     async def Handshake(self, request: worker_pb2.HandshakeRequest, context) -> worker_pb2.HandshakeResponse:
         response = await super().Handshake(request, context)
         pool = self.kv_pool() if request.want_kv_pool else None
         if pool is not None:
             response.kv_pool.CopyFrom(pool)
+        if request.want_nixl_pool and self.nixl_pool is not None:
+            response.nixl_pool.CopyFrom(self.nixl_pool)
         return response
 
     def kv_pool(self) -> kv_pb2.KVPool | None:
@@ -63,10 +73,12 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
             reject_unknown_fields(request)
             if by_reference and not request.request_id:
                 raise InvalidRequestError("kv_by_reference needs a request_id (ReleaseKV names it)")
-            if by_reference and self.kv_pool() is None:
+            pool_ids = {p.pool_id for p in (self.kv_pool(), self.nixl_pool) if p is not None} if by_reference else ()
+            if by_reference and not pool_ids:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"prefill {self.instance_id} has no KV pool on a GPU to ship references into")
-            if by_reference and request.kv_pool_id != self.kv_pool().pool_id:
+                                    f"prefill {self.instance_id} has no KV pool on a GPU or over NIXL to ship "
+                                    "references into")
+            if by_reference and request.kv_pool_id not in pool_ids:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"prefill {self.instance_id}: the KV pool this request names is not ours "
                                     "(restarted since the handshake?): handshake again")
