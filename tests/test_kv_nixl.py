@@ -36,8 +36,9 @@ def reference():
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nixl")
-    prefill = spawn(tmp, "prefill", ["--kv-transport", "nixl"])
-    decode = spawn(tmp, "decode", ["--kv-transport", "nixl", "--prefill-peers", f"p={prefill.address}",
+    small = ["--kv-cache-memory", "64MiB"]  # registered whole with NIXL: no need for the default 1 GiB
+    prefill = spawn(tmp, "prefill", ["--kv-transport", "nixl", *small])
+    decode = spawn(tmp, "decode", ["--kv-transport", "nixl", *small, "--prefill-peers", f"p={prefill.address}",
                                    "--kv-progress-timeout", "10"])
     try:
         wait_serving(prefill)

@@ -413,10 +413,11 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
     return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout))
 
 
-def _nixl_agent(role: str, args: argparse.Namespace, engine, instance_id: str):
-    """This worker's NIXL agent, its UCX bound to the worker's own address; None without NIXL:
-    --kv-transport grpc, no pool in this process (the engine in its child), or auto where NIXL
-    is not installed. --kv-transport nixl without NIXL is an error."""
+def _nixl(role: str, args: argparse.Namespace, engine, instance_id: str, use):
+    """`use(nixl, agent)` with this worker's NIXL agent, its UCX bound to the worker's own
+    address; None without NIXL: --kv-transport grpc, no pool in this process (the core in its
+    child), or auto where NIXL is missing or fails to start (logged). With --kv-transport nixl
+    those are errors."""
     from services.kv import nixl
 
     if args.kv_transport == "grpc" or engine.kv_cache is None:
@@ -426,10 +427,17 @@ def _nixl_agent(role: str, args: argparse.Namespace, engine, instance_id: str):
             raise SystemExit("--kv-transport nixl: NIXL is not installed (nixl-cu13; `make install`)")
         return None
     host = _advertised_host(args) if args.host in ("0.0.0.0", "::", "") else args.host
-    device = nixl.bind_ucx(host)
-    agent = nixl.new_agent(role, instance_id)
+    try:
+        device = nixl.bind_ucx(host)
+        agent = nixl.new_agent(role, instance_id)
+        result = use(nixl, agent)
+    except Exception as e:
+        if args.kv_transport == "nixl":
+            raise
+        log.warning("NIXL unavailable (%s): KV moves by CUDA IPC or as bytes over gRPC", e)
+        return None
     log.info("NIXL agent %s (UCX on %s)", agent.name, device)
-    return agent
+    return result
 
 
 def _admission_limits(args: argparse.Namespace, config, layout):
@@ -446,12 +454,8 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     if role == "prefill":
         from services.prefill.server import PrefillServicer
 
-        agent = _nixl_agent(role, args, engine, instance_id)
-        nixl_pool = None
-        if agent is not None:
-            from services.kv.nixl import register_pool
-
-            nixl_pool = register_pool(agent, engine.kv_cache)
+        nixl_pool = _nixl(role, args, engine, instance_id,
+                          lambda nixl, agent: nixl.register_pool(agent, engine.kv_cache))
         return PrefillServicer(engine, instance_id, args.scheduling_policy, nixl_pool=nixl_pool), \
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
@@ -472,13 +476,13 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     )
     resolve = prefill_resolver(directory) if directory is not None else None
     device = layout.device
-    agent = _nixl_agent(role, args, engine, instance_id)
-    if agent is not None:
-        from services.kv.nixl import NixlKVTransport, PoolReader
+    reader = _nixl(role, args, engine, instance_id,
+                   lambda nixl, agent: nixl.PoolReader(agent, device, common[3], layout.dtype))
+    if reader is not None:
+        from services.kv.nixl import NixlKVTransport
 
         transport = NixlKVTransport(*common, resolve=resolve, device=device, tls=tls,
-                                    progress_timeout=args.kv_progress_timeout,
-                                    reader=PoolReader(agent, device, common[3], layout.dtype),
+                                    progress_timeout=args.kv_progress_timeout, reader=reader,
                                     cuda_ipc=args.kv_transport == "auto")
     elif args.kv_transport == "auto" and device.type == "cuda" and isinstance(engine, AsyncEngine):
         transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls,

@@ -30,6 +30,7 @@ bound to one interface (`bind_ucx`): the pod's or loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import logging
@@ -170,7 +171,7 @@ class PoolReader:
     """Decode's side: the peers' pools loaded into this process's agent, and block reads out of them."""
 
     # Polls of a transfer's state between yields to the loop: short reads finish within them.
-    SPIN = 64
+    SPIN = 16
 
     def __init__(self, agent, device: torch.device, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.agent = agent
@@ -210,33 +211,41 @@ class PoolReader:
             rows.append(np.stack([base + offsets * element, lengths, np.full(layers * 2, device_id)], axis=1))
         return np.concatenate(rows).astype(np.uint64)
 
-    async def read(self, remote: RemotePool, refs: list[BlockRef], timeout: float | None) -> list[BlockData]:
-        """Copy the peer's slots of `refs` into fresh memory of ours; raise NixlTransferError,
-        or PeerStalled after `timeout` seconds without completion."""
+    def staging(self, num_blocks: int) -> tuple[torch.Tensor, object]:
+        """Room for a pull's `num_blocks` blocks, registered with our agent (registered once per
+        pull, not per read): the tensor and its registration, for `release`."""
         layers, kv, block_size, heads, dim = self.block_shape
+        tensor = torch.empty((num_blocks, layers, kv, block_size, heads, dim), dtype=self.dtype, device=self.device)
+        return tensor, self.agent.register_memory(tensor)
+
+    def release(self, registration) -> None:
+        """Deregister a staging buffer; the blocks handed out of it stay valid (torch owns the memory)."""
+        self.agent.deregister_memory(registration)
+
+    async def read(self, remote: RemotePool, refs: list[BlockRef], staging: torch.Tensor, first: int,
+                   timeout: float | None) -> list[BlockData]:
+        """Copy the peer's slots of `refs` into `staging[first:]` with one NIXL READ; raise
+        NixlTransferError, or PeerStalled after `timeout` seconds without completion."""
         pool = remote.pool
         num_slots = pool.shape[2]
         for ref in refs:
             if not 0 <= ref.pool_block < num_slots:
                 raise wire.KVWireError(f"block {ref.block_index}: pool slot {ref.pool_block} outside [0, {num_slots})")
-        staging = torch.empty((len(refs), layers, kv, block_size, heads, dim), dtype=self.dtype, device=self.device)
-        local_strides = tuple(staging.stride()[1:])  # [layers, 2, block_size, heads, dim] of one block
+        if first + len(refs) > staging.shape[0]:
+            raise wire.KVWireError(f"more blocks than the prompt has ({first + len(refs)} > {staging.shape[0]})")
+        s = staging.stride()
         memory, device_id = _memory(staging)
-        local = self._descriptors(staging.data_ptr(), (local_strides[0], local_strides[1], staging.stride(0),
-                                                              local_strides[2]), device_id, refs, list(range(len(refs))))
+        local = self._descriptors(staging.data_ptr(), (s[1], s[2], s[0], s[3]), device_id, refs,
+                                  list(range(first, first + len(refs))))
         remote_rows = self._descriptors(pool.base_address, tuple(pool.stride), pool.device_id, refs,
                                         [r.pool_block for r in refs])
-        registered = self.agent.register_memory(staging)
+        handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, memory),
+                                            self.agent.get_xfer_descs(remote_rows, pool.memory), remote.agent)
         try:
-            handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, memory),
-                                                self.agent.get_xfer_descs(remote_rows, pool.memory), remote.agent)
-            try:
-                await self._wait(handle, timeout)
-            finally:
-                handle.release()
+            await self._wait(handle, timeout)
         finally:
-            self.agent.deregister_memory(registered)
-        return [BlockData(ref.block_index, ref.block_hash, staging[i, :, :, : ref.num_tokens])
+            handle.release()
+        return [BlockData(ref.block_index, ref.block_hash, staging[first + i, :, :, : ref.num_tokens])
                 for i, ref in enumerate(refs)]
 
     async def _wait(self, handle, timeout: float | None) -> None:
@@ -251,6 +260,44 @@ class PoolReader:
             state = self.agent.check_xfer_state(handle)
         if state != "DONE":
             raise NixlTransferError(f"NIXL read failed ({state})")
+
+
+_END = object()
+
+
+async def _bursts(items):
+    """Lists of the items of async iterator `items` that arrived while the consumer was busy
+    (at least one each), in order; its exception, if any, after the items before it."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in items:
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, in order
+            queue.put_nowait(e)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            burst = [await queue.get()]
+            while not queue.empty():
+                burst.append(queue.get_nowait())
+            end = next((i for i, item in enumerate(burst) if item is _END or isinstance(item, Exception)), None)
+            if end is None:
+                yield burst
+                continue
+            if end:
+                yield burst[:end]
+            if burst[end] is _END:
+                return
+            raise burst[end]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await items.aclose()
 
 
 class NixlKVTransport(CudaIpcKVTransport):
@@ -293,8 +340,9 @@ class NixlKVTransport(CudaIpcKVTransport):
 
     async def pull(self, peer_id, request, timeout, fence=None):
         try:
-            async for item in self._pull(peer_id, request, timeout, fence):
-                yield item
+            async with contextlib.aclosing(self._pull(peer_id, request, timeout, fence)) as items:
+                async for item in items:
+                    yield item
         except grpc.aio.AioRpcError as e:
             # Refused (e.g. restarted at the same address: our pool id is stale) or gone: what we
             # learnt at the handshake may be stale, so the next pull handshakes again.
@@ -309,21 +357,30 @@ class NixlKVTransport(CudaIpcKVTransport):
         stub = await self._stub(peer_id, timeout)
         remote = self._remotes.get(peer_id)
         if remote is None:
-            async for item in super().pull(peer_id, request, timeout, fence):
-                yield item
+            async with contextlib.aclosing(super().pull(peer_id, request, timeout, fence)) as items:
+                async for item in items:
+                    yield item
             return
         request.kv_by_reference, request.kv_pool_id = True, remote.pool.pool_id
         num_slots = remote.pool.shape[2]
+        expected = -(-len(request.prompt_token_ids) // self.block_shape[2]) - request.skip_blocks
+        staging, registration = self.reader.staging(max(expected, 0))
+        used = 0
+        stream = self._stream(stub, request, timeout,
+                              lambda msg: wire.decode_slot(msg, num_slots, self.block_shape, self.dtype))
         try:
-            async for item in self._stream(
-                stub, request, timeout, lambda msg: wire.decode_slot(msg, num_slots, self.block_shape, self.dtype)
-            ):
-                if isinstance(item, BlockRef):
-                    for block in await self.reader.read(remote, [item], self.progress_timeout):
-                        yield block
-                else:
-                    yield item
+            async with contextlib.aclosing(_bursts(stream)) as bursts:
+                async for burst in bursts:  # the refs that arrived meanwhile: one READ for all of them
+                    refs = [item for item in burst if isinstance(item, BlockRef)]
+                    if refs:
+                        for block in await self.reader.read(remote, refs, staging, used, self.progress_timeout):
+                            yield block
+                        used += len(refs)
+                    for item in burst:
+                        if not isinstance(item, BlockRef):
+                            yield item
         finally:
+            self.reader.release(registration)
             # Our copies are done when read() returns: the slots can go back at once.
             await self._release(peer_id, stub, request.request_id, None)
 
