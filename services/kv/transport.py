@@ -168,6 +168,9 @@ class GrpcKVTransport(KVTransport):
                     return
                 if response.HasField("block"):
                     yield decode_block(response.block)
+                elif response.HasField("blocks"):
+                    for block in response.blocks.blocks:
+                        yield decode_block(block)
                 else:
                     result = response.result
                     tokens = sorted(result.first_tokens, key=lambda t: t.index)

@@ -32,6 +32,14 @@ from services.rpc.worker import WorkerServicerBase
 log = logging.getLogger("pdserve.prefill")
 
 KV_HOLD_TIMEOUT_S = 60.0  # blocks shipped by reference are freed this long after the stream, at the latest
+# The blocks of one engine step share a message up to this many bytes of KV (references: all of them).
+BATCH_BYTES = 4 << 20
+
+
+def _blocks_response(batch: list[kv_pb2.KVBlock]) -> worker_pb2.PrefillResponse:
+    if len(batch) == 1:
+        return worker_pb2.PrefillResponse(block=batch[0])
+    return worker_pb2.PrefillResponse(blocks=worker_pb2.KVBlocks(blocks=batch))
 
 
 class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer):
@@ -98,6 +106,7 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
             async for out in stream:
                 if out.prompt_logprobs is not None:
                     prompt_logprobs = prompt_logprobs_to_proto(out.prompt_logprobs)
+                batch, batch_bytes = [], 0
                 for block in out.kv_blocks:
                     if by_reference:
                         msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
@@ -108,7 +117,13 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                         nbytes = len(msg.data)
                     metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
                     metrics.KV_BYTES_SHIPPED.labels("sent").inc(nbytes)
-                    yield worker_pb2.PrefillResponse(block=msg)
+                    if batch and batch_bytes + len(msg.data) > BATCH_BYTES:
+                        yield _blocks_response(batch)
+                        batch, batch_bytes = [], 0
+                    batch.append(msg)
+                    batch_bytes += len(msg.data)
+                if batch:
+                    yield _blocks_response(batch)
                 for c in out.outputs:
                     if c.token_ids and c.index not in first:
                         token = worker_pb2.FirstToken(index=c.index, token_id=c.token_ids[0])
