@@ -7,6 +7,7 @@ does not describe a usable pool is refused (bytes over gRPC instead)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
@@ -16,8 +17,10 @@ import torch
 
 from pdserve.v1 import kv_pb2
 from services.cli.stack import Child
+from services.engine.kv_transfer import BlockRef
 from services.kv import nixl
 from services.kv.cuda_ipc import PoolError
+from services.kv.wire import KVWireError
 from tests.conftest import make_llm
 from tests.test_services import (decode_directly, expected_tokens, kv_faults, spawn, stop, wait_serving,
                                  wait_workers_free)
@@ -111,10 +114,12 @@ def test_a_killed_peer_falls_back_and_a_restarted_one_is_handshaken_again(worker
 @pytest.fixture(scope="module")
 def pool_and_reader():
     """A pool of 4 blocks registered with one agent, a reader with another (one process)."""
-    pool = torch.zeros((BLOCK_SHAPE[0], 2, 4, *BLOCK_SHAPE[2:]), dtype=torch.float32)
+    pool = torch.arange(BLOCK_SHAPE[0] * 2 * 4 * 16 * 2 * 16, dtype=torch.float32).reshape(
+        BLOCK_SHAPE[0], 2, 4, *BLOCK_SHAPE[2:])
     registered = nixl.register_pool(nixl.new_agent("prefill", "t"), pool)
     reader = nixl.PoolReader(nixl.new_agent("decode", "t"), torch.device("cpu"), BLOCK_SHAPE, torch.float32)
-    return registered.announcement, reader, registered
+    yield registered.announcement, reader, pool
+    del registered  # the owner's agent (its UCX endpoint) lives until here
 
 
 def tampered(msg: kv_pb2.NixlPool, **fields) -> kv_pb2.NixlPool:
@@ -145,11 +150,23 @@ def test_a_pool_announcement_that_does_not_fit_is_refused(pool_and_reader, field
         reader.load(tampered(msg, **fields))
 
 
-def test_the_intact_announcement_loads_and_unloads(pool_and_reader):
-    msg, reader, _ = pool_and_reader
+def test_a_read_copies_exactly_the_named_slots_tokens_and_layers(pool_and_reader):
+    msg, reader, pool = pool_and_reader
     remote = reader.load(msg)
     assert remote.agent == msg.agent_name
-    reader.unload(remote)
+    staging, registration = reader.staging(3)
+    try:
+        refs = [BlockRef(5, None, 7, 3), BlockRef(6, 11, 16, 0)]  # a partial block from slot 3, a full one
+        blocks = asyncio.run(reader.read(remote, refs, staging, 1, timeout=30))
+        with pytest.raises(KVWireError, match="outside"):
+            asyncio.run(reader.read(remote, [BlockRef(7, None, 1, 4)], staging, 0, timeout=30))
+        with pytest.raises(KVWireError, match="more blocks"):
+            asyncio.run(reader.read(remote, refs, staging, 2, timeout=30))
+    finally:
+        reader.release(registration)
+        reader.unload(remote)
+    assert [(b.block_index, b.block_hash) for b in blocks] == [(5, None), (6, 11)]
+    assert torch.equal(blocks[0].tensor, pool[:, :, 3, :7]) and torch.equal(blocks[1].tensor, pool[:, :, 0])
 
 
 def test_ucx_binds_loopback_for_a_loopback_worker(monkeypatch):

@@ -364,7 +364,8 @@ class NixlKVTransport(CudaIpcKVTransport):
         request.kv_by_reference, request.kv_pool_id = True, remote.pool.pool_id
         num_slots = remote.pool.shape[2]
         expected = -(-len(request.prompt_token_ids) // self.block_shape[2]) - request.skip_blocks
-        staging, registration = self.reader.staging(max(expected, 0))
+        # Nothing to ship (decode caches every block): nothing to register; a ref is then an error.
+        staging, registration = self.reader.staging(expected) if expected > 0 else (torch.empty(0), None)
         used = 0
         stream = self._stream(stub, request, timeout,
                               lambda msg: wire.decode_slot(msg, num_slots, self.block_shape, self.dtype))
@@ -380,7 +381,8 @@ class NixlKVTransport(CudaIpcKVTransport):
                         if not isinstance(item, BlockRef):
                             yield item
         finally:
-            self.reader.release(registration)
+            if registration is not None:
+                self.reader.release(registration)
             # Our copies are done when read() returns: the slots can go back at once.
             await self._release(peer_id, stub, request.request_id, None)
 
