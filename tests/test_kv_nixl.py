@@ -39,7 +39,8 @@ def reference():
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nixl")
-    small = ["--kv-cache-memory", "64MiB"]  # registered whole with NIXL: no need for the default 1 GiB
+    # A small pool (registered whole with NIXL: no need for the default 1 GiB), a short drain.
+    small = ["--kv-cache-memory", "64MiB", "--grace", "1"]
     prefill = spawn(tmp, "prefill", ["--kv-transport", "nixl", *small])
     decode = spawn(tmp, "decode", ["--kv-transport", "nixl", *small, "--prefill-peers", f"p={prefill.address}",
                                    "--kv-progress-timeout", "10"])
