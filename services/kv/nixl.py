@@ -367,6 +367,8 @@ class NixlKVTransport(CudaIpcKVTransport):
         # Nothing to ship (decode caches every block): nothing to register; a ref is then an error.
         staging, registration = self.reader.staging(expected) if expected > 0 else (torch.empty(0), None)
         used = 0
+        # A READ that never completes (its peer died mid-transfer) is bounded like a silent stream.
+        read_timeout = self.progress_timeout if self.progress_timeout is not None else timeout
         stream = self._stream(stub, request, timeout,
                               lambda msg: wire.decode_slot(msg, num_slots, self.block_shape, self.dtype))
         try:
@@ -374,7 +376,7 @@ class NixlKVTransport(CudaIpcKVTransport):
                 async for burst in bursts:  # the refs that arrived meanwhile: one READ for all of them
                     refs = [item for item in burst if isinstance(item, BlockRef)]
                     if refs:
-                        for block in await self.reader.read(remote, refs, staging, used, self.progress_timeout):
+                        for block in await self.reader.read(remote, refs, staging, used, read_timeout):
                             yield block
                         used += len(refs)
                     for item in burst:
