@@ -197,7 +197,7 @@ def _peer_admits(peer: dict[str, Any], labels: dict[str, str] | None) -> bool:
 
 def _rule_admits(rule: dict[str, Any], peers_key: str, labels: dict[str, str] | None, port: int) -> bool:
     ports = rule.get("ports")
-    if ports and not any(p.get("port") in (None, port) for p in ports):
+    if ports and not any(p.get("port") in (None, port) or p["port"] <= port <= p.get("endPort", 0) for p in ports):
         return False
     peers = rule.get(peers_key)
     return not peers or any(_peer_admits(p, labels) for p in peers)

@@ -215,3 +215,36 @@ def test_kv_pool_is_stored_head_major_on_the_gpu():
     assert pool.stride()[3:] == (dim, block_size * dim, 1)
     assert pool.stride()[:3] == (kv * blocks * block_size * heads * dim, blocks * block_size * heads * dim,
                                  block_size * heads * dim)
+
+
+def test_prefill_and_decode_on_two_gpus_move_kv_over_nixl(tmp_path):
+    """Two worker processes, each seeing only its own GPU (one GPU: both on it, one at a time),
+    --kv-transport nixl: NIXL reads prefill's VRAM pool into decode's over UCX's CUDA transports
+    (services/kv/nixl.py). The tokens are the in-process engine's and every block comes back on
+    both sides. Needs nixl-cu13 on the host (`make device-wheels DEVICE_PACKAGES=nixl-cu13`)."""
+    import concurrent.futures
+
+    import grpc
+
+    from pdserve.v1 import router_pb2_grpc
+    from services.cli.placement import gpu_per_worker
+    from services.cli.stack import LocalStack
+    from tests.test_services import GREEDY, generate, wait_all_free
+
+    pytest.importorskip("nixl_cu13")
+    model = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512", "--dtype", "float32",
+             "--num-kv-blocks", "512"]
+    reference = make_llm("tiny-llama", dtype="float32", num_kv_blocks=512)
+    prompts = [list(range(2000 + 50 * i, 2150 + 50 * i)) for i in range(6)]
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, GREEDY)]
+    placement = gpu_per_worker(["0", "1"], 1, 1) if torch.cuda.device_count() >= 2 else None
+    with LocalStack(model, 1, 1, log_dir=tmp_path, placement=placement, sequential_start=placement is None,
+                    worker_argv=["--kv-transport", "nixl"]) as stack:
+        router = router_pb2_grpc.RouterStub(grpc.insecure_channel(stack.router_address))
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda p: generate(router, p), prompts))
+        wait_all_free(stack)
+    records = [r.disaggregation for r in results]
+    assert all(d.remote_prefill and d.decode_computed_prompt_tokens == 0 for d in records)
+    assert {d.kv_transport for d in records} == {"nixl"}
+    assert [r.completions[0].token_ids for r in results] == expected

@@ -657,11 +657,13 @@ def test_network_policies_admit_exactly_the_serving_paths(name):
     stranger = {"app": "something-else"}
     allowed = [("router", "prefill", 50061), ("router", "decode", 50071), ("decode", "prefill", 50061),
                ("prefill", "decode", 50071), ("router", "redis", redis_port), ("prefill", "redis", redis_port),
-               ("decode", "redis", redis_port)]
+               ("decode", "redis", redis_port),
+               ("decode", "prefill", 38000), ("prefill", "decode", 38127)]  # UCX (NIXL KV transfer)
     for src, dst, port in allowed:
         assert allows(policies, pods[src], pods[dst], port), f"{src} -> {dst}:{port}"
     denied = [("prefill", "router", 50051), ("decode", "router", 8000), ("router", "prefill", 9161),
-              ("router", "decode", 50061), ("prefill", "decode", 6379),
+              ("router", "decode", 50061), ("prefill", "decode", 6379), ("router", "prefill", 38000),
+              ("decode", "prefill", 38128),
               # Health ports: for the kubelet, which comes from the node (never filtered), alone.
               ("router", "decode", 50072), ("decode", "prefill", 50062), ("prefill", "router", 50052)]
     if not external:
@@ -674,6 +676,7 @@ def test_network_policies_admit_exactly_the_serving_paths(name):
     assert allows(policies, stranger, pods["decode"], 9171)  # metrics scrapers (networkPolicy.metricsFrom)
     assert not allows(policies, stranger, pods["decode"], 50071)
     assert not allows(policies, stranger, pods["prefill"], 50061)
+    assert not allows(policies, stranger, pods["prefill"], 38000)  # UCX: workers only
     for role, health in (("router", 50052), ("prefill", 50062), ("decode", 50072)):
         assert not allows(policies, stranger, pods[role], health), role
     if not external:

@@ -119,6 +119,13 @@ async def until(condition, timeout=10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def blocks_of(response: worker_pb2.PrefillResponse) -> list[kv_pb2.KVBlock]:
+    """The blocks a Prefill stream message carries: one, a step's batch, or none (the result)."""
+    if response.HasField("blocks"):
+        return list(response.blocks.blocks)
+    return [response.block] if response.HasField("block") else []
+
+
 def own_pool(prefill_llm):
     return lambda msg: prefill_llm.engine.runner.kv_cache
 
@@ -205,7 +212,7 @@ def test_slots_nobody_releases_are_freed_after_the_hold_timeout(cpu_pool_exporte
             pool_id = (await w.prefill.Handshake(worker_pb2.HandshakeRequest(want_kv_pool=True))).kv_pool.pool_id
             request = worker_pb2.PrefillRequest(request_id="orphan", prompt_token_ids=PROMPT, kv_pool_id=pool_id,
                                                 sampling=params_to_proto(GREEDY), kv_by_reference=True)
-            refs = [r.block async for r in w.prefill.Prefill(request) if r.HasField("block")]
+            refs = [b async for r in w.prefill.Prefill(request) for b in blocks_of(r)]
             assert refs and all(b.HasField("pool_block") and not b.data for b in refs)
             # The engine knows a request by the caller's certificate name and its id ("-": plaintext).
             assert w.prefill_engine.core.is_held("-/orphan")
@@ -233,4 +240,22 @@ def test_references_are_refused_without_a_gpu_pool_or_a_request_id(prefill_llm, 
     # This CPU worker exports no pool (the real export_pool), so it offers none and ships none.
     assert codes == [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT]
     assert not response.HasField("kv_pool")
+    assert_all_free(prefill_llm)
+
+
+@pytest.mark.parametrize("batch_bytes, most", [(4 << 20, 2), (1, 1)])
+def test_a_steps_blocks_share_a_message_up_to_the_byte_cap(prefill_llm, decode_llm, monkeypatch, batch_bytes, most):
+    """Bytes over gRPC: the blocks of one step (two 16-token blocks per 32-token chunk here) go in
+    one message, unless the cap splits them; every block arrives once, in order."""
+    monkeypatch.setattr(prefill_server, "BATCH_BYTES", batch_bytes)
+
+    async def scenario():
+        async with workers(prefill_llm, decode_llm, own_pool(prefill_llm)) as w:
+            request = worker_pb2.PrefillRequest(request_id="b", prompt_token_ids=PROMPT,
+                                                sampling=params_to_proto(GREEDY))
+            return [blocks_of(r) async for r in w.prefill.Prefill(request)]
+
+    messages = [m for m in asyncio.run(scenario()) if m]
+    assert [b.block_index for m in messages for b in m] == list(range(10))
+    assert max(len(m) for m in messages) == most
     assert_all_free(prefill_llm)

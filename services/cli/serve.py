@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_internal_args(p)
         _add_admission_args(p)
         _add_engine_process_arg(p)
+        _add_kv_transport_arg(p)
         if role == "decode":
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
-            _add_kv_transport_arg(p)
             _add_kv_timeout_args(p)
             _add_stream_interval_arg(p)
         add_model_args(p)
@@ -105,13 +105,16 @@ def _internal_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-KV_TRANSPORTS = ("auto", "grpc")
+KV_TRANSPORTS = ("auto", "grpc", "nixl")
 
 
 def _add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
-                   help="how decode receives prompt KV: auto = by reference from a prefill worker on the same GPU "
-                   "(CUDA IPC, services/kv/cuda_ipc.py), bytes over gRPC from any other (default); grpc = always bytes")
+                   help="how prompt KV moves from prefill to decode: auto = by reference from a prefill worker on "
+                   "the same GPU (CUDA IPC, services/kv/cuda_ipc.py), else over NIXL when both engines run in their "
+                   "worker's process (a GPU), else bytes over gRPC (default); nixl = read over NIXL/UCX from any "
+                   "prefill worker that offers it (services/kv/nixl.py; the engine then runs in the worker process, "
+                   "on a prefill worker too), else bytes; grpc = always bytes")
 
 
 def _add_kv_timeout_args(p: argparse.ArgumentParser) -> None:
@@ -268,7 +271,8 @@ ROUTER_FLAGS = ("routing_policy", "remote_prefill_threshold", "load_penalty", "i
                 "max_header_bytes", "max_header_count", "max_concurrent_streams", "request_timeout", "tokenizer_workers",
                 "migration_limit", "decode_stall_timeout", "router_workers", "chat_template", "enable_auto_tool_choice",
                 "tool_call_parser")
-WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy", "served_model_name", "engine_process")
+WORKER_FLAGS = ("max_queued_requests", "max_queued_tokens", "scheduling_policy", "served_model_name", "engine_process",
+                "kv_transport")
 
 
 def router_argv(args: argparse.Namespace) -> list[str]:
@@ -395,7 +399,10 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
     from services.engine.engine import EngineCore
 
     config = engine_config(args)
-    if args.engine_process == "on" and config.resolve_device().type == "cuda" and \
+    if args.engine_process == "on" and args.kv_transport == "nixl":
+        log.warning("the engine runs in this process, not its own: the NIXL agent registers the KV pool, which "
+                    "must then live here (%s)", role)
+    elif args.engine_process == "on" and config.resolve_device().type == "cuda" and \
             (role == "prefill" or args.kv_transport == "auto"):
         log.warning("the engine runs in this process, not its own: CUDA IPC KV transfer (%s) needs the KV pool "
                     "here (--kv-transport grpc on decode workers lifts this)", role)
@@ -404,6 +411,33 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
                              instance_id)
     core = EngineCore(config)
     return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout))
+
+
+def _nixl(role: str, args: argparse.Namespace, engine, instance_id: str, use):
+    """`use(nixl, agent)` with this worker's NIXL agent, its UCX bound to the worker's own
+    address; None without NIXL: --kv-transport grpc, no pool in this process (the core in its
+    child), or auto where NIXL is missing or fails to start (logged). With --kv-transport nixl
+    those are errors."""
+    from services.kv import nixl
+
+    if args.kv_transport == "grpc" or engine.kv_cache is None:
+        return None
+    if nixl.nixl_api() is None:
+        if args.kv_transport == "nixl":
+            raise SystemExit("--kv-transport nixl: NIXL is not installed (nixl-cu13; `make install`)")
+        return None
+    host = _advertised_host(args) if args.host in ("0.0.0.0", "::", "") else args.host
+    try:
+        device = nixl.bind_ucx(host)
+        agent = nixl.new_agent(role, instance_id)
+        result = use(nixl, agent)
+    except Exception as e:
+        if args.kv_transport == "nixl":
+            raise
+        log.warning("NIXL unavailable (%s): KV moves by CUDA IPC or as bytes over gRPC", e)
+        return None
+    log.info("NIXL agent %s (UCX on %s)", agent.name, device)
+    return result
 
 
 def _admission_limits(args: argparse.Namespace, config, layout):
@@ -420,7 +454,9 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     if role == "prefill":
         from services.prefill.server import PrefillServicer
 
-        return PrefillServicer(engine, instance_id, args.scheduling_policy), \
+        nixl_pool = _nixl(role, args, engine, instance_id,
+                          lambda nixl, agent: nixl.register_pool(agent, engine.kv_cache))
+        return PrefillServicer(engine, instance_id, args.scheduling_policy, nixl_pool=nixl_pool), \
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
     from services.engine.async_engine import AsyncEngine
@@ -440,7 +476,15 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     )
     resolve = prefill_resolver(directory) if directory is not None else None
     device = layout.device
-    if args.kv_transport == "auto" and device.type == "cuda" and isinstance(engine, AsyncEngine):
+    reader = _nixl(role, args, engine, instance_id,
+                   lambda nixl, agent: nixl.PoolReader(agent, device, common[3], layout.dtype))
+    if reader is not None:
+        from services.kv.nixl import NixlKVTransport
+
+        transport = NixlKVTransport(*common, resolve=resolve, device=device, tls=tls,
+                                    progress_timeout=args.kv_progress_timeout, reader=reader,
+                                    cuda_ipc=args.kv_transport == "auto")
+    elif args.kv_transport == "auto" and device.type == "cuda" and isinstance(engine, AsyncEngine):
         transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls,
                                        progress_timeout=args.kv_progress_timeout)
     else:

@@ -214,8 +214,7 @@ class LocalStack:
         # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
-                   decode_argv=[*(["--kv-transport", args.kv_transport] if args.prefill else []),
-                                "--kv-pull-timeout", str(args.kv_pull_timeout),
+                   decode_argv=["--kv-pull-timeout", str(args.kv_pull_timeout),
                                 "--kv-progress-timeout", str(args.kv_progress_timeout),
                                 "--stream-interval", str(args.stream_interval)],
                    worker_argv=worker_argv(args), api_keys=keys)

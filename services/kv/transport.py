@@ -70,7 +70,7 @@ class KVTransport(ABC):
         reuse that memory, so close the iterator (contextlib.aclosing) rather than drop it."""
 
     def kind_for(self, peer_id: str) -> str:
-        """How blocks from `peer_id` travel (after a pull from it began): "grpc" or "cuda_ipc"."""
+        """How blocks from `peer_id` travel (after a pull from it began): "grpc", "cuda_ipc" or "nixl"."""
         return "grpc"
 
     async def close(self) -> None:
@@ -79,6 +79,7 @@ class KVTransport(ABC):
 
 class GrpcKVTransport(KVTransport):
     want_kv_pool = False  # ask prefill for its KV pool at the handshake (cuda_ipc.py)
+    want_nixl_pool = False  # ask for its NIXL agent and pool (nixl.py)
 
     def __init__(
         self,
@@ -133,7 +134,7 @@ class GrpcKVTransport(KVTransport):
         self, peer_id: str, address: str, stub: worker_pb2_grpc.PrefillWorkerStub, timeout: float | None
     ) -> None:
         request = worker_pb2.HandshakeRequest(instance_id=self.instance_id, role="decode", identity=self.identity,
-                                              want_kv_pool=self.want_kv_pool)
+                                              want_kv_pool=self.want_kv_pool, want_nixl_pool=self.want_nixl_pool)
         try:
             response = await stub.Handshake(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -167,6 +168,9 @@ class GrpcKVTransport(KVTransport):
                     return
                 if response.HasField("block"):
                     yield decode_block(response.block)
+                elif response.HasField("blocks"):
+                    for block in response.blocks.blocks:
+                        yield decode_block(block)
                 else:
                     result = response.result
                     tokens = sorted(result.first_tokens, key=lambda t: t.index)

@@ -107,3 +107,16 @@ def decode_ref(msg: kv_pb2.KVBlock, pool: torch.Tensor, expected_shape: tuple[in
         raise KVWireError(f"block {msg.block_index}: pool slot {msg.pool_block} outside [0, {pool.shape[2]})")
     tensor = pool[:, :, msg.pool_block, : msg.num_tokens]
     return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
+
+
+def decode_slot(msg: kv_pb2.KVBlock, num_slots: int, expected_shape: tuple[int, ...],
+                expected_dtype: torch.dtype) -> BlockRef:
+    """A block shipped by reference into a pool of `num_slots` slots that the receiver reads
+    itself (NIXL, services/kv/nixl.py): the checked header, nothing read yet."""
+    if not msg.HasField("pool_block"):
+        raise KVWireError(f"block {msg.block_index}: bytes where a reference was asked for")
+    _check_header(msg, expected_shape, expected_dtype)
+    if not 0 <= msg.pool_block < num_slots:
+        raise KVWireError(f"block {msg.block_index}: pool slot {msg.pool_block} outside [0, {num_slots})")
+    return BlockRef(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, msg.num_tokens,
+                    msg.pool_block)

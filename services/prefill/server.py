@@ -8,7 +8,9 @@ of each of the request's n sequences.
 A decode worker on the same GPU asks for this worker's KV pool at the handshake and then for
 blocks by reference (services/kv/cuda_ipc.py): the stream names pool slots instead of carrying
 bytes, and every slot it names stays allocated until that decode worker's ReleaseKV, or until
-KV_HOLD_TIMEOUT_S after the stream ended when it never comes.
+KV_HOLD_TIMEOUT_S after the stream ended when it never comes. A decode worker elsewhere reads
+the same slots over NIXL (services/kv/nixl.py) when this worker registered its pool with a NIXL
+agent (`nixl_pool`) and announces it at the handshake.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from pdserve.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
 from services.engine.errors import InvalidRequestError, OverloadedError, PdserveError
-from services.kv import cuda_ipc, wire
+from services.kv import cuda_ipc, nixl, wire
 from services.rpc import metrics
 from services.rpc.convert import logprobs_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
 from services.rpc.server import abort_with
@@ -30,17 +32,33 @@ from services.rpc.worker import WorkerServicerBase
 log = logging.getLogger("pdserve.prefill")
 
 KV_HOLD_TIMEOUT_S = 60.0  # blocks shipped by reference are freed this long after the stream, at the latest
+# The blocks of one engine step share a message up to this many bytes of KV (references: all of them).
+BATCH_BYTES = 4 << 20
+
+
+def _blocks_response(batch: list[kv_pb2.KVBlock]) -> worker_pb2.PrefillResponse:
+    if len(batch) == 1:
+        return worker_pb2.PrefillResponse(block=batch[0])
+    return worker_pb2.PrefillResponse(blocks=worker_pb2.KVBlocks(blocks=batch))
 
 
 class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer):
     role = "prefill"
     _kv_pool: kv_pb2.KVPool | None | bool = False  # False: not exported yet
 
+    def __init__(self, *args, nixl_pool: nixl.RegisteredPool | None = None, **kwargs) -> None:
+        """`nixl_pool`: this worker's pool as registered with its NIXL agent (None: no NIXL)."""
+        super().__init__(*args, **kwargs)
+        self._nixl = nixl_pool  # holds the agent
+        self.nixl_pool = nixl_pool.announcement if nixl_pool is not None else None
+
     async def Handshake(self, request: worker_pb2.HandshakeRequest, context) -> worker_pb2.HandshakeResponse:
         response = await super().Handshake(request, context)
         pool = self.kv_pool() if request.want_kv_pool else None
         if pool is not None:
             response.kv_pool.CopyFrom(pool)
+        if request.want_nixl_pool and self.nixl_pool is not None:
+            response.nixl_pool.CopyFrom(self.nixl_pool)
         return response
 
     def kv_pool(self) -> kv_pb2.KVPool | None:
@@ -63,10 +81,12 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
             reject_unknown_fields(request)
             if by_reference and not request.request_id:
                 raise InvalidRequestError("kv_by_reference needs a request_id (ReleaseKV names it)")
-            if by_reference and self.kv_pool() is None:
+            pool_ids = {p.pool_id for p in (self.kv_pool(), self.nixl_pool) if p is not None} if by_reference else ()
+            if by_reference and not pool_ids:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"prefill {self.instance_id} has no KV pool on a GPU to ship references into")
-            if by_reference and request.kv_pool_id != self.kv_pool().pool_id:
+                                    f"prefill {self.instance_id} has no KV pool on a GPU or over NIXL to ship "
+                                    "references into")
+            if by_reference and request.kv_pool_id not in pool_ids:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"prefill {self.instance_id}: the KV pool this request names is not ours "
                                     "(restarted since the handshake?): handshake again")
@@ -86,6 +106,7 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
             async for out in stream:
                 if out.prompt_logprobs is not None:
                     prompt_logprobs = prompt_logprobs_to_proto(out.prompt_logprobs)
+                batch, batch_bytes = [], 0
                 for block in out.kv_blocks:
                     if by_reference:
                         msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
@@ -96,7 +117,13 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                         nbytes = len(msg.data)
                     metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
                     metrics.KV_BYTES_SHIPPED.labels("sent").inc(nbytes)
-                    yield worker_pb2.PrefillResponse(block=msg)
+                    if batch and batch_bytes + len(msg.data) > BATCH_BYTES:
+                        yield _blocks_response(batch)
+                        batch, batch_bytes = [], 0
+                    batch.append(msg)
+                    batch_bytes += len(msg.data)
+                if batch:
+                    yield _blocks_response(batch)
                 for c in out.outputs:
                     if c.token_ids and c.index not in first:
                         token = worker_pb2.FirstToken(index=c.index, token_id=c.token_ids[0])

@@ -5,6 +5,8 @@ PDSERVE_TEST_PERTURB_KV=1  decode adds noise to the K of every block it receives
                            checksum check: output then differs iff decode really uses shipped KV.
 PDSERVE_TEST_CORRUPT_KV=1  prefill flips one byte of every block it ships by bytes, after the
                            checksum: decode must detect it and recompute locally.
+PDSERVE_TEST_BAD_NIXL_METADATA=1  prefill announces garbage NIXL agent metadata at the handshake
+                           (tests/test_kv_nixl.py): decode must refuse it and take bytes over gRPC.
 """
 
 from __future__ import annotations
@@ -41,3 +43,16 @@ if os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1":
         return msg
 
     _wire.encode = _corrupted
+
+if os.environ.get("PDSERVE_TEST_BAD_NIXL_METADATA") == "1":
+    from services.kv import nixl as _nixl
+
+    _register = _nixl.register_pool
+
+    def _bad_metadata(agent, pool):
+        registered = _register(agent, pool)
+        msg = registered.announcement
+        msg.agent_metadata = bytes(b ^ 0x5A for b in msg.agent_metadata[:64]) + msg.agent_metadata[64:]
+        return registered
+
+    _nixl.register_pool = _bad_metadata
