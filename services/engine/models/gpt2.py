@@ -9,7 +9,7 @@ parameter names follow transformers' modeling_gpt2.py. Its Conv1D layers store w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from services.engine.attention import AttentionContext
 from services.engine.layers.linear import Linear, linear
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
+from services.engine.quant import QuantizedWeight
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
@@ -97,7 +98,8 @@ class GPT2LMHeadModel(nn.Module):
         head = self.transformer.wte if self.config.tie_word_embeddings else self.lm_head
         return linear(hidden, head.weight)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> None:
         def rename(name: str) -> tuple[str, str | None, int]:
             # Bare GPT-2 checkpoints (as on the Hub) lack the "transformer." prefix.
             if not name.startswith(("transformer.", "lm_head.")):
@@ -110,4 +112,4 @@ class GPT2LMHeadModel(nn.Module):
         skip = (".attn.bias", ".attn.masked_bias") + (
             ("lm_head.weight",) if self.config.tie_word_embeddings else ()
         )
-        load_params(self, weights, rename, {}, skip, transform)
+        load_params(self, weights, rename, {}, skip, transform, quantize)

@@ -15,18 +15,20 @@ and qkv_proj the rotary embedding and the cache write after it (attention.py's p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
+from services.engine.layers.embedding import Embedding
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import Rope, RotaryEmbedding
 from services.engine.layers.linear import Linear, linear, norm_linear
 from services.engine.models.config import ModelConfig
 from services.engine.models.loading import load_params
+from services.engine.quant import QuantizedWeight
 
 # HF parameter -> (our fused parameter, shard index)
 _FUSED = {
@@ -114,7 +116,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
@@ -148,7 +150,9 @@ class LlamaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return linear(hidden, head.weight)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                     quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> None:
+        """`quantize`: applied to each Linear weight that loads dense into a deferred model."""
         cfg = self.config
         shard_sizes = {
             "qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
@@ -163,4 +167,4 @@ class LlamaForCausalLM(nn.Module):
             return name, None, 0
 
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
-        load_params(self, weights, rename, shard_sizes, skip)
+        load_params(self, weights, rename, shard_sizes, skip, quantize=quantize)

@@ -1,0 +1,140 @@
+"""GGUF weights kept in their block format, and a .gguf file read into them.
+
+`--gguf-weights native` loads a GGUF model's Q8_0, Q4_0, Q4_1 and Q4_K tensors as they are
+stored (`GGUFWeight`: the file's bytes, one row of blocks per output feature) and dequantizes
+a slab of rows per matmul (kernels/gguf.py: torch on the CPU, Triton on a GPU). Tensors of
+other quantized types are dequantized once at load with the `gguf` package; F32/F16/BF16 ones
+load as they are.
+
+Tensors are read with plain file reads, not the reader's memory map: pages of a mapped file
+count in the process's resident memory for as long as the map lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels.gguf import BLOCKS, dequantize_ref
+from services.engine.errors import ModelLoadError
+from services.engine.quant import QuantizedWeight
+
+log = logging.getLogger("pdserve.quant")
+
+# GGUF tensor name (after "blk.N.") -> HF parameter name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+NATIVE_ARCHITECTURES = ("llama",)
+
+
+class GGUFWeight(QuantizedWeight):
+    """A (out, in) weight as GGUF blocks: `blocks` is (out, in / block_elements * block_bytes) uint8."""
+
+    def __init__(self, kind: str, blocks: torch.Tensor, in_features: int) -> None:
+        n, size = BLOCKS[kind]
+        if in_features % n or blocks.shape[1] != in_features // n * size:
+            raise ModelLoadError(f"{kind} rows of {in_features} elements are not {blocks.shape[1]} bytes")
+        self.kind, self.blocks = kind, blocks
+        self.shape = (blocks.shape[0], in_features)
+        self.device = blocks.device
+
+    def _dequantize(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if blocks.is_cuda:
+            from kernels.gguf import dequantize
+
+            return dequantize(blocks, self.kind, dtype)
+        return dequantize_ref(blocks, self.kind, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._dequantize(self.blocks[start:stop], dtype)
+
+    def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._dequantize(self.blocks.index_select(0, ids.reshape(-1)), dtype).view(*ids.shape, -1)
+
+    def to(self, device: torch.device | str) -> GGUFWeight:
+        return GGUFWeight(self.kind, self.blocks.to(device), self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    @classmethod
+    def cat(cls, parts: list[QuantizedWeight]) -> GGUFWeight | None:
+        if len({(p.kind, p.shape[1]) for p in parts}) != 1:
+            return None
+        return GGUFWeight(parts[0].kind, torch.cat([p.blocks for p in parts]), parts[0].shape[1])
+
+    def permute_rows(self, order: torch.Tensor) -> GGUFWeight:
+        """The rows in `order` (blocks run along the input dimension, so rows move whole)."""
+        return GGUFWeight(self.kind, self.blocks.index_select(0, order), self.shape[1])
+
+
+def gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
+
+
+def iter_gguf_weights(path: Path, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+    """(HF name, tensor or GGUFWeight) for every tensor of a llama-architecture GGUF file."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    arch = gguf_architecture(path)
+    if arch not in NATIVE_ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture {arch!r} has no native loader ({', '.join(NATIVE_ARCHITECTURES)}): "
+                             "pass --gguf-weights converted")
+    entries = [(t.name, t.tensor_type, [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes))
+               for t in reader.tensors]
+    del reader  # closes the memory map before any tensor is read
+    with open(path, "rb") as f:
+        for name, qtype, shape, offset, nbytes in entries:
+            hf_name = _hf_name(name)
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(offset)
+            if f.readinto(memoryview(raw.numpy())) != nbytes:
+                raise ModelLoadError(f"GGUF file {path} is truncated in tensor {name}")
+            rows = int(np.prod(shape[1:]))  # GGUF lists dims innermost first: (in, out)
+            kind = qtype.name
+            if kind in BLOCKS:
+                value: torch.Tensor | GGUFWeight = GGUFWeight(kind, raw.view(rows, -1), shape[0])
+            elif qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
+                value = raw.view(dtype).view(*reversed(shape)).float()
+            else:
+                log.info("GGUF tensor %s (%s) has no native kernel: dequantized at load", name, kind)
+                value = torch.from_numpy(dequantize(raw.numpy().reshape(rows, -1), qtype)).float()
+                value = value.view(*reversed(shape))
+            if name.endswith(("attn_q.weight", "attn_k.weight")):
+                value = _unpermute_rope_rows(value, num_heads if "attn_q" in name else num_kv_heads)
+            yield hf_name, value
+
+
+def _hf_name(name: str) -> str:
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    raise ModelLoadError(f"GGUF tensor {name} has no llama equivalent")
+
+
+def _unpermute_rope_rows(w: torch.Tensor | GGUFWeight, heads: int) -> torch.Tensor | GGUFWeight:
+    """llama.cpp's converter interleaves each head's rotary halves in q/k rows (its rope pairs
+    adjacent elements, HF's pairs i with i + head_dim / 2); put them back in HF's order: GGUF row
+    h * hd + 2i + j holds HF row h * hd + j * hd / 2 + i."""
+    out = w.shape[0]
+    half = out // heads // 2
+    order = torch.arange(out).view(heads, half, 2).transpose(1, 2).reshape(-1)
+    return w.permute_rows(order) if isinstance(w, GGUFWeight) else w.index_select(0, order)
