@@ -77,6 +77,9 @@ class EngineCore:
         if source.gguf_file is not None and config.quantization is not None:
             raise ConfigError(f"{source.gguf_file.name} is quantized already: --quantization applies to dense "
                               "checkpoints (or pass --gguf-weights converted to requantize its dequantized weights)")
+        if source.quantization is not None and config.quantization not in (None, source.quantization):
+            raise ConfigError(f"the checkpoint is {source.quantization} already; --quantization "
+                              f"{config.quantization} does not apply")
         cfg = self.model_config = ModelConfig.from_hf(source.hf_config)
         self.model_name = source.name  # what clients call it unless the server is told otherwise
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
@@ -574,11 +577,11 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
                 max_model_len: int, quantization: str | None = None) -> torch.nn.Module:
-    """The model with its weights. Quantized weights (a native GGUF file, `quantization`) are
-    installed one at a time into a model built without dense Linear weights, so a dense copy
-    of the whole model never exists."""
+    """The model with its weights. Quantized weights (a native GGUF file, an FP8 checkpoint,
+    `quantization`) are installed one at a time into a model built without dense Linear
+    weights, so a dense copy of the whole model never exists."""
     t0 = time.perf_counter()
-    deferred = source.gguf_file is not None or quantization is not None
+    deferred = source.gguf_file is not None or source.quantization is not None or quantization is not None
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -590,7 +593,8 @@ def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.devi
     if deferred:
         weights = ((name, w.to(device) if isinstance(w, QuantizedWeight) else w.to(device, dtype))
                    for name, w in weights)
-    model.load_weights(weights, quantizer(quantization))
+    # A pre-quantized checkpoint's dense Linears (those its quantization config ignores) stay dense.
+    model.load_weights(weights, quantizer(quantization) if source.quantization is None else None)
     model.eval()
     log.info("loaded weights in %.1fs%s", time.perf_counter() - t0, f" ({quantization})" if quantization else "")
     return model

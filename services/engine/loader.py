@@ -30,6 +30,7 @@ import xxhash
 
 from services.engine.errors import ModelLoadError
 from services.engine.presets import PRESETS, preset_config
+from services.engine.quant import QuantizedWeight
 
 log = logging.getLogger("pdserve.loader")
 
@@ -48,6 +49,7 @@ class ModelSource:
     name: str  # the served model name (what ListModels and the OpenAI API show)
     dummy_seed: int | None = None
     gguf_file: Path | None = None  # weights read natively from this GGUF file
+    quantization: str | None = None  # a pre-quantized checkpoint's format (quant/compressed_tensors.py)
 
 
 def default_cache_dir() -> Path:
@@ -99,17 +101,21 @@ def resolve(
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json) nor a .gguf file")
     hf_config = _load_config(path)
+    from services.engine.quant.compressed_tensors import checkpoint_quantization
+
+    quantization = checkpoint_quantization(hf_config)
     # A weights-only directory runs without a tokenizer (token-id prompts only).
     tok_dir = Path(tokenizer) if tokenizer else (path if _has_tokenizer(path) else None)
     identity = f"{path.name}@{_dir_digest(path)}" if weights else path.name
     if gguf_file is not None:  # path's name holds the file's digest; numerics differ from converted
         identity = f"{path.name}@native"
-    return ModelSource(hf_config, path, tok_dir, identity=identity, name=name, gguf_file=gguf_file)
+    return ModelSource(hf_config, path, tok_dir, identity=identity, name=name, gguf_file=gguf_file,
+                       quantization=quantization)
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of the source's weights, in float32/bf16 as stored (GGUF blocks
-    as services/engine/quant/gguf.py's GGUFWeight where the source is read natively)."""
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(HF name, tensor) pairs of the source's weights, in float32/bf16 as stored; quantized
+    weights as services/engine/quant's types (a native GGUF file's blocks, FP8 checkpoints)."""
     if source.gguf_file is not None:
         from services.engine.quant.gguf import iter_gguf_weights
 
@@ -120,12 +126,21 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.weights_dir is None:
         yield from dummy_weights(source.hf_config, source.dummy_seed or 0)
         return
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     files = sorted(source.weights_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {source.weights_dir}")
+    if source.quantization == "fp8":
+        from services.engine.quant.compressed_tensors import fp8_weights
+
+        yield from fp8_weights(_safetensors(files))
+        return
+    yield from _safetensors(files)
+
+
+def _safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
