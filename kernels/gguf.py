@@ -1,7 +1,8 @@
 """GGUF block dequantization: Q8_0, Q4_0, Q4_1 and Q4_K rows to dense rows.
 
 `dequantize_ref` is plain torch (the CPU path); `dequantize` is the Triton kernel with the same
-signature and result. A weight row of K elements is K / block_elements blocks of bytes, laid
+signature and result; `matmul` is x @ W^T with W's tiles dequantized in registers (GPU decode
+steps: the weight is read once, as blocks), whose reference is x @ dequantize_ref(...)^T. A weight row of K elements is K / block_elements blocks of bytes, laid
 out as llama.cpp's ggml-quants.h defines them (little-endian fp16 scales):
 
     Q8_0  34 B / 32:  d (f16) | 32 x int8 q                       w = d * q
@@ -61,21 +62,17 @@ def dequantize_ref(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.f
 
 
 @triton.jit
-def _f16_at(ptr):
-    lo = tl.load(ptr).to(tl.uint16)
-    hi = tl.load(ptr + 1).to(tl.uint16)
+def _f16_at(ptr, mask):
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
     return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _dequant_kernel(Blocks, Out, stride_b, stride_o, K, KIND: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-                    TILE: tl.constexpr):
-    row = tl.program_id(0)
-    e = tl.program_id(1) * TILE + tl.arange(0, TILE)  # element indices of this row
-    valid = e < K
-    src = Blocks + row * stride_b
+def _dequant_tile(row_ptr, e, valid, KIND: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """Elements `e` of the rows starting at `row_ptr` (broadcast together), as float32."""
     if KIND == 3:  # Q4_K: 256 elements per super-block
-        blk = src + (e // 256) * BLOCK_BYTES
+        blk = row_ptr + (e // 256) * BLOCK_BYTES
         k = e % 256
         sub = k // 32  # 0..7
         q = tl.load(blk + 16 + (k // 64) * 32 + k % 32, mask=valid, other=0).to(tl.int32)
@@ -87,13 +84,13 @@ def _dequant_kernel(Blocks, Out, stride_b, stride_o, K, KIND: tl.constexpr, BLOC
         p = tl.load(blk + 4 + sub % 4, mask=valid, other=0).to(tl.int32)  # s[j - 4], j >= 4
         scale = tl.where(low, a & 63, (c & 15) | ((p >> 6) << 4))
         mn = tl.where(low, b & 63, (c >> 4) | ((a >> 6) << 4))
-        d = _f16_at(blk)
-        dmin = _f16_at(blk + 2)
+        d = _f16_at(blk, valid)
+        dmin = _f16_at(blk + 2, valid)
         w = d * scale.to(tl.float32) * q.to(tl.float32) - dmin * mn.to(tl.float32)
     else:
-        blk = src + (e // 32) * BLOCK_BYTES
+        blk = row_ptr + (e // 32) * BLOCK_BYTES
         i = e % 32
-        d = _f16_at(blk)
+        d = _f16_at(blk, valid)
         if KIND == 0:  # Q8_0
             q = tl.load(blk + 2 + i, mask=valid, other=0).to(tl.int8, bitcast=True).to(tl.float32)
             w = d * q
@@ -104,8 +101,36 @@ def _dequant_kernel(Blocks, Out, stride_b, stride_o, K, KIND: tl.constexpr, BLOC
             if KIND == 1:  # Q4_0
                 w = d * (q - 8.0)
             else:  # Q4_1
-                w = d * q + _f16_at(blk + 2)
+                w = d * q + _f16_at(blk + 2, valid)
+    return w
+
+
+@triton.jit
+def _dequant_kernel(Blocks, Out, stride_b, stride_o, K, KIND: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                    TILE: tl.constexpr):
+    row = tl.program_id(0)
+    e = tl.program_id(1) * TILE + tl.arange(0, TILE)  # element indices of this row
+    valid = e < K
+    w = _dequant_tile(Blocks + row * stride_b, e, valid, KIND, BLOCK_BYTES)
     tl.store(Out + row * stride_o + e, w.to(Out.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _matmul_kernel(X, Blocks, Out, M, N, K, stride_xm, stride_b, stride_om, KIND: tl.constexpr,
+                   BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Out (M, N) = X (M, K) @ W^T, W dequantized one (BLOCK_N, BLOCK_K) tile at a time in
+    registers: the weight is read once, as its blocks, and never written out dense."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        valid = (n[:, None] < N) & (k[None, :] < K)
+        w = _dequant_tile(Blocks + n[:, None] * stride_b, k[None, :], valid, KIND, BLOCK_BYTES)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    tl.store(Out + m[:, None] * stride_om + n[None, :], acc.to(Out.dtype.element_ty),
+             mask=(m[:, None] < M) & (n[None, :] < N))
 
 
 _KIND_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3}
@@ -122,4 +147,22 @@ def dequantize(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.float
     if rows:
         _dequant_kernel[(rows, triton.cdiv(k, tile))](blocks, out, blocks.stride(0), out.stride(0), k,
                                                        KIND=_KIND_IDS[kind], BLOCK_BYTES=size, TILE=tile)
+    return out
+
+
+def matmul(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) in x's dtype, W (N, K) given as GGUF blocks (N, bytes): the
+    fused kernel. Its reference is `x @ dequantize_ref(blocks, kind, x.dtype).t()`."""
+    n, size = BLOCKS[kind]
+    assert blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.stride(1) == 1, "blocks: (N, bytes) uint8"
+    assert x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == blocks.shape[1] // size * n, "x: (M, K), K = W's"
+    M, K = x.shape
+    N = blocks.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m = 16
+    block_k = 256 if kind == "Q4_K" else 64
+    block_n = 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _matmul_kernel[grid](x, blocks, out, M, N, K, x.stride(0), blocks.stride(0), out.stride(0),
+                         KIND=_KIND_IDS[kind], BLOCK_BYTES=size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

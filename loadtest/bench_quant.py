@@ -7,6 +7,11 @@ machine's load drifts within minutes; batch 1 decodes one prompt, batch 8 eight 
 `--max-tokens` each, greedy; model loading is excluded. Also prints each mode's weight bytes.
 
     python loadtest/bench_quant.py [--max-tokens 32] [--rounds 3] [--modes converted,native,int8,fp8] [--write BENCHMARKS.md]
+
+On a GPU the same script compares the default model's native GGUF blocks (Triton
+dequantization) with its converted bf16 weights; `--preset llama-3.2-1b` (or llama-3.1-8b)
+compares dummy weights of that shape in bf16 against fp8 (w8a8 `torch._scaled_mm` on Hopper)
+and int8: `--preset llama-3.2-1b --modes dense,fp8,int8`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from services.engine.quant import QuantizedWeight
 PROMPTS = ["What is AI?", "Write a short poem about the sea.", "Explain how a bicycle works.",
            "List three uses of copper.", "Why is the sky blue?", "Describe a busy market.",
            "How do vaccines work?", "Give me a recipe for pancakes."]
-MODES = {"converted": {"gguf_weights": "converted"}, "native": {"gguf_weights": "native"},
+MODES = {"converted": {"gguf_weights": "converted"}, "native": {"gguf_weights": "native"}, "dense": {},
          "int8": {"gguf_weights": "converted", "quantization": "int8"},
          "fp8": {"gguf_weights": "converted", "quantization": "fp8"}}
 
@@ -48,10 +53,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--preset", help="dummy weights of this shape instead of the default model (modes dense, int8, fp8)")
     p.add_argument("--write", type=Path)
     args = p.parse_args()
     modes = args.modes.split(",")
-    llms = {m: LLM(num_kv_blocks=256, max_model_len=1024, **MODES[m]) for m in modes}
+    model = {"load_format": "dummy", "preset": args.preset} if args.preset else {}
+    llms = {m: LLM(num_kv_blocks=256, max_model_len=1024, **model, **MODES[m]) for m in modes}
     for llm in llms.values():  # warm-up
         tokens_per_s(llm, PROMPTS[:1], 4)
     best: dict[tuple[str, int], float] = {}
@@ -59,7 +66,8 @@ def main() -> None:
         for batch in (1, 8):
             for m, llm in llms.items():
                 best[m, batch] = max(best.get((m, batch), 0.0), tokens_per_s(llm, PROMPTS[:batch], args.max_tokens))
-    base = {"native": "converted", "int8": "converted", "fp8": "converted"}
+    reference = "dense" if args.preset else "converted"
+    base = {"native": "converted", "int8": reference, "fp8": reference}
     rows = [{"weights": m, "weight MB": f"{weight_bytes(llms[m]) / 1e6:.0f}",
              **{f"batch {b} tok/s": f"{best[m, b]:.1f}" for b in (1, 8)},
              **{f"batch {b} vs fp32": (f"{best[m, b] / best[base[m], b]:.2f}x" if base.get(m) in llms else "1.00x")

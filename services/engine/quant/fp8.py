@@ -12,6 +12,8 @@ slab of rows at a time (weight-only), so the CPU tests run the same weights.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -63,10 +65,14 @@ class Fp8Weight(QuantizedWeight):
         return super().linear(x, bias)
 
 
+@functools.cache
+def _has_fp8_tensor_cores(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def takes_scaled_mm(x: torch.Tensor, w: Fp8Weight) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
-            and torch.cuda.get_device_capability(x.device) >= (8, 9)
-            and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
+            and _has_fp8_tensor_cores(x.device.index or 0) and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 `--gguf-weights native` loads a GGUF model's Q8_0, Q4_0, Q4_1 and Q4_K tensors as they are
 stored (`GGUFWeight`: the file's bytes, one row of blocks per output feature) and dequantizes
-a slab of rows per matmul (kernels/gguf.py: torch on the CPU, Triton on a GPU). Tensors of
+a slab of rows per matmul (kernels/gguf.py: torch on the CPU, Triton on a GPU, where decode
+steps run a kernel that dequantizes tiles in registers inside the matmul). Tensors of
 other quantized types are dequantized once at load with the `gguf` package; F32/F16/BF16 ones
 load as they are.
 
@@ -33,6 +34,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 NATIVE_ARCHITECTURES = ("llama",)
+FUSED_MAX_ROWS = 64  # tokens per step up to which a GPU matmul runs the fused kernel (not yet tuned)
 
 
 class GGUFWeight(QuantizedWeight):
@@ -55,6 +57,17 @@ class GGUFWeight(QuantizedWeight):
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return self._dequantize(self.blocks[start:stop], dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """On a GPU, up to `FUSED_MAX_ROWS` tokens (decode) go through the fused kernel, which
+        reads the blocks once and writes no dense weight; more (prefill, compute-bound) are
+        dequantized a slab at a time for cuBLAS."""
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= FUSED_MAX_ROWS:
+            from kernels.gguf import matmul
+
+            y = matmul(x.contiguous(), self.blocks, self.kind)
+            return y if bias is None else y + bias
+        return super().linear(x, bias)
 
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._dequantize(self.blocks.index_select(0, ids.reshape(-1)), dtype).view(*ids.shape, -1)
