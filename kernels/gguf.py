@@ -34,8 +34,12 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(..., 16) bytes -> (..., 32) values 0..15: the low nibbles, then the high ones."""
-    return torch.cat([qs & 15, qs >> 4], dim=-1).float()
+    """(..., 16) bytes -> (..., 32) float32 values 0..15: the low nibbles, then the high ones.
+    Written into one float tensor (no uint8 concatenation: the CPU path runs this every step)."""
+    out = torch.empty(*qs.shape[:-1], 32, dtype=torch.float32, device=qs.device)
+    out[..., :16].copy_(qs & 15)
+    out[..., 16:].copy_(qs >> 4)
+    return out
 
 
 def dequantize_ref(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -43,12 +47,12 @@ def dequantize_ref(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.f
     n, size = BLOCKS[kind]
     rows = blocks.shape[0]
     b = blocks.view(rows, -1, size)  # (R, blocks, bytes)
-    if kind == "Q8_0":
-        w = b[..., 2:].contiguous().view(torch.int8).float() * _f16(b[..., :2])
+    if kind == "Q8_0":  # int8 * float32 promotes in the one pass
+        w = torch.mul(b[..., 2:].view(torch.int8), _f16(b[..., :2]))
     elif kind == "Q4_0":
-        w = (_nibbles(b[..., 2:]) - 8) * _f16(b[..., :2])
+        w = _nibbles(b[..., 2:]).sub_(8).mul_(_f16(b[..., :2]))
     elif kind == "Q4_1":
-        w = _nibbles(b[..., 4:]) * _f16(b[..., :2]) + _f16(b[..., 2:4])
+        w = _nibbles(b[..., 4:]).mul_(_f16(b[..., :2])).add_(_f16(b[..., 2:4]))
     else:
         s = b[..., 4:16]
         s03, s47, s811 = s[..., 0:4], s[..., 4:8], s[..., 8:12]

@@ -27,7 +27,8 @@ class Int8Weight(QuantizedWeight):
         return cls(q, scale)
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight[start:stop].to(torch.float32) * self.scale[start:stop, None]).to(dtype)
+        # int8 * float32 promotes inside the one multiplication (no float copy of q first)
+        return torch.mul(self.qweight[start:stop], self.scale[start:stop, None]).to(dtype)
 
     def take_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
