@@ -94,6 +94,34 @@ def test_gguf_linear_in_slabs_equals_the_dense_product(kind, monkeypatch):
     assert fused.shape == (80, 512) and torch.equal(fused.dequantize()[40:], dense)
 
 
+def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path):
+    import gguf
+    import numpy as np
+
+    from services.engine.quant.gguf import read_header
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["<s>", "a", "bb"])  # a string array, skipped
+    writer.add_block_count(1)
+    dense = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta, tensors = read_header(path)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 1
+    expected = [(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+                for t in gguf.GGUFReader(str(path)).tensors]
+    assert [(t.name, t.qtype, t.shape, t.offset, t.nbytes) for t in tensors] == expected
+    (tmp_path / "bad.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        read_header(tmp_path / "bad.gguf")
+
+
 def test_int8_and_fp8_round_trip_within_their_rounding_error():
     w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different scales
     q8 = Int8Weight.quantize(w)
@@ -137,22 +165,28 @@ def int8_llm():
     return _llm(gguf_weights="converted", quantization="int8")
 
 
-def _greedy_with_logits(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens of one prompt and the logits each was chosen from."""
+def _greedy_with_logits(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Greedy tokens of each prompt and the logits each was chosen from. The prompts run as one
+    batch whose every step samples all of them in submission order: the argmax of each captured
+    row is checked against the tokens, so a different row order fails instead of misleading."""
     model = llm.engine.runner.model
-    seen: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
 
     def compute_logits(hidden):
         logits = type(model).compute_logits(model, hidden)
-        seen.append(logits[0].clone())
+        steps.append(logits.clone())
         return logits
 
     model.compute_logits = compute_logits
     try:
-        (out,) = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     finally:
         del model.compute_logits
-    return list(out.outputs[0].token_ids), seen
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    assert len(steps) == max_tokens and all(step.shape[0] == len(prompts) for step in steps)
+    for j, step in enumerate(steps):
+        assert step.argmax(-1).tolist() == [t[j] for t in tokens]
+    return tokens, [[step[i] for step in steps] for i in range(len(prompts))]
 
 
 def _perplexity(llm: LLM) -> float:
@@ -175,12 +209,11 @@ def test_native_gguf_keeps_the_files_blocks(native_llm):
 
 
 def test_native_gguf_logits_equal_the_converted_fp32_path(native_llm, fp32_llm):
-    for prompt in PROMPTS[:2]:
-        tokens, logits = _greedy_with_logits(native_llm, prompt, 12)
-        ref_tokens, ref_logits = _greedy_with_logits(fp32_llm, prompt, 12)
-        assert tokens == ref_tokens
-        for got, want in zip(logits, ref_logits, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tokens, logits = _greedy_with_logits(native_llm, PROMPTS[:3], 12)
+    ref_tokens, ref_logits = _greedy_with_logits(fp32_llm, PROMPTS[:3], 12)
+    assert tokens == ref_tokens
+    for got, want in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)
     assert_all_free(native_llm)
 
 
@@ -194,13 +227,14 @@ def test_int8_perplexity_within_2_percent_of_fp32(int8_llm, fp32_llm):
 
 
 def test_int8_greedy_agrees_with_fp32_up_to_near_ties(int8_llm, fp32_llm):
-    outs = int8_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    agree = 0
-    for prompt, out in zip(PROMPTS, outs, strict=True):
-        ref, logits = _greedy_with_logits(fp32_llm, prompt, 32)
-        tie = first_near_tie(logits)
-        agree += list(out.outputs[0].token_ids)[:tie] == ref[:tie]
-    assert agree >= 0.9 * len(PROMPTS), agree
+    """issue #31: identical up to the reference's first near-tie (loadtest/correctness.py) on
+    at least 90% of the prompts, over 32 tokens."""
+    tokens, _ = _greedy_with_logits(int8_llm, PROMPTS, 32)
+    ref_tokens, ref_logits = _greedy_with_logits(fp32_llm, PROMPTS, 32)
+    ties = [first_near_tie(logits) for logits in ref_logits]
+    agree = sum(t[:tie] == ref[:tie] for t, ref, tie in zip(tokens, ref_tokens, ties, strict=True))
+    assert agree >= 0.9 * len(PROMPTS), (agree, ties)
+    assert tokens != ref_tokens  # int8 really computed them (some prompt diverges somewhere)
     assert_all_free(int8_llm)
 
 

@@ -7,17 +7,20 @@ steps run a kernel that dequantizes tiles in registers inside the matmul). Tenso
 other quantized types are dequantized once at load with the `gguf` package; F32/F16/BF16 ones
 load as they are.
 
-Tensors are read with plain file reads, not the reader's memory map: pages of a mapped file
-count in the process's resident memory for as long as the map lives.
+The header and the tensors are read with plain file reads (`read_header`), not the gguf
+package's memory-mapped reader: pages of a mapped file count in the process's resident memory
+for as long as the map lives.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kernels.gguf import BLOCKS, dequantize_ref
@@ -90,46 +93,118 @@ class GGUFWeight(QuantizedWeight):
         return GGUFWeight(self.kind, self.blocks.index_select(0, order), self.shape[1])
 
 
-def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: int  # GGMLQuantizationType
+    shape: tuple[int, ...]  # innermost first, as GGUF lists it: (in, out) for a weight
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
+    """The scalar and string metadata (arrays skipped) and the tensor table of a GGUF file.
+
+    Read sequentially instead of through the gguf package's reader, which maps the file and
+    builds an array per element of every metadata array (the 49,152-token vocabulary): seconds
+    of start-up and tens of MB of Python objects for values the engine never reads.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        def take(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ModelLoadError(f"GGUF file {path} is truncated")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> str:
+            return f.read(take("Q")).decode("utf-8", errors="replace")
+
+        def value(vtype: int):
+            if vtype == _STRING:
+                return string()
+            if vtype == _ARRAY:
+                etype, count = take("I"), take("Q")
+                if etype == _STRING:
+                    for _ in range(count):
+                        f.seek(take("Q"), 1)
+                elif etype in _SCALARS:
+                    f.seek(struct.calcsize(_SCALARS[etype]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return None
+            if vtype not in _SCALARS:
+                raise ModelLoadError(f"GGUF file {path} has an unknown metadata type {vtype}")
+            return take(_SCALARS[vtype])
+
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file")
+        version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+        if version < 2:
+            raise ModelLoadError(f"GGUF version {version} of {path} is not supported (2 and later are)")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(take("I"))
+        table = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(take("Q") for _ in range(take("I")))
+            qtype, offset = take("I"), take("Q")
+            table.append((name, qtype, shape, offset))
+        align = int(meta.get("general.alignment") or 32)
+        start = -(-f.tell() // align) * align
+    tensors = []
+    for name, qtype, shape, offset in table:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise ModelLoadError(f"GGUF tensor {name} has an unknown type {qtype}") from None
+        tensors.append(TensorInfo(name, qtype, shape, start + offset, math.prod(shape) // block * block_bytes))
+    return meta, tensors
+
+
+def gguf_architecture(path: Path) -> str:
+    return str(read_header(path)[0].get("general.architecture") or "unknown")
 
 
 def iter_gguf_weights(path: Path, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
     """(HF name, tensor or GGUFWeight) for every tensor of a llama-architecture GGUF file."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(path))
-    arch = gguf_architecture(path)
+    meta, tensors = read_header(path)
+    arch = meta.get("general.architecture")
     if arch not in NATIVE_ARCHITECTURES:
         raise ModelLoadError(f"GGUF architecture {arch!r} has no native loader ({', '.join(NATIVE_ARCHITECTURES)}): "
                              "pass --gguf-weights converted")
-    entries = [(t.name, t.tensor_type, [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes))
-               for t in reader.tensors]
-    del reader  # closes the memory map before any tensor is read
     with open(path, "rb") as f:
-        for name, qtype, shape, offset, nbytes in entries:
-            hf_name = _hf_name(name)
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(offset)
-            if f.readinto(memoryview(raw.numpy())) != nbytes:
-                raise ModelLoadError(f"GGUF file {path} is truncated in tensor {name}")
-            rows = int(np.prod(shape[1:]))  # GGUF lists dims innermost first: (in, out)
-            kind = qtype.name
+        for t in tensors:
+            hf_name = _hf_name(t.name)
+            raw = torch.empty(t.nbytes, dtype=torch.uint8)
+            f.seek(t.offset)
+            if f.readinto(memoryview(raw.numpy())) != t.nbytes:
+                raise ModelLoadError(f"GGUF file {path} is truncated in tensor {t.name}")
+            rows = math.prod(t.shape[1:])
+            kind = GGMLQuantizationType(t.qtype).name
             if kind in BLOCKS:
-                value: torch.Tensor | GGUFWeight = GGUFWeight(kind, raw.view(rows, -1), shape[0])
-            elif qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+                value: torch.Tensor | GGUFWeight = GGUFWeight(kind, raw.view(rows, -1), t.shape[0])
+            elif kind in ("F32", "F16", "BF16"):
                 dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
-                value = raw.view(dtype).view(*reversed(shape)).float()
+                value = raw.view(dtype).view(*reversed(t.shape)).float()
             else:
-                log.info("GGUF tensor %s (%s) has no native kernel: dequantized at load", name, kind)
-                value = torch.from_numpy(dequantize(raw.numpy().reshape(rows, -1), qtype)).float()
-                value = value.view(*reversed(shape))
-            if name.endswith(("attn_q.weight", "attn_k.weight")):
-                value = _unpermute_rope_rows(value, num_heads if "attn_q" in name else num_kv_heads)
+                log.info("GGUF tensor %s (%s) has no native kernel: dequantized at load", t.name, kind)
+                value = torch.from_numpy(dequantize(raw.numpy().reshape(rows, -1), GGMLQuantizationType(t.qtype)))
+                value = value.float().view(*reversed(t.shape))
+            if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                value = _unpermute_rope_rows(value, num_heads if "attn_q" in t.name else num_kv_heads)
             yield hf_name, value
 
 
