@@ -254,6 +254,22 @@ def test_quantizing_an_already_quantized_gguf_is_refused():
         _llm(quantization="int4")
 
 
+def test_quantization_flags_reach_the_engine_config_and_child_processes():
+    import argparse
+
+    from services.cli.model_args import add_model_args, engine_config, model_argv
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--quantization", "fp8", "--gguf-weights", "native"])
+    config = engine_config(args)
+    assert (config.quantization, config.gguf_weights) == ("fp8", "native")
+    assert model_argv(args) == ["--quantization", "fp8", "--gguf-weights", "native"]
+    assert model_argv(p.parse_args([])) == []
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quantization", "awq"])
+
+
 def test_quantizer_covers_every_named_quantization():
     w = torch.randn(32, 32)
     assert isinstance(quantizer("int8")(w), Int8Weight) and isinstance(quantizer("fp8")(w), Fp8Weight)
