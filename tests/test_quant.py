@@ -197,6 +197,7 @@ def _perplexity(llm: LLM) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
+@pytest.mark.slow
 def test_native_gguf_keeps_the_files_blocks(native_llm):
     model = native_llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -208,6 +209,7 @@ def test_native_gguf_keeps_the_files_blocks(native_llm):
     assert quantized < 100e6 and dense < 1e6  # the file is 98.4 MB; fp32 would be 540 MB
 
 
+@pytest.mark.slow
 def test_native_gguf_logits_equal_the_converted_fp32_path(native_llm, fp32_llm):
     tokens, logits = _greedy_with_logits(native_llm, PROMPTS[:3], 12)
     ref_tokens, ref_logits = _greedy_with_logits(fp32_llm, PROMPTS[:3], 12)
@@ -217,6 +219,7 @@ def test_native_gguf_logits_equal_the_converted_fp32_path(native_llm, fp32_llm):
     assert_all_free(native_llm)
 
 
+@pytest.mark.slow
 def test_int8_perplexity_within_2_percent_of_fp32(int8_llm, fp32_llm):
     assert all(isinstance(m.weight, Int8Weight) for m in int8_llm.engine.runner.model.modules()
                if isinstance(m, torch.nn.Linear))
@@ -226,6 +229,7 @@ def test_int8_perplexity_within_2_percent_of_fp32(int8_llm, fp32_llm):
     assert_all_free(int8_llm)
 
 
+@pytest.mark.slow
 def test_int8_greedy_agrees_with_fp32_up_to_near_ties(int8_llm, fp32_llm):
     """issue #31: identical up to the reference's first near-tie (loadtest/correctness.py) on
     at least 90% of the prompts, over 32 tokens."""
@@ -238,6 +242,7 @@ def test_int8_greedy_agrees_with_fp32_up_to_near_ties(int8_llm, fp32_llm):
     assert_all_free(int8_llm)
 
 
+@pytest.mark.slow
 def test_fp8_weight_only_fallback_keeps_perplexity(fp32_llm):
     llm = _llm(gguf_weights="converted", quantization="fp8")
     assert all(isinstance(m.weight, Fp8Weight) for m in llm.engine.runner.model.modules()
