@@ -52,7 +52,8 @@ def deferred_weights() -> Iterator[None]:
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
-    return (isinstance(weight, torch.Tensor) and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.stride(-1) == 1
+    return (isinstance(weight, torch.Tensor) and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+            and x.dtype == weight.dtype and x.stride(-1) == 1
             and weight.numel() * weight.element_size() <= _GEMV_MAX_BYTES)
 
 
