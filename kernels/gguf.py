@@ -2,8 +2,10 @@
 
 `dequantize_ref` is plain torch (the CPU path); `dequantize` is the Triton kernel with the same
 signature and result; `matmul` is x @ W^T with W's tiles dequantized in registers (GPU decode
-steps: the weight is read once, as blocks), whose reference is x @ dequantize_ref(...)^T. A weight row of K elements is K / block_elements blocks of bytes, laid
-out as llama.cpp's ggml-quants.h defines them (little-endian fp16 scales):
+steps: the weight is read once, as blocks), whose reference is x @ dequantize_ref(...)^T.
+
+A weight row of K elements is K / block_elements blocks of bytes, laid out as llama.cpp's
+ggml-quants.h defines them (little-endian fp16 scales):
 
     Q8_0  34 B / 32:  d (f16) | 32 x int8 q                       w = d * q
     Q4_0  18 B / 32:  d (f16) | 16 B: element i in byte i % 16,   w = d * (q - 8)

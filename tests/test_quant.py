@@ -165,7 +165,8 @@ def int8_llm():
     return _llm(gguf_weights="converted", quantization="int8")
 
 
-def _greedy_with_logits(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+def _greedy_with_logits(llm: LLM, prompts: list[str],
+                        max_tokens: int) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """Greedy tokens of each prompt and the logits each was chosen from. The prompts run as one
     batch whose every step samples all of them in submission order: the argmax of each captured
     row is checked against the tokens, so a different row order fails instead of misleading."""
@@ -300,7 +301,10 @@ def _compressed_fp8_checkpoint(path, strategy: str):
     for module in model.modules():
         if hasattr(module, "weight_scale"):  # the scales a calibration would set (min/max of the weights)
             w = module.weight.data
-            lo, hi = (w.amin(1, keepdim=True), w.amax(1, keepdim=True)) if strategy == "channel" else (w.amin(), w.amax())
+            if strategy == "channel":
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            else:
+                lo, hi = w.amin(), w.amax()
             scale, _ = calculate_qparams(lo.reshape(module.weight_scale.shape), hi.reshape(module.weight_scale.shape),
                                          module.quantization_scheme.weights)
             module.weight_scale.data.copy_(scale)
@@ -380,7 +384,8 @@ def test_int4_checkpoints_are_refused_with_the_reason(tmp_path):
 def test_gguf_kernel_on_the_gpu_matches_the_reference(kind):
     blocks = _random_blocks(kind, 4096, 2048, seed=3)
     # compiled, d * q + m may fuse into one FMA: equal to the last bit of fp32, not bitwise
-    torch.testing.assert_close(dequantize(blocks.cuda(), kind).cpu(), dequantize_ref(blocks, kind), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dequantize(blocks.cuda(), kind).cpu(), dequantize_ref(blocks, kind),
+                               rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dequantize(blocks.cuda(), kind, torch.bfloat16).cpu(),
                                dequantize_ref(blocks, kind, torch.bfloat16))
     weight = GGUFWeight(kind, blocks, 2048).to("cuda")
