@@ -23,7 +23,7 @@ GiB = 1 << 30
 STEP_TOKENS = {"cpu": 512, "cuda": 2048}
 
 # Where `gguf_weights=auto` keeps GGUF blocks as stored. Not on the CPU: there decode with
-# on-the-fly dequantization ran at 0.29x (batch 1) and 0.45x (batch 8) of the converted fp32
+# on-the-fly dequantization ran at 0.28x (batch 1) and 0.49x (batch 8) of the converted fp32
 # path (BENCHMARKS.md, 2026-12-05), and the rule is native only at >= 0.9x. Not on
 # CUDA until GPU figures exist (loadtest/bench_quant.py).
 GGUF_NATIVE_DEFAULT = {"cpu": False, "cuda": False}
