@@ -137,6 +137,29 @@ def test_int8_and_fp8_round_trip_within_their_rounding_error():
     torch.testing.assert_close(f8.linear(x), F.linear(x, f8.dequantize()), rtol=1e-5, atol=1e-5)
 
 
+def test_w8a8_scaled_mm_applies_token_and_channel_scales():
+    """The Hopper path's arithmetic, run by torch's CPU _scaled_mm: e4m3 activations with one
+    scale per token times e4m3 weights with one per channel, rows padded to 16 and cut back."""
+    from services.engine.quant.fp8 import quantize_per_token, scaled_mm_linear
+
+    torch.manual_seed(0)
+    w = Fp8Weight.quantize(torch.randn(64, 32) * torch.logspace(-1, 1, 64)[:, None])
+    x = (torch.randn(5, 32) * torch.tensor([1e-4, 1, 10, 100, 3])[:, None]).bfloat16()
+    bias = torch.randn(64).bfloat16()
+    xq, x_scale = quantize_per_token(x)
+    want = (xq.float() * x_scale) @ (w.qweight.float() * w.scale[:, None]).t() + bias.float()
+    got = scaled_mm_linear(x, w, bias)
+    assert got.shape == (5, 64) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().amax(1, keepdim=True).max().item())
+    # each row keeps its own scale: the 1e-4 row is as accurate as the 100 row, relative to
+    # itself (one scale for the whole tensor would flush it to zero: e4m3's smallest value is
+    # 2^-9 of its largest)
+    plain = scaled_mm_linear(x, w).float()
+    dense = F.linear(x.float(), w.dequantize())
+    for row in (0, 3):
+        assert (plain[row] - dense[row]).abs().max() < 0.1 * dense[row].abs().max()
+
+
 def test_fp8_per_tensor_scale_is_spread_over_the_channels():
     q = torch.randn(4, 16).to(torch.float8_e4m3fn)
     w = Fp8Weight(q, torch.tensor([0.5]))
