@@ -25,6 +25,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="shape preset for --load-format dummy (smollm2-135m, llama-3.2-1b, qwen2.5-0.5b, "
                    "qwen3-0.6b, llama-3.1-8b, tiny-llama, ...)")
     g.add_argument("--dummy-seed", type=int, default=0, help="seed of dummy weights (part of the model identity)")
+    g.add_argument("--quantization", choices=["int8", "fp8"],
+                   help="quantize a dense checkpoint's Linear weights as they load: int8 (weight-only, per-channel "
+                   "scales), fp8 (e4m3, per-channel scales; w8a8 via torch._scaled_mm on Ada/Hopper, weight-only "
+                   "elsewhere)")
+    g.add_argument("--gguf-weights", choices=["auto", "native", "converted"], default="auto",
+                   help="a .gguf model's weights: native keeps its blocks as stored (dequantized per matmul), "
+                   "converted dequantizes them once to a cached HF directory; auto: converted (BENCHMARKS.md)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -76,6 +83,8 @@ def engine_config(args: argparse.Namespace):
         preset=args.preset,
         dummy_seed=args.dummy_seed,
         tokenizer=args.tokenizer,
+        quantization=getattr(args, "quantization", None),
+        gguf_weights=getattr(args, "gguf_weights", "auto"),
         cache_dir=args.cache_dir,
         device=args.device,
         dtype=args.dtype,

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from services.engine.errors import ConfigError
+from services.engine.quant import QUANTIZATIONS
 from services.engine.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,6 +21,12 @@ GiB = 1 << 30
 # for, so on the CPU (tens of ms per 100 tokens of a 0.5B model) a long prompt is chunked finely
 # enough that an abort frees its blocks within about a second.
 STEP_TOKENS = {"cpu": 512, "cuda": 2048}
+
+# Where `gguf_weights=auto` keeps GGUF blocks as stored. Not on the CPU: there decode with
+# on-the-fly dequantization ran at 0.28x (batch 1) and 0.49x (batch 8) of the converted fp32
+# path (BENCHMARKS.md, 2026-12-05), and the issue's rule is native only at >= 0.9x. Not on
+# CUDA until GPU figures exist (loadtest/bench_quant.py).
+GGUF_NATIVE_DEFAULT = {"cpu": False, "cuda": False}
 
 
 def default_step_tokens(device: torch.device) -> int:
@@ -35,6 +42,11 @@ class EngineConfig:
     dummy_seed: int = 0
     tokenizer: str | None = None
     cache_dir: Path | None = None
+    # Weights (services/engine/quant). quantization: None (as stored) | int8 | fp8, applied to
+    # a dense checkpoint's Linear weights as they load. gguf_weights: native keeps a GGUF
+    # model's blocks as stored, converted dequantizes them once (cached); auto: GGUF_NATIVE_DEFAULT.
+    quantization: str | None = None
+    gguf_weights: str = "auto"
     # Numerics and placement.
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
@@ -65,6 +77,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.gguf_weights not in ("auto", "native", "converted"):
+            raise ConfigError(f"gguf_weights must be auto, native or converted, got {self.gguf_weights!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
@@ -92,6 +108,12 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda requested but no CUDA device is available")
         return device
+
+    def resolve_gguf_native(self, device: torch.device) -> bool | None:
+        """Whether a GGUF model loads natively (None: where its architecture allows)."""
+        if self.gguf_weights == "auto":
+            return None if GGUF_NATIVE_DEFAULT.get(device.type, False) else False
+        return self.gguf_weights == "native"
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -23,6 +23,7 @@ Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -40,6 +41,7 @@ from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.host_memory import keep_freed_memory
 from services.engine.kv_sizing import bytes_per_block, num_kv_blocks
 from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
+from services.engine.layers.linear import deferred_weights
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
 from services.engine.outputs import Logprob, SampledToken
@@ -47,6 +49,7 @@ from services.engine.parallel.driver import Followers, ParallelDriver, agree_num
 from services.engine.parallel.group import Layout, Ranks, Group
 from services.engine.parallel.pipe import Pipe, stage_layers
 from services.engine.parallel.shard import Shard
+from services.engine.quant import QuantizedWeight, quantizer
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -70,14 +73,21 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config = config
         self.assemble_text = assemble_text
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
         source = loader.resolve(
-            config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir
+            config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir,
+            gguf_native=config.resolve_gguf_native(device),
         )
+        if source.gguf_file is not None and config.quantization is not None:
+            raise ConfigError(f"{source.gguf_file.name} is quantized already: --quantization applies to dense "
+                              "checkpoints (or pass --gguf-weights converted to requantize its dequantized weights)")
+        if source.quantization is not None and config.quantization not in (None, source.quantization):
+            raise ConfigError(f"the checkpoint is {source.quantization} already; --quantization "
+                              f"{config.quantization} does not apply")
         cfg = self.model_config = ModelConfig.from_hf(source.hf_config)
         self.model_name = source.name  # what clients call it unless the server is told otherwise
         self.tokenizer = Tokenizer.load(source.tokenizer_dir) if source.tokenizer_dir else None
-        device = config.resolve_device()
-        dtype = config.resolve_dtype(device)
         if device.type == "cpu":
             keep_freed_memory()  # every step's large tensors would otherwise start as fresh pages
         max_model_len = config.max_model_len or cfg.max_context
@@ -121,6 +131,10 @@ class EngineCore:
         ranks, pipe = None, None
         layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, 0)
         if layout.tp * layout.pp > 1:
+            if source.gguf_file is not None or source.quantization is not None or config.quantization is not None:
+                raise ConfigError("quantized weights (a native GGUF file, an FP8 checkpoint, --quantization) are "
+                                  "not sharded across ranks yet: use --gguf-weights converted and no "
+                                  "--quantization with --tensor-parallel-size/--pipeline-parallel-size > 1")
             Shard(0, layout.tp).check(cfg)  # shapes that do not divide are refused before any rank starts
             stage_layers(cfg.num_layers, layout)
             if device.type == "cuda" and device.index is None:
@@ -130,7 +144,8 @@ class EngineCore:
                 torch.set_num_threads(cpu_threads_per_rank(self._followers.size))
             ranks = Ranks.join(self._followers.store_path, layout, device)
             pipe = Pipe(ranks.world, layout) if layout.pp > 1 else None
-        model = _load_model(cfg, source, device, dtype, max_model_len, ranks.tp if ranks else None, pipe)
+        model = _load_model(cfg, source, device, dtype, max_model_len, ranks.tp if ranks else None, pipe,
+                            config.quantization)
         local = model.local
         backend = get_backend(config.attention_backend, device)
         # A draft model's weights load first and its KV (one block per target block) shares the
@@ -153,7 +168,7 @@ class EngineCore:
             max_model_len=max_model_len,
             vocab_size=cfg.vocab_size,
             eos_token_ids=_eos_token_ids(source),
-            model_identity=source.identity,
+            model_identity=source.identity + (f"+{config.quantization}" if config.quantization else ""),
         )
         # Structured output needs the tokenizer's vocabulary; nothing is built until a request uses it.
         self.grammars = (GrammarCompiler.for_tokenizer(self.tokenizer.hf, cfg.vocab_size, self.layout.eos_token_ids)
@@ -612,17 +627,27 @@ def _eos_token_ids(source: loader.ModelSource) -> tuple[int, ...]:
 
 
 def _load_model(cfg: ModelConfig, source: loader.ModelSource, device: torch.device, dtype: torch.dtype,
-                max_model_len: int, tp: Group | None = None, pipe: Pipe | None = None) -> torch.nn.Module:
-    """The model with its weights, or this rank's part of them (`tp`: its shard; `pipe`: its stage)."""
+                max_model_len: int, tp: Group | None = None, pipe: Pipe | None = None,
+                quantization: str | None = None) -> torch.nn.Module:
+    """The model with its weights, or this rank's part of them (`tp`: its shard; `pipe`: its
+    stage). Quantized weights (a native GGUF file, an FP8 checkpoint, `quantization`) are
+    installed one at a time into a model built without dense Linear weights, so a dense copy
+    of the whole model never exists."""
     t0 = time.perf_counter()
+    deferred = source.gguf_file is not None or source.quantization is not None or quantization is not None
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), (deferred_weights() if deferred else contextlib.nullcontext()):
             model = build_model(cfg, max_model_len, tp, pipe)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(loader.iter_weights(source))
+    weights = loader.iter_weights(source)
+    if deferred:
+        weights = ((name, w.to(device) if isinstance(w, QuantizedWeight) else w.to(device, dtype))
+                   for name, w in weights)
+    # A pre-quantized checkpoint's dense Linears (those its quantization config ignores) stay dense.
+    model.load_weights(weights, quantizer(quantization) if source.quantization is None else None)
     model.eval()
-    log.info("loaded weights in %.1fs", time.perf_counter() - t0)
+    log.info("loaded weights in %.1fs%s", time.perf_counter() - t0, f" ({quantization})" if quantization else "")
     return model

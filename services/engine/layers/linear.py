@@ -12,16 +12,23 @@ than cuBLAS's GEMMs for weights up to ~16 MB; larger ones (LM heads, big MLPs) s
 cuBLAS. There, `norm_linear` also folds the RMSNorm in front of a decoder layer's input
 projections (and SwiGLU's SiLU-and-mul behind gate_up) into the same launch
 (kernels/gemv.py's norm_gemv); PDSERVE_FUSE_NORM_GEMV=0 turns that off.
+
+A quantized weight (services/engine/quant) computes its own product; Linears built inside
+`deferred_weights()` start on the meta device, so a quantized model never holds a dense copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from services.engine.quant import QuantizedWeight
 
 _FEW_ROWS = 128
 _cpu_transposed = True  # few-row CPU products as (W @ x^T)^T; set by choose_cpu_orientation
@@ -29,13 +36,31 @@ _GEMV_MAX_BYTES = 16 << 20  # H200, cold weights: GEMV ahead at 12.6 MB (Llama-1
 FUSE_NORM_GEMV = os.environ.get("PDSERVE_FUSE_NORM_GEMV", "1") != "0"  # read when a forward runs (or is captured)
 
 
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.stride(-1) == 1
+_deferred = False  # Linear and Embedding weights built now go on the meta device (deferred_weights)
+
+
+@contextlib.contextmanager
+def deferred_weights() -> Iterator[None]:
+    """Weights of Linears (and layers/embedding.py's Embeddings) built inside are placeholders
+    on the meta device: loading installs each, dense or quantized (models/loading.py)."""
+    global _deferred
+    previous, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = previous
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
+    return (isinstance(weight, torch.Tensor) and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+            and x.dtype == weight.dtype and x.stride(-1) == 1
             and weight.numel() * weight.element_size() <= _GEMV_MAX_BYTES)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) -> (T, out) = x @ weight^T + bias."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     if _cpu_transposed and x.is_cpu and x.dim() == 2 and 1 < x.shape[0] <= _FEW_ROWS:
         y = torch.mm(weight, x.t()).t().contiguous()
         return y if bias is None else y + bias
@@ -50,7 +75,7 @@ def norm_linear(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     norm: nn.Module,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     bias: torch.Tensor | None = None,
     silu_mul: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,5 +126,8 @@ def choose_cpu_orientation(weights: list[torch.Tensor], rows: int = 16, rounds: 
 
 
 class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias, device="meta" if _deferred else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -9,7 +9,7 @@ parameter names follow transformers' modeling_gpt2.py. Its Conv1D layers store w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from services.engine.models.loading import load_params
 from services.engine.parallel.group import Group
 from services.engine.parallel.pipe import Pipe
 from services.engine.parallel.shard import Shard, local_config
+from services.engine.quant import QuantizedWeight
 
 _CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
@@ -119,7 +120,8 @@ class GPT2LMHeadModel(nn.Module):
         head = self.transformer.wte if self.config.tie_word_embeddings else self.lm_head
         return vocab_logits(hidden, head.weight, self.config.vocab_size, self.tp)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> None:
         def rename(name: str) -> tuple[str, str | None, int]:
             # Bare GPT-2 checkpoints (as on the Hub) lack the "transformer." prefix.
             if not name.startswith(("transformer.", "lm_head.")):
@@ -135,7 +137,7 @@ class GPT2LMHeadModel(nn.Module):
         )
         if self.pipe is not None:
             weights = self.pipe.stage_weights(weights, self.config.num_layers)
-        load_params(self, weights, rename, {}, skip, transform)
+        load_params(self, weights, rename, {}, skip, transform, quantize)
 
     def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of a checkpoint tensor (HF name, Conv1D already transposed): each of

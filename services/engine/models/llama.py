@@ -15,13 +15,14 @@ and qkv_proj the rotary embedding and the cache write after it (attention.py's p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
+from services.engine.layers.embedding import Embedding
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import Rope, RotaryEmbedding
 from services.engine.layers.linear import Linear, norm_linear
@@ -31,6 +32,7 @@ from services.engine.models.loading import load_params
 from services.engine.parallel.group import Group
 from services.engine.parallel.pipe import Pipe
 from services.engine.parallel.shard import Shard, local_config
+from services.engine.quant import QuantizedWeight
 
 # HF parameter -> (our fused parameter, shard index)
 _FUSED = {
@@ -121,7 +123,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.pipe = pipe
         if pipe is None or pipe.first:
-            self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+            # one rank: a table that may stay quantized (GGUF); several: each holds its rows
+            self.embed_tokens = (Embedding(cfg.vocab_size, cfg.hidden_size) if tp is None
+                                 else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp))
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, tp) for i in range(cfg.num_layers)])
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
@@ -172,7 +176,9 @@ class LlamaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return vocab_logits(hidden, head.weight, self.config.vocab_size, self.tp)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                     quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> None:
+        """`quantize`: applied to each Linear weight that loads dense into a deferred model."""
         cfg = self.local
         shard_sizes = {
             "qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
@@ -189,7 +195,8 @@ class LlamaForCausalLM(nn.Module):
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
         if self.pipe is not None:
             weights = self.pipe.stage_weights(weights, self.config.num_layers)
-        load_params(self, weights, rename, shard_sizes, skip, self._slice if self.shard is not None else None)
+        load_params(self, weights, rename, shard_sizes, skip, self._slice if self.shard is not None else None,
+                    quantize=quantize)
 
     def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of a checkpoint tensor (HF name): column-parallel q/k/v and gate/up
