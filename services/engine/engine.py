@@ -83,8 +83,9 @@ class EngineCore:
         # A draft model's weights load first and its KV (one block per target block) shares the
         # pool's budget, so the two pools together fit where the target's alone was sized.
         draft = self._load_draft(config, cfg, device, dtype, max_model_len)
-        draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
-        num_blocks = num_kv_blocks(config, cfg, model, backend, device, dtype, max_model_len, draft_per_block)
+        kv_dtype = config.resolve_kv_dtype(dtype)
+        draft_per_block = bytes_per_block(draft[0], config.block_size, kv_dtype) if draft is not None else 0
+        num_blocks = num_kv_blocks(config, cfg, model, backend, device, kv_dtype, max_model_len, draft_per_block)
         if num_blocks * config.block_size < max_model_len:
             raise ConfigError(
                 f"the KV pool ({num_blocks} blocks of {config.block_size} tokens) cannot hold one request of "
@@ -93,6 +94,7 @@ class EngineCore:
         self.layout = EngineLayout(
             device=device,
             dtype=dtype,
+            kv_dtype=kv_dtype,
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
             max_model_len=max_model_len,
@@ -132,11 +134,12 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks (%s) x %d tokens, max_model_len %d",
             time.perf_counter() - t0,
             self.layout.model_identity,
             self.layout.device,
             self.layout.dtype,
+            self.layout.kv_dtype,
             self.layout.num_kv_blocks,
             config.block_size,
             self.layout.max_model_len,
@@ -383,7 +386,8 @@ class EngineCore:
                 self._held.setdefault(request.request_id, []).append(slot)
                 exp.ready.append(BlockRef(i, block_hash, n, slot))
             else:
-                exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n)))
+                exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n),
+                                           self.runner.kv_scales))
         exported = end > exp.next_block
         exp.next_block = max(exp.next_block, end)
         if exported and exp.by_reference:
@@ -424,10 +428,10 @@ class EngineCore:
         expected_hash = self.block_manager.ensure_hashes(seq, i + 1)[i] if full and i < seq.num_tokens // bs else None
         try:
             check_block(imp, block, request.num_prompt_tokens, bs, expected_hash)
+            self.runner.write_block(seq.block_table[i], block.tensor, block.scales)
         except KVTransferError as e:
             self.fail_kv(request_id, str(e))
             return
-        self.runner.write_block(seq.block_table[i], block.tensor)
         imp.received.add(i)
         imp.bytes_received += block.nbytes
 
