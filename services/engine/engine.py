@@ -384,7 +384,7 @@ class EngineCore:
                 slot = seq.block_table[i]
                 self.block_manager.hold([slot])
                 self._held.setdefault(request.request_id, []).append(slot)
-                exp.ready.append(BlockRef(i, block_hash, n, slot))
+                exp.ready.append(BlockRef(i, block_hash, n, slot, self.runner.kv_scales))
             else:
                 exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n),
                                            self.runner.kv_scales))

@@ -64,6 +64,7 @@ class BlockRef:
     block_hash: int | None
     num_tokens: int
     pool_block: int  # its slot in the pool; held until the peer has copied it (release_kv)
+    scales: torch.Tensor | None = None  # the pool's per-layer (K, V) scales when it is fp8 (BlockData.scales)
 
 
 @dataclass
