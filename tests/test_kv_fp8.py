@@ -78,6 +78,15 @@ def test_triton_write_stores_the_references_bytes(scale):
     assert (caches[0][0].float().abs() == 448).any()  # some saturated
 
 
+def test_the_cpu_read_of_fp8_equals_torchs_cast_for_every_finite_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
+    finite = ~codes.float().isnan()
+    assert finite.sum() == 254
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(from_cache(codes, dtype)[finite], codes.to(dtype)[finite])
+        assert torch.equal(from_cache(codes, dtype, 0.5)[finite], codes.to(dtype)[finite] * 0.5)
+
+
 # ---- attention over an fp8 cache ------------------------------------------------------------------
 
 

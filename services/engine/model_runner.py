@@ -186,7 +186,8 @@ class ModelRunner:
         its own caches: the logits of each sequence's last token, and the sequences in the
         order of those rows (each needs a `sample`)."""
         inputs = self._prepare(seqs)
-        hidden = model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, kv_caches, inputs.meta))
+        scales = self._kv_scale_pairs if kv_caches is self.kv_caches else None  # a draft's own pool: unscaled
+        hidden = model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, kv_caches, inputs.meta, scales))
         return model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled_seqs
 
     def _run_graph(self, plan: StepPlan,
