@@ -6,6 +6,11 @@ kernel with the same signature.
 
 Token t goes to slot slot_mapping[t]. A negative slot is padding (CUDA graphs pad a batch with
 -1) and its token is skipped: the cache is left untouched there.
+
+An fp8 cache (float8_e4m3fn, `--kv-cache-dtype fp8`) stores x / scale, saturated to e4m3's
++-448, with one scale per layer for K and one for V (per-tensor scales: BENCHMARKS.md has the
+accuracy of per-tensor against per-block-and-head scales). Readers multiply by it back
+(`from_cache`). Any other cache dtype stores x cast, and its scales are 1.
 """
 
 from __future__ import annotations
@@ -14,6 +19,40 @@ import torch
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value; a plain cast of anything larger gives NaN
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as the cache stores it: cast, or for fp8 divided by `scale` and saturated."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    x = x.float() if scale == 1.0 else x.float() / scale
+    return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cached values back in `dtype` (the inverse of `to_cache`, up to rounding)."""
+    if is_fp8(x.dtype) and x.device.type == "cpu":
+        return _fp8_bits_to(x, dtype, scale)
+    x = x.to(dtype)
+    return x if scale == 1.0 else x * scale
+
+
+def _fp8_bits_to(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """e4m3fn -> `dtype` through float16 bits: torch's own cast is scalar on the CPU (about
+    6x slower here, on every decode step's whole context). e4m3's 4 exponent and 3 mantissa
+    bits become the low exponent and top mantissa bits of a float16, whose exponent bias is
+    8 more (hence x 2^8; e4m3 subnormals land on float16 subnormals, exactly). Exact for every
+    finite code; NaN (never written: writes saturate) reads as +-480."""
+    h = x.view(torch.int8).to(torch.int16).mul_(128)  # bits 0..6 -> 7..13; sign -> 15 and 14
+    h &= -16385  # clear bit 14
+    return h.view(torch.float16).to(dtype).mul_(256.0 * scale)
+
 
 def reshape_and_cache_ref(
     key: torch.Tensor,  # [T, KVH, D]
@@ -21,8 +60,10 @@ def reshape_and_cache_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     slot_mapping: torch.Tensor,  # [T] int64, negative = skip
+    k_scale: float = 1.0,  # fp8 caches: the per-tensor scales (see the module docstring)
+    v_scale: float = 1.0,
 ) -> None:
-    """Write each non-padding token's K and V (cast to the cache dtype) into its slot."""
+    """Write each non-padding token's K and V (in the cache's dtype) into its slot."""
     check_cache_args(key, value, k_cache, v_cache, slot_mapping)
     # Padding exists only in fixed-shape (CUDA-graph) steps; on the CPU, where this function
     # is the engine's own path, skipping the boolean mask saves three gathers per layer.
@@ -32,8 +73,8 @@ def reshape_and_cache_ref(
     block_size = k_cache.shape[1]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     # Advanced indexing, not a flat view: works for any cache strides.
-    k_cache[blocks, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+    k_cache[blocks, offsets] = to_cache(key, k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = to_cache(value, v_cache.dtype, v_scale)
 
 
 def check_cache_args(
@@ -56,8 +97,8 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kco, stride_kch,
     stride_vcb, stride_vco, stride_vch,
-    block_size, KVH, D,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    block_size, KVH, D, k_scale, v_scale,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
@@ -70,6 +111,9 @@ def _reshape_and_cache_kernel(
     mask = (h < KVH) & (d < D) & valid
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # scaled and saturated (a cast past +-448 gives NaN)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kco + h * stride_kch + d
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vco + h * stride_vch + d
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -82,6 +126,8 @@ def reshape_and_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     slot_mapping: torch.Tensor,  # [T] int64, negative = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Triton version of `reshape_and_cache_ref`: one program per token, all heads at once."""
     check_cache_args(key, value, k_cache, v_cache, slot_mapping)
@@ -96,6 +142,6 @@ def reshape_and_cache(
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_cache.shape[1], KVH, D,
-        BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=triton.next_power_of_2(D),
+        k_cache.shape[1], KVH, D, k_scale, v_scale,
+        BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=triton.next_power_of_2(D), FP8=is_fp8(k_cache.dtype),
     )

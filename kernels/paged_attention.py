@@ -22,6 +22,9 @@ run), and slot = block_table[pos // block_size] * block_size + pos % block_size.
 padded with any valid block id past a sequence's length (masked by seq_lens). A tile of
 BLOCK_N tokens spans BLOCK_N / block_size pages, gathered through the block table. Nothing in
 the Triton launch reads a value on the host, so it is CUDA-graph safe for a fixed num_splits.
+
+An fp8 cache (kernels/cache.py) is read as q's dtype: its K scale folds into the softmax
+scale, its V scale multiplies the output.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.cache import from_cache, is_fp8
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
@@ -41,6 +45,8 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     seq_lens: torch.Tensor,  # [B] int32, tokens in cache per sequence (incl. the new one)
     scale: float,
+    k_scale: float = 1.0,  # an fp8 cache's per-tensor scales (kernels/cache.py)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [B, H, D]
     """One query token per sequence attending to all of its cached tokens."""
     B, H, D = q.shape
@@ -51,8 +57,8 @@ def paged_decode_attention_ref(
     max_blocks = -(-max_len // block_size)
     idx = block_tables[:, :max_blocks].reshape(-1).long()
     S = max_blocks * block_size
-    k = k_cache.index_select(0, idx).view(B, S, KVH, D).transpose(1, 2)  # (B, KVH, S, D)
-    v = v_cache.index_select(0, idx).view(B, S, KVH, D).transpose(1, 2)
+    k = from_cache(k_cache.index_select(0, idx), q.dtype, k_scale).view(B, S, KVH, D).transpose(1, 2)  # (B, KVH, S, D)
+    v = from_cache(v_cache.index_select(0, idx), q.dtype, v_scale).view(B, S, KVH, D).transpose(1, 2)
     mask = torch.arange(S, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # (B, S)
     # The G = H / KVH query heads sharing a KV head attend to the same keys: treat them as
     # G query rows of that head, so no KV head is repeated.
@@ -106,7 +112,10 @@ def _merge_splits(MidO, MidLse, b, heads, g_mask, offs_d, stride_ob, stride_oh, 
 @triton.jit
 def _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     """One tile of online softmax: (m_i, l_i, acc) updated with keys k and values v. A tile
-    with no valid token (a split past its sequence) leaves them at zero, not NaN."""
+    with no valid token (a split past its sequence) leaves them at zero, not NaN. An fp8 tile
+    is widened to q's dtype (exact: e4m3 fits bf16 and fp16)."""
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G_PAD, BLOCK_N)
     s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -120,7 +129,7 @@ def _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION: tl.constexpr)
 @triton.jit
 def _decode_kernel(
     Q, K, V, BlockTables, SeqLens, MidO, MidLse, Out, Counters,
-    scale,
+    scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -183,6 +192,7 @@ def _decode_kernel(
         v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask)
         m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, scale, PRECISION)
 
+    acc = acc * v_scale  # 1 but for an fp8 cache; the merge below is linear in the partials
     out_ptrs = Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if NUM_SPLITS == 1:
@@ -219,6 +229,8 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton flash-decoding; same result as paged_attention.paged_decode_attention_ref.
 
@@ -236,7 +248,8 @@ def paged_decode_attention(
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "last dim must be contiguous"
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == B
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (B,)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes differ"
+    assert k_cache.dtype == v_cache.dtype and (k_cache.dtype == q.dtype or is_fp8(k_cache.dtype)), \
+        "the cache must be fp8 or q's dtype"
     assert num_splits >= 1, "num_splits must be at least 1"
     G = H // KVH
     block_n = block_n or max(64, page)  # several pages per tile: longer, fewer loads
@@ -265,7 +278,7 @@ def paged_decode_attention(
     pdl = use_pdl(q.device) and block_n <= 64
     _decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out, counters,
-        scale,
+        scale * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -7,6 +7,8 @@ style online softmax, keys gathered page by page through the block table).
 
 For a sequence with `context` cached tokens and `q_len` new ones (seq_len = context + q_len),
 query i (0-based in the chunk) sees keys 0 .. context + i.
+
+An fp8 cache is read as q's dtype, with its scales applied as in kernels/paged_attention.py.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.cache import from_cache, is_fp8
 from kernels.paged_attention import load_kv_tile, paged_tile
 
 
@@ -36,6 +39,8 @@ def paged_prefill_attention_ref(
     query_start_loc: torch.Tensor,  # [B + 1] int32, offsets of each sequence's tokens in q
     seq_lens: torch.Tensor,  # [B] int32, cached context + new tokens
     scale: float,
+    k_scale: float = 1.0,  # an fp8 cache's per-tensor scales (kernels/cache.py)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [T, H, D]
     """A chunk of new tokens per sequence attending to the sequence's earlier tokens
     (prefix-cache hits, earlier chunks) and causally to each other."""
@@ -48,8 +53,8 @@ def paged_prefill_attention_ref(
     for i, seq_len in enumerate(seq_lens.tolist()):
         q_start, q_end = starts[i], starts[i + 1]
         q_len = q_end - q_start
-        k = _gather(k_cache, block_tables[i], seq_len).transpose(0, 1)  # (KVH, S, D)
-        v = _gather(v_cache, block_tables[i], seq_len).transpose(0, 1)
+        k = from_cache(_gather(k_cache, block_tables[i], seq_len), q.dtype, k_scale).transpose(0, 1)  # (KVH, S, D)
+        v = from_cache(_gather(v_cache, block_tables[i], seq_len), q.dtype, v_scale).transpose(0, 1)
         qi = q[q_start:q_end].transpose(0, 1)  # (H, q_len, D)
         if q_len == seq_len:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -65,7 +70,7 @@ def paged_prefill_attention_ref(
 @triton.jit
 def _prefill_kernel(
     Q, K, V, Out, BlockTables, QueryStart, SeqLens,
-    scale,
+    scale, v_scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -99,7 +104,7 @@ def _prefill_kernel(
         offs_n = n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         page, slot = paged_tile(BlockTables, b, stride_bt, offs_n, n_mask, PAGE)
-        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask)  # (BLOCK_N, D)
+        k = load_kv_tile(K, page, slot, stride_kb, stride_ks, kvh, stride_kh, offs_d, n_mask).to(q.dtype)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         visible = (offs_n[None, :] <= context + offs_m[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -107,11 +112,11 @@ def _prefill_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows see nothing
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask)
+        v = load_kv_tile(V, page, slot, stride_vb, stride_vs, kvh, stride_vh, offs_d, n_mask).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_mask[:, None])
 
@@ -125,6 +130,8 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_query_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [T, H, D]
     """Triton version of paged_prefill_attention_ref. `max_query_len` (a host int) sizes the
     grid; without it the launcher reads it from query_start_loc (a device sync)."""
@@ -136,7 +143,8 @@ def paged_prefill_attention(
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "last dim must be contiguous"
     assert block_tables.dtype == torch.int32 and block_tables.shape[0] == B
     assert query_start_loc.dtype == seq_lens.dtype == torch.int32 and query_start_loc.shape == (B + 1,)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes differ"
+    assert k_cache.dtype == v_cache.dtype and (k_cache.dtype == q.dtype or is_fp8(k_cache.dtype)), \
+        "the cache must be fp8 or q's dtype"
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if B else 0
     out = torch.empty_like(q)
@@ -146,7 +154,7 @@ def paged_prefill_attention(
     assert block_n % page == 0
     _prefill_kernel[(B, H, triton.cdiv(max_query_len, block_m))](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        scale,
+        scale * k_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

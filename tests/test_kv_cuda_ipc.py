@@ -78,7 +78,7 @@ async def workers(prefill_llm, decode_llm, opener):
     cfg = core.model_config
     transport = CudaIpcKVTransport(
         {"p": f"127.0.0.1:{port}"}, "d", identity_of(decode_engine),
-        (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim), core.layout.dtype,
+        (cfg.num_layers, 2, core.layout.block_size, cfg.num_kv_heads, cfg.head_dim), core.layout.kv_dtype,
         device=torch.device("cpu"), open=opener,
     )
     prefill_servicer = PrefillServicer(prefill_engine, "p")

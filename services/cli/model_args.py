@@ -40,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=parse_bytes, help="KV pool size on CPU (default 1GiB)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     g.add_argument("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the two above)")
+    g.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
+                   help="auto: the model's dtype; fp8: K and V as e4m3 with per-tensor scales, half of bf16's bytes "
+                   "(twice the tokens per pool, half the bytes disaggregation ships); prefill and decode must agree")
     g.add_argument("--max-num-batched-tokens", type=int,
                    help="token budget per step; it bounds a step's time, so how soon a cancel or a deadline frees "
                    "a request's blocks (default 2048 on GPU, 512 on CPU, where long prompts are chunked)")
@@ -92,6 +95,7 @@ def engine_config(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=step_tokens,

@@ -472,12 +472,12 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
         instance_id,
         identity_of(engine),
         (cfg.num_layers, 2, layout.block_size, cfg.num_kv_heads, cfg.head_dim),
-        layout.dtype,
+        layout.kv_dtype,
     )
     resolve = prefill_resolver(directory) if directory is not None else None
     device = layout.device
     reader = _nixl(role, args, engine, instance_id,
-                   lambda nixl, agent: nixl.PoolReader(agent, device, common[3], layout.dtype))
+                   lambda nixl, agent: nixl.PoolReader(agent, device, common[3], layout.kv_dtype))
     if reader is not None:
         from services.kv.nixl import NixlKVTransport
 

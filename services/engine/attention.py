@@ -16,6 +16,9 @@ Token layout of a step: the decode tokens (one query token per sequence) come fi
 the chunks of the prefilling sequences:
 
     [ d0 d1 d2 | p0 p0 p0 p0 | p1 p1 ]      num_decode_tokens = 3
+
+An fp8 KV cache (`--kv-cache-dtype fp8`) has a (K, V) scale per layer (kernels/cache.py);
+the context hands each layer's pair to the backend, which writes and reads with them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         rope: Rope | None = None,  # applied to q and k before anything else; None: no rotation
+        kv_scale: tuple[float, float] = (1.0, 1.0),  # an fp8 cache's (K, V) scales
     ) -> torch.Tensor:  # [T, H, D]
         """k and v None: project_and_cache has already written them (q is rotated)."""
         ...
@@ -79,17 +83,18 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None, kv_scale=(1.0, 1.0)):
         if rope is not None:
             q, k = rope(q, k)
-        reshape_and_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        reshape_and_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping, *kv_scale)
         nd = meta.num_decode_tokens
         if meta.num_prefills == 0:
-            return paged_decode_attention_ref(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+            return paged_decode_attention_ref(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                              *kv_scale)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = paged_decode_attention_ref(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, *kv_scale
             )
         out[nd:] = paged_prefill_attention_ref(
             q[nd:],
@@ -99,6 +104,7 @@ class TorchAttentionBackend(AttentionBackend):
             meta.prefill_query_start_loc,
             meta.prefill_seq_lens,
             scale,
+            *kv_scale,
         )
         return out
 
@@ -127,10 +133,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def project_and_cache(self, x, residual, norm, weight, bias, num_heads, k_cache, v_cache, meta, rope):
         """One decode token on the GEMV path (layers/linear.py): RMSNorm(+residual), qkv_proj,
-        rotary and the cache write as one launch."""
+        rotary and the cache write as one launch. Not into an fp8 cache (its write scales)."""
+        from kernels.cache import is_fp8
         from services.engine.layers import linear
 
-        if not (FUSE_QKV_ROPE_CACHE and linear.FUSE_NORM_GEMV and rope is not None and meta.num_prefills == 0
+        if is_fp8(k_cache.dtype) or not (FUSE_QKV_ROPE_CACHE and linear.FUSE_NORM_GEMV and rope is not None and meta.num_prefills == 0
                 and meta.num_decode_tokens == 1 and linear._takes_gemv(x, weight)):
             return None
         from kernels.gemv import norm_gemv_rope_cache
@@ -138,18 +145,21 @@ class TritonAttentionBackend(AttentionBackend):
         return norm_gemv_rope_cache(x, norm.weight, norm.eps, weight, residual, bias, num_heads, rope.positions,
                                     rope.cos_sin, k_cache, v_cache, meta.slot_mapping)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
-        from kernels.cache import reshape_and_cache
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None, kv_scale=(1.0, 1.0)):
+        from kernels.cache import is_fp8, reshape_and_cache
         from kernels.paged_attention import paged_decode_attention
         from kernels.prefill_attention import paged_prefill_attention
         from kernels.rotary import rotary_and_cache
 
+        k_scale, v_scale = kv_scale
         if k is None:  # project_and_cache wrote k and v and rotated q
             pass
-        elif rope is not None:  # one launch: rotate q and k, write the rotated k and v
+        elif rope is not None and not is_fp8(k_cache.dtype):  # one launch: rotate q and k, write k and v
             q = rotary_and_cache(q, k, v, rope.positions, rope.cos_sin, k_cache, v_cache, meta.slot_mapping)
-        else:
-            reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:  # an fp8 cache: rotate, then the scaled write (two launches)
+            if rope is not None:
+                q, k = rope(q, k)
+            reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         nd = meta.num_decode_tokens
         out = torch.empty_like(q)
         if nd:
@@ -157,11 +167,11 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits, min_split_len, block_n = meta.decode_split
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
                                    num_splits=num_splits, min_split_len=min_split_len, block_n=block_n,
-                                   out=out[:nd], counters=counters)
+                                   out=out[:nd], counters=counters, k_scale=k_scale, v_scale=v_scale)
         if meta.num_prefills:
             out[nd:] = paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-                meta.prefill_seq_lens, scale, max_query_len=meta.prefill_max_query_len,
+                meta.prefill_seq_lens, scale, max_query_len=meta.prefill_max_query_len, k_scale=k_scale, v_scale=v_scale,
             )
         return out
 
@@ -187,17 +197,20 @@ class AttentionContext:
         backend: AttentionBackend,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        kv_scales: list[tuple[float, float]] | None = None,  # per layer; None: all 1 (not fp8, or unscaled)
     ) -> None:
         self.backend = backend
         self.kv_caches = kv_caches
         self.meta = meta
+        self.kv_scales = kv_scales
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float,
         rope: Rope | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]
-        return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope)
+        kv_scale = self.kv_scales[layer] if self.kv_scales is not None else (1.0, 1.0)
+        return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope, kv_scale)
 
     def project(
         self, layer: int, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, weight: torch.Tensor,

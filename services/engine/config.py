@@ -16,6 +16,8 @@ from services.engine.quant import QUANTIZATIONS
 from services.engine.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --kv-cache-dtype: auto = the model's dtype; fp8 = e4m3 with per-tensor scales (kernels/cache.py)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 GiB = 1 << 30
 # Tokens per step when the user names no budget. A step is the unit a cancel or a deadline waits
 # for, so on the CPU (tens of ms per 100 tokens of a 0.5B model) a long prompt is chunked finely
@@ -53,6 +55,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on GPU, torch elsewhere) | torch | triton
     enforce_eager: bool = False  # no CUDA graphs (decode steps, and steps of one prompt chunk)
     # KV cache.
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3, half of bf16's bytes)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
@@ -83,6 +86,8 @@ class EngineConfig:
             raise ConfigError(f"gguf_weights must be auto, native or converted, got {self.gguf_weights!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ConfigError(f"block_size must be a power of two up to 256, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -120,6 +125,10 @@ class EngineConfig:
             return torch.float32 if device.type == "cpu" else torch.bfloat16
         return DTYPES[self.dtype]
 
+    def resolve_kv_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model computing in `dtype`."""
+        return dtype if self.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[self.kv_cache_dtype]
+
 
 @dataclass(frozen=True)
 class EngineLayout:
@@ -127,6 +136,7 @@ class EngineLayout:
 
     device: torch.device
     dtype: torch.dtype
+    kv_dtype: torch.dtype  # the KV cache's: dtype, or float8_e4m3fn
     num_kv_blocks: int
     block_size: int
     max_model_len: int

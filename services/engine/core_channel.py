@@ -23,7 +23,8 @@ from services.engine.kv_transfer import BlockData
 M = TypeVar("M", bound=Message)
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 1 << 30  # a step of 256 requests with KV blocks stays far below this
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8_e4m3fn": torch.float8_e4m3fn}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -79,10 +80,13 @@ def block_to_proto(block: BlockData) -> engine_pb2.CoreBlock:
                                data=t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     if block.block_hash is not None:
         msg.block_hash = block.block_hash
+    if block.scales is not None:
+        msg.scales.extend(block.scales.flatten().tolist())
     return msg
 
 
 def block_from_proto(msg: engine_pb2.CoreBlock) -> BlockData:
     dtype = DTYPES[msg.dtype]
     tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype).reshape(tuple(msg.shape))
-    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
+    scales = torch.tensor(list(msg.scales), dtype=torch.float32).view(-1, 2) if msg.scales else None
+    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor, scales)

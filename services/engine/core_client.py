@@ -92,7 +92,8 @@ class EngineProcess(EngineStreams):
         self._spec: engine_pb2.CoreSpecStats | None = engine_pb2.CoreSpecStats() if ready.speculative else None
         self._step_tokens: collections.deque[int] = collections.deque(maxlen=4096)
         self.layout = EngineLayout(
-            device=torch.device(ready.device), dtype=DTYPES[ready.dtype], num_kv_blocks=ready.num_kv_blocks,
+            device=torch.device(ready.device), dtype=DTYPES[ready.dtype], kv_dtype=DTYPES[ready.kv_cache_dtype],
+            num_kv_blocks=ready.num_kv_blocks,
             block_size=ready.block_size, max_model_len=ready.max_model_len, vocab_size=ready.vocab_size,
             eos_token_ids=tuple(ready.eos_token_ids), model_identity=ready.model_identity,
         )

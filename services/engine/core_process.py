@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = core.layout
     channel.send(engine_pb2.CoreReady(
         device=str(layout.device), dtype=str(layout.dtype).removeprefix("torch."), num_kv_blocks=layout.num_kv_blocks,
+        kv_cache_dtype=str(layout.kv_dtype).removeprefix("torch."),
         block_size=layout.block_size, max_model_len=layout.max_model_len, vocab_size=layout.vocab_size,
         eos_token_ids=list(layout.eos_token_ids), model_identity=layout.model_identity, pid=os.getpid(),
         model_name=core.model_name, speculative=core.speculator is not None,

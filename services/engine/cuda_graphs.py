@@ -149,10 +149,12 @@ class DecodeGraphs:
         table: torch.Tensor,  # [rows, max_blocks] int32: the persistent block tables (block_table.py)
         num_kv_heads: int,
         device: torch.device,
+        kv_scales: list[tuple[float, float]] | None = None,  # an fp8 cache's, per layer (attention.py)
     ) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
+        self.kv_scales = kv_scales
         self.device = device
         self.table = table
         self.buckets = buckets_up_to(max_batch)
@@ -197,7 +199,7 @@ class DecodeGraphs:
         (`draw`: or, where a row's temperature is above zero, its draw)."""
         ids = self._staged[: 2 * self.width].index_select(0, self.source[:batch])
         torch.index_select(self.table, 0, self.rows[:batch], out=self.block_tables[:batch])
-        ctx = AttentionContext(self.backend, self.kv_caches, self._metadata(batch))
+        ctx = AttentionContext(self.backend, self.kv_caches, self._metadata(batch), self.kv_scales)
         logits = self.model.compute_logits(self.model(ids, self.positions[:batch], ctx))
         tokens = self.tokens[:batch]
         (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=tokens)
@@ -314,8 +316,10 @@ class PrefillGraphs:
     """
 
     def __init__(self, model: nn.Module, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_tokens: int, table: torch.Tensor, device: torch.device) -> None:
+                 max_tokens: int, table: torch.Tensor, device: torch.device,
+                 kv_scales: list[tuple[float, float]] | None = None) -> None:
         self.model, self.backend, self.kv_caches, self.device, self.table = model, backend, kv_caches, device, table
+        self.kv_scales = kv_scales
         self.buckets = prefill_buckets(max_tokens)
         self.max_tokens = self.buckets[-1] if self.buckets else 0
         n = self.width = self.max_tokens + self.max_tokens % 2
@@ -346,7 +350,7 @@ class PrefillGraphs:
             prefill_max_query_len=bucket,
         )
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket],
-                            AttentionContext(self.backend, self.kv_caches, meta))
+                            AttentionContext(self.backend, self.kv_caches, meta, self.kv_scales))
         logits = self.model.compute_logits(hidden.index_select(0, self.last))
         (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=self.tokens)
         return logits

@@ -112,12 +112,13 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d, TP %d x PP %d",
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks (%s) x %d tokens, max_model_len %d, TP %d x PP %d",
             time.perf_counter() - t0,
             self.layout.model_identity,
             self.layout.device,
             self.layout.dtype,
             self.layout.num_kv_blocks,
+            self.layout.kv_dtype,
             config.block_size,
             self.layout.max_model_len,
             config.tensor_parallel_size,
@@ -131,6 +132,9 @@ class EngineCore:
         ranks, pipe = None, None
         layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, 0)
         if layout.tp * layout.pp > 1:
+            if config.resolve_kv_dtype(dtype) == torch.float8_e4m3fn:
+                raise ConfigError("an fp8 KV cache is not sharded across ranks yet: --kv-cache-dtype auto with "
+                                  "--tensor-parallel-size/--pipeline-parallel-size > 1")
             if source.gguf_file is not None or source.quantization is not None or config.quantization is not None:
                 raise ConfigError("quantized weights (a native GGUF file, an FP8 checkpoint, --quantization) are "
                                   "not sharded across ranks yet: use --gguf-weights converted and no "
@@ -151,8 +155,9 @@ class EngineCore:
         # A draft model's weights load first and its KV (one block per target block) shares the
         # pool's budget, so the two pools together fit where the target's alone was sized.
         draft = self._draft = self._load_draft(config, cfg, device, dtype, max_model_len)
-        draft_per_block = bytes_per_block(draft[0], config.block_size, dtype) if draft is not None else 0
-        num_blocks = num_kv_blocks(config, local, model, backend, device, dtype, max_model_len, draft_per_block)
+        kv_dtype = config.resolve_kv_dtype(dtype)
+        draft_per_block = bytes_per_block(draft[0], config.block_size, kv_dtype) if draft is not None else 0
+        num_blocks = num_kv_blocks(config, local, model, backend, device, kv_dtype, max_model_len, draft_per_block)
         if ranks is not None:
             num_blocks = agree_num_blocks(ranks.world, num_blocks)
         if num_blocks * config.block_size < max_model_len:
@@ -163,6 +168,7 @@ class EngineCore:
         self.layout = EngineLayout(
             device=device,
             dtype=dtype,
+            kv_dtype=kv_dtype,
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
             max_model_len=max_model_len,
@@ -442,9 +448,10 @@ class EngineCore:
                 slot = seq.block_table[i]
                 self.block_manager.hold([slot])
                 self._held.setdefault(request.request_id, []).append(slot)
-                exp.ready.append(BlockRef(i, block_hash, n, slot))
+                exp.ready.append(BlockRef(i, block_hash, n, slot, self.runner.kv_scales))
             else:
-                exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n)))
+                exp.ready.append(BlockData(i, block_hash, self.runner.read_block(seq.block_table[i], n),
+                                           self.runner.kv_scales))
         exported = end > exp.next_block
         exp.next_block = max(exp.next_block, end)
         if exported and exp.by_reference:
@@ -485,10 +492,10 @@ class EngineCore:
         expected_hash = self.block_manager.ensure_hashes(seq, i + 1)[i] if full and i < seq.num_tokens // bs else None
         try:
             check_block(imp, block, request.num_prompt_tokens, bs, expected_hash)
+            self.runner.write_block(seq.block_table[i], block.tensor, block.scales)
         except KVTransferError as e:
             self.fail_kv(request_id, str(e))
             return
-        self.runner.write_block(seq.block_table[i], block.tensor)
         imp.received.add(i)
         imp.bytes_received += block.nbytes
 

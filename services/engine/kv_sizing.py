@@ -23,13 +23,14 @@ _CUDA_GRAPH_RESERVE = GiB // 2
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """`dtype`: the cache's (an fp8 cache's blocks are half of bf16's; its scales are per layer, not per block)."""
     return cfg.kv_bytes_per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
 def num_kv_blocks(config: EngineConfig, cfg: ModelConfig, model: nn.Module, backend: AttentionBackend,
                   device: torch.device, dtype: torch.dtype, max_model_len: int, extra_per_block: int = 0) -> int:
-    """How many KV blocks fit the budget; `extra_per_block`: bytes another pool indexed by the
-    same block ids needs for each (a speculative draft model's KV)."""
+    """How many KV blocks of cache dtype `dtype` fit the budget; `extra_per_block`: bytes another
+    pool indexed by the same block ids needs for each (a speculative draft model's KV)."""
     per_block = bytes_per_block(cfg, config.block_size, dtype) + extra_per_block
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks

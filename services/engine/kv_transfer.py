@@ -45,6 +45,7 @@ class BlockData:
     block_index: int  # position of the block in the prompt
     block_hash: int | None  # None for the partial last block
     tensor: torch.Tensor  # [layers, 2 (K, V), num_tokens, kv_heads, head_dim]
+    scales: torch.Tensor | None = None  # an fp8 block's per-layer (K, V) scales, [layers, 2] float32
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +64,7 @@ class BlockRef:
     block_hash: int | None
     num_tokens: int
     pool_block: int  # its slot in the pool; held until the peer has copied it (release_kv)
+    scales: torch.Tensor | None = None  # the pool's per-layer (K, V) scales when it is fp8 (BlockData.scales)
 
 
 @dataclass

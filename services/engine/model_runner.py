@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.cache import from_cache, is_fp8, to_cache
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
 from services.engine.block_table import BlockTableRows
 from services.engine.config import EngineLayout
 from services.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, decode_splits
+from services.engine.kv_transfer import KVTransferError
 from services.engine.layers import linear
 from services.engine.models.config import ModelConfig
 from services.engine.outputs import Logprob, SampledToken
@@ -111,6 +113,12 @@ class ModelRunner:
         # else sees the difference.
         self.kv_cache = kv_pool(model_config, layout)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        # An fp8 cache's per-tensor scales, [layers, 2 (K, V)] float32 (kernels/cache.py), and as
+        # floats for the kernels. All 1: e4m3's +-448 covers the default model's K and V (|x| < 21)
+        # unscaled, and per-tensor amax scales measured no more accurate (BENCHMARKS.md).
+        self.kv_scales = torch.ones(model_config.num_layers, 2) if is_fp8(layout.kv_dtype) else None
+        self._kv_scale_pairs = ([(k, v) for k, v in self.kv_scales.tolist()] if self.kv_scales is not None
+                                else None)
         max_blocks = -(-layout.max_model_len // layout.block_size)
         self.tables = BlockTableRows(max_rows, max_blocks, self.device)
         # The last step's sampled tokens on the device, and each single-token sequence's row
@@ -120,12 +128,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, backend, self.kv_caches, cuda_graph_max_batch, self.tables.device_table,
-                                       self.num_kv_heads, self.device)
+                                       self.num_kv_heads, self.device, self._kv_scale_pairs)
             self.graphs.capture()
         self.prefill_graphs: PrefillGraphs | None = None
         if cuda_graph_max_prefill >= 16 and self.device.type == "cuda":
             self.prefill_graphs = PrefillGraphs(model, backend, self.kv_caches, cuda_graph_max_prefill,
-                                                self.tables.device_table, self.device)
+                                                self.tables.device_table, self.device, self._kv_scale_pairs)
             self.prefill_graphs.capture()
 
     @torch.inference_mode()
@@ -160,7 +168,7 @@ class ModelRunner:
             if self.driver is not None:
                 self.driver.step(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices,
                                  inputs.prompt_rows.rows if inputs.prompt_rows is not None else [])
-            ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta)
+            ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta, self._kv_scale_pairs)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             sampled_seqs = inputs.sampled_seqs
@@ -185,7 +193,8 @@ class ModelRunner:
         its own caches: the logits of each sequence's last token, and the sequences in the
         order of those rows (each needs a `sample`)."""
         inputs = self._prepare(seqs)
-        hidden = model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, kv_caches, inputs.meta))
+        scales = self._kv_scale_pairs if kv_caches is self.kv_caches else None  # a draft's own pool: unscaled
+        hidden = model(inputs.input_ids, inputs.positions, AttentionContext(self.backend, kv_caches, inputs.meta, scales))
         return model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled_seqs
 
     def _run_graph(self, plan: StepPlan,
@@ -234,13 +243,21 @@ class ModelRunner:
             return self.driver.read_block(self.kv_cache, block_id, num_tokens).to("cpu")
         return self.kv_cache[:, :, block_id, :num_tokens].to("cpu", copy=True)
 
-    def write_block(self, block_id: int, data: torch.Tensor) -> None:
+    def write_block(self, block_id: int, data: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         """Fill one block's first data.shape[2] slots (a received block) from host memory, or
-        from a peer's pool on this GPU (mapped by CUDA IPC)."""
+        from a peer's pool on this GPU (mapped by CUDA IPC). An fp8 block comes with its
+        sender's scales ([layers, 2]); where they differ from ours it is requantized to ours."""
+        data = data.to(self.device)
+        if self.kv_scales is not None:
+            if scales is None or scales.shape != self.kv_scales.shape:
+                raise KVTransferError(f"an fp8 block needs its {tuple(self.kv_scales.shape)} scales")
+            if not torch.equal(scales, self.kv_scales):
+                ratio = (scales / self.kv_scales).to(self.device)[:, :, None, None, None]
+                data = to_cache(from_cache(data, torch.float32) * ratio, self.kv_cache.dtype)
         if self.driver is not None:  # each rank keeps its heads
             self.driver.write_block(self.kv_cache, block_id, data)
             return
-        self.kv_cache[:, :, block_id, : data.shape[2]] = data.to(self.device, self.kv_cache.dtype)
+        self.kv_cache[:, :, block_id, : data.shape[2]] = data.to(self.kv_cache.dtype)
 
     def synchronize(self) -> None:
         """Wait for every kernel and copy this process has queued on the device."""
@@ -341,7 +358,7 @@ def kv_pool(model_config: ModelConfig, layout: EngineLayout) -> torch.Tensor:
     inner = ((model_config.num_kv_heads, layout.block_size) if head_major
              else (layout.block_size, model_config.num_kv_heads))
     pool = torch.zeros(model_config.num_layers, 2, layout.num_kv_blocks, *inner, model_config.head_dim,
-                       dtype=layout.dtype, device=layout.device)
+                       dtype=layout.kv_dtype, device=layout.device)
     return pool.transpose(3, 4) if head_major else pool
 
 

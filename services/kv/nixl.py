@@ -245,7 +245,7 @@ class PoolReader:
             await self._wait(handle, timeout)
         finally:
             handle.release()
-        return [BlockData(ref.block_index, ref.block_hash, staging[first + i, :, :, : ref.num_tokens])
+        return [BlockData(ref.block_index, ref.block_hash, staging[first + i, :, :, : ref.num_tokens], ref.scales)
                 for i, ref in enumerate(refs)]
 
     async def _wait(self, handle, timeout: float | None) -> None:

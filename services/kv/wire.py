@@ -5,6 +5,10 @@ The receiver checks everything it can before the bytes touch its cache: dtype an
 against its own layout, the checksum against the bytes, and (in the decode worker) the block
 index and hash against what it allocated for that request.
 
+An fp8 block (float8_e4m3fn, --kv-cache-dtype fp8) also carries its sender's per-tensor
+scales, [layers, 2 (K, V)] float32 (kernels/cache.py): a K/V payload of exactly half a bf16
+block's bytes, plus 8 bytes a layer in `scales`, by bytes or by reference alike.
+
 On one GPU a block can travel by reference instead (`pool_block`: its slot in the sender's
 KV pool, which the receiver has mapped through CUDA IPC, see cuda_ipc.py): the same header and
 checks, no bytes and so no checksum.
@@ -19,7 +23,8 @@ from pdserve.v1 import kv_pb2
 from services.engine.kv_transfer import BlockData, BlockRef
 
 # The dtypes KV travels in, by their wire names (KVBlock.dtype, KVPool.dtype).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8_e4m3fn": torch.float8_e4m3fn}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -45,10 +50,17 @@ def encode(block: BlockData) -> kv_pb2.KVBlock:
     )
     if block.block_hash is not None:
         msg.block_hash = block.block_hash
+    _put_scales(msg, block.scales)
     return msg
 
 
-def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> kv_pb2.KVBlock:
+def _put_scales(msg: kv_pb2.KVBlock, scales: torch.Tensor | None) -> None:
+    if scales is not None:
+        msg.scales.extend(scales.flatten().tolist())
+
+
+def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               scales: torch.Tensor | None = None) -> kv_pb2.KVBlock:
     """A block shipped by reference: its slot in the sender's pool, no bytes (same-GPU transport)."""
     msg = kv_pb2.KVBlock(
         block_index=ref.block_index,
@@ -63,6 +75,7 @@ def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int,
     )
     if ref.block_hash is not None:
         msg.block_hash = ref.block_hash
+    _put_scales(msg, scales)
     return msg
 
 
@@ -79,6 +92,19 @@ def _check_header(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected
     return shape
 
 
+def _scales(msg: kv_pb2.KVBlock, dtype: torch.dtype, layers: int) -> torch.Tensor | None:
+    """An fp8 block's [layers, 2] scales (each finite and positive); None for other dtypes."""
+    if dtype != torch.float8_e4m3fn:
+        if msg.scales:
+            raise KVWireError(f"block {msg.block_index}: scales on a {msg.dtype} block")
+        return None
+    scales = torch.tensor(list(msg.scales), dtype=torch.float32)
+    if scales.numel() != 2 * layers or not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise KVWireError(f"block {msg.block_index}: an fp8 block needs {2 * layers} finite positive scales, "
+                          f"got {scales.numel()}")
+    return scales.view(layers, 2)
+
+
 def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> BlockData:
     """Check and unpack a received block. `expected_shape` is [layers, 2, block_size, heads, dim]."""
     if msg.HasField("pool_block"):
@@ -91,8 +117,9 @@ def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype:
         raise KVWireError(f"block {msg.block_index}: {len(msg.data)} bytes, expected {nbytes}")
     if xxhash.xxh64_intdigest(msg.data) != msg.checksum:
         raise KVWireError(f"block {msg.block_index}: checksum mismatch")
+    scales = _scales(msg, expected_dtype, shape[0])
     tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(expected_dtype).reshape(shape)
-    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
+    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor, scales)
 
 
 def decode_ref(msg: kv_pb2.KVBlock, pool: torch.Tensor, expected_shape: tuple[int, ...],
@@ -102,21 +129,24 @@ def decode_ref(msg: kv_pb2.KVBlock, pool: torch.Tensor, expected_shape: tuple[in
     copied here; the receiver copies the view into its own cache."""
     if not msg.HasField("pool_block"):
         raise KVWireError(f"block {msg.block_index}: bytes where a reference was asked for")
-    _check_header(msg, expected_shape, expected_dtype)
+    shape = _check_header(msg, expected_shape, expected_dtype)
+    scales = _scales(msg, expected_dtype, shape[0])
     if not 0 <= msg.pool_block < pool.shape[2]:
         raise KVWireError(f"block {msg.block_index}: pool slot {msg.pool_block} outside [0, {pool.shape[2]})")
     tensor = pool[:, :, msg.pool_block, : msg.num_tokens]
-    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor)
+    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor, scales)
 
 
 def decode_slot(msg: kv_pb2.KVBlock, num_slots: int, expected_shape: tuple[int, ...],
                 expected_dtype: torch.dtype) -> BlockRef:
     """A block shipped by reference into a pool of `num_slots` slots that the receiver reads
-    itself (NIXL, services/kv/nixl.py): the checked header, nothing read yet."""
+    itself (NIXL, services/kv/nixl.py): the checked header (and an fp8 block's scales),
+    nothing read yet."""
     if not msg.HasField("pool_block"):
         raise KVWireError(f"block {msg.block_index}: bytes where a reference was asked for")
-    _check_header(msg, expected_shape, expected_dtype)
+    shape = _check_header(msg, expected_shape, expected_dtype)
+    scales = _scales(msg, expected_dtype, shape[0])
     if not 0 <= msg.pool_block < num_slots:
         raise KVWireError(f"block {msg.block_index}: pool slot {msg.pool_block} outside [0, {num_slots})")
     return BlockRef(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, msg.num_tokens,
-                    msg.pool_block)
+                    msg.pool_block, scales)

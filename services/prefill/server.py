@@ -110,7 +110,7 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                 for block in out.kv_blocks:
                     if by_reference:
                         msg = wire.encode_ref(block, self.identity.num_layers, self.identity.num_kv_heads,
-                                              self.identity.head_dim, self.engine.layout.dtype)
+                                              self.identity.head_dim, self.engine.layout.kv_dtype, block.scales)
                         nbytes = self._block_bytes(block.num_tokens)
                     else:
                         msg = wire.encode(block)
@@ -156,5 +156,5 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
 
     def _block_bytes(self, num_tokens: int) -> int:
         ident = self.identity
-        element = self.engine.layout.dtype.itemsize
+        element = self.engine.layout.kv_dtype.itemsize
         return ident.num_layers * 2 * num_tokens * ident.num_kv_heads * ident.head_dim * element

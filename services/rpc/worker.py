@@ -38,6 +38,7 @@ def identity_of(engine: AsyncEngine) -> worker_pb2.ModelIdentity:
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size,
+        kv_cache_dtype=str(layout.kv_dtype).removeprefix("torch."),
     )
 
 
@@ -45,6 +46,7 @@ def identity_mismatch(ours: worker_pb2.ModelIdentity, theirs: worker_pb2.ModelId
     """A readable list of what differs, or None when KV can travel between the two."""
     diffs = [
         f"{field.name}: ours {getattr(ours, field.name)!r}, theirs {getattr(theirs, field.name)!r}"
+        + (" (start both with the same --kv-cache-dtype)" if field.name == "kv_cache_dtype" else "")
         for field in ours.DESCRIPTOR.fields
         if getattr(ours, field.name) != getattr(theirs, field.name)
     ]
@@ -153,5 +155,5 @@ def export_cache_config(engine) -> None:
     `engine`: an AsyncEngine or EngineProcess."""
     layout = engine.layout
     metrics.CACHE_CONFIG.labels(block_size=str(layout.block_size), num_gpu_blocks=str(layout.num_kv_blocks),
-                                cache_dtype=str(layout.dtype).removeprefix("torch."),
+                                cache_dtype=str(layout.kv_dtype).removeprefix("torch."),
                                 enable_prefix_caching=str(engine.config.enable_prefix_caching).lower()).set(1)

@@ -56,7 +56,8 @@ class Follower:
         blocks = num_kv_blocks(config, self.local, self.model, self.backend, device, dtype, config.max_model_len)
         layout = EngineLayout(device=device, dtype=dtype, num_kv_blocks=agree_num_blocks(self.group, blocks),
                               block_size=config.block_size, max_model_len=config.max_model_len,
-                              vocab_size=self.cfg.vocab_size, eos_token_ids=(), model_identity=source.identity)
+                              vocab_size=self.cfg.vocab_size, eos_token_ids=(), model_identity=source.identity,
+                              kv_dtype=dtype)  # rank 0 refuses other KV dtypes with several ranks
         if device.type == "cpu":
             linear.choose_cpu_orientation([m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)])
         self.kv_cache = kv_pool(self.local, layout)
