@@ -1,5 +1,6 @@
-"""The random draw of the sampler, one program per row: temperature, the row's threshold
-(top_k / top_p, found beforehand), min_p and the inverse-CDF draw in one kernel.
+"""The sampler's GPU kernels: the random draw (temperature, the row's top_k / top_p threshold,
+min_p and the inverse-CDF draw, in two launches), the kept mass that top_p divides by, and
+the rows' k largest logits that top_k's threshold comes from.
 
 `draw_ref` is the sampler's torch path (services/engine/sampling_ops.draw_full over the
 temperature-scaled logits); `draw` is the Triton kernel with the same result: per row,
