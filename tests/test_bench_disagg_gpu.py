@@ -122,7 +122,7 @@ def test_serve_refuses_fewer_gpus_than_workers_before_starting_anything():
     proc = subprocess.run([sys.executable, "-m", "services.cli.main", "serve", "--gpus", "0", "--prefill", "1",
                            "--decode", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "pdserve: error: 1 prefill + 1 decode workers need as many GPUs, got 1 (0)" in proc.stderr
+    assert "pdserve: error: 1 prefill + 1 decode workers of 1 rank(s) each need 2 GPUs, got 1 (0)" in proc.stderr
 
 
 # --- LocalStack placement ------------------------------------------------------------------
