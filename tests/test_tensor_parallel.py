@@ -94,16 +94,25 @@ def test_refuses_head_counts_that_do_not_divide_before_starting_any_rank():
         make_llm(tensor_parallel_size=0)
 
 
+DEFAULT_PROMPTS = ["What is AI?", "The capital of France is", [1, 2, 3]]
+DEFAULT_GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def default_expected(default_llm):
+    return run(default_llm, DEFAULT_PROMPTS, DEFAULT_GREEDY)
+
+
 @pytest.mark.slow
-def test_the_default_model_on_three_ranks_gives_the_tokens_of_one(default_llm):
-    """SmolLM2-135M's real weights: 9 query heads and 3 KV heads, one KV head per rank."""
-    prompts = ["What is AI?", "The capital of France is", [1, 2, 3]]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-    three = LLM(max_model_len=256, kv_cache_memory=16 << 20, tensor_parallel_size=3)
+@pytest.mark.parametrize("tp, pp", [(3, 1), (1, 2)])
+def test_the_default_model_on_several_ranks_gives_the_tokens_of_one(default_expected, tp, pp):
+    """SmolLM2-135M's real weights: at TP=3 each rank holds 3 of the 9 query heads and one
+    of the 3 KV heads; at PP=2 each stage holds 15 of the 30 layers."""
+    several = LLM(max_model_len=256, kv_cache_memory=16 << 20, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
-        assert_same(run(three, prompts, params), run(default_llm, prompts, params))
+        assert_same(run(several, DEFAULT_PROMPTS, DEFAULT_GREEDY), default_expected)
     finally:
-        three.close()
+        several.close()
 
 
 @pytest.fixture(scope="module")
