@@ -4,12 +4,13 @@ that dies fails the engine's next step instead of hanging it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
 import pytest
 
-from services.engine import LLM
+from services.engine import LLM, AsyncEngine
 from services.engine.errors import ConfigError
 from services.engine.models.config import ModelConfig
 from services.engine.parallel.driver import RankDiedError
@@ -201,3 +202,11 @@ def test_a_killed_rank_fails_the_next_step_instead_of_hanging(preempting_pair):
     follower.wait()
     with pytest.raises(RankDiedError, match="rank 1 is gone"):
         two.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))
+    # An engine on a thread of the worker (--engine-process off) learns of it without a step.
+    engine = AsyncEngine(core=two.engine)
+
+    async def died():
+        return await asyncio.wait_for(engine.death(), timeout=60)
+
+    assert isinstance(asyncio.run(died()), RankDiedError)
+    assert isinstance(engine.dead, RankDiedError)

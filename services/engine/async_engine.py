@@ -26,6 +26,7 @@ from services.engine.errors import EngineDeadError, EngineFailedError, InvalidRe
 from services.engine.kv_transfer import BlockData
 from services.engine.models import ModelConfig
 from services.engine.outputs import RequestOutput, SampledToken, build_output
+from services.engine.parallel.driver import RankDiedError
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Request, Resumed, SequenceStatus
 
@@ -116,6 +117,8 @@ class AsyncEngine(EngineStreams):
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
+        # Another parallel rank's exit ends the engine at once, idle or not (as in the core process).
+        self.core.watch_ranks(lambda why: self._inbox.put(("rank_died", why)))
 
     @property
     def tokenizer(self):
@@ -300,6 +303,8 @@ class AsyncEngine(EngineStreams):
     def _handle(self, command: tuple[str, object]) -> None:
         kind, arg = command
         self.core.idle = False  # any command may make progress possible: step again
+        if kind == "rank_died":
+            raise RankDiedError(arg)
         if kind == "add":
             request: Request = arg
             with self._lock:
