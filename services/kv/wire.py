@@ -53,9 +53,9 @@ class LayerPiece:
         return self.layer_start + self.tensor.shape[0]
 
 
-def encode(block: BlockData, layer_start: int = 0) -> kv_pb2.KVBlock:
-    """`block`'s bytes; its tensor (and scales) hold the layers from `layer_start` on."""
-    t = block.tensor.contiguous()
+def encode(block: BlockData) -> kv_pb2.KVBlock:
+    """`block`'s bytes: every layer, or a layer-wise piece (BlockData.layer_start)."""
+    t, layer_start = block.tensor.contiguous(), block.layer_start
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
     layers, _, _, heads, _ = t.shape
     msg = kv_pb2.KVBlock(
