@@ -9,8 +9,9 @@ prefill forward plus whatever of the transfer does not overlap it, plus the deco
     python loadtest/bench_kv_layerwise.py [--preset smollm2-135m] [--tokens 4096] [--requests 6]
                                           [--chunk 2048] [--device cpu] [--write BENCHMARKS.md]
 
-On a GPU (--device cuda) both prefill workers and the decode worker share the one device unless
-CUDA_VISIBLE_DEVICES is set per worker; prefer the two-GPU harness for GPU figures.
+On a GPU (--device cuda) the three workers share the device (each a fixed pool of blocks), so
+layer pieces cross the host between two processes on one GPU:
+    python loadtest/bench_kv_layerwise.py --device cuda --preset llama-3.2-1b --tokens 4096 --requests 10
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def main() -> None:
     args = p.parse_args()
 
     model = ["--load-format", "dummy", "--preset", args.preset, "--max-model-len", str(args.tokens + 16),
-             "--device", args.device, "--kv-cache-memory", "1GiB", "--no-prefix-caching"]
+             "--device", args.device, "--no-prefix-caching",
+             "--num-kv-blocks", str(2 * -(-args.tokens // 16) + 64)]  # fixed: three workers may share one GPU
     prefill_flags = [*model, "--kv-transport", "grpc", "--max-num-batched-tokens", str(args.chunk),
                      "--engine-process", "off"]  # the same process layout for both modes
     log_dir = Path(tempfile.mkdtemp(prefix="bench-layerwise-"))
