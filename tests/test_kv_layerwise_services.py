@@ -6,15 +6,12 @@ killed mid-stream costs a local prefill of what was missing, with the same token
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from services.cli.stack import Child
 from tests.conftest import make_llm
 from tests.test_services import decode_directly, expected_tokens, kv_faults, spawn, stop, wait_serving, wait_workers_free
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = list(range(3000, 3150))  # 150 tokens: 9 full blocks of 16 + a partial block of 6
 PREFILL_FLAGS = ["--kv-layerwise", "on", "--kv-transport", "grpc", "--max-num-batched-tokens", "64",
@@ -28,53 +25,53 @@ def reference():
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
+    """Decode with three layer-wise prefill peers, started together: intact ("p"), one that
+    duplicates layer pieces ("dup") and one that dies mid-stream ("die")."""
     tmp = tmp_path_factory.mktemp("layerwise")
-    prefill = spawn(tmp, "prefill", PREFILL_FLAGS)
+    prefills = {"p": spawn(tmp, "prefill", PREFILL_FLAGS),
+                "dup": spawn(tmp, "prefill", PREFILL_FLAGS, kv_faults("PDSERVE_TEST_DUPLICATE_LAYER_PIECE")),
+                "die": spawn(tmp, "prefill", PREFILL_FLAGS, kv_faults("PDSERVE_TEST_DIE_MID_LAYERWISE"))}
+    peers = ",".join(f"{name}={child.address}" for name, child in prefills.items())
     decode = spawn(tmp, "decode", ["--kv-transport", "grpc", "--kv-cache-memory", "64MiB", "--grace", "1",
-                                   "--prefill-peers", f"p={prefill.address}", "--kv-progress-timeout", "10"])
+                                   "--prefill-peers", peers, "--kv-progress-timeout", "10"])
     try:
-        wait_serving(prefill)
-        wait_serving(decode)
-        yield prefill, decode
+        for child in (*prefills.values(), decode):
+            wait_serving(child, timeout=300)
+        yield prefills, decode
     finally:
-        stop(decode)
-        stop(prefill)
-
-
-def restart(child: Child, env: dict | None = None) -> None:
-    """Start `child` again on its address, as a supervisor would."""
-    stop(child)
-    child.start({**os.environ, **(env or {})})
-    wait_serving(child)
+        children = [decode, *prefills.values()]
+        for child in children:  # all at once: each drains for its --grace
+            if child.alive():
+                child.proc.terminate()
+        for child in children:
+            stop(child)
 
 
 def test_layerwise_blocks_give_the_in_process_tokens_and_every_block_comes_back(workers, reference):
-    prefill, decode = workers
+    prefills, decode = workers
     result = decode_directly(decode, PROMPT, "p")
     d = result.disaggregation
     assert (d.remote_prefill, d.kv_transport, d.decode_computed_prompt_tokens, d.kv_blocks_shipped) == (
         True, "grpc", 0, 10)
     assert result.completions[0].token_ids == expected_tokens(reference, PROMPT)[0]
-    wait_workers_free([prefill, decode])
+    wait_workers_free([prefills["p"], decode])
 
 
 def test_a_duplicated_layer_piece_is_refused_and_decode_prefills_itself(workers, reference):
-    prefill, decode = workers
-    restart(prefill, kv_faults("PDSERVE_TEST_DUPLICATE_LAYER_PIECE"))
+    prefills, decode = workers
     prompt = [t + 1 for t in PROMPT]
-    result = decode_directly(decode, prompt, "p")
+    result = decode_directly(decode, prompt, "dup")
     # The first chunk's layer-1 pieces all claim layer 0: no block is ever whole.
     assert result.disaggregation.decode_computed_prompt_tokens == len(prompt)
     assert result.completions[0].token_ids == expected_tokens(reference, prompt)[0]
-    wait_workers_free([prefill, decode])
+    wait_workers_free([prefills["dup"], decode])
 
 
 def test_a_prefill_killed_mid_stream_falls_back_to_a_local_prefill(workers, reference):
-    prefill, decode = workers
-    restart(prefill, kv_faults("PDSERVE_TEST_DIE_MID_LAYERWISE"))
+    prefills, decode = workers
     prompt = [t + 2 for t in PROMPT]
-    result = decode_directly(decode, prompt, "p")
-    assert not prefill.alive()
+    result = decode_directly(decode, prompt, "die")
+    assert not prefills["die"].alive()
     # Blocks 0-3 went out before the prefill died; decode computes at least the rest (all of
     # it if the dying process's last messages never left its socket).
     assert result.disaggregation.decode_computed_prompt_tokens in (len(prompt) - 64, len(prompt))
