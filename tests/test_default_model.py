@@ -61,7 +61,7 @@ def test_tiny_token_budget_forces_chunked_prefill_with_the_same_tokens(reference
     llm = LLM(max_model_len=256, max_num_batched_tokens=8)
     steps = []
     original = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda plan: steps.append(plan.num_tokens) or original(plan)
+    llm.engine.runner.execute = lambda plan, *hook: steps.append(plan.num_tokens) or original(plan, *hook)
     assert token_ids(llm.generate(PROMPTS, GREEDY_32)) == reference
     assert max(steps) == 8  # every step was cut by the budget at some point
     assert_all_free(llm)

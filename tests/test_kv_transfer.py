@@ -31,7 +31,7 @@ def count_computed(llm) -> list[int]:
     """Record how many tokens each step of `llm` computes."""
     counts: list[int] = []
     execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda plan: counts.append(plan.num_tokens) or execute(plan)
+    llm.engine.runner.execute = lambda plan, *hook: counts.append(plan.num_tokens) or execute(plan, *hook)
     return counts
 
 

@@ -45,7 +45,8 @@ def corrupt(msg):
         (lambda m: setattr(m, "dtype", "pickle") or m, "dtype"),
         (lambda m: setattr(m, "num_tokens", 9) or m, "does not fit"),
         (lambda m: setattr(m, "data", m.data[:-4]) or m, "bytes, expected"),
-        (lambda m: setattr(m, "layer_end", 1) or m, "partial layer/head ranges"),
+        (lambda m: setattr(m, "head_end", 2) or m, "partial head ranges"),
+        (lambda m: setattr(m, "layer_end", 1) or m, r"layers \[0, 1\) where \[0, 2\) was expected"),
     ],
 )
 def test_malformed_or_corrupt_block_is_rejected(mutate, message):

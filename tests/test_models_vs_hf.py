@@ -182,7 +182,7 @@ def test_chunked_prefill_preemption_and_prefix_hits_keep_hf_tokens(tmp_path, tok
               max_model_len=256, num_kv_blocks=16, max_num_batched_tokens=13)
     steps: list[int] = []
     execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda plan: steps.append(plan.num_tokens) or execute(plan)
+    llm.engine.runner.execute = lambda plan, *hook: steps.append(plan.num_tokens) or execute(plan, *hook)
 
     assert _our_greedy(llm, _prompts()) == expected
     assert max(steps) == 13

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         _add_admission_args(p)
         _add_engine_process_arg(p)
         _add_kv_transport_arg(p)
+        if role == "prefill":
+            _add_kv_layerwise_arg(p)
         if role == "decode":
             p.add_argument("--prefill-peers", default="",
                            help="static prefill instances: ID=HOST:PORT,... (others resolve through --redis)")
@@ -72,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_admission_args(s)
     _add_engine_process_arg(s)
     _add_kv_transport_arg(s)
+    _add_kv_layerwise_arg(s)
     _add_kv_timeout_args(s)
     _add_stream_interval_arg(s)
     add_model_args(s)
@@ -115,6 +118,14 @@ def _add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
                    "worker's process (a GPU), else bytes over gRPC (default); nixl = read over NIXL/UCX from any "
                    "prefill worker that offers it (services/kv/nixl.py; the engine then runs in the worker process, "
                    "on a prefill worker too), else bytes; grpc = always bytes")
+
+
+def _add_kv_layerwise_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-layerwise", choices=("on", "off"), default="off",
+                   help="prefill workers: on = ship a prompt chunk's KV bytes layer by layer as the forward writes "
+                   "each layer, overlapping the transfer with the rest of the forward (gRPC bytes only; the engine "
+                   "then runs in the worker process, and those chunks run without a CUDA graph); off = block by "
+                   "block after each step (default: on the CPU it gains nothing measurable, see BENCHMARKS.md)")
 
 
 def _add_kv_timeout_args(p: argparse.ArgumentParser) -> None:
@@ -399,7 +410,11 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
     from services.engine.engine import EngineCore
 
     config = engine_config(args)
-    if args.engine_process == "on" and args.kv_transport == "nixl":
+    layerwise = role == "prefill" and args.kv_layerwise == "on"
+    if args.engine_process == "on" and layerwise:
+        log.warning("the engine runs in this process, not its own: --kv-layerwise on ships KV from inside its step "
+                    "(%s)", role)
+    elif args.engine_process == "on" and args.kv_transport == "nixl":
         log.warning("the engine runs in this process, not its own: the NIXL agent registers the KV pool, which "
                     "must then live here (%s)", role)
     elif args.engine_process == "on" and config.resolve_device().type == "cuda" and \
@@ -410,7 +425,7 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
         return EngineProcess(config, lambda layout: _admission_limits(args, config, layout), args.log_level, role,
                              instance_id)
     core = EngineCore(config)
-    return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout))
+    return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout), kv_layerwise=layerwise)
 
 
 def _nixl(role: str, args: argparse.Namespace, engine, instance_id: str, use):

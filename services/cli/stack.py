@@ -146,6 +146,7 @@ class LocalStack:
         sequential_start: bool = False,
         worker_argv: list[str] = (),
         api_keys: list[str] = (),
+        prefill_argv: list[str] = (),
     ) -> None:
         """Without `redis_url` the stack runs its own redis-server on a free port, with a fresh
         password. `placement` gives each worker extra environment and engine flags; with
@@ -180,7 +181,8 @@ class LocalStack:
             return Child(role, instance_id, f"{host}:{port}", metrics_port, argv, log_path, {**secret_env, **place.env},
                          f"{host}:{health_port}")
 
-        self.prefills = [child("prefill", i, free_port(host), [*fleet, *worker_argv]) for i in range(num_prefill)]
+        self.prefills = [child("prefill", i, free_port(host), [*fleet, *worker_argv, *prefill_argv])
+                         for i in range(num_prefill)]
         # No prefill worker here, no pool to map over CUDA IPC: a decode worker on a GPU may then run
         # its engine core in its own process (serve.py _engine). Flags given later still win.
         no_ipc = ["--kv-transport", "grpc"] if num_prefill == 0 else []
@@ -214,6 +216,7 @@ class LocalStack:
         # $PDSERVE_API_KEY reaches the router through the environment it inherits.
         return cls(model_argv(args), args.prefill, args.decode, args.host, args.port, args.http_port,
                    router_argv(args), log_level=args.log_level, redis_url=args.redis, placement=placement,
+                   prefill_argv=["--kv-layerwise", args.kv_layerwise],
                    decode_argv=["--kv-pull-timeout", str(args.kv_pull_timeout),
                                 "--kv-progress-timeout", str(args.kv_progress_timeout),
                                 "--stream-interval", str(args.stream_interval)],

@@ -108,10 +108,15 @@ class EngineStreams:
 
 class AsyncEngine(EngineStreams):
     def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
-                 admission: AdmissionLimits | None = None) -> None:
-        """`admission`: bounds of the waiting queue (admission.py); None admits everything."""
+                 admission: AdmissionLimits | None = None, kv_layerwise: bool = False) -> None:
+        """`admission`: bounds of the waiting queue (admission.py); None admits everything.
+        `kv_layerwise`: a prefill request's KV bytes go out layer by layer, mid-step (kv_transfer.py)."""
         super().__init__()
         self.core = core or EngineCore(config or EngineConfig())
+        if kv_layerwise and self.core.runner.driver is not None:
+            log.warning("--kv-layerwise: not with several tensor/pipeline-parallel ranks; KV goes out after each step")
+        elif kv_layerwise:
+            self.core.kv_layer_sink = self._publish
         self.admission = Admission(admission) if admission is not None else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -198,11 +199,14 @@ class AttentionContext:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         kv_scales: list[tuple[float, float]] | None = None,  # per layer; None: all 1 (not fp8, or unscaled)
+        after_layer: Callable[[int], None] | None = None,
     ) -> None:
+        """`after_layer(layer)` runs once each layer has written its K/V (layer-wise KV export)."""
         self.backend = backend
         self.kv_caches = kv_caches
         self.meta = meta
         self.kv_scales = kv_scales
+        self.after_layer = after_layer
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float,
@@ -210,7 +214,10 @@ class AttentionContext:
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]
         kv_scale = self.kv_scales[layer] if self.kv_scales is not None else (1.0, 1.0)
-        return self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope, kv_scale)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, self.meta, scale, rope, kv_scale)
+        if self.after_layer is not None:
+            self.after_layer(layer)
+        return out
 
     def project(
         self, layer: int, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, weight: torch.Tensor,

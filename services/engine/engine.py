@@ -40,7 +40,8 @@ from services.engine.config import EngineConfig, EngineLayout
 from services.engine.errors import ConfigError, InvalidRequestError
 from services.engine.host_memory import keep_freed_memory
 from services.engine.kv_sizing import bytes_per_block, num_kv_blocks
-from services.engine.kv_transfer import BlockData, BlockRef, KVExport, KVImport, KVTransferError, check_block
+from services.engine.kv_transfer import (BlockData, BlockRef, KVExport, KVImport, KVTransferError, LayerwiseBlock,
+                                         check_block)
 from services.engine.layers.linear import deferred_weights
 from services.engine.model_runner import LaunchedStep, ModelRunner, kv_pool
 from services.engine.models import ModelConfig, build_model
@@ -109,6 +110,9 @@ class EngineCore:
         self._exports: dict[str, Request] = {}  # prefill-only requests still shipping KV
         self._held: dict[str, list[int]] = {}  # request id -> slots named to a peer (by reference), until release_kv
         self.idle = True  # the last step scheduled nothing
+        # Set (AsyncEngine, --kv-layerwise on): exported bytes go out layer by layer, mid-step,
+        # through this (kv_transfer.py); called on the engine thread with the request.
+        self.kv_layer_sink: Callable[[Request], None] | None = None
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         log.info(
@@ -363,7 +367,7 @@ class EngineCore:
             if not plan.is_empty:
                 plan = self.speculator.speculate(plan, self.runner.copy_blocks)
         changed = {id(seq.request): seq.request for seq in self.scheduler.take_kv_pulls()}
-        launched = self.runner.execute(plan) if not plan.is_empty else None
+        launched = self.runner.execute(plan, self._layerwise(plan)) if not plan.is_empty else None
         if self._in_flight is not None:  # the previous step, read back while this one runs
             self._read_back(*self._in_flight, changed)
             self._in_flight = None
@@ -461,6 +465,45 @@ class EngineCore:
                 if not s.finished:
                     self.scheduler.finish(s, "prefilled")
         return exported or sampled
+
+    def _layerwise(self, plan: StepPlan) -> Callable[[int], None] | None:
+        """With a layer sink: the hook that ships, layer by layer, the blocks `plan` completes
+        of each prompt exported as bytes (None when there are none). They are taken from
+        `_export`'s share now (`next_block`), so nothing is shipped twice."""
+        if self.kv_layer_sink is None or self.runner.driver is not None or plan.is_empty:
+            return None
+        bs, ships = self.config.block_size, []
+        for s in plan.seqs:
+            seq = self.scheduler.live(s.seq_id)
+            request = seq.request if seq is not None else None
+            exp = request.kv_export if request is not None else None
+            if exp is None or exp.by_reference or seq is not request.seqs[0]:
+                continue
+            num_prompt, end_pos = request.num_prompt_tokens, s.start_pos + len(s.token_ids)
+            end = -(-num_prompt // bs) if end_pos >= num_prompt else end_pos // bs
+            if end <= exp.next_block:
+                continue
+            hashes = self.block_manager.ensure_hashes(seq, num_prompt // bs)
+            blocks = []
+            for i in range(exp.next_block, end):
+                n = min(bs, num_prompt - i * bs)
+                blocks.append(LayerwiseBlock(i, hashes[i] if n == bs else None, s.block_table[i], n))
+            exp.next_block = end
+            ships.append((request, blocks))
+        return self._ship_layer(ships) if ships else None
+
+    def _ship_layer(self, ships: list[tuple[Request, list[LayerwiseBlock]]]) -> Callable[[int], None]:
+        runner, sink = self.runner, self.kv_layer_sink
+
+        def after_layer(layer: int) -> None:
+            scales = runner.kv_scales[layer : layer + 1] if runner.kv_scales is not None else None
+            for request, blocks in ships:
+                request.kv_export.ready.extend(
+                    BlockData(b.block_index, b.block_hash, runner.read_layer(layer, b.slot, b.num_tokens), scales, layer)
+                    for b in blocks)
+                sink(request)
+
+        return after_layer
 
     def release_kv(self, request_id: str) -> bool:
         """The peer has copied what it was shipped by reference: those blocks may be reused."""

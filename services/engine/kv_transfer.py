@@ -8,6 +8,10 @@ Two roles, as in vLLM's KV connector:
   cache into host memory and handed out with the request's output; when the first tokens
   are sampled, the partial last block follows and the request ends ("prefilled").
   Blocks below `skip_blocks` (the decode worker has them) are never shipped.
+  Layer-wise (`EngineCore.kv_layer_sink` set; bytes only): the blocks a step will complete
+  are named before it runs, and each of their layers is read out and handed out as soon as
+  the forward has written it (`BlockData.layer_start`), so the transfer overlaps the rest
+  of the forward. Such a step runs eager: a captured CUDA graph cannot stop between layers.
   `by_reference` (a decode worker on the same GPU maps this worker's pool): blocks are handed
   out as `BlockRef`s naming their slot instead of copies. A slot is held from the moment it
   is named until `release_kv`, whatever happens to the request meanwhile (it ends, is aborted,
@@ -46,6 +50,7 @@ class BlockData:
     block_hash: int | None  # None for the partial last block
     tensor: torch.Tensor  # [layers, 2 (K, V), num_tokens, kv_heads, head_dim]
     scales: torch.Tensor | None = None  # an fp8 block's per-layer (K, V) scales, [layers, 2] float32
+    layer_start: int = 0  # a layer-wise piece: `tensor` (and `scales`) hold the layers from here on
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +78,16 @@ class KVExport:
     next_block: int = 0  # first block not yet shipped
     by_reference: bool = False
     ready: list[BlockData | BlockRef] = field(default_factory=list)  # read out, not yet handed out
+
+
+@dataclass(frozen=True)
+class LayerwiseBlock:
+    """A block a step completes, shipped layer by layer as the forward writes it."""
+
+    block_index: int
+    block_hash: int | None
+    slot: int  # its block in the paged cache
+    num_tokens: int
 
 
 @dataclass

@@ -16,6 +16,7 @@ gather on the device.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,19 +138,21 @@ class ModelRunner:
             self.prefill_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> LaunchedStep:
+    def execute(self, plan: StepPlan, after_layer: Callable[[int], None] | None = None) -> LaunchedStep:
         """Queue one step on the device: forward, logits, sampling. A step with speculative
         drafts runs eager (graphs hold one logits row per sequence) and scores every position
-        of each speculating sequence (spec/verify.py)."""
+        of each speculating sequence (spec/verify.py). `after_layer(layer)` runs once each
+        layer's K/V is written (AttentionContext): such a step runs eager too."""
         if plan.block_copies:
             self.copy_blocks(plan.block_copies)
         graphs, prefill_graphs, seqs = self.graphs, self.prefill_graphs, plan.seqs
         # Graphs compute the sampling rows' logits only: not for steps that score prompt tokens,
         # nor for speculative drafts (every draft position is scored).
         speculating = any(s.num_draft_tokens for s in seqs)
-        decode_graph = (graphs is not None and 0 < len(seqs) <= graphs.max_batch
+        eager = speculating or after_layer is not None
+        decode_graph = (after_layer is None and graphs is not None and 0 < len(seqs) <= graphs.max_batch
                         and all(len(s.token_ids) == 1 and s.prompt_logprobs is None for s in seqs))
-        prefill_graph = (not decode_graph and not speculating and prefill_graphs is not None and len(seqs) == 1
+        prefill_graph = (not decode_graph and not eager and prefill_graphs is not None and len(seqs) == 1
                          and prefill_graphs.fits(len(seqs[0].token_ids)) and seqs[0].prompt_logprobs is None)
         if decode_graph or prefill_graph:
             # the rows first: taking one may grow (reallocate) the tables the graphs gather from
@@ -168,7 +171,7 @@ class ModelRunner:
             if self.driver is not None:
                 self.driver.step(inputs.input_ids, inputs.positions, inputs.meta, inputs.logits_indices,
                                  inputs.prompt_rows.rows if inputs.prompt_rows is not None else [])
-            ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta, self._kv_scale_pairs)
+            ctx = AttentionContext(self.backend, self.kv_caches, inputs.meta, self._kv_scale_pairs, after_layer)
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             sampled_seqs = inputs.sampled_seqs
@@ -242,6 +245,11 @@ class ModelRunner:
         if self.driver is not None:  # every rank's heads
             return self.driver.read_block(self.kv_cache, block_id, num_tokens).to("cpu")
         return self.kv_cache[:, :, block_id, :num_tokens].to("cpu", copy=True)
+
+    def read_layer(self, layer: int, block_id: int, num_tokens: int) -> torch.Tensor:
+        """A host copy of one layer of one block: [1, 2, num_tokens, kv_heads, dim]. On a GPU
+        this waits for the step so far (a synchronous copy; an async copy stream is future work)."""
+        return self.kv_cache[layer : layer + 1, :, block_id, :num_tokens].to("cpu", copy=True)
 
     def write_block(self, block_id: int, data: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         """Fill one block's first data.shape[2] slots (a received block) from host memory, or

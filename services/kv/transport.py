@@ -26,6 +26,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import Logprob, SampledToken
 from services.kv import wire
+from services.kv.layerwise import BlockAssembler
 from services.rpc.convert import prompt_logprobs_from_proto, sampled_token
 from services.rpc.security import TLSFiles, internal_channel
 from services.rpc.server import CHANNEL_OPTIONS, request_metadata
@@ -147,17 +148,20 @@ class GrpcKVTransport(KVTransport):
     def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
         """What a subclass learns from the peer's handshake answer."""
 
-    def _decode_bytes(self, msg) -> BlockData:
-        return wire.decode(msg, self.block_shape, self.dtype)
+    def _decode_bytes(self, msg) -> wire.LayerPiece:
+        return wire.decode_piece(msg, self.block_shape, self.dtype)
 
     async def pull(self, peer_id, request, timeout, fence=None):
         stub = await self._stub(peer_id, timeout)
         async for item in self._stream(stub, request, timeout, self._decode_bytes):
             yield item
 
-    async def _stream(self, stub, request, timeout, decode_block: Callable[..., BlockData]):
-        """The Prefill call: each block through `decode_block`, then the PrefillDone."""
+    async def _stream(self, stub, request, timeout, decode_block: Callable[..., BlockData | wire.LayerPiece]):
+        """The Prefill call: each block through `decode_block`, then the PrefillDone. Blocks
+        that come as layer pieces (a peer streaming layer-wise) are handed out once whole; one
+        still incomplete at the PrefillDone raises wire.KVWireError."""
         call = stub.Prefill(request, timeout=timeout, metadata=request_metadata(request.request_id))
+        assembler = BlockAssembler(self.block_shape[0])
         try:
             while True:
                 try:
@@ -166,12 +170,16 @@ class GrpcKVTransport(KVTransport):
                     raise PeerStalled(f"prefill sent nothing for {self.progress_timeout:g}s") from None
                 if response is grpc.aio.EOF:
                     return
-                if response.HasField("block"):
-                    yield decode_block(response.block)
-                elif response.HasField("blocks"):
-                    for block in response.blocks.blocks:
-                        yield decode_block(block)
+                if response.HasField("block") or response.HasField("blocks"):
+                    msgs = [response.block] if response.HasField("block") else response.blocks.blocks
+                    for msg in msgs:
+                        item = decode_block(msg)
+                        if isinstance(item, wire.LayerPiece):
+                            item = assembler.add(item)
+                        if item is not None:
+                            yield item
                 else:
+                    assembler.check_complete()
                     result = response.result
                     tokens = sorted(result.first_tokens, key=lambda t: t.index)
                     yield PrefillDone(

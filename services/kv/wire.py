@@ -9,12 +9,18 @@ An fp8 block (float8_e4m3fn, --kv-cache-dtype fp8) also carries its sender's per
 scales, [layers, 2 (K, V)] float32 (kernels/cache.py): a K/V payload of exactly half a bf16
 block's bytes, plus 8 bytes a layer in `scales`, by bytes or by reference alike.
 
+Bytes may cover a range of layers (`layer_start`, `layer_end`): a prefill worker that streams
+layer-wise ships each block as several pieces, and the receiver assembles them
+(services/kv/layerwise.py). KV heads are always whole; references always cover every layer.
+
 On one GPU a block can travel by reference instead (`pool_block`: its slot in the sender's
 KV pool, which the receiver has mapped through CUDA IPC, see cuda_ipc.py): the same header and
 checks, no bytes and so no checksum.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -32,15 +38,31 @@ class KVWireError(ValueError):
     """A received block is malformed or corrupt; the request recomputes locally."""
 
 
+@dataclass(frozen=True)
+class LayerPiece:
+    """The layers [layer_start, layer_start + tensor.shape[0]) of one block, as received."""
+
+    block_index: int
+    block_hash: int | None
+    layer_start: int
+    tensor: torch.Tensor  # [piece layers, 2 (K, V), num_tokens, kv_heads, head_dim]
+    scales: torch.Tensor | None = None  # fp8: [piece layers, 2]
+
+    @property
+    def layer_end(self) -> int:
+        return self.layer_start + self.tensor.shape[0]
+
+
 def encode(block: BlockData) -> kv_pb2.KVBlock:
-    t = block.tensor.contiguous()
+    """`block`'s bytes: every layer, or a layer-wise piece (BlockData.layer_start)."""
+    t, layer_start = block.tensor.contiguous(), block.layer_start
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
     layers, _, _, heads, _ = t.shape
     msg = kv_pb2.KVBlock(
         block_index=block.block_index,
         num_tokens=t.shape[2],
-        layer_start=0,
-        layer_end=layers,
+        layer_start=layer_start,
+        layer_end=layer_start + layers,
         head_start=0,
         head_end=heads,
         dtype=DTYPE_NAMES[t.dtype],
@@ -79,16 +101,23 @@ def encode_ref(ref: BlockRef, num_layers: int, num_kv_heads: int, head_dim: int,
     return msg
 
 
-def _check_header(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> tuple[int, ...]:
+def _check_header(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype,
+                  layer_ranges: bool = False) -> tuple[int, ...]:
+    """The shape `msg` declares, checked against ours; with `layer_ranges`, for any non-empty
+    range of our layers (else every layer)."""
     dtype = DTYPES.get(msg.dtype)
     if dtype is None or dtype != expected_dtype:
         raise KVWireError(f"block {msg.block_index}: dtype {msg.dtype!r}, expected {DTYPE_NAMES[expected_dtype]}")
     layers, kv, block_size, heads, dim = expected_shape
+    if (msg.head_start, msg.head_end) != (0, heads):
+        raise KVWireError(f"block {msg.block_index}: partial head ranges are not supported yet")
+    start, end = msg.layer_start, msg.layer_end
+    if (start, end) != (0, layers) and not (layer_ranges and 0 <= start < end <= layers):
+        raise KVWireError(f"block {msg.block_index}: layers [{start}, {end}) where "
+                          f"{'a range of ' if layer_ranges else ''}[0, {layers}) was expected")
     shape = tuple(msg.shape)
-    if not 1 <= msg.num_tokens <= block_size or shape != (layers, kv, msg.num_tokens, heads, dim):
+    if not 1 <= msg.num_tokens <= block_size or shape != (end - start, kv, msg.num_tokens, heads, dim):
         raise KVWireError(f"block {msg.block_index}: shape {shape} does not fit {expected_shape}")
-    if (msg.layer_start, msg.layer_end, msg.head_start, msg.head_end) != (0, layers, 0, heads):
-        raise KVWireError(f"block {msg.block_index}: partial layer/head ranges are not supported yet")
     return shape
 
 
@@ -106,10 +135,18 @@ def _scales(msg: kv_pb2.KVBlock, dtype: torch.dtype, layers: int) -> torch.Tenso
 
 
 def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype) -> BlockData:
-    """Check and unpack a received block. `expected_shape` is [layers, 2, block_size, heads, dim]."""
+    """Check and unpack a received block of every layer. `expected_shape` is [layers, 2, block_size, heads, dim]."""
+    piece = decode_piece(msg, expected_shape, expected_dtype, layer_ranges=False)
+    return BlockData(piece.block_index, piece.block_hash, piece.tensor, piece.scales)
+
+
+def decode_piece(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype: torch.dtype,
+                 layer_ranges: bool = True) -> LayerPiece:
+    """Check and unpack a received block or a range of its layers (layerwise.BlockAssembler
+    puts the pieces together)."""
     if msg.HasField("pool_block"):
         raise KVWireError(f"block {msg.block_index}: a reference where bytes were asked for")
-    shape = _check_header(msg, expected_shape, expected_dtype)
+    shape = _check_header(msg, expected_shape, expected_dtype, layer_ranges)
     nbytes = torch.empty((), dtype=expected_dtype).element_size()
     for size in shape:
         nbytes *= size
@@ -119,7 +156,8 @@ def decode(msg: kv_pb2.KVBlock, expected_shape: tuple[int, ...], expected_dtype:
         raise KVWireError(f"block {msg.block_index}: checksum mismatch")
     scales = _scales(msg, expected_dtype, shape[0])
     tensor = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(expected_dtype).reshape(shape)
-    return BlockData(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, tensor, scales)
+    return LayerPiece(msg.block_index, msg.block_hash if msg.HasField("block_hash") else None, msg.layer_start,
+                      tensor, scales)
 
 
 def decode_ref(msg: kv_pb2.KVBlock, pool: torch.Tensor, expected_shape: tuple[int, ...],

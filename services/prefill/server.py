@@ -11,6 +11,11 @@ bytes, and every slot it names stays allocated until that decode worker's Releas
 KV_HOLD_TIMEOUT_S after the stream ended when it never comes. A decode worker elsewhere reads
 the same slots over NIXL (services/kv/nixl.py) when this worker registered its pool with a NIXL
 agent (`nixl_pool`) and announces it at the handshake.
+
+With --kv-layerwise on, the engine hands out a chunk's blocks as layer pieces while the chunk's
+forward still runs (services/engine/kv_transfer.py); each piece goes out at once, so the bytes of
+layer l travel while layers l+1.. compute, and the decode side assembles them
+(services/kv/layerwise.py).
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ class PrefillServicer(WorkerServicerBase, worker_pb2_grpc.PrefillWorkerServicer)
                     else:
                         msg = wire.encode(block)
                         nbytes = len(msg.data)
-                    metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
+                    if by_reference or block.layer_start == 0:  # a block once, not once per layer piece
+                        metrics.KV_BLOCKS_SHIPPED.labels("sent").inc()
                     metrics.KV_BYTES_SHIPPED.labels("sent").inc(nbytes)
                     if batch and batch_bytes + len(msg.data) > BATCH_BYTES:
                         yield _blocks_response(batch)

@@ -5,6 +5,10 @@ PDSERVE_TEST_PERTURB_KV=1  decode adds noise to the K of every block it receives
                            checksum check: output then differs iff decode really uses shipped KV.
 PDSERVE_TEST_CORRUPT_KV=1  prefill flips one byte of every block it ships by bytes, after the
                            checksum: decode must detect it and recompute locally.
+PDSERVE_TEST_DUPLICATE_LAYER_PIECE=1  a layer-wise prefill labels every layer-1 piece as layer 0's
+                           (tests/test_kv_layerwise_services.py): decode must refuse the block.
+PDSERVE_TEST_DIE_MID_LAYERWISE=1  a layer-wise prefill dies (os._exit) as it encodes the first piece
+                           of block 4, after blocks 0-3 went out: decode must fall back.
 PDSERVE_TEST_BAD_NIXL_METADATA=1  prefill announces garbage NIXL agent metadata at the handshake
                            (tests/test_kv_nixl.py): decode must refuse it and take bytes over gRPC.
 """
@@ -56,3 +60,28 @@ if os.environ.get("PDSERVE_TEST_BAD_NIXL_METADATA") == "1":
         return registered
 
     _nixl.register_pool = _bad_metadata
+
+if os.environ.get("PDSERVE_TEST_DUPLICATE_LAYER_PIECE") == "1":
+    from services.kv import wire as _wire
+
+    _encode_piece = _wire.encode
+
+    def _duplicated(block):
+        msg = _encode_piece(block)
+        if block.layer_start == 1:
+            msg.layer_start, msg.layer_end = 0, block.tensor.shape[0]
+        return msg
+
+    _wire.encode = _duplicated
+
+if os.environ.get("PDSERVE_TEST_DIE_MID_LAYERWISE") == "1":
+    from services.kv import wire as _wire
+
+    _encode_alive = _wire.encode
+
+    def _dying(block):
+        if block.block_index >= 4:
+            os._exit(1)
+        return _encode_alive(block)
+
+    _wire.encode = _dying
