@@ -256,10 +256,11 @@ class _Progress:
     def add(self, out: RequestOutput) -> common_pb2.GenerateResponse | None:
         """`out`'s tokens into the held response; that response when it is due (the first
         tokens, the finish, or a full interval), else None."""
-        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        outputs = out.outputs
+        new_tokens = len(outputs[0].token_ids) if len(outputs) == 1 else sum(len(c.token_ids) for c in outputs)
         self.completion_tokens += new_tokens
         first = self.timer.tokens(new_tokens)
-        response = self.held.add(self.request_id, out.outputs, new_tokens)
+        response = self.held.add(self.request_id, outputs, new_tokens)
         if out.prompt_logprobs is not None:
             response.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
         if not out.finished and not first and self.held.waiting():
