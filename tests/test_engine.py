@@ -255,6 +255,35 @@ def test_an_output_queue_wakes_its_reader_in_order_and_a_cancelled_wait_loses_no
     assert asyncio.run(run()) == ("a", "b", "c")
 
 
+def test_an_output_queues_sink_takes_items_only_while_nothing_waits_so_the_reader_keeps_their_order():
+    taken: list[str] = []
+
+    def sink(item: str) -> bool:
+        if item == "bad":
+            raise ValueError("broken sink")
+        if item.startswith("declined"):
+            return False
+        taken.append(item)
+        return True
+
+    async def run() -> list:
+        queue = OutputQueue(sink)
+        queue.put_nowait("a")  # taken: nothing waits
+        queue.put_nowait("declined 1")
+        queue.put_nowait("b")  # queued behind what the reader has not had yet
+        queue.put_nowait(RuntimeError("the engine died"))  # errors always go to the reader
+        got = [await queue.get() for _ in range(3)]
+        queue.put_nowait("c")  # the queue is empty again: taken
+        queue.put_nowait("bad")  # the sink raised: the reader gets the error
+        got.append(await queue.get())
+        return got
+
+    got = asyncio.run(run())
+    assert taken == ["a", "c"]
+    assert got[:2] == ["declined 1", "b"]
+    assert isinstance(got[2], RuntimeError) and isinstance(got[3], ValueError)
+
+
 def test_detokenizer_never_emits_broken_utf8(llm):
     tokenizer: Tokenizer = llm.tokenizer
     text = "héllo 世界 🤖 naïve café — ok"

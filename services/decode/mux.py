@@ -6,7 +6,10 @@ worker, so a step's tokens cross Python gRPC as one frame instead of one message
                                                                        the same logic as Generate)
     router <── DecodeFrame(responses, errors) ── writer (this call's generator) <── ready lists
 
-The writer sends whatever is ready whenever it is free: the engine publishes a step's deltas
+A running request's token responses skip its task: the engine's delivery callback builds each
+and puts it on the ready list (DecodeServicer.responses' `emit`), so a step wakes no task per
+request; the task sees the start, a KV pull, the finish and errors. The writer sends whatever
+is ready whenever it is free: the engine publishes a step's deltas
 in one burst, so a busy stream sends about one frame per step with no timer. A request's
 errors travel as (request id, status code name, details), what its own Generate call would
 have ended with. The stream ending (the router left or broke) aborts every request it started;
@@ -126,10 +129,18 @@ class DecodeMux:
         request_id_var.set(request_id)  # this task's logs name its request
         timeout = start.timeout_ms / 1000 if start.timeout_ms else None
         finished = False
+        task = asyncio.current_task()
+
+        def emit(response: common_pb2.GenerateResponse) -> None:
+            """A token response straight from the engine's delivery (DecodeServicer.responses)."""
+            if not task.cancelling():  # cancelled, or past its deadline: its end is all that goes out
+                self.responses.append(response)
+                self.wake.set()
+
         try:
             async with asyncio.timeout(timeout):
                 responses = servicer.responses(start.request, request_id, servicer.engine_id(self.context, request_id),
-                                               timeout, 0.0)
+                                               timeout, 0.0, emit)
                 async for response in responses:
                     finished = response.finished
                     self.responses.append(response)

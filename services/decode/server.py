@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
@@ -89,21 +89,24 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                 yield frame
 
     async def responses(self, request: worker_pb2.DecodeRequest, request_id: str, engine_id: str,
-                        timeout: float | None, heartbeat_s: float) -> AsyncIterator[common_pb2.GenerateResponse]:
+                        timeout: float | None, heartbeat_s: float,
+                        emit: Callable[[common_pb2.GenerateResponse], None] | None = None,
+                        ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """One request's responses, the logic behind both Generate and GenerateStream: checks,
         the KV pull from prefill, decoding, and the finish record. Tokens go out every
         `stream_interval` tokens (the first and the last at once); with `heartbeat_s`, an empty
         response whenever nothing else went out for that long. Raises what `failure_status` maps.
-        `timeout`: the caller's time left (bounds the KV pull); the caller enforces it."""
+        `timeout`: the caller's time left (bounds the KV pull); the caller enforces it. With
+        `emit` (GenerateStream), the running request's token responses go to it as the engine
+        delivers them, on the event loop with no task woken per token (`_Progress.take`); this
+        generator yields the rest, the finish last."""
         resume = [Resumed(r.index, list(r.token_ids), r.text_chars) for r in request.resume] or None
         prefill_id = request.prefill_instance if resume is None else ""  # a resumed request prefills here
         record = common_pb2.DisaggregationRecord(
             decode_instance=self.instance_id, prefill_instance=prefill_id, remote_prefill=bool(prefill_id)
         )
         pull: asyncio.Task | None = None
-        timer = metrics.StreamTimer()
-        completion_tokens = 0
-        held = _Held(self.stream_interval)
+        progress = _Progress(request_id, self.stream_interval, emit)
         try:
             reject_unknown_fields(request)
             params = self.check_request(request.prompt_token_ids, request.sampling, request.priority)
@@ -112,7 +115,7 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                      ", migrated" if request.migrated else "")
             stream = self.engine.generate(
                 list(request.prompt_token_ids), params, engine_id, request.priority, remote_prefill=bool(prefill_id),
-                resume=resume, migrated=request.migrated,
+                resume=resume, migrated=request.migrated, sink=progress.take if emit is not None else None,
             )
             async for out in with_heartbeats(stream, heartbeat_s):
                 if out is None:
@@ -126,26 +129,20 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
                     continue
                 if out.finished and pull is not None and pull.done() and pull.exception() is not None:
                     raise pull.exception()  # the peer refused us: an error, not an aborted stream
-                new_tokens = sum(len(c.token_ids) for c in out.outputs)
-                completion_tokens += new_tokens
-                first = timer.tokens(new_tokens)
-                response = held.add(request_id, out.outputs, new_tokens)
-                if out.prompt_logprobs is not None:
-                    response.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
+                response = progress.add(out)
                 if out.finished:
                     self._finish(response, out, record)
                     response.finished = True
-                    response.usage.completion_tokens = completion_tokens
+                    response.usage.completion_tokens = progress.completion_tokens
                     if out.times is not None:
                         metrics.observe_request(out.times, time.monotonic(), len(out.prompt_token_ids),
-                                                completion_tokens)
-                    timer.finished([c.finish_reason for c in out.outputs])
-                elif not first and held.waiting():
-                    continue
-                held.reset()
-                yield response
+                                                progress.completion_tokens)
+                    progress.timer.finished([c.finish_reason for c in out.outputs])
+                if response is not None:
+                    yield response
         finally:
-            timer.aborted()  # a no-op when the request finished
+            progress.closed = True
+            progress.timer.aborted()  # a no-op when the request finished
             if pull is not None and not pull.done():
                 pull.cancel()
 
@@ -241,6 +238,46 @@ def failure_status(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(e, RecursionError):  # a grammar nested too deeply to compile
         return grpc.StatusCode.INVALID_ARGUMENT, "the structured output constraint is nested too deeply"
     return None
+
+
+class _Progress:
+    """What one request's responses keep between the engine's outputs: the tokens counted and
+    timed, and those held back (--stream-interval)."""
+
+    def __init__(self, request_id: str, interval: int,
+                 emit: Callable[[common_pb2.GenerateResponse], None] | None) -> None:
+        self.request_id = request_id
+        self.held = _Held(interval)
+        self.timer = metrics.StreamTimer()
+        self.completion_tokens = 0
+        self.emit = emit
+        self.closed = False  # the request's generator ended: nothing more goes out
+
+    def add(self, out: RequestOutput) -> common_pb2.GenerateResponse | None:
+        """`out`'s tokens into the held response; that response when it is due (the first
+        tokens, the finish, or a full interval), else None."""
+        outputs = out.outputs
+        new_tokens = len(outputs[0].token_ids) if len(outputs) == 1 else sum(len(c.token_ids) for c in outputs)
+        self.completion_tokens += new_tokens
+        first = self.timer.tokens(new_tokens)
+        response = self.held.add(self.request_id, outputs, new_tokens)
+        if out.prompt_logprobs is not None:
+            response.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
+        if not out.finished and not first and self.held.waiting():
+            return None
+        self.held.reset()
+        return response
+
+    def take(self, out: RequestOutput) -> bool:
+        """The engine stream's sink (GenerateStream): a running request's tokens go to `emit`
+        at once; its finish and a KV pull's start are declined, for the request's generator."""
+        if self.closed or out.finished or out.kv_pull_from_block is not None:
+            return False
+        if out.outputs:
+            response = self.add(out)
+            if response is not None:
+                self.emit(response)
+        return True
 
 
 class _Held:

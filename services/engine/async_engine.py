@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +33,31 @@ from services.engine.sequence import Request, Resumed, SequenceStatus
 log = logging.getLogger("pdserve.engine")
 
 
+# Takes a request's output on its event loop instead of its stream (True: taken).
+Sink = Callable[[RequestOutput], bool]
+
+
 class OutputQueue:
     """A request's outputs between the loop's callbacks (one producer) and its stream (one
     reader): a deque and at most one waiting future. asyncio.Queue's bounds, putters and join
     bookkeeping cost more on every token of every request, and none of it is used here."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_sink")
 
-    def __init__(self) -> None:
+    def __init__(self, sink: Sink | None = None) -> None:
+        """`sink` (generate's): offered each output while nothing waits in the queue, so the
+        reader gets only what the sink declined and in order; an error it raises is queued."""
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
+        self._sink = sink
 
     def put_nowait(self, item: object) -> None:
+        if self._sink is not None and not self._items and not isinstance(item, BaseException):
+            try:
+                if self._sink(item):
+                    return
+            except Exception as e:  # noqa: BLE001 - the stream's reader raises it, as its own
+                item = e
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -188,6 +201,7 @@ class AsyncEngine(EngineStreams):
         kv_by_reference: bool = False,
         resume: list[Resumed] | None = None,
         migrated: bool = False,
+        sink: Sink | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request; leaving the loop early (or cancelling) aborts it.
 
@@ -196,6 +210,8 @@ class AsyncEngine(EngineStreams):
         `remote_prefill`, one output announces `kv_pull_from_block`, after which the caller feeds
         `put_kv` and then `finish_kv` (or `fail_kv`). `resume`: sequences begun on another
         worker (EngineCore.make_request); a `migrated` request skips the admission bound.
+        `sink`: takes outputs on the event loop, no task woken (OutputQueue); the stream yields
+        the rest. It must decline the finished output, which ends the stream.
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
@@ -210,7 +226,7 @@ class AsyncEngine(EngineStreams):
             request = self.core.make_request(
                 prompt, params, request_id, priority, kv_export_from, remote_prefill, kv_by_reference, resume
             )
-            stream = _Stream(asyncio.get_running_loop(), OutputQueue())
+            stream = _Stream(asyncio.get_running_loop(), OutputQueue(sink))
             with self._lock:
                 if self._dead is not None:  # checked under the lock the dying thread takes: no stream is missed
                     raise EngineDeadError(f"engine stopped: {self._dead!r}")

@@ -40,7 +40,7 @@ import torch
 from pdserve.v1 import engine_pb2
 from services.engine import errors, loader
 from services.engine.admission import Admission, AdmissionLimits
-from services.engine.async_engine import EngineStreams, OutputQueue, deliver
+from services.engine.async_engine import EngineStreams, OutputQueue, Sink, deliver
 from services.engine.block_manager import CacheListener
 from services.engine.config import EngineConfig, EngineLayout
 from services.engine.core_channel import DTYPES, Channel, ChannelClosed, block_to_proto
@@ -125,6 +125,7 @@ class EngineProcess(EngineStreams):
         kv_by_reference: bool = False,
         resume: list[Resumed] | None = None,
         migrated: bool = False,
+        sink: Sink | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """As AsyncEngine.generate; the core validates the request and reports what it refuses."""
         if self._dead is not None:
@@ -138,7 +139,7 @@ class EngineProcess(EngineStreams):
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         # A prefill-only request's tokens go to the decode worker: no text here.
         with_text = params.detokenize and kv_export_from is None
-        stream = Stream(request_id, asyncio.get_running_loop(), OutputQueue(), token_ids, params,
+        stream = Stream(request_id, asyncio.get_running_loop(), OutputQueue(sink), token_ids, params,
                         self.tokenizer if with_text else None, len(resume) if resume else params.n)
         for r in resume or ():
             stream.text_of(r.index).resume(r.token_ids, r.text_chars)

@@ -25,7 +25,7 @@ class SampledToken:
     logprobs: dict[int, Logprob] | None
 
 
-@dataclass
+@dataclass(slots=True)  # slots: one of each per token per request on the serving path
 class CompletionOutput:
     index: int
     token_ids: list[int]
@@ -39,7 +39,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]

@@ -47,6 +47,7 @@ class SequenceText:
         self.stop_reason: int | str | None = None
         self.reported_finish = False
         self.stopped_here = False  # by a stop string, before the core knew
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1  # characters a stop string may yet claim
 
     def resume(self, token_ids: list[int], text_chars: int) -> None:
         """Output streamed elsewhere (migration): its text advances, nothing is sent again."""
@@ -94,8 +95,7 @@ class SequenceText:
         return True
 
     def _delta(self, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput | None:
-        holdback = max((len(s) for s in self.params.stop), default=1) - 1
-        text_end = len(self.text) if self.finished else max(self.num_emitted_chars, len(self.text) - holdback)
+        text_end = len(self.text) if self.finished else max(self.num_emitted_chars, len(self.text) - self.holdback)
         if not token_ids and text_end == self.num_emitted_chars and self.reported_finish == self.finished:
             return None
         out = CompletionOutput(self.index, token_ids, self.text[self.num_emitted_chars:text_end], logprobs,
