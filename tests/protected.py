@@ -25,7 +25,7 @@ from tests.test_services import wait_all_free
 MAX_MODEL_LEN = 512
 MAX_SEQS = 2  # running per decode worker
 MAX_QUEUED = 2  # queued per decode worker: admission limit of the stack = 2 x (2 + 2)
-MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", str(MAX_MODEL_LEN),
+MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "64MiB",
          "--max-num-seqs", str(MAX_SEQS), "--grace", "1"]
 KEY = f"sk-test-{secrets.token_hex(16)}"
 MAX_BODY = 256 << 10

@@ -170,7 +170,7 @@ def test_sigkill_of_the_engine_core_ends_every_stream_unavailable_and_the_worker
     child = Child("decode", f"decode-k{port}", f"127.0.0.1:{port}", 0,
                   [sys.executable, "-m", "services.cli.main", "decode", "--port", str(port), "--metrics-port", "0",
                    "--instance-id", f"decode-k{port}", "--load-format", "dummy", "--preset", "tiny-llama",
-                   "--max-model-len", "512"], tmp_path / "decode.log")
+                   "--max-model-len", "512", "--kv-cache-memory", "64MiB"], tmp_path / "decode.log")
     child.start({**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "protos")])})
     try:
         with grpc.insecure_channel(child.address) as channel:

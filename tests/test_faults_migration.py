@@ -38,7 +38,7 @@ from tests.test_services import wait_workers_free, worker_load
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512"]
+MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512", "--kv-cache-memory", "64MiB"]
 MIGRATION_LIMIT = 2
 STALL_S = 3.0
 MAX_TOKENS = 120

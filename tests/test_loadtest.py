@@ -21,7 +21,7 @@ from loadtest.workloads import (
 )
 from pdserve.v1 import common_pb2
 
-MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512"]
+MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512", "--kv-cache-memory", "64MiB"]
 PDSERVE = [sys.executable, "-m", "services.cli.main"]
 
 

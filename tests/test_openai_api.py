@@ -37,7 +37,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     # INFO: every process logs each request's id (test_a_clients_request_id_is_returned_and_logged_on_every_process).
-    s = LocalStack(["--max-model-len", str(MAX_MODEL_LEN), "--grace", "1"], log_dir=tmp_path_factory.mktemp("openai"),
+    s = LocalStack(["--max-model-len", str(MAX_MODEL_LEN), "--grace", "1", "--kv-cache-memory", "512MiB"], log_dir=tmp_path_factory.mktemp("openai"),
                    log_level="INFO")
     s.start(timeout=600)
     yield s

@@ -25,7 +25,8 @@ from tests.conftest import make_llm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512"]
+MODEL = ["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "512",
+         "--kv-cache-memory", "64MiB"]  # the CPU default, 1 GiB a worker, is resident memory the suite need not hold
 SHORT = list(range(100, 120))  # 20 tokens: decode prefills locally (threshold 64)
 LONG = list(range(2000, 2150))  # 150 tokens: prefilled remotely, 10 blocks shipped
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -367,7 +368,7 @@ def test_decode_with_a_mismatched_model_gets_failed_precondition(stack, tmp_path
 def test_prefill_killed_mid_transfer_the_request_completes_with_the_same_tokens(tmp_path):
     # A model big enough that a long prompt in 16-token chunks takes many steps to prefill.
     model = ["--load-format", "dummy", "--preset", "smollm2-135m", "--max-model-len", "1024",
-             "--max-num-batched-tokens", "16"]
+             "--max-num-batched-tokens", "16", "--kv-cache-memory", "256MiB"]
     prefill = spawn(tmp_path, "prefill", [], model=model)
     decode = spawn(tmp_path, "decode", ["--prefill-peers", f"p={prefill.address}"], model=model[:-2])
     prompt = list(range(5000, 5900))  # 57 blocks
@@ -400,7 +401,7 @@ def test_prefill_killed_mid_transfer_the_request_completes_with_the_same_tokens(
 
 
 def test_health_answers_promptly_during_a_long_prefill(tmp_path):
-    model = ["--load-format", "dummy", "--preset", "smollm2-135m", "--max-model-len", "2048"]
+    model = ["--load-format", "dummy", "--preset", "smollm2-135m", "--max-model-len", "2048", "--kv-cache-memory", "256MiB"]
     worker = spawn(tmp_path, "decode", [], model=model)
     try:
         wait_serving(worker)

@@ -318,7 +318,8 @@ HERMES_REGEX = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments":
 def stack(tmp_path_factory):
     # Tool calling lives in the router: one decode worker (prefilling locally) on a tiny dummy
     # model with the default model's tokenizer, so --chat-template names the default's template.
-    s = LocalStack(["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "1024", "--grace", "1"],
+    s = LocalStack(["--load-format", "dummy", "--preset", "tiny-llama", "--max-model-len", "1024", "--grace", "1",
+                    "--kv-cache-memory", "64MiB"],
                    num_prefill=0, log_dir=tmp_path_factory.mktemp("tools"),
                    router_argv=["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--chat-template",
                                 str(DEFAULT_MODEL_CHAT_TEMPLATE)])
