@@ -56,7 +56,8 @@ def _shape_of(shape: tuple[int, ...], dtype: torch.dtype, max_model_len: int) ->
     layers, _, block, heads, dim = shape
     return SimpleNamespace(
         model_config=SimpleNamespace(num_layers=layers, num_kv_heads=heads, head_dim=dim, vocab_size=32000),
-        layout=SimpleNamespace(model_identity="bench", dtype=dtype, block_size=block, max_model_len=max_model_len))
+        layout=SimpleNamespace(model_identity="bench", dtype=dtype, kv_dtype=dtype, block_size=block,
+                                max_model_len=max_model_len))
 
 
 class _PoolEngine:
