@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.report import machine, markdown_table, write_section
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -42,21 +40,6 @@ def spawn(log_dir: Path, role: str, name: str, flags: list[str]) -> Child:
                    "--instance-id", name, *flags], log_dir / f"{name}.log")
     child.start(dict(os.environ))
     return child
-
-
-def wait_serving(child: Child, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"{child.instance_id} died:\n{child.log_tail()}")
-        with child.health_channel() as ch:
-            try:
-                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.5)
-    raise TimeoutError(child.log_tail())
 
 
 def ttft(stub, prompt: list[int], peer: str) -> tuple[float, int]:
@@ -97,7 +80,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"on": [], "off": []}
     try:
         for child in (*workers.values(), decode):
-            wait_serving(child)
+            child.wait_serving(600, poll=0.5)
         stub = worker_pb2_grpc.DecodeWorkerStub(decode.channel())
         rng = random.Random(0)
         prompt = lambda: [rng.randrange(10_000) for _ in range(args.tokens)]  # noqa: E731

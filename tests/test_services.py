@@ -300,17 +300,7 @@ def spawn(tmp_path, role: str, extra: list[str], env: dict | None = None, model=
 
 
 def wait_serving(child: Child, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert child.alive(), child.log_tail()
-        with child.health_channel() as ch:
-            try:
-                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.2)
-    raise TimeoutError(child.log_tail())
+    child.wait_serving(timeout)
 
 
 def decode_directly(child: Child, prompt, prefill_instance: str, params=GREEDY, timeout=60) -> RemoteResult:

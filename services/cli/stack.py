@@ -98,6 +98,23 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def wait_serving(self, timeout: float, poll: float = 0.2) -> None:
+        """Until its health service answers SERVING; RuntimeError if it exits first,
+        TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.instance_id} exited:\n{self.log_tail()}")
+            with self.health_channel() as ch:
+                try:
+                    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+            time.sleep(poll)
+        raise TimeoutError(self.log_tail())
+
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path and self.log_path.exists():
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
