@@ -109,8 +109,12 @@ class Sampler:
         that draw do so with temperature alone, nothing editing or reading their logits.
         None otherwise, and for plain greedy (whose graph takes the argmax alone). The
         uniforms are those `sample` would use, so the tokens are too."""
-        if any(len(spec.seq_indices) != 1 or spec.params.shapes_logits or spec.grammar is not None or spec.bad_words
-               for spec in specs):
+        draws = False
+        for spec in specs:
+            if len(spec.seq_indices) != 1 or spec.params.shapes_logits or spec.grammar is not None or spec.bad_words:
+                return None
+            draws = draws or not spec.params.greedy
+        if not draws:  # plain greedy: decided without building the batch's key, which `sample` builds
             return None
         rows = [(spec, spec.seq_indices[0]) for spec in specs]
         if self._batch is None or self._batch.key != batch_key(rows):
