@@ -20,9 +20,12 @@
   9. a batch-1 request's first token (32-token prompt): wall time, host and device profiles
  10. the decode kernel over a token-major and a head-major KV pool, random and contiguous tables
  11. the decode kernel's splits and tiles on the head-major pool, ragged and uniform batches
+ 12. arrivals: the engine under serve's closed loop (a new 512-token prompt as each request
+     ends) at each of --arrival-step-tokens: tok/s, step times by kind, mixed steps' kernels
 
     python loadtest/profile_gpu.py [--presets llama-3.2-1b,smollm2-135m]
-                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1,grid,first,layout,policy]
+                                   [--only phases,kernels,sweep,splits,gemv,fused,batch1,grid,first,layout,policy,
+                                          arrivals]
 
 Writes everything as JSON lines to stdout and $OUT/profile_gpu.json.
 """
@@ -713,6 +716,129 @@ def first_token(preset: str) -> None:
     del llm
 
 
+def arrivals(preset: str, mode: str = "greedy", concurrency: int = 256, prompt_len: int = 512,
+             output_len: int = 256, warmup_s: float = 4.0, measure_s: float = 8.0, timed_s: float = 3.0,
+             step_tokens: int = 2048, profile_host: bool = False) -> None:
+    """The engine alone under the load `pdserve serve` sees at saturation (issue #32): a closed
+    loop of `concurrency` requests, fixed prompt and output lengths, a new request as each one
+    finishes, so that most steps carry a prompt chunk beside the decodes. `step_tokens` a
+    step, 256 sequences, max_model_len 1,024; fresh random prompts (no prefix hits). Output
+    tok/s over `measure_s` after `warmup_s`; then `timed_s` more with synchronised timers
+    around execute, by kind of step (its device time and host time together), and the tokens
+    of the steps that carry a prompt; five mixed steps under the torch profiler (device time
+    against wall time); with `profile_host`, the host's busiest functions."""
+    import numpy as np
+
+    from services.engine import SamplingParams
+
+    llm = engine(preset, max_model_len=1024, max_num_batched_tokens=step_tokens, gpu_memory_utilization=0.5)
+    eng = llm.engine
+    sampling = {k: v for k, v in SAMPLING_MODES[mode].items() if k != "seed"}
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, **sampling)
+    vocab = eng.layout.vocab_size
+    rng = np.random.default_rng(7)
+
+    def add() -> None:
+        eng.add_request(rng.integers(100, vocab - 100, prompt_len).tolist(), params)
+
+    def run(seconds: float) -> int:
+        done, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for request in eng.step():
+                if request.finished:
+                    done += 1
+                    add()
+        return done
+
+    for _ in range(concurrency):
+        add()
+    run(warmup_s)
+    t0 = time.perf_counter()
+    done = run(measure_s)
+    tok_s = done * output_len / (time.perf_counter() - t0)
+    kinds: dict[str, list[float]] = defaultdict(list)
+    mixed_tokens: list[int] = []
+    execute = eng.runner.execute
+
+    def timed(plan, *a, **k):
+        chunks = [len(s.token_ids) for s in plan.seqs if len(s.token_ids) > 1]
+        kind = "decode" if not chunks else ("prefill" if len(chunks) == len(plan.seqs) else "mixed")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = execute(plan, *a, **k)
+        torch.cuda.synchronize()
+        kinds[kind].append((time.perf_counter() - t) * 1e3)
+        if chunks:
+            mixed_tokens.append(sum(chunks))
+        return out
+
+    eng.runner.execute = timed
+    run(timed_s)
+    eng.runner.execute = execute
+    # the device's kernels in five mixed steps, each profiled alone (synchronised)
+    mixed_ops: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    profiled, wall_ms = [], []
+
+    def profile_mixed(plan, *a, **k):
+        chunks = [len(s.token_ids) for s in plan.seqs if len(s.token_ids) > 1]
+        if not chunks or len(chunks) == len(plan.seqs) or len(profiled) >= 5:
+            return execute(plan, *a, **k)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = execute(plan, *a, **k)
+            torch.cuda.synchronize()
+        wall_ms.append((time.perf_counter() - t) * 1e3)
+        profiled.append((len(plan.seqs) - len(chunks), sum(chunks)))
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                mixed_ops[e.name[:70]][0] += 1
+                mixed_ops[e.name[:70]][1] += e.time_range.end - e.time_range.start
+        return out
+
+    eng.runner.execute = profile_mixed
+    end = time.perf_counter() + 30
+    while len(profiled) < 5 and time.perf_counter() < end:
+        for request in eng.step():
+            if request.finished:
+                add()
+    eng.runner.execute = execute
+    n = max(1, len(profiled))
+    mixed = dict(mixed_profiled=profiled, mixed_profiled_wall_ms=[round(w, 2) for w in wall_ms],
+                 mixed_kernel_ms=round(sum(us for _, us in mixed_ops.values()) / n / 1e3, 2),
+                 mixed_top_us=[(name, round(c / n, 1), round(us / n)) for name, (c, us) in
+                               sorted(mixed_ops.items(), key=lambda kv: -kv[1][1])[:16]])
+    host = []
+    if profile_host:  # the host's busiest Python functions (self time) over `timed_s`, unsynchronised
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        run(timed_s)
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        host = sorted(((f"{k[0].rsplit('/', 1)[-1]}:{k[1]}:{k[2]}", v[1], round(v[2] * 1e3), round(v[3] * 1e3))
+                       for k, v in stats.items()), key=lambda r: -r[2])[:25]
+    # unsynchronised again: the device's busy time against the wall over 40 steps
+    wall = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(40):
+            for request in eng.step():
+                if request.finished:
+                    add()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - wall) * 1e3 / 40
+    timeline = gpu_timeline(prof, 40)
+    emit(part="arrivals", preset=preset, mode=mode, step_tokens=step_tokens, tok_per_s=round(tok_s),
+         finished=done, host_self_ms_top=host, **mixed,
+         profiled_wall_ms_per_step=round(wall, 2), **timeline,
+         steps={k: len(v) for k, v in kinds.items()},
+         step_ms_p50={k: round(statistics.median(v), 2) for k, v in kinds.items()},
+         step_ms_mean={k: round(statistics.fmean(v), 2) for k, v in kinds.items()},
+         chunk_tokens_p50=statistics.median(mixed_tokens) if mixed_tokens else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="llama-3.2-1b,smollm2-135m")
@@ -722,6 +848,7 @@ def main() -> None:
     parser.add_argument("--sweep-shapes", default="", help="sweep: only the shapes whose name contains this")
     parser.add_argument("--batch1-flags", default="each-off", choices=("each-off", "on"),
                         help="batch1: every flag on, then each off once; or only all on")
+    parser.add_argument("--arrival-step-tokens", default="2048,8192", help="arrivals: max_num_batched_tokens to compare")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     parts = args.only.split(",")
@@ -756,6 +883,10 @@ def main() -> None:
         jobs.append(lambda: layout_sweep(ncu=True))
     if "policy" in parts:
         jobs.append(policy_sweep)
+    if "arrivals" in parts:
+        jobs += [lambda preset=preset, m=m, t=int(t): arrivals(preset, m, step_tokens=t)
+                 for preset in args.presets.split(",") for m in args.kernel_sampling.split(",")
+                 for t in args.arrival_step_tokens.split(",")]
     if "first" in parts:
         jobs += [lambda preset=preset: first_token(preset) for preset in args.presets.split(",")]
     for job in jobs:

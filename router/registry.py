@@ -32,6 +32,11 @@ from services.rpc.server import CHANNEL_OPTIONS
 log = logging.getLogger("pdserve.router")
 
 _STUBS = {"prefill": worker_pb2_grpc.PrefillWorkerStub, "decode": worker_pb2_grpc.DecodeWorkerStub}
+# A worker that refuses or drops the connection is unreachable at once; one whose answer is only
+# late (DEADLINE_EXCEEDED: its front busy streaming at saturation) after this many late polls in
+# a row. On an H100 at saturation one late poll marked the only decode worker down and 13
+# requests failed with UNAVAILABLE while it streamed on (issue #32, 2026-12-05).
+SLOW_POLLS_TO_FAIL = 3
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Instance:
     in_flight: int = 0  # requests this router sent and that have not finished
     healthy: bool = True
     last_ok: float = 0.0
+    slow_polls: int = 0  # GetLoad polls in a row that ran out of time (SLOW_POLLS_TO_FAIL)
     record: InstanceRecord | None = None  # its fleet registration (None: a static peer, not indexed)
     stream: DecodeStream | None = field(default=None, repr=False)  # decode: this router's shared stream, made on use
 
@@ -133,8 +139,14 @@ class StaticRegistry:
             inst.load = await inst.stub.GetLoad(worker_pb2.LoadRequest(), timeout=max(1.0, 2 * self.poll_s))
             if not inst.healthy:
                 log.info("%s %s is back", inst.role, inst.instance_id)
-            inst.healthy, inst.last_ok = True, time.monotonic()
+            inst.healthy, inst.last_ok, inst.slow_polls = True, time.monotonic(), 0
         except grpc.aio.AioRpcError as e:
+            late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            inst.slow_polls = inst.slow_polls + 1 if late else 0
+            if late and inst.slow_polls < SLOW_POLLS_TO_FAIL:
+                log.info("%s %s answered no load poll in time (%d in a row)", inst.role, inst.instance_id,
+                         inst.slow_polls)
+                return
             if inst.healthy:
                 log.warning("%s %s unreachable: %s", inst.role, inst.instance_id, e.code().name)
             inst.healthy = False

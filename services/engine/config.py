@@ -21,8 +21,13 @@ KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 GiB = 1 << 30
 # Tokens per step when the user names no budget. A step is the unit a cancel or a deadline waits
 # for, so on the CPU (tens of ms per 100 tokens of a 0.5B model) a long prompt is chunked finely
-# enough that an abort frees its blocks within about a second.
-STEP_TOKENS = {"cpu": 512, "cuda": 2048}
+# enough that an abort frees its blocks within about a second. On a GPU a step of 8,192 tokens
+# (vLLM's and SGLang's serving default there) takes ~30 ms for a 1B model on an H100, and a
+# step of prompt chunks is eager (host-bound): under a closed loop of 512-token prompts the
+# engine made 43.2k tok/s at 8,192 against 30.9k at 2,048 (BENCHMARKS.md, issue #32).
+STEP_TOKENS = {"cpu": 512, "cuda": 8192}
+# The Python `LLM` API's (offline work, nothing to cancel): the same on a GPU, 2,048 on the CPU.
+API_STEP_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 # Where `gguf_weights=auto` keeps GGUF blocks as stored. Not on the CPU: there decode with
 # on-the-fly dequantization ran at 0.28x (batch 1) and 0.49x (batch 8) of the converted fp32
@@ -63,7 +68,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context length
     # Scheduling.
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: API_STEP_TOKENS of the device
     max_num_seqs: int = 256
     seed: int = 0  # the RNG of unseeded requests
     # Plan step N+1 while step N runs, reading N's tokens back afterwards (engine.py).
@@ -98,7 +103,7 @@ class EngineConfig:
             raise ConfigError("num_kv_blocks must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+        if (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1) or self.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
@@ -113,6 +118,9 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda requested but no CUDA device is available")
         return device
+
+    def resolve_step_tokens(self, device: torch.device) -> int:
+        return self.max_num_batched_tokens or API_STEP_TOKENS.get(device.type, 2048)
 
     def resolve_gguf_native(self, device: torch.device) -> bool | None:
         """Whether a GGUF model loads natively (None: where its architecture allows)."""

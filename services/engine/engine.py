@@ -24,6 +24,7 @@ Not thread-safe: `LLM` drives it directly, `AsyncEngine` from its own engine thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -72,9 +73,10 @@ class EngineCore:
         """`assemble_text=False` (the engine-core process): no detokenizing and no stop strings
         here; the front does both (services/engine/text.py) and stops what it must."""
         t0 = time.perf_counter()
+        device = config.resolve_device()
+        config = dataclasses.replace(config, max_num_batched_tokens=config.resolve_step_tokens(device))
         self.config = config
         self.assemble_text = assemble_text
-        device = config.resolve_device()
         dtype = config.resolve_dtype(device)
         source = loader.resolve(
             config.model, config.load_format, config.preset, config.dummy_seed, config.tokenizer, config.cache_dir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class Follower:
             device = torch.device("cuda", (device.index or 0) + rank)  # rank 0 has the first
             torch.cuda.set_device(device)
         dtype = config.resolve_dtype(device)
+        config = dataclasses.replace(config, max_num_batched_tokens=config.resolve_step_tokens(device))
         self.layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
         ranks = Ranks.join(store_path, self.layout, device)
         self.group = ranks.world
