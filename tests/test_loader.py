@@ -40,6 +40,40 @@ def _hf_dir(path: Path, weights: dict[str, torch.Tensor], preset: str = "tiny-ll
     return path
 
 
+# ---- the source a follower rank gets from rank 0 -------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_source_sent_as_json_builds_the_same_model_config_rope_and_dummy_weights(preset):
+    """A follower rank starts from rank 0's resolved source as JSON text (no pickle): the same
+    architecture facts, RoPE tables (llama3 scaling needs transformers' own config class) and,
+    for dummy weights, the same tensors under the same names without a transformers skeleton."""
+    from services.engine.layers.rotary import RotaryEmbedding
+    from services.engine.models.config import ModelConfig
+
+    source = loader.resolve(None, "dummy", preset, 3)
+    text = loader.source_to_json(source)
+    sent = loader.source_from_json(text)
+    assert (sent.identity, sent.name, sent.dummy_seed, sent.weights_dir) == (source.identity, source.name, 3, None)
+    cfg, sent_cfg = ModelConfig.from_hf(source.hf_config), ModelConfig.from_hf(sent.hf_config)
+    assert sent_cfg == cfg
+    if cfg.model_type != "gpt2":
+        rope, sent_rope = (RotaryEmbedding(c.hf_config, c.head_dim, 256) for c in (cfg, sent_cfg))
+        assert sent_rope.cos.equal(rope.cos) and sent_rope.sin.equal(rope.sin)
+    if preset.startswith("tiny-"):  # the others' dummy weights are gigabytes
+        weights, sent_weights = dict(loader.iter_weights(source)), dict(loader.iter_weights(sent))
+        assert list(sent_weights) == list(weights)
+        assert all(sent_weights[name].equal(w) for name, w in weights.items())
+
+
+def test_a_checkpoint_source_sent_as_json_names_its_weights_directory(tmp_path):
+    hf_dir = _hf_dir(tmp_path / "ckpt", dict(loader.dummy_weights(preset_config("tiny-llama"), 0)))
+    source = loader.resolve(str(hf_dir))
+    sent = loader.source_from_json(loader.source_to_json(source))
+    assert (sent.weights_dir, sent.identity, sent.dummy_shapes) == (hf_dir, source.identity, None)
+    assert list(loader.iter_weights(sent)) and sent.tokenizer_dir is None  # rank 0 alone tokenizes
+
+
 # ---- dummy weights -----------------------------------------------------------------------------
 
 

@@ -5,8 +5,11 @@ that dies fails the engine's next step instead of hanging it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +78,28 @@ def test_parallel_ranks_give_the_tokens_and_logprobs_of_one(preset, tp, pp):
         finish(two)
     finally:
         two.close()
+
+
+def test_a_follower_builds_its_part_from_rank_0s_source_without_importing_transformers():
+    """Rank 0 sends its resolved source as JSON (loader.source_to_json); a follower of a
+    default-RoPE SiLU or GPT-2 model then builds its part without transformers' imports
+    (about a second of each rank's start-up)."""
+    from services.engine import loader
+
+    sources = [loader.source_to_json(loader.resolve(None, "dummy", p)) for p in ("tiny-qwen3", "tiny-gpt2")]
+    build = "\n".join([
+        "import json, sys, torch",
+        "from services.engine import loader",
+        "from services.engine.parallel.follower import ModelConfig, _load_model",
+        "for text in json.load(sys.stdin):",
+        "    source = loader.source_from_json(text)",
+        "    cfg = ModelConfig.from_hf(source.hf_config)",
+        "    print(cfg.model_type, type(_load_model(cfg, source, torch.device('cpu'), torch.float32, 64)).__name__)",
+        "print('transformers' in sys.modules)",
+    ])
+    out = subprocess.run([sys.executable, "-c", build], input=json.dumps(sources), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["qwen3", "LlamaForCausalLM", "gpt2", "GPT2LMHeadModel", "False"]
 
 
 def test_kv_heads_are_replicated_when_ranks_outnumber_them():

@@ -149,7 +149,7 @@ class EngineCore:
             stage_layers(cfg.num_layers, layout)
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", 0)
-            self._followers = Followers(config, max_model_len)
+            self._followers = Followers(config, max_model_len, source)
             if device.type == "cpu":
                 torch.set_num_threads(cpu_threads_per_rank(self._followers.size))
             ranks = Ranks.join(self._followers.store_path, layout, device)

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -50,6 +51,9 @@ class ModelSource:
     dummy_seed: int | None = None
     gguf_file: Path | None = None  # weights read natively from this GGUF file
     quantization: str | None = None  # a pre-quantized checkpoint's format (quant/compressed_tensors.py)
+    # Dummy weights' HF names and shapes when known already (a follower rank: rank 0 sent them);
+    # None: read from transformers' model skeleton.
+    dummy_shapes: dict[str, list[int]] | None = None
 
 
 def default_cache_dir() -> Path:
@@ -124,7 +128,7 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | Quan
                                      getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         return
     if source.weights_dir is None:
-        yield from dummy_weights(source.hf_config, source.dummy_seed or 0)
+        yield from dummy_weights(source.hf_config, source.dummy_seed or 0, source.dummy_shapes)
         return
     files = sorted(source.weights_dir.glob("*.safetensors"))
     if not files:
@@ -150,26 +154,82 @@ def _safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read weights file {file}: {e}") from e
 
 
+# ---- a resolved source sent to another rank -------------------------------------------------
+
+
+def source_to_json(source: ModelSource) -> str:
+    """What a follower rank needs of a source rank 0 resolved, as JSON (never pickled): the
+    HF config's fields, where the weights are and, for dummy weights, their names and shapes,
+    so the follower neither resolves again nor (for most models) imports transformers.
+    Quantized sources are refused with several ranks, so none is sent."""
+    if source.gguf_file is not None or source.quantization is not None:
+        raise ModelLoadError("quantized weights are not sharded across ranks")
+    dummy = source.weights_dir is None
+    return json.dumps({
+        "hf_config": json.loads(source.hf_config.to_json_string(use_diff=False)),
+        "weights_dir": None if dummy else str(source.weights_dir),
+        "identity": source.identity,
+        "name": source.name,
+        "dummy_seed": source.dummy_seed,
+        "dummy_shapes": (source.dummy_shapes or dummy_shapes(source.hf_config)) if dummy else None,
+    })
+
+
+def source_from_json(text: str) -> ModelSource:
+    """The inverse of `source_to_json`, in the follower rank. No tokenizer: rank 0 alone
+    tokenizes."""
+    fields = json.loads(text)
+    return ModelSource(
+        hf_config=_config_from_dict(fields["hf_config"]),
+        weights_dir=Path(fields["weights_dir"]) if fields["weights_dir"] is not None else None,
+        tokenizer_dir=None,
+        identity=fields["identity"],
+        name=fields["name"],
+        dummy_seed=fields["dummy_seed"],
+        dummy_shapes=fields["dummy_shapes"],
+    )
+
+
+def _config_from_dict(fields: dict[str, Any]) -> Any:
+    """An HF config from its fields. The model files only read its attributes, except RoPE
+    scaling other than the default (transformers' RoPE functions call the config's methods):
+    then transformers' own config class (about a second of imports), else a plain record."""
+    rope = fields.get("rope_parameters") or {}
+    if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":
+        return SimpleNamespace(**fields)
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+
+
 # ---- dummy weights ---------------------------------------------------------------------------
 
 
-def dummy_weights(hf_config: Any, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def dummy_weights(hf_config: Any, seed: int,
+                  shapes: dict[str, list[int]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights initialised as transformers does (normal(0, initializer_range) for
     matrices and embeddings, ones for norm scales, zeros for biases), deterministic per
-    (seed, parameter name), so separate processes generate identical weights."""
+    (seed, parameter name), so separate processes generate identical weights. `shapes`:
+    the parameters' names and shapes (dummy_shapes), else read from the config."""
+    std = getattr(hf_config, "initializer_range", 0.02)
+    for name, shape in (shapes if shapes is not None else dummy_shapes(hf_config)).items():
+        g = torch.Generator().manual_seed(xxhash.xxh64_intdigest(name.encode(), seed=seed) & (2**63 - 1))
+        if len(shape) >= 2:
+            yield name, torch.empty(shape).normal_(0.0, std, generator=g)
+        elif name.endswith("bias"):
+            yield name, torch.zeros(shape)
+        else:
+            yield name, torch.ones(shape)
+
+
+def dummy_shapes(hf_config: Any) -> dict[str, list[int]]:
+    """The HF parameter names and shapes of a config's model, in transformers' order (from a
+    skeleton on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    std = getattr(hf_config, "initializer_range", 0.02)
-    for name, param in skeleton.named_parameters():
-        g = torch.Generator().manual_seed(xxhash.xxh64_intdigest(name.encode(), seed=seed) & (2**63 - 1))
-        if param.dim() >= 2:
-            yield name, torch.empty(param.shape).normal_(0.0, std, generator=g)
-        elif name.endswith("bias"):
-            yield name, torch.zeros(param.shape)
-        else:
-            yield name, torch.ones(param.shape)
+    return {name: list(param.shape) for name, param in skeleton.named_parameters()}
 
 
 def _resolve_dummy(

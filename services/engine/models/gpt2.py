@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
+from services.engine.layers.activation import activation
 from services.engine.layers.linear import Linear
 from services.engine.layers.parallel import RowParallelLinear, VocabEmbedding, vocab_logits
 from services.engine.models.config import ModelConfig
@@ -50,7 +50,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.c_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=True, tp=tp)
-        self.act = ACT2FN[cfg.hidden_act]
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))

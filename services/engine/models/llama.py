@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from services.engine.attention import AttentionContext
+from services.engine.layers.activation import activation
 from services.engine.layers.embedding import Embedding
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import Rope, RotaryEmbedding
@@ -88,8 +88,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False, tp=tp)
-        self.act = ACT2FN[cfg.hidden_act]
         self.fused_silu = cfg.hidden_act == "silu"
+        self.act = None if self.fused_silu else activation(cfg.hidden_act)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: gate_up_proj's output, already through SiLU-and-mul when `fused_silu` (the

@@ -19,6 +19,7 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.errors import PdserveError
+from services.engine.loader import ModelSource, source_to_json
 from services.engine.models.config import ModelConfig
 from services.engine.parallel import plan
 from services.engine.parallel.group import Layout, Ranks, Group
@@ -41,10 +42,15 @@ class Followers:
     """Ranks 1..N-1 as child processes (python -m services.engine.parallel.follower), each
     holding the read end of a pipe from here."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, max_model_len: int, source: ModelSource) -> None:
         self.size = config.tensor_parallel_size * config.pipeline_parallel_size
+        # The source as rank 0 resolved it: each follower starts from it instead of resolving
+        # the model again. A file, as a real model's parameter list may not fit an argument.
+        source_json = source_to_json(source)
         self._dir = Path(tempfile.mkdtemp(prefix="pdserve-tp-"))  # mode 0700: only this user's ranks join
         self.store_path = str(self._dir / "store")
+        source_path = self._dir / "source.json"
+        source_path.write_text(source_json)
         fields = dataclasses.asdict(config) | {"max_model_len": max_model_len, "speculative_config": None}
         fields["cache_dir"] = str(config.cache_dir) if config.cache_dir is not None else None
         env = dict(os.environ)
@@ -53,7 +59,8 @@ class Followers:
         self._closing = False
         self.procs = [
             subprocess.Popen([sys.executable, "-m", "services.engine.parallel.follower", "--rank", str(rank),
-                              "--store", self.store_path, "--config", json.dumps(fields)],
+                              "--store", self.store_path, "--config", json.dumps(fields),
+                              "--source", str(source_path)],
                              stdin=subprocess.PIPE, env=env)
             for rank in range(1, self.size)
         ]

@@ -1,7 +1,7 @@
 """A parallel rank other than 0: its part of the model and of the KV pool, and a loop
 that does what rank 0 rings for (plan.py) until rank 0's pipe ends.
 
-    python -m services.engine.parallel.follower --rank R --store PATH --config JSON
+    python -m services.engine.parallel.follower --rank R --store PATH --config JSON --source FILE
 
 Started by rank 0 (driver.py), never by hand. It dies with rank 0: at the pipe's end of
 stream, at a collective that fails or times out, and by PR_SET_PDEATHSIG.
@@ -38,7 +38,7 @@ log = logging.getLogger("pdserve.engine")
 
 
 class Follower:
-    def __init__(self, config: EngineConfig, rank: int, store_path: str) -> None:
+    def __init__(self, config: EngineConfig, rank: int, store_path: str, source: loader.ModelSource) -> None:
         device = config.resolve_device()
         if device.type == "cuda":
             device = torch.device("cuda", (device.index or 0) + rank)  # rank 0 has the first
@@ -50,8 +50,6 @@ class Follower:
         self.group = ranks.world
         pipe = Pipe(ranks.world, self.layout) if self.layout.pp > 1 else None
         self.first_stage = pipe is None or pipe.first  # holds the LM head: joins the logits' all-gather
-        source = loader.resolve(config.model, config.load_format, config.preset, config.dummy_seed,
-                                config.tokenizer, config.cache_dir)
         self.cfg = ModelConfig.from_hf(source.hf_config)
         self.model = _load_model(self.cfg, source, device, dtype, config.max_model_len, ranks.tp, pipe)
         self.local = self.model.local
@@ -108,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--store", required=True, help="the FileStore rank 0 made for this engine")
     p.add_argument("--config", required=True, help="EngineConfig as JSON")
+    p.add_argument("--source", required=True, help="a JSON file: the model source rank 0 resolved")
     args = p.parse_args(argv)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with rank 0
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if fields.get("cache_dir") is not None:
         fields["cache_dir"] = Path(fields["cache_dir"])
     try:
-        Follower(EngineConfig(**fields), args.rank, args.store).run(sys.stdin.buffer)
+        source = loader.source_from_json(Path(args.source).read_text())
+        Follower(EngineConfig(**fields), args.rank, args.store, source).run(sys.stdin.buffer)
     except Exception:  # noqa: BLE001 - any failure ends this rank; rank 0's next collective fails
         log.exception("tensor-parallel rank %d failed", args.rank)
         return 1
