@@ -115,8 +115,13 @@ def _draw_fields(rows: list[Row], draw_rows: list[int], drawn: list, vocab: int,
     )
 
 
+def row_top_k(params, vocab: int) -> int:
+    """A row's top_k as the filters take it (0: none; a k that keeps the whole vocabulary is none)."""
+    return params.top_k if 0 < params.top_k < vocab else 0
+
+
 def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in drawn]
+    top_k = [row_top_k(p, vocab) for p in drawn]
     max_k = max(top_k, default=0)
     any_p = any(p.top_p < 1.0 for p in drawn)
     any_min_p = any(p.min_p > 0.0 for p in drawn)
