@@ -50,7 +50,7 @@ from kernels.sample import draw as draw_kernel
 from kernels.sample import kept_mass, top_values
 from services.engine import sampling_ops as ops
 from services.engine.outputs import Logprob, SampledToken
-from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, row_top_k, to_device
+from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch_key, to_device
 from services.engine.scheduler import SampleSpec
 from services.engine.structured_output import apply_grammars
 
@@ -146,17 +146,13 @@ class Sampler:
         batch, f = self._batch, self._batch.filters
         if batch.all_greedy or f.max_k > GRAPH_TOP_K or f.top_p_without_k:
             return None
-        n, at = len(rows), batch.draw_rows
-        temperature = np.zeros(n, dtype=np.float32)
-        uniforms = np.zeros(n, dtype=np.float32)
-        temperature[at] = [batch.params[r].temperature for r in at]
-        uniforms[at] = self._uniforms(rows, batch, 1)
+        n, at, v = len(rows), batch.draw_rows, batch.values
+        temperature, uniforms = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        temperature[at], uniforms[at] = v.temperature, self._uniforms(rows, batch, 1)
         if not f.max_k and f.top_p is None and f.min_p is None:
             return GraphDraw(temperature, uniforms)
         top_k, top_p, min_p = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-        top_k[at] = [row_top_k(batch.params[r], vocab) for r in at]
-        top_p[at] = [batch.params[r].top_p for r in at]
-        min_p[at] = [batch.params[r].min_p for r in at]
+        top_k[at], top_p[at], min_p[at] = v.top_k, v.top_p, v.min_p
         return GraphDraw(temperature, uniforms, top_k, top_p, min_p)
 
     def drawn(self, tokens: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
@@ -213,7 +209,8 @@ class Sampler:
             return logits.argmax(dim=-1)
         sub = logits if batch.draw_index is None else logits[batch.draw_index]
         if logits.is_cuda:
-            drawn = self._draw_on_gpu(sub, batch, to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device))
+            u = to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device)
+            drawn = draw_with_kernels(sub, batch.temperature, batch.filters, u)
         else:
             rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k else 1
             u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
@@ -221,15 +218,6 @@ class Sampler:
         if batch.draw_index is None:
             return drawn
         return logits.argmax(dim=-1).index_copy_(0, batch.draw_index, drawn)
-
-    @staticmethod
-    def _draw_on_gpu(logits: torch.Tensor, batch: BatchParams, u: torch.Tensor) -> torch.Tensor:
-        """Every row's draw without waiting for the device, reading the logits in their own
-        dtype: top_k and top_p become one threshold per row, then kernels/sample.draw scales,
-        filters and draws each whole row."""
-        f = batch.filters
-        threshold = device_threshold(logits, batch.temperature, f) if f.max_k or f.top_p is not None else None
-        return draw_kernel(logits, batch.temperature, threshold, f.min_p, u)
 
     @staticmethod
     def _draw_rows(x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
@@ -287,6 +275,17 @@ class Sampler:
         return np.where(mask, seeded, unseeded)
 
 
+def draw_with_kernels(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters,
+                      u: torch.Tensor) -> torch.Tensor:
+    """Every row's draw on a GPU without waiting for the device, reading the logits in their
+    own dtype: top_k and top_p become one threshold per row, then kernels/sample.draw scales,
+    filters and draws each whole row. A row's token is a function of its own logits,
+    parameters and uniform: a decode graph draws all its rows (greedy and padding ones too)
+    and gets the eager subset's tokens (test_sampler_gpu checks it)."""
+    threshold = device_threshold(logits, temperature, f) if f.max_k or f.top_p is not None else None
+    return draw_kernel(logits, temperature, threshold, f.min_p, u)
+
+
 def device_threshold(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters) -> torch.Tensor:
     """ops.thresholds' threshold of each row, without the float32 copy of the scaled rows:
     the top_k candidates' values (kernels/sample.top_values; the whole row sorted for top_p
@@ -323,16 +322,18 @@ def draw_in_graph(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tens
     Sampler.in_graph staged: temperature [R] (0: greedy, whose token the caller takes from
     the argmax), uniforms [R] and, where a row filters, `filters` (top_k [R] at most
     GRAPH_TOP_K, top_p [R], min_p [R]; max_k GRAPH_TOP_K). The same tokens as
-    Sampler.sample for the same uniforms: the GPU path is `_draw_on_gpu`'s (thresholds with
-    GRAPH_TOP_K candidates, the draw kernel) with shapes fixed at capture and no host
-    sync; the CPU path is the eager sampler's own (on the CPU nothing is captured)."""
+    Sampler.sample for the same uniforms: the GPU path is the eager one's (draw_with_kernels:
+    thresholds from GRAPH_TOP_K candidates, then the draw kernel) with shapes fixed at
+    capture and no host sync; the CPU path is the eager sampler's own (on the CPU nothing
+    is captured)."""
     temperature = torch.where(temperature > 0.0, temperature, 1.0)  # greedy rows: any draw, discarded
-    if not logits.is_cuda:
-        x = logits.float() / temperature[:, None]
-        return ops.draw_full(x, None, None, u) if filters is None else Sampler._draw_rows(x, filters, u)
-    if filters is None:
-        return draw_kernel(logits, temperature, None, None, u)
-    return draw_kernel(logits, temperature, device_threshold(logits, temperature, filters), filters.min_p, u)
+    if logits.is_cuda:
+        return draw_with_kernels(logits, temperature, filters or NO_FILTERS, u)
+    x = logits.float() / temperature[:, None]
+    return ops.draw_full(x, None, None, u) if filters is None else Sampler._draw_rows(x, filters, u)
+
+
+NO_FILTERS = ops.Filters(None, None, None, 0, False)
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:
