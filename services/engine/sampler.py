@@ -54,7 +54,7 @@ from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch
 from services.engine.scheduler import SampleSpec
 from services.engine.structured_output import apply_grammars
 
-CANDIDATES = 256  # CPU: candidates per row (more where a top_k asks); the GPU takes max top_k, or every token for top_p alone
+CANDIDATES = 256  # CPU: candidates per row (more where a top_k asks); the GPU: candidates_width
 REJECTION_ROUNDS = 16  # CPU: top_p draws by rejection before the exact threshold by a full sort
 # The most top_k a decode graph draws with: its candidates' width, fixed at capture. The eager
 # GPU path takes as many candidates for any batch whose top_k fit, so that both compute the
