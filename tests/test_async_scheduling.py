@@ -106,28 +106,50 @@ def _recording_runs(graphs) -> list[int]:
     return ran
 
 
+def sample(temperature: float, n_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=temperature, max_tokens=n_tokens, ignore_eos=True, **kw)
+
+
+TEMPERATURE_ROWS = [sample(0.7, 12, seed=11),
+                    sample(1.3, 10),  # the engine's stream
+                    greedy(9),
+                    sample(0.9, 6, top_k=1)]  # top_k 1: greedy
+FILTER_ROWS = [sample(0.8, 12, top_k=50, top_p=0.9, seed=11),
+               sample(1.1, 10, top_k=5),  # unseeded: the engine's stream
+               greedy(9),
+               sample(0.5, 11, min_p=0.8, seed=4),  # min_p alone
+               sample(0.9, 8),  # temperature alone, beside filtering rows
+               sample(1.0, 9, top_k=64, top_p=0.5, min_p=0.3),  # the cap itself, every filter
+               sample(0.7, 7, top_k=20, top_p=0.6, seed=2)]
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_static_decode_steps_draw_temperature_rows_themselves(async_scheduling):
-    """Rows that sample with temperature alone (seeded or not) beside greedy ones: the decode
-    graph draws their tokens itself (the sampler launches nothing), and they are the tokens
-    the sampler draws in an eager step; a top_p row in the batch sends the step back to it."""
-    params = [SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=1.3, max_tokens=10, ignore_eos=True),  # the engine's stream
-              greedy(9),
-              SamplingParams(temperature=0.9, top_k=1, max_tokens=6, ignore_eos=True)]  # top_k 1: greedy
-    top_p = SamplingParams(temperature=0.8, top_p=0.5, seed=1, max_tokens=8, ignore_eos=True)
-    prompts = [p[:20] for p in PROMPTS[:5]]
-    for batch, in_graph in ((params, True), ([*params, top_p], False)):
-        expected = outputs(make(async_scheduling=False), batch, prompts[:len(batch)])
-        llm = make(async_scheduling=async_scheduling)
-        with_static_decode_steps(llm)
-        graphs, drawn = llm.engine.runner.graphs, []
-        run = graphs.run
-        graphs.run = lambda n, draw=False, run=run, drawn=drawn: drawn.append(draw) or run(n, draw)
-        assert outputs(llm, batch, prompts[:len(batch)]) == expected
-        # with the top_p row: not while every row decodes (the first steps)
-        assert any(drawn) if in_graph else not any(drawn[:4])
-        assert_all_free(llm)
+@pytest.mark.parametrize("batch, graph", [
+    (TEMPERATURE_ROWS, "draw"),
+    (FILTER_ROWS, "filtered"),
+    ([*FILTER_ROWS[:3], sample(0.8, 8, top_k=65, seed=1)], None),  # top_k past sampler.GRAPH_TOP_K
+    ([*TEMPERATURE_ROWS, sample(0.8, 8, top_p=0.5, seed=1)], None),  # top_p without top_k
+], ids=["temperature", "top_k top_p min_p", "top_k past the cap", "top_p alone"])
+def test_static_decode_steps_draw_their_rows_themselves(async_scheduling, batch, graph):
+    """Rows that sample with temperature alone, or with top_k (up to sampler.GRAPH_TOP_K),
+    top_p beside it and min_p, seeded or not, beside greedy ones: the decode graph draws
+    their tokens itself (the sampler launches nothing), and they are the tokens the sampler
+    draws in an eager step; a top_k past the cap, or a top_p without a top_k, sends the step
+    back to the sampler."""
+    prompts = [p[:20] for p in PROMPTS[:len(batch)]]
+    expected = outputs(make(async_scheduling=False), batch, prompts)
+    llm = make(async_scheduling=async_scheduling)
+    with_static_decode_steps(llm)
+    graphs, ran = llm.engine.runner.graphs, []
+    run = graphs.run
+    graphs.run = lambda n, draw=False, filtered=False: ran.append((draw, filtered)) or run(n, draw, filtered)
+    assert outputs(llm, batch, prompts) == expected
+    if graph is None:  # not while every row decodes (the first steps)
+        assert ran and not any(draw for draw, _ in ran[:4])
+    else:
+        assert (True, graph == "filtered") in ran[:4]
+        assert (True, graph != "filtered") not in ran
+    assert_all_free(llm)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

@@ -635,7 +635,7 @@ def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype,
     from candidates in the logits' dtype and a chunked whole-row mass, are ops.thresholds'."""
     from services.engine import sampler
     from services.engine import sampling_ops as ops
-    from services.engine.sampler import device_threshold
+    from services.engine.sampler import candidates_width, device_threshold
 
     # top_values has its own test below; the interpreter sorts too slowly for rows this long
     monkeypatch.setattr(sampler, "top_values", lambda logits, k: torch.topk(logits.float(), k, dim=-1).values)
@@ -651,13 +651,54 @@ def test_device_threshold_and_kept_mass_match_the_torch_path(dtype: torch.dtype,
     min_p = torch.where(torch.arange(R) % 4 == 1, 0.1, 0.0)
     for f in (ops.Filters(k, None, None, 50, False), ops.Filters(k.clamp(min=1), p, None, 50, False),
               ops.Filters(k.clamp(min=1), p, min_p, 50, False), ops.Filters(k, p, None, 50, True)):
-        width = V if f.top_p_without_k else f.max_k
-        want = ops.thresholds(x, f, width).threshold
+        want = ops.thresholds(x, f, candidates_width(f, V)).threshold
         assert torch.equal(device_threshold(logits, temperature, f), want)
     threshold = torch.topk(x, 9, dim=-1).values[:, -1]
     top = x.max(dim=-1).values
     assert torch.allclose(kept_mass(logits, temperature, threshold, min_p, top),
                           ops.kept_weights(x, threshold, min_p, top[:, None]).sum(dim=-1), rtol=1e-5)
+
+
+def test_a_graphs_draw_over_every_row_is_the_eager_draw_of_the_rows_that_sample(monkeypatch) -> None:
+    """A decode graph draws every row of its bucket with the staged values (Sampler.in_graph):
+    greedy rows (temperature 1 in their place), rows that filter nothing (k 0, top_p 1, min_p
+    0) and max_k fixed at GRAPH_TOP_K. Its thresholds and tokens for the rows that sample are
+    those of the eager GPU path over those rows alone, whose filters hold only what they use."""
+    from services.engine import SamplingParams, sampler
+    from services.engine.sampler import GRAPH_TOP_K, Sampler, device_threshold, draw_with_kernels
+    from services.engine.sampling_ops import Filters
+    from services.engine.scheduler import SampleSpec
+
+    monkeypatch.setattr(sampler, "top_values", lambda logits, k: torch.topk(logits.float(), k, dim=-1).values)
+    V = 3000
+    rows = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
+            SamplingParams(temperature=1.2, top_k=5), SamplingParams(temperature=0.6, min_p=0.2),
+            SamplingParams(temperature=0), SamplingParams(temperature=0.9),
+            SamplingParams(temperature=1.0, top_k=GRAPH_TOP_K, top_p=0.5, min_p=0.05, seed=2),
+            SamplingParams(temperature=0.7, top_k=20, top_p=0.6)]
+    g = _gen(3)
+    logits = (torch.randn(len(rows), V, generator=g) * 3).to(torch.float16)
+    logits[1, :60] = logits[1].max()  # ties at the k-th value, reaching past the candidates
+    batches = ([0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 5], [1, 2], [3, 5], [4, 6, 0])  # min_p alone, k alone, ...
+    for at in batches:
+        specs = [SampleSpec(rows[r], (0,), 3, [1, 2, 3]) for r in at]
+        staged = Sampler((2,), seed=5).in_graph(specs, V, torch.device("cpu"))
+        eager = Sampler((2,), seed=5)
+        eager.in_graph(specs, V, torch.device("cpu"))  # the same uniforms drawn
+        batch = eager._batch
+        draw_rows = torch.tensor(batch.draw_rows)
+        temperature = torch.from_numpy(staged.temperature)
+        temperature = torch.where(temperature > 0, temperature, 1.0)
+        u = torch.from_numpy(staged.uniforms)
+        filters = (Filters(torch.from_numpy(staged.top_k), torch.from_numpy(staged.top_p),
+                           torch.from_numpy(staged.min_p), GRAPH_TOP_K, False) if staged.filtered else None)
+        sub = logits[at][draw_rows]
+        f = batch.filters
+        if filters is not None and (f.max_k or f.top_p is not None):
+            want = device_threshold(sub, batch.temperature, f)
+            assert torch.equal(device_threshold(logits[at], temperature, filters)[draw_rows], want), at
+        graph = draw_with_kernels(logits[at], temperature, filters or sampler.NO_FILTERS, u)
+        assert torch.equal(graph[draw_rows], draw_with_kernels(sub, batch.temperature, f, u[draw_rows])), at
 
 
 @pytest.mark.parametrize("k", [5, 20, 130])  # 130: more than a chunk holds, torch.topk

@@ -82,3 +82,55 @@ def test_seeded_tokens_through_cuda_graph_steps_match_eager_steps(eager_tokens, 
     # one at a time: other batch compositions, the same tokens
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p, params in zip(PROMPTS, SEEDED, strict=True)]
     assert alone == eager_tokens
+
+
+GRAPH_ROWS = [SamplingParams(temperature=0),
+              SamplingParams(temperature=0.6),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=11),
+              SamplingParams(temperature=1.1, top_k=5),
+              SamplingParams(temperature=0.9, min_p=0.1, seed=3),
+              SamplingParams(temperature=1.0, top_k=64, top_p=0.5, min_p=0.05),
+              SamplingParams(temperature=0.7, top_k=20, top_p=0.6, seed=4)] * 4
+
+
+def test_a_decode_graphs_draw_gives_the_eager_samplers_tokens():
+    """The filtered draw of a decode graph (sampler.draw_in_graph over a whole bucket: the
+    staged rows, greedy ones among them, then padding), captured once and replayed with each
+    step's staged values, gives the tokens the eager sampler draws from the same logits with
+    the same uniforms (Sampler.in_graph's)."""
+    from services.engine.sampler import GRAPH_TOP_K, draw_in_graph
+    from services.engine.sampling_ops import Filters
+
+    vocab, n, bucket = 128_256, len(GRAPH_ROWS), 32
+    specs = [SampleSpec(p, (0,), 3, [1, 2, 3]) for p in GRAPH_ROWS]
+    temperature, uniforms, top_p, min_p = torch.zeros(4, bucket, device="cuda")
+    top_k = torch.zeros(bucket, dtype=torch.long, device="cuda")
+    logits = torch.empty(bucket, vocab, dtype=torch.bfloat16, device="cuda")
+
+    def stage(seed: int) -> None:
+        staged = Sampler((2,), seed=seed).in_graph(specs, vocab, torch.device("cuda"))
+        assert staged is not None and staged.filtered
+        for buffer, values, padding in ((temperature, staged.temperature, 0.0), (uniforms, staged.uniforms, 0.0),
+                                        (top_k, staged.top_k, 0), (top_p, staged.top_p, 1.0),
+                                        (min_p, staged.min_p, 0.0)):
+            buffer[:n].copy_(torch.from_numpy(values))
+            buffer[n:] = padding
+
+    def graph_step() -> torch.Tensor:
+        drawn = draw_in_graph(logits, temperature, uniforms, Filters(top_k, top_p, min_p, GRAPH_TOP_K, False))
+        return torch.where(temperature <= 0.0, logits.argmax(dim=-1), drawn)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits.copy_(torch.randn(bucket, vocab, device="cuda", generator=g) * 4)
+    stage(0)
+    graph_step()  # Triton compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = graph_step()
+    for seed, scale in ((0, 4.0), (7, 1.0), (8, 9.0)):  # new logits and uniforms in the same buffers
+        logits.copy_(torch.randn(bucket, vocab, device="cuda", generator=g) * scale)
+        stage(seed)
+        graph.replay()
+        eager = Sampler((2,), seed=seed).sample(logits[:n], specs).result()
+        assert tokens[:n].tolist() == [row[0].token_id for row in eager], seed

@@ -15,11 +15,14 @@ sampler's) the copy of its tokens back. Everything else a step needs is inside t
             tokens = argmax(logits)             # the sampler's, when every row is plain greedy
                                                 # (kernels/argmax.py; torch's on the CPU)
 
-Each bucket has a second graph that also draws: where a row's staged temperature is above
+Each bucket has two more graphs that also draw: where a row's staged temperature is above
 zero, its token is the draw of kernels/sample.py with the staged uniform (the sampler's
-own, Sampler.in_graph), else the argmax. A step whose rows are greedy or sample with
-temperature alone (no top_k / top_p / min_p, nothing that edits or reads the logits) runs it:
-the sampler then launches nothing, and the next step reads the tokens in the graph.
+own, Sampler.in_graph), else the argmax. One draws with temperature alone; the other also
+filters with each row's staged top_k (up to sampler.GRAPH_TOP_K), top_p and min_p, its
+thresholds computed on the device (sampler.draw_in_graph). A step whose rows are greedy or
+sample within those limits (nothing that edits or reads the logits, no top_k past the cap,
+no top_p without a top_k) runs one of them: the sampler then launches nothing, and the next
+step reads the tokens in the graph.
 
 `stage` writes the step's host values behind the tokens with one host-to-device copy, from
 one of two pinned buffers (each reused once its last copy is done). A row's source is its
@@ -43,13 +46,13 @@ import torch
 from torch import nn
 
 from kernels.argmax import argmax, argmax_ref
-from kernels.sample import draw as draw_kernel
-from kernels.sample import draw_ref
 from services.engine.attention import AttentionBackend, AttentionContext, AttentionMetadata
+from services.engine.sampler import GRAPH_TOP_K, GraphDraw, draw_in_graph
+from services.engine.sampling_ops import Filters
 
 log = logging.getLogger("pdserve.engine")
 
-_SEGMENTS = ("tokens", "input_ids", "positions", "slots", "rows", "source", "gather_from", "logits_indices")
+_SEGMENTS = ("tokens", "input_ids", "positions", "slots", "rows", "source", "gather_from", "logits_indices", "top_k")
 
 
 @functools.cache
@@ -162,16 +165,18 @@ class DecodeGraphs:
         self.num_kv_heads = num_kv_heads
         n = self.width = self.max_batch + self.max_batch % 2
         # Every per-step value in one int64 buffer, n entries a segment (_SEGMENTS), then the
-        # lengths as int32 pairs, then the draw's temperatures and uniforms as float32 pairs;
-        # `stage` fills all but the tokens with one copy.
+        # lengths as int32 pairs, then the draw's temperatures, uniforms, top_p and min_p as
+        # float32 pairs; `stage` fills all but the tokens with one copy.
         lens_at = len(_SEGMENTS) * n
-        self._staged = torch.zeros(lens_at + n // 2 + n, dtype=torch.long, device=device)
+        self._staged = torch.zeros(lens_at + n // 2 + 2 * n, dtype=torch.long, device=device)
         (self.tokens, self.input_ids, self.positions, self.slots, self.rows, self.source, self.gather_from,
-         self.logits_indices) = self._staged[:lens_at].view(len(_SEGMENTS), n)
+         self.logits_indices, self.top_k) = self._staged[:lens_at].view(len(_SEGMENTS), n)
         self.seq_lens = self._staged[lens_at: lens_at + n // 2].view(torch.int32)
-        self.temperature, self.uniforms = self._staged[lens_at + n // 2:].view(torch.float32).view(2, n)
+        self.temperature, self.uniforms, self.top_p, self.min_p = \
+            self._staged[lens_at + n // 2:].view(torch.float32).view(4, n)
         self.slots.fill_(-1)
         self.seq_lens.fill_(1)
+        self.top_p.fill_(1.0)
         self._own_ids = np.arange(n, 2 * n)  # a row's source: its own input id
         self.source.copy_(torch.from_numpy(self._own_ids))
         self.block_tables = torch.zeros(n, table.shape[1], dtype=torch.int32, device=device)
@@ -180,6 +185,8 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.draw_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draw_logits: dict[int, torch.Tensor] = {}
+        self.filter_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.filter_logits: dict[int, torch.Tensor] = {}
         self._host = _PinnedStaging(self._staged)
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -194,9 +201,10 @@ class DecodeGraphs:
             decode_split=decode_splits(batch, self.num_kv_heads, self.device),
         )
 
-    def _forward(self, batch: int, draw: bool = False) -> torch.Tensor:
+    def _forward(self, batch: int, draw: bool = False, filtered: bool = False) -> torch.Tensor:
         """What a replay runs: the input gathers, the forward, the logits and their argmax
-        (`draw`: or, where a row's temperature is above zero, its draw)."""
+        (`draw`: or, where a row's temperature is above zero, its draw; `filtered`: with the
+        rows' top_k, top_p and min_p)."""
         ids = self._staged[: 2 * self.width].index_select(0, self.source[:batch])
         torch.index_select(self.table, 0, self.rows[:batch], out=self.block_tables[:batch])
         ctx = AttentionContext(self.backend, self.kv_caches, self._metadata(batch), self.kv_scales)
@@ -204,10 +212,11 @@ class DecodeGraphs:
         tokens = self.tokens[:batch]
         (argmax if self.device.type == "cuda" else argmax_ref)(logits, out=tokens)
         if draw:
-            greedy = self.temperature[:batch] <= 0.0
-            drawn = (draw_kernel if self.device.type == "cuda" else draw_ref)(
-                logits, torch.where(greedy, 1.0, self.temperature[:batch]), None, None, self.uniforms[:batch])
-            tokens.copy_(torch.where(greedy, tokens, drawn))
+            temperature = self.temperature[:batch]
+            filters = Filters(self.top_k[:batch], self.top_p[:batch], self.min_p[:batch], GRAPH_TOP_K,
+                              top_p_without_k=False) if filtered else None
+            drawn = draw_in_graph(logits, temperature, self.uniforms[:batch], filters)
+            tokens.copy_(torch.where(temperature <= 0.0, tokens, drawn))
         return logits
 
     @torch.inference_mode()
@@ -217,7 +226,10 @@ class DecodeGraphs:
         self.graphs, self.logits, pool = _capture(self._forward, self.buckets, self.device)
         self.draw_graphs, self.draw_logits, _ = _capture(functools.partial(self._forward, draw=True), self.buckets,
                                                          self.device, pool)
-        log.info("captured decode CUDA graphs for batch sizes %s (argmax, and argmax or draw)", self.buckets)
+        self.filter_graphs, self.filter_logits, _ = _capture(
+            functools.partial(self._forward, draw=True, filtered=True), self.buckets, self.device, pool)
+        log.info("captured decode CUDA graphs for batch sizes %s (argmax; argmax or draw, with and without filters)",
+                 self.buckets)
 
     def holds(self, table: torch.Tensor) -> bool:
         """The graphs gather block tables from `table`: the one captured (the persistent
@@ -243,7 +255,7 @@ class DecodeGraphs:
         pending_from: list[int],  # ... and that token's row in the last step's tokens
         logits_indices: list[int],
         gather: bool,  # the last step's tokens are not the graph's own: take_tokens follows
-        draw: tuple[np.ndarray, np.ndarray] | None = None,  # the rows' temperatures and uniforms (run(draw=True))
+        draw: GraphDraw | None = None,  # the rows' temperatures, uniforms and filters (run(draw=True))
     ) -> None:
         """Write one step's inputs behind the tokens segment with one host-to-device copy."""
         n, batch, width = len(rows), self.bucket(len(rows)), self.width
@@ -265,9 +277,13 @@ class DecodeGraphs:
         lens[:n] = seq_lens
         lens[n:batch] = 1
         if draw is not None:
-            temperature, uniforms = h[len(_SEGMENTS) * width + width // 2:].view(np.float32).reshape(2, width)
-            temperature[:n], uniforms[:n] = draw
+            floats = h[len(_SEGMENTS) * width + width // 2:].view(np.float32)
+            temperature, uniforms, top_p, min_p = floats.reshape(4, width)
+            temperature[:n], uniforms[:n] = draw.temperature, draw.uniforms
             temperature[n:batch] = 0.0  # padding rows: argmax
+            if draw.filtered:  # padding rows filter nothing (the pinned buffer holds old steps)
+                seg[8, :n], top_p[:n], min_p[:n] = draw.top_k, draw.top_p, draw.min_p
+                seg[8, n:batch], top_p[n:batch], min_p[n:batch] = 0, 1.0, 0.0
         self._host.upload(width)
 
     def take_tokens(self, tokens: torch.Tensor, n: int) -> None:
@@ -275,15 +291,21 @@ class DecodeGraphs:
         segment, where the staged sources point (stage(gather=True))."""
         torch.index_select(tokens, 0, self.gather_from[:n], out=self.tokens[:n])
 
-    def run(self, n: int, draw: bool = False) -> torch.Tensor:
+    def run(self, n: int, draw: bool = False, filtered: bool = False) -> torch.Tensor:
         """Replay the smallest graph that fits the n staged rows; returns logits [n, vocab]
-        (and leaves their argmax, or with `draw` their tokens, in `tokens[:n]`)."""
+        (and leaves their argmax, or with `draw` their tokens, in `tokens[:n]`; `filtered`:
+        staged with a GraphDraw whose rows filter)."""
         batch = self.bucket(n)
-        graphs, logits = (self.draw_graphs, self.draw_logits) if draw else (self.graphs, self.logits)
+        if filtered:
+            graphs, logits = self.filter_graphs, self.filter_logits
+        elif draw:
+            graphs, logits = self.draw_graphs, self.draw_logits
+        else:
+            graphs, logits = self.graphs, self.logits
         if self.device.type == "cuda":
             graphs[batch].replay()
         else:
-            logits[batch] = self._forward(batch, draw)
+            logits[batch] = self._forward(batch, draw, filtered)
         return logits[batch][:n]
 
 

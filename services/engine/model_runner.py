@@ -223,7 +223,7 @@ class ModelRunner:
             graphs.take_tokens(last, n)
         if not sampled and graphs.owns(last):
             self._last_tokens = last.clone()  # the replay overwrites them, and nothing replaces them
-        logits = graphs.run(n, draw is not None)  # one token per row, so token index = row
+        logits = graphs.run(n, draw is not None, draw is not None and draw.filtered)  # one token per row: index = row
         if logits_indices:  # drop the rows that do not sample
             return logits[graphs.logits_indices[: len(sampled)]], sampled, None, False
         return logits, sampled, graphs.tokens[:n], draw is not None

@@ -41,6 +41,8 @@ free) the check that a top_p row's candidates hold its threshold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -52,8 +54,30 @@ from services.engine.sampling_batch import BatchParams, OutputCounts, Row, batch
 from services.engine.scheduler import SampleSpec
 from services.engine.structured_output import apply_grammars
 
-CANDIDATES = 256  # CPU: candidates per row (more where a top_k asks); the GPU takes max top_k, or every token for top_p alone
+CANDIDATES = 256  # CPU: candidates per row (more where a top_k asks); the GPU: candidates_width
 REJECTION_ROUNDS = 16  # CPU: top_p draws by rejection before the exact threshold by a full sort
+# The most top_k a decode graph draws with: its candidates' width, fixed at capture. The eager
+# GPU path takes as many candidates for any batch whose top_k fit, so that both compute the
+# same thresholds (kernels/sample.top_values rounds k up to a power of two: 64 costs what 33 does).
+GRAPH_TOP_K = 64
+
+
+@dataclass(frozen=True)
+class GraphDraw:
+    """One decode step's draw by the graph itself (Sampler.in_graph), a value per row: what
+    cuda_graphs.DecodeGraphs.stage uploads with the step's inputs."""
+
+    temperature: np.ndarray  # float32 [n], 0: greedy (the argmax)
+    uniforms: np.ndarray  # float32 [n]
+    # None where no row filters (the temperature-only graph); else int64 [n] top_k (0: none,
+    # at most GRAPH_TOP_K), float32 [n] top_p (1: none) and min_p (0: none)
+    top_k: np.ndarray | None = None
+    top_p: np.ndarray | None = None
+    min_p: np.ndarray | None = None
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k is not None
 
 
 class Sampler:
@@ -102,13 +126,13 @@ class Sampler:
         return SampledBatch(tokens, specs, lps, self._spare,
                             [(r, rows[r][0].params.logprobs) for r in batch.logprob_rows])
 
-    def in_graph(self, specs: list[SampleSpec], vocab: int,
-                 device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-        """Each row's temperature (0: greedy) and uniform, when a decode graph can draw this
-        step itself (cuda_graphs.DecodeGraphs.run(draw=True)): one row a spec, and the rows
-        that draw do so with temperature alone, nothing editing or reading their logits.
-        None otherwise, and for plain greedy (whose graph takes the argmax alone). The
-        uniforms are those `sample` would use, so the tokens are too."""
+    def in_graph(self, specs: list[SampleSpec], vocab: int, device: torch.device) -> GraphDraw | None:
+        """Each row's temperature (0: greedy), uniform and filters, when a decode graph can
+        draw this step itself (cuda_graphs.DecodeGraphs.run(draw=True)): one row a spec,
+        nothing editing or reading their logits, and each row's filters within what the graph
+        computes on the device (top_k up to GRAPH_TOP_K; top_p only beside a top_k, whose
+        candidates then hold its threshold). None otherwise, and for plain greedy (whose graph
+        takes the argmax alone). The uniforms are those `sample` would use, so the tokens are too."""
         draws = False
         for spec in specs:
             if len(spec.seq_indices) != 1 or spec.params.shapes_logits or spec.grammar is not None or spec.bad_words:
@@ -120,16 +144,19 @@ class Sampler:
         if self._batch is None or self._batch.key != batch_key(rows):
             self._batch = BatchParams.build(rows, self.eos_token_ids, vocab, device)
         batch, f = self._batch, self._batch.filters
-        if batch.all_greedy or f.max_k or f.top_p is not None or f.min_p is not None:
+        if batch.all_greedy or f.max_k > GRAPH_TOP_K or f.top_p_without_k:
             return None
-        temperature = np.zeros(len(rows), dtype=np.float32)
-        uniforms = np.zeros(len(rows), dtype=np.float32)
-        temperature[batch.draw_rows] = [batch.params[r].temperature for r in batch.draw_rows]
-        uniforms[batch.draw_rows] = self._uniforms(rows, batch, 1)
-        return temperature, uniforms
+        n, at, v = len(rows), batch.draw_rows, batch.values
+        temperature, uniforms = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        temperature[at], uniforms[at] = v.temperature, self._uniforms(rows, batch, 1)
+        if not f.max_k and f.top_p is None and f.min_p is None:
+            return GraphDraw(temperature, uniforms)
+        top_k, top_p, min_p = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        top_k[at], top_p[at], min_p[at] = v.top_k, v.top_p, v.min_p
+        return GraphDraw(temperature, uniforms, top_k, top_p, min_p)
 
     def drawn(self, tokens: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
-        """The step's tokens, drawn by a decode graph after `in_graph`."""
+        """The step's tokens, drawn by a decode graph after `in_graph` (`draw_in_graph`)."""
         return SampledBatch(tokens, specs, None, self._spare)
 
     # ---- processing ----------------------------------------------------------------------
@@ -182,25 +209,18 @@ class Sampler:
             return logits.argmax(dim=-1)
         sub = logits if batch.draw_index is None else logits[batch.draw_index]
         if logits.is_cuda:
-            drawn = self._draw_on_gpu(sub, batch, to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device))
+            u = to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device)
+            drawn = draw_with_kernels(sub, batch.temperature, batch.filters, u)
         else:
             rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k else 1
             u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
-            drawn = self._draw_rows(sub / batch.temperature[:, None], batch.filters, u)
+            drawn = Sampler._draw_rows(sub / batch.temperature[:, None], batch.filters, u)
         if batch.draw_index is None:
             return drawn
         return logits.argmax(dim=-1).index_copy_(0, batch.draw_index, drawn)
 
     @staticmethod
-    def _draw_on_gpu(logits: torch.Tensor, batch: BatchParams, u: torch.Tensor) -> torch.Tensor:
-        """Every row's draw without waiting for the device, reading the logits in their own
-        dtype: top_k and top_p become one threshold per row, then kernels/sample.draw scales,
-        filters and draws each whole row."""
-        f = batch.filters
-        threshold = device_threshold(logits, batch.temperature, f) if f.max_k or f.top_p is not None else None
-        return draw_kernel(logits, batch.temperature, threshold, f.min_p, u)
-
-    def _draw_rows(self, x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
+    def _draw_rows(x: torch.Tensor, f: ops.Filters, u: torch.Tensor) -> torch.Tensor:
         """Every row's draw on the CPU, where waiting costs nothing: each row takes the
         cheapest exact way its own parameters and logits allow (never another row's): a top_k
         row from its candidates when they hold every kept token, a top_p row without top_k by
@@ -209,13 +229,13 @@ class Sampler:
         has_k = f.top_k > 0 if f.top_k is not None else torch.zeros(x.shape[0], dtype=torch.bool)
         by_rejection = (f.top_p < 1.0) & ~has_k if f.top_p is not None else torch.zeros_like(has_k)
         if bool(by_rejection.all()):
-            return self._draw_by_rejection(x, f, u)
+            return Sampler._draw_by_rejection(x, f, u)
         if not bool(has_k.any()) and not bool(by_rejection.any()):
             return ops.draw_full(x, None, f.min_p, u0)
         tokens = torch.empty(x.shape[0], dtype=torch.long)
         if bool(by_rejection.any()):
             r = torch.nonzero(by_rejection)[:, 0]
-            tokens[r] = self._draw_by_rejection(x[r], _rows(f, r), u[r])
+            tokens[r] = Sampler._draw_by_rejection(x[r], _rows(f, r), u[r])
         rest = torch.nonzero(~by_rejection)[:, 0]
         xr, fr, ur = x[rest], _rows(f, rest), u0[rest]
         t = ops.thresholds(xr, fr, max(fr.max_k, CANDIDATES), check=CANDIDATES)
@@ -255,14 +275,26 @@ class Sampler:
         return np.where(mask, seeded, unseeded)
 
 
+def draw_with_kernels(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters,
+                      u: torch.Tensor) -> torch.Tensor:
+    """Every row's draw on a GPU without waiting for the device, reading the logits in their
+    own dtype: top_k and top_p become one threshold per row, then kernels/sample.draw scales,
+    filters and draws each whole row. A row's token is a function of its own logits,
+    parameters and uniform: a decode graph draws all its rows (greedy and padding ones too)
+    and gets the eager subset's tokens (test_sampler_gpu checks it)."""
+    threshold = device_threshold(logits, temperature, f) if f.max_k or f.top_p is not None else None
+    return draw_kernel(logits, temperature, threshold, f.min_p, u)
+
+
 def device_threshold(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Filters) -> torch.Tensor:
     """ops.thresholds' threshold of each row, without the float32 copy of the scaled rows:
     the top_k candidates' values (kernels/sample.top_values; the whole row sorted for top_p
     alone) scaled by temperature (x = logit / T, the same float32 values in the same order),
     and top_p's denominator over the whole row from one read of the logits
-    (kernels/sample.kept_mass)."""
+    (kernels/sample.kept_mass). Nothing here reads a device value on the host: a decode
+    graph captures it (`draw_in_graph`)."""
     vocab = logits.shape[1]
-    width = vocab if f.top_p_without_k else f.max_k
+    width = candidates_width(f, vocab)
     if width == vocab:
         values = torch.topk(logits, width, dim=-1).values.float()
     else:
@@ -275,6 +307,33 @@ def device_threshold(logits: torch.Tensor, temperature: torch.Tensor, f: ops.Fil
         return torch.where(held, kept_w.sum(dim=-1), kept_mass(logits, temperature, threshold, f.min_p, top[:, 0]))
 
     return ops.from_candidates(values, None, f, vocab, None, mass).threshold
+
+
+def candidates_width(f: ops.Filters, vocab: int) -> int:
+    """How many candidates `device_threshold` takes: every token for top_p without top_k,
+    else GRAPH_TOP_K (what a decode graph takes) or the batch's largest top_k past it."""
+    width = vocab if f.top_p_without_k else max(f.max_k, GRAPH_TOP_K)
+    return min(width, vocab)
+
+
+def draw_in_graph(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor,
+                  filters: ops.Filters | None = None) -> torch.Tensor:
+    """A decode graph's draw over all its rows (cuda_graphs.DecodeGraphs), from the values
+    Sampler.in_graph staged: temperature [R] (0: greedy, whose token the caller takes from
+    the argmax), uniforms [R] and, where a row filters, `filters` (top_k [R] at most
+    GRAPH_TOP_K, top_p [R], min_p [R]; max_k GRAPH_TOP_K). The same tokens as
+    Sampler.sample for the same uniforms: the GPU path is the eager one's (draw_with_kernels:
+    thresholds from GRAPH_TOP_K candidates, then the draw kernel) with shapes fixed at
+    capture and no host sync; the CPU path is the eager sampler's own (on the CPU nothing
+    is captured)."""
+    temperature = torch.where(temperature > 0.0, temperature, 1.0)  # greedy rows: any draw, discarded
+    if logits.is_cuda:
+        return draw_with_kernels(logits, temperature, filters or NO_FILTERS, u)
+    x = logits.float() / temperature[:, None]
+    return ops.draw_full(x, None, None, u) if filters is None else Sampler._draw_rows(x, filters, u)
+
+
+NO_FILTERS = ops.Filters(None, None, None, 0, False)
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:

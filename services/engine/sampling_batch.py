@@ -43,6 +43,7 @@ class BatchParams:
     greedy: list[bool]
     draw_rows: list[int]  # rows that draw at random
     draw_index: torch.Tensor | None  # their indices on the device (None: every row draws)
+    values: DrawValues  # their temperature and filters on the host
     temperature: torch.Tensor  # [D]
     filters: Filters
     seeds: np.ndarray  # [D] uint64 (0 where unseeded)
@@ -104,11 +105,31 @@ class BatchParams:
         return not self.draw_rows
 
 
+@dataclass(frozen=True)
+class DrawValues:
+    """The temperature and filters of the rows that draw, on the host, as the device tensors
+    hold them: what those are made of, and what a decode graph stages (Sampler.in_graph)."""
+
+    temperature: np.ndarray  # float32 [D]
+    top_k: np.ndarray  # int64 [D] (0: none, also for a k that keeps the whole vocabulary)
+    top_p: np.ndarray  # float32 [D] (1: none)
+    min_p: np.ndarray  # float32 [D] (0: none)
+
+    @classmethod
+    def of(cls, drawn: list, vocab: int) -> DrawValues:
+        return cls(temperature=np.array([p.temperature for p in drawn], dtype=np.float32),
+                   top_k=np.array([p.top_k if 0 < p.top_k < vocab else 0 for p in drawn], dtype=np.int64),
+                   top_p=np.array([p.top_p for p in drawn], dtype=np.float32),
+                   min_p=np.array([p.min_p for p in drawn], dtype=np.float32))
+
+
 def _draw_fields(rows: list[Row], draw_rows: list[int], drawn: list, vocab: int, device: torch.device) -> dict:
     """What the rows that draw at random need: temperature, filters and the seeds' keys."""
+    values = DrawValues.of(drawn, vocab)
     return dict(
-        temperature=to_device([p.temperature for p in drawn], torch.float32, device),
-        filters=_filters(drawn, vocab, device),
+        values=values,
+        temperature=to_device(values.temperature, torch.float32, device),
+        filters=_filters_of(values, device),
         seeds=np.array([p.seed or 0 for p in drawn], dtype=np.uint64),
         seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
         seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
@@ -116,16 +137,18 @@ def _draw_fields(rows: list[Row], draw_rows: list[int], drawn: list, vocab: int,
 
 
 def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in drawn]
-    max_k = max(top_k, default=0)
-    any_p = any(p.top_p < 1.0 for p in drawn)
-    any_min_p = any(p.min_p > 0.0 for p in drawn)
+    return _filters_of(DrawValues.of(drawn, vocab), device)
+
+
+def _filters_of(v: DrawValues, device: torch.device) -> Filters:
+    max_k = int(v.top_k.max(initial=0))
+    has_p = v.top_p < 1.0
     return Filters(
-        top_k=to_device(top_k, torch.long, device) if max_k else None,
-        top_p=to_device([p.top_p for p in drawn], torch.float32, device) if any_p else None,
-        min_p=to_device([p.min_p for p in drawn], torch.float32, device) if any_min_p else None,
+        top_k=to_device(v.top_k, torch.long, device) if max_k else None,
+        top_p=to_device(v.top_p, torch.float32, device) if has_p.any() else None,
+        min_p=to_device(v.min_p, torch.float32, device) if (v.min_p > 0.0).any() else None,
         max_k=max_k,
-        top_p_without_k=any(p.top_p < 1.0 and k == 0 for p, k in zip(drawn, top_k, strict=True)),
+        top_p_without_k=bool((has_p & (v.top_k == 0)).any()),
     )
 
 
