@@ -408,8 +408,9 @@ class EngineCore:
             seq.logprobs.append(sampled.logprobs)
         if seq.request.kv_export is not None:
             return  # prefill-only: the first token ends it once its KV is shipped (_export)
-        text_before = len(seq.text)
+        text_before = 0
         if seq.detokenizer is not None:
+            text_before = len(seq.text)
             seq.text += seq.detokenizer.step(token)
         if seq.grammar is not None:
             if not seq.grammar.accept(token):  # only a peer sampling under another grammar gets here

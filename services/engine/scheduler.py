@@ -229,7 +229,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
+        entries: list[ScheduledSeq] = []  # built as each sequence is scheduled: preemption only takes later ones
         copies: list[tuple[int, int]] = []
         preempted = False
 
@@ -254,8 +254,9 @@ class Scheduler:
                 seq_copies = allocate(seq, num_new)
             if seq_copies is None:
                 continue  # `seq` preempted itself; running[i] is now the next one
-            copies.extend(seq_copies)
-            scheduled.append((seq, num_new))
+            if seq_copies:
+                copies.extend(seq_copies)
+            entries.append(self._plan_entry(seq, num_new))
             budget -= num_new
             i += 1
 
@@ -285,13 +286,13 @@ class Scheduler:
             self.waiting.pop(0)
             _seated(seq.request)
             self._run(seq)
-            scheduled.append((seq, num_new))
+            entries.append(self._plan_entry(seq, num_new))
             budget -= num_new
 
-        if scheduled:
+        if entries:
             self.step_tokens.append(self.config.max_num_batched_tokens - budget)
         released, self._released = tuple(self._released), []
-        return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
+        return StepPlan(entries, copies, released)
 
     def advance(self, plan: StepPlan) -> None:
         """The step is launched: its tokens count as computed, and each single token being
