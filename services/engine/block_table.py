@@ -41,6 +41,7 @@ class BlockTableRows:
         self._free: list[int] = list(range(max_rows - 1, -1, -1))
         self._lists: list[list[int] | None] = [None] * max_rows  # the table each row last mirrored
         self._synced: list[int] = [0] * max_rows  # entries mirrored from that table
+        self._tail: list[int] = [0] * max_rows  # and the last of them (a copy-on-write replaces it)
         self._dirty = _CLEAN  # (first, last + 1) of the rows written since the last upload
         self._uploaded: torch.cuda.Event | None = None  # the last upload's copy
 
@@ -63,6 +64,8 @@ class BlockTableRows:
         if row is None:
             row = self._rows[seq_id] = self._take()
         n = len(table)
+        if self._lists[row] is table and n == self._synced[row] and (not n or table[-1] == self._tail[row]):
+            return row  # most decode steps: nothing appended or copied-on-write since the last mirror
         if self._lists[row] is not table:
             self._write(row, 0, table)
             self._lists[row] = table
@@ -74,6 +77,8 @@ class BlockTableRows:
             elif n > start:
                 self._write(row, start, table[start:n])
         self._synced[row] = n
+        if n:
+            self._tail[row] = table[-1]
         return row
 
     def _write(self, row: int, start: int, blocks: list[int]) -> None:
@@ -110,6 +115,7 @@ class BlockTableRows:
             self.device_table.copy_(self.host)
             self._lists += [None] * old_rows
             self._synced += [0] * old_rows
+            self._tail += [0] * old_rows
             self._free = list(range(2 * old_rows - 1, old_rows - 1, -1))
         return self._free.pop()
 

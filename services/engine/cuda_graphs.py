@@ -266,12 +266,14 @@ class DecodeGraphs:
         seg[1:5, n:batch] = 0  # token 0 at position 0 of table row 0 (the pinned buffer holds old steps) ...
         seg[3, n:batch] = -1  # ... whose slot is -1
         seg[5, :batch] = self._own_ids[:batch]  # each row its own input id ...
+        # (every row pending, the usual async decode step: a slice, not a scatter)
+        at = slice(0, n) if len(pending_at) == n else pending_at
         if gather:  # ... or a pending token: the last step's, gathered into the tokens segment
-            seg[5, pending_at] = pending_at
+            seg[5, at] = pending_at
             seg[6, :n] = 0
-            seg[6, pending_at] = pending_from
+            seg[6, at] = pending_from
         else:  # ... or the graph's token from a step ago
-            seg[5, pending_at] = pending_from
+            seg[5, at] = pending_from
         seg[7, : len(logits_indices)] = logits_indices
         lens = h[len(_SEGMENTS) * width: len(_SEGMENTS) * width + width // 2].view(np.int32)
         lens[:n] = seq_lens

@@ -408,8 +408,9 @@ class EngineCore:
             seq.logprobs.append(sampled.logprobs)
         if seq.request.kv_export is not None:
             return  # prefill-only: the first token ends it once its KV is shipped (_export)
-        text_before = len(seq.text)
+        text_before = 0
         if seq.detokenizer is not None:
+            text_before = len(seq.text)
             seq.text += seq.detokenizer.step(token)
         if seq.grammar is not None:
             if not seq.grammar.accept(token):  # only a peer sampling under another grammar gets here
@@ -417,7 +418,8 @@ class EngineCore:
                 return self.scheduler.finish(seq, "abort")
             if seq.grammar.terminated:  # a complete match and a stop token: done, even under ignore_eos
                 return self.scheduler.finish(seq, "stop")
-        num_out = seq.num_output_tokens
+        num_tokens = len(seq.token_ids)
+        num_out = num_tokens - seq.num_prompt_tokens
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in self.layout.eos_token_ids:
                 return self.scheduler.finish(seq, "stop")
@@ -425,7 +427,7 @@ class EngineCore:
                 return self.scheduler.finish(seq, "stop", token)
             if params.stop and seq.detokenizer is not None and self._check_stop_strings(seq, text_before):
                 return None
-        if num_out >= params.max_tokens or seq.num_tokens >= self.layout.max_model_len:
+        if num_out >= params.max_tokens or num_tokens >= self.layout.max_model_len:
             self.scheduler.finish(seq, "length")
 
     def _check_stop_strings(self, seq: Sequence, text_before: int) -> bool:

@@ -181,12 +181,16 @@ class ModelRunner:
             return LaunchedStep([], None, prompt)
         specs = verify.row_specs(sampled_seqs) if speculating else [s.sample for s in sampled_seqs]
         batch = self.sampler.drawn(argmax, specs) if drawn else self.sampler.sample(logits, specs, argmax)
-        self._last_tokens, self._last_rows, row = batch.token_ids, {}, 0
-        for s in sampled_seqs:
-            width = len(s.sample.seq_indices) + s.num_draft_tokens
-            if width == 1:
-                self._last_rows[s.seq_id] = row
-            row += width
+        self._last_tokens = batch.token_ids
+        if batch.token_ids.shape[0] == len(sampled_seqs):  # the usual step: a row each (no fork, no drafts)
+            self._last_rows = {s.seq_id: row for row, s in enumerate(sampled_seqs)}
+        else:
+            self._last_rows, row = {}, 0
+            for s in sampled_seqs:
+                width = len(s.sample.seq_indices) + s.num_draft_tokens
+                if width == 1:
+                    self._last_rows[s.seq_id] = row
+                row += width
         return LaunchedStep(sampled_seqs, batch, prompt, speculating)
 
     @torch.inference_mode()

@@ -17,9 +17,9 @@ class Logprob:
     rank: int  # 1 = the most likely token
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, and one is built per token per step
 class SampledToken:
-    """One token drawn by the sampler, with its logprobs when the request asked for them."""
+    """One token drawn by the sampler, with its logprobs when the request asked for them (read-only by convention)."""
 
     token_id: int
     logprobs: dict[int, Logprob] | None

@@ -97,6 +97,10 @@ class Sampler:
         """Like calling the sampler, without waiting for the tokens. `argmax`: the logits'
         argmax, already computed on the device (a CUDA graph's), for when every row is plain
         greedy."""
+        if all(spec.unshaped and spec.params.greedy for spec in specs):
+            # Plain greedy (the argmax of bf16 logits is that of their exact float32 upcast):
+            # decided before building the rows and the batch's key, which it does not need.
+            return SampledBatch(argmax if argmax is not None else logits.argmax(dim=-1), specs, None, self._spare)
         rows: list[Row] = [(spec, idx) for spec in specs for idx in spec.seq_indices]
         if len(rows) != len(specs):
             expand = [r for r, spec in enumerate(specs) for _ in spec.seq_indices]
@@ -135,7 +139,7 @@ class Sampler:
         takes the argmax alone). The uniforms are those `sample` would use, so the tokens are too."""
         draws = False
         for spec in specs:
-            if len(spec.seq_indices) != 1 or spec.params.shapes_logits or spec.grammar is not None or spec.bad_words:
+            if not spec.unshaped:
                 return None
             draws = draws or not spec.params.greedy
         if not draws:  # plain greedy: decided without building the batch's key, which `sample` builds
@@ -393,6 +397,9 @@ class SampledBatch:
                 self._spare.append(self._buffer)
                 self._buffer = None
         flat = self._flat
+        if self._lp_host is None and len(flat) == len(self.specs):
+            # The usual step: every spec one row (n >= 1, so one seq index each), no logprobs.
+            return [[SampledToken(token_id, None)] for token_id in flat]
         lps = self._logprob_dicts(flat)
         out: list[list[SampledToken]] = []
         k = 0

@@ -155,7 +155,7 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in dict(bias).items())))
         self._validate()
 
-    @property
+    @functools.cached_property  # asked of every row every step
     def greedy(self) -> bool:
         # Below 1e-5 (as in vLLM) dividing by the temperature would overflow: treat as greedy.
         return self.temperature < 1e-5 or self.top_k == 1

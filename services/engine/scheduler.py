@@ -23,6 +23,7 @@ can plan step N+1 while step N runs (async scheduling):
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +57,14 @@ class SampleSpec:
     # Speculative decoding: the draft tokens before this row's position (spec/verify.py). The
     # row samples as if they were already output: seed position, min_tokens and penalties.
     drafted: tuple[int, ...] = ()
+
+    @functools.cached_property
+    def unshaped(self) -> bool:
+        """One row, drawn from the logits as they come: nothing edits or reads them (logit
+        bias, allowed ids, min_tokens, penalties, logprobs, a grammar, bad words). Most rows;
+        the sampler asks every step, so it is worked out once."""
+        return (len(self.seq_indices) == 1 and not self.params.shapes_logits and self.grammar is None
+                and not self.bad_words)
 
     @property
     def output_pos(self) -> int:
@@ -117,6 +126,10 @@ def _seated(request: Request) -> None:
         request.scheduled_time = time.monotonic()
 
 
+def _sort_key(seq: Sequence) -> tuple[int, int, int]:
+    return seq.sort_key
+
+
 def plain_sequence(request: Request, seq_id: int, index: int) -> Sequence:
     return Sequence(seq_id=seq_id, index=index, request=request, token_ids=list(request.prompt_token_ids))
 
@@ -134,7 +147,8 @@ class Scheduler:
         self.block_manager = block_manager
         self._new_sequence = new_sequence
         self.waiting: list[Sequence] = []  # sorted by sort_key
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # sorted by sort_key at the start of each plan
+        self._running_sorted = True  # nothing joined `running` since it was last sorted
         self.awaiting_kv: list[Sequence] = []  # blocks allocated, prompt KV coming from a peer
         self._new_kv_pulls: list[Sequence] = []
         self._live: dict[int, Sequence] = {}  # seq_id -> every unfinished sequence
@@ -187,8 +201,7 @@ class Scheduler:
                    on_token: Callable[[Sequence, SampledToken], None]) -> None:
         """The prompt's KV is in `seq`'s blocks: continue with the first token(s) prefill sampled."""
         self.awaiting_kv.remove(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self._run(seq)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_computed_blocks(seq)
         self._append(seq, first_tokens, on_token)
@@ -196,8 +209,7 @@ class Scheduler:
     def kv_failed(self, seq: Sequence, num_valid_tokens: int) -> None:
         """The transfer broke: keep the valid leading tokens and prefill the rest locally."""
         self.awaiting_kv.remove(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self._run(seq)
         seq.num_computed_tokens = num_valid_tokens
         self.block_manager.cache_computed_blocks(seq)
 
@@ -217,30 +229,34 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
+        entries: list[ScheduledSeq] = []  # built as each sequence is scheduled: preemption only takes later ones
         copies: list[tuple[int, int]] = []
         preempted = False
 
-        self.running.sort(key=lambda s: s.sort_key)
+        if not self._running_sorted:  # only after admissions or forks: re-keying every sequence each step is not free
+            self.running.sort(key=_sort_key)
+            self._running_sorted = True
+        running, allocate = self.running, self.block_manager.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             if seq.num_pending and self._at_length_limit(seq):
                 i += 1  # its pending token is its last: the read-back finishes it
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            seq_copies = self.block_manager.allocate_slots(seq, num_new)
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            seq_copies = allocate(seq, num_new)
             while seq_copies is None:
-                victim = self.running[-1]
+                victim = running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-                seq_copies = self.block_manager.allocate_slots(seq, num_new)
+                seq_copies = allocate(seq, num_new)
             if seq_copies is None:
                 continue  # `seq` preempted itself; running[i] is now the next one
-            copies.extend(seq_copies)
-            scheduled.append((seq, num_new))
+            if seq_copies:
+                copies.extend(seq_copies)
+            entries.append(self._plan_entry(seq, num_new))
             budget -= num_new
             i += 1
 
@@ -269,27 +285,30 @@ class Scheduler:
             seq.num_computed_tokens += num_hit
             self.waiting.pop(0)
             _seated(seq.request)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append((seq, num_new))
+            self._run(seq)
+            entries.append(self._plan_entry(seq, num_new))
             budget -= num_new
 
-        if scheduled:
+        if entries:
             self.step_tokens.append(self.config.max_num_batched_tokens - budget)
         released, self._released = tuple(self._released), []
-        return StepPlan([self._plan_entry(seq, n) for seq, n in scheduled], copies, released)
+        return StepPlan(entries, copies, released)
 
     def advance(self, plan: StepPlan) -> None:
         """The step is launched: its tokens count as computed, and each single token being
         sampled is appended as a placeholder, so the next plan can decode it."""
         cache_blocks, live = self.block_manager.cache_computed_blocks, self._live
+        block_size = self.block_manager.block_size
         for entry in plan.seqs:
             seq = live.get(entry.seq_id)
             if seq is None:  # finished (an abort, or a stop read back from the step before)
                 continue
             # Drafts count as computed only once accepted (update): their KV may be rolled back.
             seq.num_computed_tokens += len(entry.token_ids) - entry.num_draft_tokens
-            cache_blocks(seq)  # before the placeholder: only read-back tokens are hashed
+            # Before the placeholder: only read-back tokens are hashed. Only a step that fills a
+            # block has one to cache (a decode, one step in block_size): the others skip the call.
+            if seq.num_computed_tokens // block_size > seq.num_cached_blocks:
+                cache_blocks(seq)
             if entry.num_draft_tokens:
                 continue  # read back at once (speculating steps are synchronous): no placeholder
             if entry.sample is not None and len(entry.sample.seq_indices) == 1:
@@ -317,7 +336,8 @@ class Scheduler:
             seq = live.get(entry.seq_id)
             if tokens is None or seq is None:
                 continue
-            changed[id(seq.request)] = seq.request
+            request = seq.request
+            changed[id(request)] = request
             if entry.num_draft_tokens:
                 self._accept(seq, tokens, on_token)
             else:
@@ -366,28 +386,33 @@ class Scheduler:
 
     def _plan_entry(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
+        end = start + num_new
         sample = None
-        if start + num_new == seq.num_tokens:
-            sample = seq.sample_spec
-            if sample is None:
-                request = seq.request
-                params = request.params
-                fork = params.n > 1 and not request.forked
-                sample = SampleSpec(
-                    params=params,
-                    seq_indices=tuple(range(params.n)) if fork else (seq.index,),
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    token_ids=seq.token_ids,
-                    grammar=seq.grammar,
-                    bad_words=request.bad_words,
-                    # A bad word of several tokens is banned by the tokens before it: the host must have them.
-                    sync=fork or seq.grammar is not None or request.kv_export is not None
-                    or any(len(w) > 1 for w in request.bad_words),
-                )
-                if not fork:  # the same spec serves every later step (token_ids is a live view)
-                    seq.sample_spec = sample
-        return ScheduledSeq(seq.seq_id, seq.token_ids[start : start + num_new], start, seq.block_table, sample,
-                            _prompt_targets(seq, start, num_new))
+        if end == len(seq.token_ids):
+            sample = seq.sample_spec if seq.sample_spec is not None else self._sample_spec(seq)
+        prompt_logprobs = _prompt_targets(seq, start, num_new) if seq.params.prompt_logprobs is not None else None
+        return ScheduledSeq(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, sample, prompt_logprobs)
+
+    @staticmethod
+    def _sample_spec(seq: Sequence) -> SampleSpec:
+        """What the sampler needs for `seq`'s next token; kept on the sequence, unless it forks."""
+        request = seq.request
+        params = request.params
+        fork = params.n > 1 and not request.forked
+        sample = SampleSpec(
+            params=params,
+            seq_indices=tuple(range(params.n)) if fork else (seq.index,),
+            num_prompt_tokens=request.num_prompt_tokens,
+            token_ids=seq.token_ids,
+            grammar=seq.grammar,
+            bad_words=request.bad_words,
+            # A bad word of several tokens is banned by the tokens before it: the host must have them.
+            sync=fork or seq.grammar is not None or request.kv_export is not None
+            or any(len(w) > 1 for w in request.bad_words),
+        )
+        if not fork:  # the same spec serves every later step (token_ids is a live view)
+            seq.sample_spec = sample
+        return sample
 
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """Create the n-1 siblings of `parent`, sharing its blocks; returns all n in index order."""
@@ -397,13 +422,12 @@ class Scheduler:
             # Sequence ids of a request are consecutive: the engine reserves n ids per request.
             child = self._new_sequence(request, parent.seq_id + index, index)
             child.token_ids = list(parent.token_ids)
-            child.status = SequenceStatus.RUNNING
             self._live[child.seq_id] = child
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_prefix_hit_tokens = parent.num_prefix_hit_tokens
             self.block_manager.fork(parent, child)
             request.seqs.append(child)
-            self.running.append(child)
+            self._run(child)
         return request.seqs
 
     def _admit_for_remote_kv(self, seq: Sequence, hits: list[int]) -> bool:
@@ -421,8 +445,8 @@ class Scheduler:
         return True
 
     def _at_length_limit(self, seq: Sequence) -> bool:
-        limit = self.config.max_model_len
-        return seq.num_output_tokens >= seq.params.max_tokens or (limit is not None and seq.num_tokens >= limit)
+        num_tokens, limit = len(seq.token_ids), self.config.max_model_len
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or (limit is not None and num_tokens >= limit)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -435,4 +459,9 @@ class Scheduler:
 
     def _enqueue(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        bisect.insort(self.waiting, seq, key=_sort_key)
+
+    def _run(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self._running_sorted = False

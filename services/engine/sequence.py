@@ -16,6 +16,7 @@ outputs never show them.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +81,19 @@ class Request:
         """How many sequences this request runs here once forked."""
         return len(self.resume) if self.resume is not None else self.params.n
 
-    @property
+    @functools.cached_property
     def num_prompt_tokens(self) -> int:
+        # Cached: read for every sequence every step, and a prompt never changes.
         return len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
+        # Asked of every request with a new token every step: a plain loop, no generator.
+        for s in self.seqs:
+            if s.status is not SequenceStatus.FINISHED:
+                return False
         # Before the fork only an abort can finish the lone sequence of an n > 1 request.
-        done = all(s.finished for s in self.seqs)
-        return done and (len(self.seqs) == self.num_seqs or self.seqs[0].finish_reason == "abort")
+        return len(self.seqs) == self.num_seqs or self.seqs[0].finish_reason == "abort"
 
     @property
     def num_cached_tokens(self) -> int:
@@ -130,21 +135,23 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    @property
+    # Cached (a sequence never changes request, nor a request its prompt or parameters): the
+    # scheduler and the stop rules read these for every sequence every step.
+    @functools.cached_property
     def num_prompt_tokens(self) -> int:
         return self.request.num_prompt_tokens
 
     @property
     def num_output_tokens(self) -> int:
         """Output tokens, a pending one included."""
-        return len(self.token_ids) - self.request.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
         """The output tokens read back so far (no placeholder)."""
-        return self.token_ids[self.request.num_prompt_tokens : len(self.token_ids) - self.num_pending]
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
-    @property
+    @functools.cached_property
     def params(self) -> SamplingParams:
         return self.request.params
 
