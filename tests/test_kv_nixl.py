@@ -36,11 +36,14 @@ def reference():
     return make_llm("tiny-llama")
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
+@pytest.fixture(scope="module", params=["core-process", "in-thread"])
+def workers(request, tmp_path_factory):
+    """A prefill and a decode worker, their engine cores in their own processes (the agents there,
+    beside the pools: services/kv/nixl_core.py) or in the workers' processes (in a thread)."""
     tmp = tmp_path_factory.mktemp("nixl")
     # A small pool (registered whole with NIXL: no need for the default 1 GiB), a short drain.
-    small = ["--kv-cache-memory", "64MiB", "--grace", "1"]
+    small = ["--kv-cache-memory", "64MiB", "--grace", "1",
+             "--engine-process", "on" if request.param == "core-process" else "off"]
     prefill = spawn(tmp, "prefill", ["--kv-transport", "nixl", *small])
     decode = spawn(tmp, "decode", ["--kv-transport", "nixl", *small, "--prefill-peers", f"p={prefill.address}",
                                    "--kv-progress-timeout", "10"])
@@ -68,6 +71,20 @@ def test_blocks_move_over_nixl_and_tokens_equal_the_in_process_run(workers, refe
     assert d.kv_blocks_shipped == 10
     assert result.completions[0].token_ids == expected_tokens(reference, PROMPT)[0]
     wait_workers_free([prefill, decode])  # the prefill's held slots were released too
+    core_process = "--engine-process on" in " ".join(prefill.argv)
+    for child in (prefill, decode):  # the agent (UCX's backend) lives where the pool is
+        cores = children_of(child.proc.pid)
+        assert len(cores) == (1 if core_process else 0)
+        assert [uses_ucx(pid) for pid in [child.proc.pid, *cores]] == ([False, True] if core_process else [True])
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def uses_ucx(pid: int) -> bool:
+    """Whether process `pid` started a NIXL agent: only that loads NIXL's UCX backend."""
+    return any("libplugin_UCX" in line for line in open(f"/proc/{pid}/maps"))
 
 
 def until(decode, reference, want: tuple[str, int], first: int) -> list[tuple[str, int]]:
