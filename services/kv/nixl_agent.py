@@ -231,7 +231,10 @@ class PoolReader:
     def poll(self, read: Read) -> str:
         """`read`'s state now: "PROC" (in flight), "DONE", or anything else (failed)."""
         if read.state == "PROC":
-            read.state = self.agent.check_xfer_state(read.handle)
+            try:
+                read.state = self.agent.check_xfer_state(read.handle)
+            except Exception as e:  # noqa: BLE001 - NIXL's own errors, e.g. the peer's agent unloaded meanwhile
+                read.state = f"ERR: {e}"
         return read.state
 
 

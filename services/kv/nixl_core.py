@@ -102,7 +102,13 @@ class CoreReads:
             except queue.Empty:
                 command = None
             while command is not None:
-                self._handle(command)
+                try:
+                    self._handle(command)
+                except Exception as e:  # noqa: BLE001 - this thread serves every pull: it must not die
+                    log.exception("NIXL command %s failed", command.WhichOneof("command"))
+                    msg = getattr(command, command.WhichOneof("command"))
+                    if isinstance(msg, (engine_pb2.CoreNixlLoad, engine_pb2.CoreNixlRead)):
+                        self.answer(engine_pb2.CoreNixlAnswer(id=msg.id, error=f"{type(e).__name__}: {e}"))
                 command = None if self._commands.empty() else self._commands.get_nowait()
             self._poll()
 
@@ -176,7 +182,10 @@ class CoreReads:
 
     def _finish(self, pending: _Pending, state: str, stalled: bool) -> None:
         msg = pending.command
-        pending.read.handle.release()
+        try:
+            pending.read.handle.release()
+        except Exception as e:  # noqa: BLE001 - a failed READ's handle may be gone with its peer
+            log.debug("releasing the NIXL READ of request %s: %s", msg.request_id, e)
         room = self._rooms[msg.request_id]
         room.in_flight -= 1
         if state == "DONE":
