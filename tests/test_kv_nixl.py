@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 import time
 
 import pytest
 import torch
 
-from pdserve.v1 import kv_pb2
+from pdserve.v1 import engine_pb2, kv_pb2
 from services.cli.stack import Child
 from services.engine.kv_transfer import BlockRef
-from services.kv import nixl
+from services.kv import nixl, nixl_agent
+from services.kv.nixl_core import CoreReads, ref_from_proto, ref_to_proto
 from services.kv.cuda_ipc import PoolError
 from services.kv.wire import KVWireError
 from tests.conftest import make_llm
@@ -36,11 +38,14 @@ def reference():
     return make_llm("tiny-llama")
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
+@pytest.fixture(scope="module", params=["core-process", "in-thread"])
+def workers(request, tmp_path_factory):
+    """A prefill and a decode worker, their engine cores in their own processes (the agents there,
+    beside the pools: services/kv/nixl_core.py) or in the workers' processes (in a thread)."""
     tmp = tmp_path_factory.mktemp("nixl")
     # A small pool (registered whole with NIXL: no need for the default 1 GiB), a short drain.
-    small = ["--kv-cache-memory", "64MiB", "--grace", "1"]
+    small = ["--kv-cache-memory", "64MiB", "--grace", "1",
+             "--engine-process", "on" if request.param == "core-process" else "off"]
     prefill = spawn(tmp, "prefill", ["--kv-transport", "nixl", *small])
     decode = spawn(tmp, "decode", ["--kv-transport", "nixl", *small, "--prefill-peers", f"p={prefill.address}",
                                    "--kv-progress-timeout", "10"])
@@ -68,6 +73,20 @@ def test_blocks_move_over_nixl_and_tokens_equal_the_in_process_run(workers, refe
     assert d.kv_blocks_shipped == 10
     assert result.completions[0].token_ids == expected_tokens(reference, PROMPT)[0]
     wait_workers_free([prefill, decode])  # the prefill's held slots were released too
+    core_process = "--engine-process on" in " ".join(prefill.argv)
+    for child in (prefill, decode):  # the agent (UCX's backend) lives where the pool is
+        cores = children_of(child.proc.pid)
+        assert len(cores) == (1 if core_process else 0)
+        assert [uses_ucx(pid) for pid in [child.proc.pid, *cores]] == ([False, True] if core_process else [True])
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def uses_ucx(pid: int) -> bool:
+    """Whether process `pid` started a NIXL agent: only that loads NIXL's UCX backend."""
+    return any("libplugin_UCX" in line for line in open(f"/proc/{pid}/maps"))
 
 
 def until(decode, reference, want: tuple[str, int], first: int) -> list[tuple[str, int]]:
@@ -175,3 +194,55 @@ def test_ucx_binds_loopback_for_a_loopback_worker(monkeypatch):
     assert nixl.bind_ucx("127.0.0.1") == "lo"
     monkeypatch.setenv("UCX_NET_DEVICES", "eth9")
     assert nixl.bind_ucx("localhost") == "eth9"  # an explicit choice wins
+
+
+# ---- the engine core's side of the channel (services/kv/nixl_core.py), in process --------------
+
+
+def test_the_core_loads_reads_into_the_request_and_answers_each_command(pool_and_reader):
+    msg, _, pool = pool_and_reader
+    core_reader = nixl_agent.PoolReader(nixl.new_agent("decode", "core"), torch.device("cpu"), BLOCK_SHAPE,
+                                        torch.float32)
+    answers, placed, done = {}, [], threading.Event()
+
+    def answer(a):
+        answers[a.id] = a
+        if len(answers) == 6:
+            done.set()
+
+    reads = CoreReads(core_reader, lambda request_id, block: placed.append((request_id, block)), answer)
+    refs = [BlockRef(5, None, 7, 3), BlockRef(6, 11, 16, 0)]
+    commands = [
+        engine_pb2.CoreCommand(nixl_load=engine_pb2.CoreNixlLoad(id=1, pool=tampered(msg, dtype="bfloat16"))),
+        engine_pb2.CoreCommand(nixl_read=engine_pb2.CoreNixlRead(id=2, request_id="r", agent_name=msg.agent_name,
+                                                                 num_blocks=3, refs=[ref_to_proto(r) for r in refs])),
+        engine_pb2.CoreCommand(nixl_load=engine_pb2.CoreNixlLoad(id=3, pool=msg)),
+        engine_pb2.CoreCommand(nixl_read=engine_pb2.CoreNixlRead(id=4, request_id="r", agent_name=msg.agent_name,
+                                                                 first=1, num_blocks=3, timeout_s=30,
+                                                                 refs=[ref_to_proto(r) for r in refs])),
+        engine_pb2.CoreCommand(nixl_read=engine_pb2.CoreNixlRead(
+            id=5, request_id="r", agent_name=msg.agent_name, first=0, num_blocks=3,
+            refs=[ref_to_proto(BlockRef(7, None, 1, 4))])),  # slot 4 of a 4-slot pool
+        engine_pb2.CoreCommand(nixl_read=engine_pb2.CoreNixlRead(
+            id=6, request_id="r", agent_name=msg.agent_name, first=0, num_blocks=3,
+            refs=[ref_to_proto(BlockRef(7, None, 17, 1))])),  # more tokens than a block holds
+    ]
+    for command in commands:
+        reads.submit(command)
+    assert done.wait(60), answers
+    reads.submit(engine_pb2.CoreCommand(nixl_end="r"))
+    reads.submit(engine_pb2.CoreCommand(nixl_unload=msg.agent_name))
+    assert "dtype" in answers[1].error and "no NIXL agent" in answers[2].error
+    assert answers[3].error == "" and answers[4].error == ""
+    assert "outside" in answers[5].error and "tokens in blocks of 16" in answers[6].error
+    assert [(r, b.block_index, b.block_hash) for r, b in placed] == [("r", 5, None), ("r", 6, 11)]
+    assert torch.equal(placed[0][1].tensor, pool[:, :, 3, :7]) and torch.equal(placed[1][1].tensor, pool[:, :, 0])
+
+
+def test_block_refs_cross_the_core_channel_unchanged():
+    scales = torch.tensor([[0.5, 0.25], [2.0, 4.0]])
+    for ref in (BlockRef(3, None, 5, 9), BlockRef(4, 2**63 + 5, 16, 0, scales)):
+        back = ref_from_proto(engine_pb2.CoreBlockRef.FromString(ref_to_proto(ref).SerializeToString()))
+        assert (back.block_index, back.block_hash, back.num_tokens, back.pool_block) == \
+            (ref.block_index, ref.block_hash, ref.num_tokens, ref.pool_block)
+        assert (back.scales is None) if ref.scales is None else torch.equal(back.scales, scales)

@@ -116,8 +116,8 @@ def _add_kv_transport_arg(p: argparse.ArgumentParser) -> None:
                    help="how prompt KV moves from prefill to decode: auto = by reference from a prefill worker on "
                    "the same GPU (CUDA IPC, services/kv/cuda_ipc.py), else over NIXL when both engines run in their "
                    "worker's process (a GPU), else bytes over gRPC (default); nixl = read over NIXL/UCX from any "
-                   "prefill worker that offers it (services/kv/nixl.py; the engine then runs in the worker process, "
-                   "on a prefill worker too), else bytes; grpc = always bytes")
+                   "prefill worker that offers it (services/kv/nixl.py; with the engine core in its own process the "
+                   "agent runs there, beside the KV pool: services/kv/nixl_core.py), else bytes; grpc = always bytes")
 
 
 def _add_kv_layerwise_arg(p: argparse.ArgumentParser) -> None:
@@ -404,7 +404,8 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
     """The worker's engine, its waiting queue bounded (services/engine/admission.py): its core in
     a child process (core_client.py) unless --engine-process off, or unless CUDA IPC may carry
     KV (a prefill worker on a GPU, a decode worker on one with --kv-transport auto): that
-    transport maps the core's pool, which must then live in this process."""
+    transport maps the core's pool, which must then live in this process. NIXL goes with the
+    pool: with the core in its child, --kv-transport nixl starts the agent there."""
     from services.engine.async_engine import AsyncEngine
     from services.engine.core_client import EngineProcess
     from services.engine.engine import EngineCore
@@ -414,16 +415,15 @@ def _engine(role: str, args: argparse.Namespace, instance_id: str):
     if args.engine_process == "on" and layerwise:
         log.warning("the engine runs in this process, not its own: --kv-layerwise on ships KV from inside its step "
                     "(%s)", role)
-    elif args.engine_process == "on" and args.kv_transport == "nixl":
-        log.warning("the engine runs in this process, not its own: the NIXL agent registers the KV pool, which "
-                    "must then live here (%s)", role)
     elif args.engine_process == "on" and config.resolve_device().type == "cuda" and \
             (role == "prefill" or args.kv_transport == "auto"):
         log.warning("the engine runs in this process, not its own: CUDA IPC KV transfer (%s) needs the KV pool "
                     "here (--kv-transport grpc on decode workers lifts this)", role)
     elif args.engine_process == "on":
+        # --kv-transport nixl: the agent starts in the core, beside the pool (services/kv/nixl_core.py).
+        nixl_host = _ucx_host(args) if args.kv_transport == "nixl" and _nixl_installed(args) else None
         return EngineProcess(config, lambda layout: _admission_limits(args, config, layout), args.log_level, role,
-                             instance_id)
+                             instance_id, nixl_host)
     core = EngineCore(config)
     return AsyncEngine(core=core, admission=_admission_limits(args, config, core.layout), kv_layerwise=layerwise)
 
@@ -435,15 +435,10 @@ def _nixl(role: str, args: argparse.Namespace, engine, instance_id: str, use):
     those are errors."""
     from services.kv import nixl
 
-    if args.kv_transport == "grpc" or engine.kv_cache is None:
+    if args.kv_transport == "grpc" or engine.kv_cache is None or not _nixl_installed(args):
         return None
-    if nixl.nixl_api() is None:
-        if args.kv_transport == "nixl":
-            raise SystemExit("--kv-transport nixl: NIXL is not installed (nixl-cu13; `make install`)")
-        return None
-    host = _advertised_host(args) if args.host in ("0.0.0.0", "::", "") else args.host
     try:
-        device = nixl.bind_ucx(host)
+        device = nixl.bind_ucx(_ucx_host(args))
         agent = nixl.new_agent(role, instance_id)
         result = use(nixl, agent)
     except Exception as e:
@@ -453,6 +448,22 @@ def _nixl(role: str, args: argparse.Namespace, engine, instance_id: str, use):
         return None
     log.info("NIXL agent %s (UCX on %s)", agent.name, device)
     return result
+
+
+def _nixl_installed(args: argparse.Namespace) -> bool:
+    """Whether NIXL can start; with --kv-transport nixl, its absence is an error."""
+    from services.kv import nixl_agent
+
+    if nixl_agent.nixl_api() is not None:
+        return True
+    if args.kv_transport == "nixl":
+        raise SystemExit("--kv-transport nixl: NIXL is not installed (nixl-cu13; `make install`)")
+    return False
+
+
+def _ucx_host(args: argparse.Namespace) -> str:
+    """The address UCX's network transports bind to: the worker's own (nixl_agent.bind_ucx)."""
+    return _advertised_host(args) if args.host in ("0.0.0.0", "::", "") else args.host
 
 
 def _admission_limits(args: argparse.Namespace, config, layout):
@@ -466,11 +477,18 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     """The worker's servicer, the function that adds it to a server, and its service name."""
     from pdserve.v1 import worker_pb2_grpc
 
+    from services.engine.core_client import EngineProcess
+
     if role == "prefill":
         from services.prefill.server import PrefillServicer
 
-        nixl_pool = _nixl(role, args, engine, instance_id,
-                          lambda nixl, agent: nixl.register_pool(agent, engine.kv_cache))
+        if isinstance(engine, EngineProcess) and engine.nixl_pool is not None:  # the agent is in the core
+            from services.kv.nixl_agent import RegisteredPool
+
+            nixl_pool = RegisteredPool(None, engine.nixl_pool)
+        else:
+            nixl_pool = _nixl(role, args, engine, instance_id,
+                              lambda nixl, agent: nixl.register_pool(agent, engine.kv_cache))
         return PrefillServicer(engine, instance_id, args.scheduling_policy, nixl_pool=nixl_pool), \
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, "PrefillWorker"
     from services.decode.server import DecodeServicer
@@ -491,13 +509,12 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     )
     resolve = prefill_resolver(directory) if directory is not None else None
     device = layout.device
-    reader = _nixl(role, args, engine, instance_id,
-                   lambda nixl, agent: nixl.PoolReader(agent, device, common[3], layout.kv_dtype))
-    if reader is not None:
+    reads = _nixl_reads(role, args, engine, instance_id, common[3])
+    if reads is not None:
         from services.kv.nixl import NixlKVTransport
 
         transport = NixlKVTransport(*common, resolve=resolve, device=device, tls=tls,
-                                    progress_timeout=args.kv_progress_timeout, reader=reader,
+                                    progress_timeout=args.kv_progress_timeout, reads=reads,
                                     cuda_ipc=args.kv_transport == "auto")
     elif args.kv_transport == "auto" and device.type == "cuda" and isinstance(engine, AsyncEngine):
         transport = CudaIpcKVTransport(*common, resolve=resolve, device=device, tls=tls,
@@ -507,6 +524,22 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
     return DecodeServicer(engine, instance_id, transport, args.scheduling_policy, args.kv_pull_timeout,
                           args.stream_interval), \
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server, "DecodeWorker"
+
+
+def _nixl_reads(role: str, args: argparse.Namespace, engine, instance_id: str, block_shape: tuple[int, ...]):
+    """Where a decode worker's NIXL reads run: in its engine core when the agent lives there,
+    else in this process (None: no NIXL)."""
+    from services.kv import nixl
+
+    layout = engine.layout
+    from services.engine.core_client import EngineProcess
+
+    if isinstance(engine, EngineProcess) and engine.nixl is not None:
+        layers, kv, _, heads, dim = block_shape
+        return nixl.EngineCoreReads(engine.nixl, layers * kv * heads * dim * layout.kv_dtype.itemsize)
+    reader = _nixl(role, args, engine, instance_id,
+                   lambda nixl, agent: nixl.PoolReader(agent, layout.device, block_shape, layout.kv_dtype))
+    return nixl.LocalReads(reader) if reader is not None else None
 
 
 def _advertised_host(args: argparse.Namespace) -> str:

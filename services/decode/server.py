@@ -41,7 +41,7 @@ from services.engine.errors import PdserveError
 from services.engine.kv_transfer import BlockData
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sequence import Resumed
-from services.kv.transport import KVTransport, PeerError, PeerStalled, PrefillDone
+from services.kv.transport import KVTransport, PeerError, PeerStalled, PlacedBlock, PrefillDone
 from services.kv.wire import KVWireError
 from services.rpc import metrics
 from services.rpc.convert import delta_to_proto, prompt_logprobs_to_proto, reject_unknown_fields
@@ -191,12 +191,14 @@ class DecodeServicer(WorkerServicerBase, worker_pb2_grpc.DecodeWorkerServicer):
             log.exception("KV pull failed")
             engine.fail_kv(request_id, "internal error (logged)")
 
-    def _receive(self, request_id: str, block: BlockData, record: common_pb2.DisaggregationRecord) -> None:
+    def _receive(self, request_id: str, block: BlockData | PlacedBlock,
+                 record: common_pb2.DisaggregationRecord) -> None:
         record.kv_blocks_shipped += 1
         record.kv_bytes_shipped += block.nbytes
         metrics.KV_BLOCKS_SHIPPED.labels("received").inc()
         metrics.KV_BYTES_SHIPPED.labels("received").inc(block.nbytes)
-        self.engine.put_kv(request_id, block)
+        if not isinstance(block, PlacedBlock):  # a placed one is in the engine's cache already
+            self.engine.put_kv(request_id, block)
 
     def _finish(
         self, response: common_pb2.GenerateResponse, out: RequestOutput, record: common_pb2.DisaggregationRecord

@@ -53,6 +53,7 @@ from services.engine.outputs import RequestOutput, SampledToken
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resumed
 from services.engine.tokenizer import Tokenizer
+from services.kv.nixl_core import CoreNixlClient
 from services.rpc.convert import logprobs_to_proto, params_to_proto, prompt_logprobs_to_proto
 
 log = logging.getLogger("pdserve.engine")
@@ -62,14 +63,18 @@ class EngineProcess(EngineStreams):
     """AsyncEngine's interface over an engine-core child process (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, admission: Callable[[EngineLayout], AdmissionLimits] | None = None,
-                 log_level: str = "info", role: str = "engine", instance_id: str = "") -> None:
+                 log_level: str = "info", role: str = "engine", instance_id: str = "",
+                 nixl_host: str | None = None) -> None:
         """Starts the child and waits until its model is loaded. `admission`: the bounds of the
-        waiting queue (as AsyncEngine's) for the layout the core reports."""
+        waiting queue (as AsyncEngine's) for the layout the core reports. `nixl_host`: start a
+        NIXL agent in the core, next to its pool, UCX bound to this host (services/kv/nixl_core.py)."""
         super().__init__()
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "services.engine.core_process", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), "--config", _config_json(config), "--log-level", log_level,
                 "--role", role, "--instance-id", instance_id]
+        if nixl_host is not None:
+            argv += ["--nixl-host", nixl_host]
         self.process = subprocess.Popen(argv, pass_fds=[theirs.fileno()])
         theirs.close()
         self._channel = Channel(ours)
@@ -107,6 +112,10 @@ class EngineProcess(EngineStreams):
         self._listener: CacheListener | None = None
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
+        # NIXL in the core: a prefill core's pool announcement, a decode core's reads.
+        self.nixl_pool = ready.nixl_pool if ready.HasField("nixl_pool") else None
+        self.nixl = CoreNixlClient(self._command) if ready.nixl else None
+        self._held: set[str] = set()  # requests whose blocks the core holds for a peer (by reference)
         threading.Thread(target=self._write, name="pdserve-core-writer", daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="pdserve-core-reader", daemon=True)
         self._reader.start()
@@ -130,8 +139,8 @@ class EngineProcess(EngineStreams):
         """As AsyncEngine.generate; the core validates the request and reports what it refuses."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        if kv_by_reference:
-            raise InvalidRequestError("KV by reference needs the engine in the worker's process (--engine-process off)")
+        if kv_by_reference and self.nixl_pool is None:
+            raise InvalidRequestError("KV by reference needs a KV pool registered with NIXL (--kv-transport nixl)")
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
         request_id = request_id or uuid.uuid4().hex
@@ -162,6 +171,7 @@ class EngineProcess(EngineStreams):
             self.admission.bind(ticket, request_id)
         add = engine_pb2.CoreAdd(request_id=request_id, prompt_token_ids=token_ids, params=params_to_proto(params),
                                  priority=priority, remote_prefill=remote_prefill, handle=handle,
+                                 kv_by_reference=kv_by_reference,
                                  resume=[engine_pb2.CoreResumed(index=r.index, token_ids=r.token_ids)
                                          for r in resume or ()])
         if kv_export_from is not None:
@@ -205,6 +215,7 @@ class EngineProcess(EngineStreams):
         self._command(fail_kv=engine_pb2.CoreFailKV(request_id=request_id, reason=reason))
 
     def release_kv(self, request_id: str) -> None:
+        self._held.discard(request_id)
         self._command(release_kv=request_id)
 
     async def fence(self, timeout: float = 30.0) -> None:
@@ -242,9 +253,9 @@ class EngineProcess(EngineStreams):
         return request_id in self._streams
 
     def is_held(self, request_id: str) -> bool:
-        """Blocks held for a peer's release: only by-reference export holds any, which this
-        engine refuses (it needs the core's pool in the worker's process)."""
-        return False
+        """Blocks held for a peer's release: the core named some by reference, and no
+        release_kv has gone out for them since."""
+        return request_id in self._held
 
     @property
     def kv_cache(self) -> torch.Tensor | None:
@@ -308,6 +319,8 @@ class EngineProcess(EngineStreams):
     def _die(self, cause: BaseException, stream_error: BaseException) -> None:
         log.error("engine core stopped: %s", cause)
         self._declare_dead(cause, stream_error)
+        if self.nixl is not None:
+            self.nixl.fail(stream_error)
         if self.process.poll() is None:
             self.process.kill()
 
@@ -318,6 +331,8 @@ class EngineProcess(EngineStreams):
         self._step_tokens.extend(out.step_tokens)
         if out.HasField("spec"):
             self._spec = out.spec
+        if out.nixl:
+            self.nixl.answered(out.nixl)
         if out.cache_stored or out.cache_evicted:
             self._cache_events(out.cache_stored, out.cache_evicted)
         for fence_id in out.fences_done:
@@ -337,6 +352,7 @@ class EngineProcess(EngineStreams):
                     batches.setdefault(stream.loop, []).append((stream.queue, error))
             plain = plain_news(out.tokens, self._by_handle)
             full = [(d, self._streams.get(d.request_id)) for d in out.requests]
+        self._held.update(d.request_id for d in out.requests if d.kv_refs)
         for stream, seqs in plain:
             if not stream.finished:
                 output = stream_output(stream, seqs, False, self._stop_sequence)

@@ -15,6 +15,7 @@ from services.engine.outputs import Logprob, RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.engine.text import SequenceText
 from services.engine.tokenizer import Tokenizer
+from services.kv.nixl_core import ref_from_proto
 from services.rpc.convert import logprobs_from_proto, prompt_logprobs_from_proto
 
 # What the core said of one sequence: (index, new tokens, their logprobs, finish reason, stop token).
@@ -71,7 +72,7 @@ def full_output(delta: engine_pb2.CoreRequestDelta, stream: Stream, stop: StopSe
     if delta.HasField("kv_import"):
         stream.kv_import = _kv_import(delta.kv_import)
     output = stream_output(stream, seqs, delta.finished, stop)
-    output.kv_blocks = [block_from_proto(b) for b in delta.kv_blocks]
+    output.kv_blocks = [block_from_proto(b) for b in delta.kv_blocks] + [ref_from_proto(r) for r in delta.kv_refs]
     if delta.HasField("kv_pull_from_block"):
         output.kv_pull_from_block = delta.kv_pull_from_block
     if delta.prompt_logprobs:  # the first prompt token has none: nothing predicts it

@@ -26,14 +26,20 @@ import threading
 import time
 from pathlib import Path
 
-from pdserve.v1 import engine_pb2
+from google.protobuf.message import Message
+
+from pdserve.v1 import engine_pb2, kv_pb2
 from services.engine.config import EngineConfig
 from services.engine.core_channel import Channel, ChannelClosed, block_from_proto, block_to_proto
 from services.engine.engine import EngineCore
 from services.engine.errors import PdserveError
+from services.engine.kv_transfer import BlockRef
 from services.engine.parallel.driver import RankDiedError
 from services.engine.sequence import Request, Resumed, SequenceStatus
 from services.engine.spec.config import SpeculativeConfig
+from services.kv import nixl_agent
+from services.kv.nixl_agent import RegisteredPool
+from services.kv.nixl_core import CoreReads, ref_to_proto
 from services.rpc.convert import (logprobs_to_proto, params_from_proto, prompt_logprobs_from_proto,
                                   prompt_logprobs_to_proto, sampled_token)
 
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--role", default="engine", help="the worker's role (decode, prefill), for its logs")
     p.add_argument("--instance-id", default="", help="the worker's instance id, for its logs")
+    p.add_argument("--nixl-host", help="start a NIXL agent next to the KV pool, its UCX bound to this host's "
+                                       "interface (services/kv/nixl_core.py)")
     args = p.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -60,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     config["speculative_config"] = SpeculativeConfig.parse(config.get("speculative_config"))
     core = EngineCore(EngineConfig(**config), assemble_text=False)
     layout = core.layout
+    loop = CoreLoop(core, channel)
+    nixl_pool = loop.start_nixl(args.nixl_host, args.role, args.instance_id) if args.nixl_host else None
     channel.send(engine_pb2.CoreReady(
         device=str(layout.device), dtype=str(layout.dtype).removeprefix("torch."), num_kv_blocks=layout.num_kv_blocks,
         kv_cache_dtype=str(layout.kv_dtype).removeprefix("torch."),
         block_size=layout.block_size, max_model_len=layout.max_model_len, vocab_size=layout.vocab_size,
         eos_token_ids=list(layout.eos_token_ids), model_identity=layout.model_identity, pid=os.getpid(),
-        model_name=core.model_name, speculative=core.speculator is not None,
+        model_name=core.model_name, speculative=core.speculator is not None, nixl_pool=nixl_pool,
+        nixl=args.nixl_host is not None,
     ))
-    loop = CoreLoop(core, channel)
     core.watch_ranks(lambda why: loop.inbox.put(("rank_died", why)))  # an idle worker goes down too
     try:
         return loop.run()
@@ -115,6 +125,27 @@ class CoreLoop:
         self._last_stats: engine_pb2.CoreStats | None = None
         self._last_spec: engine_pb2.CoreSpecStats | None = None
         self._stopping = False
+        self._nixl: RegisteredPool | CoreReads | None = None  # holds the agent, if any
+
+    def start_nixl(self, host: str, role: str, instance_id: str) -> kv_pb2.NixlPool | None:
+        """This core's NIXL agent, next to its pool: a prefill core registers the pool (the
+        announcement its front hands out at the handshake); a decode core reads peers' pools
+        into it on commands (nixl_core.CoreReads)."""
+        pool = self.core.runner.kv_cache
+        if self.core.runner.driver is not None:
+            raise RuntimeError("NIXL with tensor parallelism: the pool here holds only rank 0's heads")
+        device = nixl_agent.bind_ucx(host)
+        agent = nixl_agent.new_agent(role, instance_id)
+        log.info("NIXL agent %s (UCX on %s)", agent.name, device)
+        if role == "prefill":
+            self._nixl = nixl_agent.register_pool(agent, pool)
+            return self._nixl.announcement
+        cfg, layout = self.core.model_config, self.core.layout
+        reader = nixl_agent.PoolReader(agent, pool.device, (cfg.num_layers, 2, layout.block_size, cfg.num_kv_heads,
+                                                            cfg.head_dim), layout.kv_dtype)
+        self._nixl = CoreReads(reader, lambda request_id, block: self.inbox.put(("put_kv", (request_id, block))),
+                               lambda answer: self.channel.send(engine_pb2.CoreOutputs(nixl=[answer])))
+        return None
 
     def run(self) -> int:
         threading.Thread(target=self._read, name="pdserve-core-reader", daemon=True).start()
@@ -169,15 +200,29 @@ class CoreLoop:
             self.inbox.put((kind, (command.fail_kv.request_id, command.fail_kv.reason)))
         elif kind == "stop_sequence":
             self.inbox.put((kind, (command.stop_sequence.request_id, command.stop_sequence.index)))
+        elif kind is not None and kind.startswith("nixl_"):
+            self._nixl_command(command)
         elif kind is not None:
             self.inbox.put((kind, getattr(command, kind)))
+
+    def _nixl_command(self, command: engine_pb2.CoreCommand) -> None:
+        reads = self._nixl
+        if isinstance(reads, CoreReads):
+            reads.submit(command)
+            return
+        kind = command.WhichOneof("command")
+        msg = getattr(command, kind)
+        if isinstance(msg, Message) and msg.id:  # a load or read: say why nothing will happen
+            self.channel.send(engine_pb2.CoreOutputs(nixl=[engine_pb2.CoreNixlAnswer(
+                id=msg.id, error="this engine core reads no KV over NIXL")]))
 
     def _make(self, add: engine_pb2.CoreAdd) -> None:
         try:
             request = self.core.make_request(
                 list(add.prompt_token_ids), params_from_proto(add.params), add.request_id, add.priority,
                 add.kv_export_from if add.HasField("kv_export_from") else None, add.remote_prefill,
-                False, [Resumed(r.index, list(r.token_ids)) for r in add.resume] or None,
+                add.kv_by_reference and isinstance(self._nixl, RegisteredPool),
+                [Resumed(r.index, list(r.token_ids)) for r in add.resume] or None,
             )
         except (PdserveError, RecursionError) as e:
             self.inbox.put(("error", (add.request_id, e)))
@@ -341,7 +386,11 @@ def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
             msg.first_token_time = request.first_token_time
     exp = request.kv_export
     if exp is not None and exp.ready:
-        msg.kv_blocks.extend(block_to_proto(b) for b in exp.ready)  # bytes: no by-reference export here
+        for block in exp.ready:  # refs: held in the pool for a NIXL reader, until release_kv
+            if isinstance(block, BlockRef):
+                msg.kv_refs.append(ref_to_proto(block))
+            else:
+                msg.kv_blocks.append(block_to_proto(block))
         exp.ready = []
     imp = request.kv_import
     if imp is not None:

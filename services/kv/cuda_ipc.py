@@ -37,14 +37,11 @@ from pdserve.v1 import kv_pb2, worker_pb2
 from services.engine.kv_transfer import BlockData
 from services.kv import wire
 from services.kv.transport import GrpcKVTransport
+from services.kv.wire import PoolError
 
 log = logging.getLogger("pdserve.kv")
 
 RELEASE_TIMEOUT_S = 5.0
-
-class PoolError(ValueError):
-    """A peer's KVPool does not describe a pool we can read blocks of our layout from."""
-
 
 def device_uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
@@ -119,7 +116,7 @@ class CudaIpcKVTransport(GrpcKVTransport):
         self._open = open or (lambda msg: open_pool(msg, self.block_shape, self.dtype, device))
         self._pools: dict[str, tuple[torch.Tensor, int]] = {}  # peer id -> its mapped pool and pool id
 
-    def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
+    async def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
         self._pools.pop(peer_id, None)  # a restarted peer has a new pool; the old mapping goes
         if not response.HasField("kv_pool"):
             return

@@ -54,6 +54,15 @@ class PrefillDone:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
+@dataclass(frozen=True)
+class PlacedBlock:
+    """A block the transport wrote into the engine's cache itself (NIXL reading into an
+    engine-core process, services/kv/nixl_core.py): the caller counts it and puts nothing."""
+
+    block_index: int
+    nbytes: int
+
+
 Fence = Callable[[], Awaitable[None]]
 
 
@@ -61,8 +70,8 @@ class KVTransport(ABC):
     @abstractmethod
     def pull(
         self, peer_id: str, request: worker_pb2.PrefillRequest, timeout: float | None, fence: Fence | None = None
-    ) -> AsyncIterator[BlockData | PrefillDone]:
-        """Blocks as the peer computes them, then one PrefillDone. Raises PeerError,
+    ) -> AsyncIterator[BlockData | PlacedBlock | PrefillDone]:
+        """Blocks as the peer computes them (or, once placed in the engine, PlacedBlocks), then one PrefillDone. Raises PeerError,
         wire.KVWireError (a corrupt block), PeerStalled or grpc.aio.AioRpcError
         (DEADLINE_EXCEEDED after `timeout`).
 
@@ -143,9 +152,9 @@ class GrpcKVTransport(KVTransport):
                 raise PeerError(e.details()) from e
             raise
         log.info("handshake with prefill %s (%s) ok", peer_id, address)
-        self._handshook(peer_id, response)
+        await self._handshook(peer_id, response)
 
-    def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
+    async def _handshook(self, peer_id: str, response: worker_pb2.HandshakeResponse) -> None:
         """What a subclass learns from the peer's handshake answer."""
 
     def _decode_bytes(self, msg) -> wire.LayerPiece:

@@ -38,6 +38,11 @@ class KVWireError(ValueError):
     """A received block is malformed or corrupt; the request recomputes locally."""
 
 
+class PoolError(ValueError):
+    """A peer's pool announcement (CUDA IPC's KVPool, NIXL's NixlPool) does not describe a pool
+    we can read blocks of our layout from."""
+
+
 @dataclass(frozen=True)
 class LayerPiece:
     """The layers [layer_start, layer_start + tensor.shape[0]) of one block, as received."""

@@ -49,7 +49,9 @@ if os.environ.get("PDSERVE_TEST_CORRUPT_KV") == "1":
     _wire.encode = _corrupted
 
 if os.environ.get("PDSERVE_TEST_BAD_NIXL_METADATA") == "1":
-    from services.kv import nixl as _nixl
+    # The agent's module: the pool is registered there in the worker's process and in an
+    # engine-core process alike (this file loads in both).
+    from services.kv import nixl_agent as _nixl
 
     _register = _nixl.register_pool
 
