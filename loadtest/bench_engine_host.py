@@ -65,7 +65,7 @@ def stand_in_forward(graphs: DecodeGraphs, vocab: int, seed: int = 0):
     tokens = torch.from_numpy(rng.integers(3, vocab, size=graphs.width, dtype=np.int64))
     logits = torch.zeros(graphs.width, vocab)
 
-    def forward(batch: int, draw: bool = False) -> torch.Tensor:
+    def forward(batch: int, draw: bool = False, filtered: bool = False) -> torch.Tensor:
         graphs.tokens[:batch].copy_(tokens[:batch])
         return logits[:batch]
 
