@@ -152,6 +152,15 @@ class Sequence:
         """The output tokens read back so far (no placeholder)."""
         return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
+    @property
+    def num_read_back_tokens(self) -> int:
+        """len(output_token_ids), without the copy."""
+        return len(self.token_ids) - self.num_pending - self.num_prompt_tokens
+
+    def output_token_ids_from(self, start: int) -> list[int]:
+        """output_token_ids[start:], copying only those (outputs go out a few tokens a step)."""
+        return self.token_ids[self.num_prompt_tokens + start : len(self.token_ids) - self.num_pending]
+
     @functools.cached_property
     def params(self) -> SamplingParams:
         return self.request.params
