@@ -18,6 +18,11 @@ graph "draws" (Sampler.in_graph computes each row's uniform on the host, as on a
 No sequence finishes inside the timed window (max_tokens is past it), so every timed step
 decodes exactly `--seqs` tokens.
 
+With `--core-outputs` the engine runs as the engine-core process runs it (core_process.CoreLoop,
+its channel a socketpair drained by a thread): requests come in through the loop, and each
+timed step is followed by the loop's `_flush`, which encodes the step's outputs for the front
+and sends them; its time is reported apart (`flush us`).
+
     OMP_NUM_THREADS=1 python loadtest/bench_engine_host.py [--seqs 256] [--prompt 512]
         [--steps 300] [--temperature 0] [--profile 30 [--profile-steps 100]] [--label name]
         [--json path]
@@ -33,14 +38,18 @@ import argparse
 import cProfile
 import json
 import pstats
+import socket
 import statistics
 import sys
+import threading
 import time
 
 import numpy as np
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.core_channel import Channel
+from services.engine.core_process import CoreLoop
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.engine import EngineCore
 from services.engine.sampling_params import SamplingParams
@@ -59,13 +68,25 @@ def build(seqs: int, max_model_len: int) -> EngineCore:
     return engine
 
 
+def core_loop(engine: EngineCore) -> CoreLoop:
+    """The engine-core process's loop around `engine`, its channel's other end read and dropped."""
+    ours, front = socket.socketpair()
+
+    def drain() -> None:
+        while front.recv(1 << 20):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return CoreLoop(engine, Channel(ours))
+
+
 def stand_in_forward(graphs: DecodeGraphs, vocab: int, seed: int = 0):
     """The decode graph's forward without the model: fixed tokens per row, fixed logits."""
     rng = np.random.default_rng(seed)
     tokens = torch.from_numpy(rng.integers(3, vocab, size=graphs.width, dtype=np.int64))
     logits = torch.zeros(graphs.width, vocab)
 
-    def forward(batch: int, draw: bool = False) -> torch.Tensor:
+    def forward(batch: int, draw: bool = False, filtered: bool = False) -> torch.Tensor:
         graphs.tokens[:batch].copy_(tokens[:batch])
         return logits[:batch]
 
@@ -83,8 +104,13 @@ def run(args: argparse.Namespace) -> dict:
     assert args.prompt + max_tokens <= args.max_model_len, "raise --max-model-len"
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=True,
                             seed=7 if args.temperature else None)
-    for _ in range(args.seqs):
-        engine.add_request(rng.integers(3, vocab, size=args.prompt).tolist(), params)
+    loop = core_loop(engine) if args.core_outputs else None
+    for handle in range(args.seqs):
+        prompt = rng.integers(3, vocab, size=args.prompt).tolist()
+        if loop is None:
+            engine.add_request(prompt, params)
+        else:
+            loop._handle(("add", (engine.make_request(prompt, params), handle)))
     t0 = time.perf_counter()
     while any(s.num_computed_tokens < args.prompt for r in engine.requests.values() for s in r.seqs):
         engine.step()  # the real model prefills (not timed)
@@ -95,19 +121,26 @@ def run(args: argparse.Namespace) -> dict:
         engine.step()
     assert engine.scheduler.num_running == args.seqs
 
-    wall, cpu = [], []
+    wall, cpu, flush = [], [], []
     for _ in range(args.steps):
         w0, c0 = time.perf_counter(), time.process_time()
-        engine.step()
+        changed = engine.step()
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
+        if loop is not None:
+            f0 = time.perf_counter()
+            for request in changed:
+                loop._changed[request.request_id] = request
+            loop._flush()
+            flush.append(time.perf_counter() - f0)
     assert engine.scheduler.num_running == args.seqs, "a sequence finished inside the timed window"
 
     result = dict(label=args.label, seqs=args.seqs, prompt=args.prompt, steps=args.steps,
                   temperature=args.temperature, prefill_s=round(prefill_s, 1),
                   us_per_step_median=1e6 * statistics.median(wall), us_per_step_mean=1e6 * statistics.fmean(wall),
                   us_per_step_p90=1e6 * sorted(wall)[int(0.9 * len(wall))],
-                  cpu_us_per_step_mean=1e6 * statistics.fmean(cpu))
+                  cpu_us_per_step_mean=1e6 * statistics.fmean(cpu),
+                  flush_us_per_step_median=1e6 * statistics.median(flush) if flush else None)
     result["us_per_token_median"] = result["us_per_step_median"] / args.seqs
     result["us_per_token_mean"] = result["us_per_step_mean"] / args.seqs
 
@@ -115,7 +148,11 @@ def run(args: argparse.Namespace) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.profile_steps):
-            engine.step()
+            changed = engine.step()
+            if loop is not None:
+                for request in changed:
+                    loop._changed[request.request_id] = request
+                loop._flush()
         profiler.disable()
         assert engine.scheduler.num_running == args.seqs
         print(f"\ncProfile over {args.profile_steps} steps ({args.label}):")
@@ -133,6 +170,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions (0: none)")
     parser.add_argument("--profile-steps", type=int, default=100)
+    parser.add_argument("--core-outputs", action="store_true",
+                        help="run inside core_process.CoreLoop and time its per-step _flush too")
     parser.add_argument("--label", default="")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args = parser.parse_args()
@@ -143,6 +182,9 @@ def main() -> None:
           f"{result['us_per_step_median']:>12.0f} {result['us_per_step_mean']:>9.0f} "
           f"{result['us_per_step_p90']:>9.0f} {result['cpu_us_per_step_mean']:>9.0f} "
           f"{result['us_per_token_median']:>9.2f}")
+    if result["flush_us_per_step_median"] is not None:
+        print(f"core loop's _flush: {result['flush_us_per_step_median']:.0f} us/step median "
+              f"({result['flush_us_per_step_median'] / args.seqs:.2f} us/token)")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -603,3 +603,27 @@ def test_a_longer_bad_word_bans_its_last_token_only_after_its_other_tokens():
 def test_bad_words_look_at_the_output_not_the_prompt():
     spec = SampleSpec(params=GREEDY, seq_indices=(0,), num_prompt_tokens=2, token_ids=[3, 4], bad_words=((3, 4, 0),))
     assert token_of(HALVING, spec) == 0
+
+
+def test_a_graph_draw_kept_across_steps_takes_each_steps_output_positions():
+    """Sampler.in_graph keeps a batch's staged values while the list of specs stays the same
+    objects; the uniforms still follow each row's live output position, and a new list is
+    staged afresh: each step's values are a fresh sampler's for that step."""
+    cpu = torch.device("cpu")
+    seeded = make_spec(SamplingParams(temperature=0.8, top_k=5, seed=11), output=(3,))
+    greedy = make_spec(GREEDY, output=(4, 4))
+    hot = make_spec(SamplingParams(temperature=1.5, seed=12), prompt=(7, 7, 7))
+    kept = Sampler(eos_token_ids=(EOS,), seed=0)
+    steps = [[seeded, greedy, hot], [seeded, greedy, hot], [hot, seeded], [hot, seeded]]
+    seen = []
+    for specs in steps:
+        staged = kept.in_graph(specs, 8, cpu)
+        fresh = Sampler(eos_token_ids=(EOS,), seed=0).in_graph(specs, 8, cpu)
+        for name in ("temperature", "uniforms", "top_k", "top_p", "min_p"):
+            np.testing.assert_array_equal(getattr(staged, name), getattr(fresh, name), err_msg=name)
+        seen.append(staged.uniforms.copy())
+        for spec in specs:
+            spec.token_ids.append(5)  # the step's token: one more output position
+    assert seen[1][0] != seen[0][0] and seen[1][2] != seen[0][2]  # new positions, new uniforms
+    assert seen[0][1] == 0.0 and seen[0][0] > 0.0
+    assert kept.in_graph([greedy, greedy], 8, cpu) is None  # plain greedy: the argmax graph

@@ -167,3 +167,32 @@ def test_a_waiting_request_with_n_counts_all_its_sequences_against_max_num_seqs(
     sched.add(b)
     plan = step(sched)
     assert [s.seq_id for s in plan.seqs] == [a.seqs[0].seq_id]
+
+
+def test_request_finished_counts_sequences_finished_by_the_scheduler():
+    sched = make_scheduler()
+    one, forked = make_request(4), make_request(4, n=2)
+    sched.add(one)
+    sched.add(forked)
+    step(sched)  # prompts computed; `forked` forks into two sequences
+    assert len(forked.seqs) == 2 and not forked.finished
+    sched.finish(forked.seqs[0], "stop")
+    assert forked.num_finished == 1 and not forked.finished
+    sched.finish(forked.seqs[1], "length")
+    assert forked.finished and not one.finished
+    sched.abort(one)
+    assert one.finished and one.num_finished == 1
+
+
+def test_output_tokens_from_skip_the_prompt_and_a_pending_placeholder():
+    sched = make_scheduler()
+    request = make_request(3)
+    sched.add(request)
+    step(sched, token=7)
+    step(sched, token=8)
+    seq = request.seqs[0]
+    sched.advance(sched.schedule())  # a step in flight: its token is a placeholder
+    assert seq.num_pending == 1
+    assert seq.num_read_back_tokens == len(seq.output_token_ids) == 2
+    assert seq.output_token_ids_from(0) == seq.output_token_ids == [7, 8]
+    assert seq.output_token_ids_from(1) == [8] and seq.output_token_ids_from(2) == []

@@ -239,14 +239,15 @@ class BlockManager:
         have = len(seq.block_hashes)
         if have >= num_blocks:
             return seq.block_hashes[:num_blocks]
-        end = num_blocks * self.block_size
+        # Only the new blocks' tokens: a decode fills a block every block_size steps, and
+        # copying the whole sequence each time would cost O(length) per block.
+        bs = self.block_size
         seq.block_hashes.extend(
             hash_blocks(
-                seq.token_ids[:end],
-                self.block_size,
+                seq.token_ids[have * bs : num_blocks * bs],
+                bs,
                 parent=seq.block_hashes[-1] if have else None,
-                start_block=have,
-                first_block_keys=seq.hash_salt,
+                first_block_keys=seq.hash_salt if not have else (),
             )
         )
         return seq.block_hashes[:num_blocks]

@@ -307,15 +307,15 @@ class CoreLoop:
                     self._handles.pop(request.request_id, None)
                 continue
             for seq in request.seqs:
-                tokens = seq.output_token_ids
-                if len(tokens) > seq.num_emitted_tokens:
+                num_out = seq.num_read_back_tokens
+                if num_out > seq.num_emitted_tokens:
                     if request.first_token_time is None:
                         request.first_token_time = time.monotonic()
                     handles.append(handle)
                     seq_index.append(seq.index)
-                    counts.append(len(tokens) - seq.num_emitted_tokens)
-                    token_ids += tokens[seq.num_emitted_tokens:]
-                    seq.num_emitted_tokens = len(tokens)
+                    counts.append(num_out - seq.num_emitted_tokens)
+                    token_ids += seq.output_token_ids_from(seq.num_emitted_tokens)
+                    seq.num_emitted_tokens = num_out
         if handles:
             out.tokens.handles[:] = handles
             out.tokens.seq_index[:] = seq_index
@@ -351,10 +351,12 @@ def _plain(request: Request) -> bool:
     """Only new tokens to say: no finish (of any sequence), no logprobs (of the output or the
     prompt), no KV to ship or announce."""
     imp = request.kv_import
-    return (not request.finished and request.params.logprobs is None and request.params.prompt_logprobs is None
+    return (request.params.logprobs is None and request.params.prompt_logprobs is None
             and request.kv_export is None
             and (imp is None or imp.announced or imp.state != "waiting")
-            and all(s.reported_finish == s.finished for s in request.seqs))
+            # the usual case first: nothing finished, so no finish reported or to report
+            and (request.num_finished == 0
+                 or not request.finished and all(s.reported_finish == s.finished for s in request.seqs)))
 
 
 def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
@@ -363,18 +365,18 @@ def _delta(request: Request) -> engine_pb2.CoreRequestDelta:
     msg = engine_pb2.CoreRequestDelta(request_id=request.request_id, finished=request.finished,
                                       num_cached_tokens=request.num_cached_tokens)
     for seq in request.seqs:
-        tokens = seq.output_token_ids
-        if seq.num_emitted_tokens == len(tokens) and seq.reported_finish == seq.finished:
+        num_out = seq.num_read_back_tokens
+        if seq.num_emitted_tokens == num_out and seq.reported_finish == seq.finished:
             continue
-        if len(tokens) > seq.num_emitted_tokens and request.first_token_time is None:
+        if num_out > seq.num_emitted_tokens and request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        delta = msg.seqs.add(index=seq.index, token_ids=tokens[seq.num_emitted_tokens:],
+        delta = msg.seqs.add(index=seq.index, token_ids=seq.output_token_ids_from(seq.num_emitted_tokens),
                              finish_reason=seq.finish_reason or "")
         if seq.logprobs is not None:
             delta.logprobs.extend(logprobs_to_proto(p) for p in seq.logprobs[seq.num_emitted_tokens:])
         if isinstance(seq.stop_reason, int):
             delta.stop_token_id = seq.stop_reason
-        seq.num_emitted_tokens, seq.reported_finish = len(tokens), seq.finished
+        seq.num_emitted_tokens, seq.reported_finish = num_out, seq.finished
     if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and any(d.token_ids for d in msg.seqs):
         msg.prompt_logprobs.extend(prompt_logprobs_to_proto(request.prompt_logprobs))
         request.prompt_logprobs_sent = True

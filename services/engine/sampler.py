@@ -41,6 +41,7 @@ free) the check that a top_p row's candidates hold its threshold.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +81,27 @@ class GraphDraw:
         return self.top_k is not None
 
 
+@dataclass(frozen=True)
+class _GraphBatch:
+    """What Sampler.in_graph stages for one list of specs, but the uniforms: built when the
+    list changes, not every step (the scheduler hands the same spec objects to every step of
+    a sequence, so a batch of steady decodes keeps its list)."""
+
+    specs: list[SampleSpec]  # kept alive, so that `spec_ids` stay theirs
+    spec_ids: list[int]
+    batch: BatchParams | None  # None: the graph does not draw this batch (greedy or eager)
+    draw: GraphDraw | None = None  # every value but the uniforms (zeros here)
+    tokens: list[list[int]] = ()  # the draw rows' live token lists ...
+    position_offsets: np.ndarray | None = None  # ... less these: each draw row's output position
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
         self.eos_token_ids = eos_token_ids
         self._seed = np.uint64(seed)
         self._draws = 0  # unseeded draws so far: the counter of the engine's stream
         self._batch: BatchParams | None = None
+        self._graph: _GraphBatch | None = None  # in_graph's last batch
         self._counts = OutputCounts()
         self._spare: list[torch.Tensor] = []  # pinned buffers for tokens read back (SampledBatch)
 
@@ -137,27 +153,45 @@ class Sampler:
         computes on the device (top_k up to GRAPH_TOP_K; top_p only beside a top_k, whose
         candidates then hold its threshold). None otherwise, and for plain greedy (whose graph
         takes the argmax alone). The uniforms are those `sample` would use, so the tokens are too."""
+        spec_ids = list(map(id, specs))
+        graph = self._graph
+        if graph is None or graph.spec_ids != spec_ids:
+            graph = self._graph = self._graph_batch(specs, spec_ids, vocab, device)
+        if graph.draw is None:
+            return None
+        # Output positions, one per draw row, with no per-row Python (spec.output_pos is the definition).
+        positions = np.fromiter(map(len, graph.tokens), dtype=np.int64, count=len(graph.tokens))
+        uniforms = np.zeros(len(specs), dtype=np.float32)
+        uniforms[graph.batch.draw_rows] = self._uniforms(positions - graph.position_offsets, graph.batch, 1)
+        return dataclasses.replace(graph.draw, uniforms=uniforms)
+
+    def _graph_batch(self, specs: list[SampleSpec], spec_ids: list[int], vocab: int,
+                     device: torch.device) -> _GraphBatch:
+        """in_graph's values for a new list of specs."""
         draws = False
         for spec in specs:
             if not spec.unshaped:
-                return None
+                return _GraphBatch(specs, spec_ids, None)
             draws = draws or not spec.params.greedy
         if not draws:  # plain greedy: decided without building the batch's key, which `sample` builds
-            return None
+            return _GraphBatch(specs, spec_ids, None)
         rows = [(spec, spec.seq_indices[0]) for spec in specs]
         if self._batch is None or self._batch.key != batch_key(rows):
             self._batch = BatchParams.build(rows, self.eos_token_ids, vocab, device)
         batch, f = self._batch, self._batch.filters
         if batch.all_greedy or f.max_k > GRAPH_TOP_K or f.top_p_without_k:
-            return None
+            return _GraphBatch(specs, spec_ids, None)
         n, at, v = len(rows), batch.draw_rows, batch.values
-        temperature, uniforms = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-        temperature[at], uniforms[at] = v.temperature, self._uniforms(rows, batch, 1)
-        if not f.max_k and f.top_p is None and f.min_p is None:
-            return GraphDraw(temperature, uniforms)
-        top_k, top_p, min_p = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-        top_k[at], top_p[at], min_p[at] = v.top_k, v.top_p, v.min_p
-        return GraphDraw(temperature, uniforms, top_k, top_p, min_p)
+        temperature, no_uniforms = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        temperature[at] = v.temperature
+        draw = GraphDraw(temperature, no_uniforms)
+        if f.max_k or f.top_p is not None or f.min_p is not None:
+            top_k, top_p, min_p = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+            top_k[at], top_p[at], min_p[at] = v.top_k, v.top_p, v.min_p
+            draw = GraphDraw(temperature, no_uniforms, top_k, top_p, min_p)
+        drawing = [specs[r] for r in at]
+        offsets = np.array([s.num_prompt_tokens - len(s.drafted) for s in drawing], dtype=np.int64)
+        return _GraphBatch(specs, spec_ids, batch, draw, [s.token_ids for s in drawing], offsets)
 
     def drawn(self, tokens: torch.Tensor, specs: list[SampleSpec]) -> SampledBatch:
         """The step's tokens, drawn by a decode graph after `in_graph` (`draw_in_graph`)."""
@@ -213,11 +247,11 @@ class Sampler:
             return logits.argmax(dim=-1)
         sub = logits if batch.draw_index is None else logits[batch.draw_index]
         if logits.is_cuda:
-            u = to_device(self._uniforms(rows, batch, 1), torch.float32, logits.device)
+            u = to_device(self._uniforms(_output_positions(rows, batch), batch, 1), torch.float32, logits.device)
             drawn = draw_with_kernels(sub, batch.temperature, batch.filters, u)
         else:
             rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k else 1
-            u = to_device(self._uniforms(rows, batch, rounds), torch.float32, logits.device)
+            u = to_device(self._uniforms(_output_positions(rows, batch), batch, rounds), torch.float32, logits.device)
             drawn = Sampler._draw_rows(sub / batch.temperature[:, None], batch.filters, u)
         if batch.draw_index is None:
             return drawn
@@ -266,8 +300,8 @@ class Sampler:
             tokens[r] = ops.draw_full(x[r], t.threshold, sub.min_p, u[r, 0])
         return tokens
 
-    def _uniforms(self, rows: list[Row], batch: BatchParams, rounds: int) -> np.ndarray:
-        positions = np.array([rows[r][0].output_pos for r in batch.draw_rows], dtype=np.int64)
+    def _uniforms(self, positions: np.ndarray, batch: BatchParams, rounds: int) -> np.ndarray:
+        """The draw rows' uniforms, at their output `positions` (seeded rows' key)."""
         seeded = ops.counter_uniforms(ops.SEEDED_STREAM, batch.seeds, batch.seq_index, positions, rounds)
         if batch.seeded.all():
             return seeded
@@ -338,6 +372,10 @@ def draw_in_graph(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tens
 
 
 NO_FILTERS = ops.Filters(None, None, None, 0, False)
+
+
+def _output_positions(rows: list[Row], batch: BatchParams) -> np.ndarray:
+    return np.array([rows[r][0].output_pos for r in batch.draw_rows], dtype=np.int64)
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:

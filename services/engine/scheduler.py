@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +155,8 @@ class Scheduler:
         self._live: dict[int, Sequence] = {}  # seq_id -> every unfinished sequence
         self._released: list[int] = []  # seq ids finished or preempted since the last plan
         self.num_preemptions = 0
+        # No sequence samples at this length (checked for every running one each step).
+        self._max_model_len = config.max_model_len if config.max_model_len is not None else sys.maxsize
         # Tokens of each step, for the iteration_tokens histogram (drained by the worker's
         # metrics task; bounded, so an engine without one keeps no history).
         self.step_tokens: deque[int] = deque(maxlen=4096)
@@ -179,6 +182,8 @@ class Scheduler:
         }.get(seq.status)
         if queue is not None:
             queue.remove(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            seq.request.num_finished += 1
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -237,12 +242,15 @@ class Scheduler:
             self.running.sort(key=_sort_key)
             self._running_sorted = True
         running, allocate = self.running, self.block_manager.allocate_slots
+        max_model_len = self._max_model_len
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            if seq.num_pending and self._at_length_limit(seq):
-                i += 1  # its pending token is its last: the read-back finishes it
-                continue
+            if seq.num_pending:
+                num_tokens = len(seq.token_ids)
+                if num_tokens >= seq.max_num_tokens or num_tokens >= max_model_len:
+                    i += 1  # its pending token is its last: the read-back finishes it
+                    continue
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             seq_copies = allocate(seq, num_new)
             while seq_copies is None:
@@ -443,10 +451,6 @@ class Scheduler:
         self.awaiting_kv.append(seq)
         self._new_kv_pulls.append(seq)
         return True
-
-    def _at_length_limit(self, seq: Sequence) -> bool:
-        num_tokens, limit = len(seq.token_ids), self.config.max_model_len
-        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or (limit is not None and num_tokens >= limit)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -75,6 +75,9 @@ class Request:
     bad_words: tuple[tuple[int, ...], ...] = ()
     # Migration: the sequences that continue here (the others finished elsewhere); None: all n.
     resume: list[Resumed] | None = None
+    # Sequences finished so far, counted by Scheduler.finish (the one place a sequence
+    # finishes): `finished` is asked of every request with a new token, several times a step.
+    num_finished: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -88,10 +91,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        # Asked of every request with a new token every step: a plain loop, no generator.
-        for s in self.seqs:
-            if s.status is not SequenceStatus.FINISHED:
-                return False
+        if self.num_finished < len(self.seqs):
+            return False
         # Before the fork only an abort can finish the lone sequence of an n > 1 request.
         return len(self.seqs) == self.num_seqs or self.seqs[0].finish_reason == "abort"
 
@@ -151,9 +152,23 @@ class Sequence:
         """The output tokens read back so far (no placeholder)."""
         return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
+    @property
+    def num_read_back_tokens(self) -> int:
+        """len(output_token_ids), without the copy."""
+        return len(self.token_ids) - self.num_pending - self.num_prompt_tokens
+
+    def output_token_ids_from(self, start: int) -> list[int]:
+        """output_token_ids[start:], copying only those (outputs go out a few tokens a step)."""
+        return self.token_ids[self.num_prompt_tokens + start : len(self.token_ids) - self.num_pending]
+
     @functools.cached_property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @functools.cached_property
+    def max_num_tokens(self) -> int:
+        """Prompt and max_tokens: at this length the sequence samples no more."""
+        return self.request.num_prompt_tokens + self.request.params.max_tokens
 
     @property
     def finished(self) -> bool:
