@@ -34,8 +34,9 @@ log = logging.getLogger("pdserve.router")
 _STUBS = {"prefill": worker_pb2_grpc.PrefillWorkerStub, "decode": worker_pb2_grpc.DecodeWorkerStub}
 # A worker that refuses or drops the connection is unreachable at once; one whose answer is only
 # late (DEADLINE_EXCEEDED: its front busy streaming at saturation) after this many late polls in
-# a row. On an H100 at saturation one late poll marked the only decode worker down and 13
-# requests failed with UNAVAILABLE while it streamed on (issue #32, 2026-12-05).
+# a row. On an H100 at saturation one poll came late (logged) while the worker streamed on; such
+# a poll marked the only decode worker down, and requests arriving until the next answered poll
+# had nowhere to go: UNAVAILABLE (issue #32, 2026-12-05).
 SLOW_POLLS_TO_FAIL = 3
 
 
