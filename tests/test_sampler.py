@@ -16,7 +16,7 @@ import torch
 from services.engine.outputs import Logprob, SampledToken
 from services.engine import sampling_ops as ops
 from services.engine.sampler import Sampler
-from services.engine.sampling_batch import _filters
+from services.engine.sampling_batch import DrawValues, _filters
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SampleSpec
 from tests.sampling_reference import reference_probs
@@ -282,7 +282,7 @@ def filtered(row, **kwargs) -> torch.Tensor:
     and the whole row: the same), checked against the per-row reference."""
     params = SamplingParams(**kwargs)
     x = torch.tensor([row], dtype=torch.float32) / params.temperature
-    f = _filters([params], len(row), torch.device("cpu"))
+    f = _filters(DrawValues.of([params], len(row)), torch.device("cpu"))
     results = []
     for width in (max(1, f.max_k), max(2, f.max_k), len(row)):
         t = ops.thresholds(x, f, width)

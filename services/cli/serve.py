@@ -529,11 +529,10 @@ def _servicer(role: str, args: argparse.Namespace, engine, instance_id: str, dir
 def _nixl_reads(role: str, args: argparse.Namespace, engine, instance_id: str, block_shape: tuple[int, ...]):
     """Where a decode worker's NIXL reads run: in its engine core when the agent lives there,
     else in this process (None: no NIXL)."""
+    from services.engine.core_client import EngineProcess
     from services.kv import nixl
 
     layout = engine.layout
-    from services.engine.core_client import EngineProcess
-
     if isinstance(engine, EngineProcess) and engine.nixl is not None:
         layers, kv, _, heads, dim = block_shape
         return nixl.EngineCoreReads(engine.nixl, layers * kv * heads * dim * layout.kv_dtype.itemsize)

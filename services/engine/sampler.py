@@ -184,11 +184,12 @@ class Sampler:
         n, at, v = len(rows), batch.draw_rows, batch.values
         temperature, no_uniforms = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
         temperature[at] = v.temperature
-        draw = GraphDraw(temperature, no_uniforms)
         if f.max_k or f.top_p is not None or f.min_p is not None:
             top_k, top_p, min_p = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
             top_k[at], top_p[at], min_p[at] = v.top_k, v.top_p, v.min_p
             draw = GraphDraw(temperature, no_uniforms, top_k, top_p, min_p)
+        else:
+            draw = GraphDraw(temperature, no_uniforms)
         drawing = [specs[r] for r in at]
         offsets = np.array([s.num_prompt_tokens - len(s.drafted) for s in drawing], dtype=np.int64)
         return _GraphBatch(specs, spec_ids, batch, draw, [s.token_ids for s in drawing], offsets)
@@ -246,12 +247,13 @@ class Sampler:
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         sub = logits if batch.draw_index is None else logits[batch.draw_index]
+        positions = np.array([rows[r][0].output_pos for r in batch.draw_rows], dtype=np.int64)
         if logits.is_cuda:
-            u = to_device(self._uniforms(_output_positions(rows, batch), batch, 1), torch.float32, logits.device)
+            u = to_device(self._uniforms(positions, batch, 1), torch.float32, logits.device)
             drawn = draw_with_kernels(sub, batch.temperature, batch.filters, u)
         else:
             rounds = REJECTION_ROUNDS if batch.filters.top_p_without_k else 1
-            u = to_device(self._uniforms(_output_positions(rows, batch), batch, rounds), torch.float32, logits.device)
+            u = to_device(self._uniforms(positions, batch, rounds), torch.float32, logits.device)
             drawn = Sampler._draw_rows(sub / batch.temperature[:, None], batch.filters, u)
         if batch.draw_index is None:
             return drawn
@@ -372,10 +374,6 @@ def draw_in_graph(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tens
 
 
 NO_FILTERS = ops.Filters(None, None, None, 0, False)
-
-
-def _output_positions(rows: list[Row], batch: BatchParams) -> np.ndarray:
-    return np.array([rows[r][0].output_pos for r in batch.draw_rows], dtype=np.int64)
 
 
 def _completing_bad_words(rows: list[Row], bad_word_rows: list[int]) -> list[tuple[int, int]]:

@@ -129,18 +129,14 @@ def _draw_fields(rows: list[Row], draw_rows: list[int], drawn: list, vocab: int,
     return dict(
         values=values,
         temperature=to_device(values.temperature, torch.float32, device),
-        filters=_filters_of(values, device),
+        filters=_filters(values, device),
         seeds=np.array([p.seed or 0 for p in drawn], dtype=np.uint64),
         seeded=np.array([p.seed is not None for p in drawn], dtype=bool),
         seq_index=np.array([rows[r][1] for r in draw_rows], dtype=np.int64),
     )
 
 
-def _filters(drawn: list, vocab: int, device: torch.device) -> Filters:
-    return _filters_of(DrawValues.of(drawn, vocab), device)
-
-
-def _filters_of(v: DrawValues, device: torch.device) -> Filters:
+def _filters(v: DrawValues, device: torch.device) -> Filters:
     max_k = int(v.top_k.max(initial=0))
     has_p = v.top_p < 1.0
     return Filters(

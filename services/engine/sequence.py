@@ -150,7 +150,7 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         """The output tokens read back so far (no placeholder)."""
-        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
+        return self.output_token_ids_from(0)
 
     @property
     def num_read_back_tokens(self) -> int:
